@@ -1,0 +1,520 @@
+//! The configuration file: what each key means, its default, and how a bad
+//! value is reported.
+//!
+//! The file is flat TOML (`key = value`, no tables), so an error can always
+//! be pinned to one line and one key. A bad file never half-applies: parsing
+//! and validation produce either a whole new [`Config`] or a [`ConfigError`]
+//! naming the file, the line and the key, which the binary turns into exit
+//! code 78 (EX_CONFIG) at start and into a log line (old config kept) on a
+//! reload.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+
+/// sysexits.h EX_CONFIG: what every bad file, key, value or flag exits with.
+pub const EX_CONFIG: i32 = 78;
+
+/// Where echod looks when `--config` is not given (relative to the working
+/// directory, so `cargo run` in a checkout finds the bundled file).
+pub const DEFAULT_PATH: &str = "config/echod.toml";
+
+/// Upper bound on worker processes. The scoreboard is sized from it before
+/// the first fork, with room for a full set of replacements during a reload.
+pub const MAX_WORKERS: usize = 256;
+
+/// Everything a running echod can be told. Field docs say why a knob exists;
+/// `config/echod.toml` says the same to operators.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Addresses to listen on (`IP:PORT`, IPv6 as `[::1]:7`). Port 0 picks a
+    /// free port, which the master logs; tests use that to avoid races.
+    pub listen: Vec<SocketAddr>,
+    /// Length of the kernel accept queue. Overload waits here while every
+    /// worker is full (capped by net.core.somaxconn).
+    pub backlog: u32,
+    /// Worker processes: "auto" (one per CPU) or a number.
+    pub workers: Workers,
+    /// Connections one worker serves at once: one thread each. Together with
+    /// `workers` this is echod's capacity; beyond it the master stops
+    /// accepting and new clients wait in the backlog.
+    pub threads_per_worker: usize,
+    /// Handler threads kept ready even when idle, so a burst of connections
+    /// does not pay for thread creation.
+    pub min_spare_threads: usize,
+    /// An idle handler thread above `min_spare_threads` exits after this long.
+    pub thread_idle_timeout: Seconds,
+    /// Connections a worker may hold waiting for a thread. The receiver
+    /// blocks when it is full, which backs pressure up to the master.
+    pub queue_capacity: usize,
+    /// Bytes read (and echoed) per system call: one buffer per thread.
+    pub buffer_size: usize,
+    /// Disable Nagle's algorithm so each echo leaves at once.
+    pub tcp_nodelay: bool,
+    /// What the echo does to the bytes: "none" (RFC 862) or "upper".
+    pub transform: Transform,
+    /// Graceful stop and reload: how long open connections may continue
+    /// before they are closed.
+    pub shutdown_timeout: Seconds,
+    /// Default log level when RUST_LOG is not set.
+    pub log_level: LogLevel,
+    /// Seconds between the master's summary log lines; 0 turns them off.
+    pub stats_interval: Seconds,
+    /// A connection from which nothing arrives for this long is closed, so
+    /// idle and slowloris clients cannot hold threads forever; 0 = never.
+    pub idle_timeout: Seconds,
+    /// A connection whose client stops reading is closed when a write makes
+    /// no progress for this long, so slow readers cannot pin memory and
+    /// threads; 0 = never.
+    pub write_timeout: Seconds,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 7007))],
+            backlog: 1024,
+            workers: Workers::Auto,
+            threads_per_worker: 1024,
+            min_spare_threads: 16,
+            thread_idle_timeout: Seconds::from_secs(30),
+            queue_capacity: 256,
+            buffer_size: 16 * 1024,
+            tcp_nodelay: true,
+            transform: Transform::None,
+            shutdown_timeout: Seconds::from_secs(30),
+            log_level: LogLevel(log::LevelFilter::Info),
+            stats_interval: Seconds::from_secs(60),
+            idle_timeout: Seconds::from_secs(300),
+            write_timeout: Seconds::from_secs(60),
+        }
+    }
+}
+
+/// Settings given on the command line; they beat the file, on every reload
+/// too (as nginx's `-g`).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Vec<SocketAddr>,
+    pub workers: Option<usize>,
+}
+
+impl Config {
+    /// Reads, parses and validates `path`, then applies `overrides`.
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source: Source::File(path.to_path_buf()),
+            line: None,
+            key: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&text, Source::File(path.to_path_buf()), overrides)
+    }
+
+    /// Parses and validates a config text. `source` only labels errors.
+    pub fn parse(text: &str, source: Source, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|span| line_number(text, span.start));
+            ConfigError {
+                key: line.and_then(|l| key_on_line(text, l)),
+                line,
+                source: source.clone(),
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        config.validate().map_err(|(key, message)| ConfigError {
+            line: line_of_key(text, key),
+            key: Some(key.to_string()),
+            source: source.clone(),
+            message,
+        })?;
+        config.apply(overrides)?;
+        Ok(config)
+    }
+
+    /// The built-in defaults plus the command-line overrides.
+    pub fn builtin(overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut config = Config::default();
+        config.apply(overrides)?;
+        Ok(config)
+    }
+
+    fn apply(&mut self, overrides: &Overrides) -> Result<(), ConfigError> {
+        if !overrides.listen.is_empty() {
+            self.listen = overrides.listen.clone();
+        }
+        if let Some(n) = overrides.workers {
+            self.workers = Workers::Count(n);
+        }
+        self.validate().map_err(|(key, message)| ConfigError {
+            source: Source::CommandLine,
+            line: None,
+            key: Some(format!("--{}", key.replace('_', "-"))),
+            message,
+        })
+    }
+
+    /// Range and consistency checks the types cannot express. Returns the
+    /// offending key and why.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        fn range<T: PartialOrd + fmt::Display>(
+            key: &'static str,
+            v: T,
+            lo: T,
+            hi: T,
+        ) -> Result<(), (&'static str, String)> {
+            if v < lo || v > hi {
+                return Err((key, format!("must be between {lo} and {hi}, got {v}")));
+            }
+            Ok(())
+        }
+        for (i, a) in self.listen.iter().enumerate() {
+            if self.listen[..i].contains(a) {
+                return Err(("listen", format!("{a} is listed twice")));
+            }
+        }
+        if let Workers::Count(n) = self.workers {
+            range("workers", n, 1, MAX_WORKERS)?;
+        }
+        range("backlog", self.backlog, 1, 65535)?;
+        range("threads_per_worker", self.threads_per_worker, 1, 65536)?;
+        if self.min_spare_threads > self.threads_per_worker {
+            return Err((
+                "min_spare_threads",
+                format!(
+                    "must not exceed threads_per_worker ({}), got {}",
+                    self.threads_per_worker, self.min_spare_threads
+                ),
+            ));
+        }
+        range("queue_capacity", self.queue_capacity, 1, 1 << 20)?;
+        range("buffer_size", self.buffer_size, 512, 16 << 20)?;
+        Ok(())
+    }
+
+    /// Worker processes to run, with "auto" resolved to the CPU count.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            Workers::Count(n) => n,
+            Workers::Auto => std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_WORKERS),
+        }
+    }
+
+    /// The effective config as TOML, for `--check-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// Where a config came from, for error messages.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    File(PathBuf),
+    CommandLine,
+}
+
+/// A config that cannot be used: which file (or the command line), which
+/// line, which key, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub source: Source,
+    pub line: Option<usize>,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl ConfigError {
+    /// An error about a command-line flag.
+    pub fn flag(flag: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            source: Source::CommandLine,
+            line: None,
+            key: Some(flag.to_string()),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            Source::File(p) => write!(f, "{}", p.display())?,
+            Source::CommandLine => write!(f, "command line")?,
+        }
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": key `{key}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// 1-based line number of byte offset `at`.
+fn line_number(text: &str, at: usize) -> usize {
+    text[..at.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The key assigned on 1-based line `line`, if it is a `key = value` line.
+fn key_on_line(text: &str, line: usize) -> Option<String> {
+    let l = text.lines().nth(line - 1)?;
+    let (key, _) = l.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    (!key.is_empty() && !key.starts_with('#')).then(|| key.to_string())
+}
+
+/// 1-based line where top-level `key` is assigned (the file is flat).
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            l.split_once('=')
+                .is_some_and(|(k, _)| k.trim().trim_matches('"') == key)
+        })
+        .map(|i| i + 1)
+}
+
+/// `workers = "auto"` or a count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workers {
+    Auto,
+    Count(usize),
+}
+
+impl Serialize for Workers {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Workers::Auto => s.serialize_str("auto"),
+            Workers::Count(n) => s.serialize_u64(*n as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Workers {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Workers;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(f, "\"auto\" or a number of worker processes")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Workers, E> {
+                if v == "auto" {
+                    Ok(Workers::Auto)
+                } else {
+                    Err(E::invalid_value(de::Unexpected::Str(v), &self))
+                }
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Workers, E> {
+                usize::try_from(v)
+                    .map(Workers::Count)
+                    .map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Workers, E> {
+                usize::try_from(v)
+                    .map(Workers::Count)
+                    .map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &self))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// What the echo does to the bytes it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transform {
+    /// RFC 862: every byte back unchanged.
+    None,
+    /// ASCII letters upper-cased, every other byte unchanged (the classic
+    /// teaching server); still binary-safe and length-preserving.
+    Upper,
+}
+
+/// A log level name as RUST_LOG spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogLevel(pub log::LevelFilter);
+
+impl Serialize for LogLevel {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0.as_str().to_ascii_lowercase())
+    }
+}
+
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map(LogLevel).map_err(|_| {
+            de::Error::invalid_value(
+                de::Unexpected::Str(&s),
+                &"one of off, error, warn, info, debug, trace",
+            )
+        })
+    }
+}
+
+/// A duration written as seconds (`30`, `0.25`). Zero means "off" where a
+/// key says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Seconds(pub Duration);
+
+impl Seconds {
+    pub const fn from_secs(s: u64) -> Seconds {
+        Seconds(Duration::from_secs(s))
+    }
+    /// `None` when zero (the "off" value).
+    pub fn nonzero(self) -> Option<Duration> {
+        (!self.0.is_zero()).then_some(self.0)
+    }
+}
+
+impl fmt::Display for Seconds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0.as_secs_f64())
+    }
+}
+
+impl Serialize for Seconds {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0.subsec_nanos() == 0 {
+            s.serialize_u64(self.0.as_secs())
+        } else {
+            s.serialize_f64(self.0.as_secs_f64())
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Seconds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        /// A day: longer than any sane timeout, short enough to catch typos
+        /// like 3000000.
+        const MAX: f64 = 86_400.0;
+        impl Visitor<'_> for V {
+            type Value = Seconds;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(f, "a number of seconds from 0 to {MAX}")
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Seconds, E> {
+                if !(0.0..=MAX).contains(&v) {
+                    return Err(E::invalid_value(de::Unexpected::Float(v), &self));
+                }
+                Ok(Seconds(Duration::from_secs_f64(v)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Seconds, E> {
+                if !(0..=MAX as i64).contains(&v) {
+                    return Err(E::invalid_value(de::Unexpected::Signed(v), &self));
+                }
+                Ok(Seconds(Duration::from_secs(v as u64)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Seconds, E> {
+                self.visit_i64(i64::try_from(v).unwrap_or(i64::MAX))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Source::File("t.toml".into()), &Overrides::default())
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn values_parse() {
+        let c = parse("workers = 3\nshutdown_timeout = 0.5\ntransform = \"upper\"\nlisten = [\"[::1]:9\", \"127.0.0.1:0\"]\nlog_level = \"debug\"").unwrap();
+        assert_eq!(c.workers, Workers::Count(3));
+        assert_eq!(c.shutdown_timeout.0, Duration::from_millis(500));
+        assert_eq!(c.transform, Transform::Upper);
+        assert_eq!(c.listen.len(), 2);
+        assert_eq!(c.log_level.0, log::LevelFilter::Debug);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let e = parse("workers = 2\n\nwrokers = 3\n").unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_deref()),
+            (Some(3), Some("wrokers")),
+            "{e}"
+        );
+        assert!(e.to_string().starts_with("t.toml:3: key `wrokers`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_line_and_key() {
+        let e = parse("# c\nbacklog = \"big\"\n").unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_deref()),
+            (Some(2), Some("backlog")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn out_of_range_names_line_and_key() {
+        let e = parse("transform = \"none\"\nworkers = 0\n").unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_deref()),
+            (Some(2), Some("workers")),
+            "{e}"
+        );
+        let e = parse("shutdown_timeout = -1\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("shutdown_timeout"), "{e}");
+        let e = parse("threads_per_worker = 4\nmin_spare_threads = 8\n").unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_deref()),
+            (Some(2), Some("min_spare_threads")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn syntax_error_has_a_line() {
+        let e = parse("workers = 2\nlisten = [\n").unwrap_err();
+        assert!(e.line.is_some(), "{e}");
+    }
+
+    #[test]
+    fn overrides_beat_the_file_and_are_validated() {
+        let o = Overrides {
+            listen: vec!["127.0.0.1:1".parse().unwrap()],
+            workers: Some(2),
+        };
+        let c = Config::parse("workers = 5", Source::CommandLine, &o).unwrap();
+        assert_eq!((c.worker_count(), c.listen.clone()), (2, o.listen.clone()));
+        let bad = Overrides {
+            workers: Some(0),
+            ..Overrides::default()
+        };
+        let e = Config::builtin(&bad).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("--workers"));
+    }
+
+    #[test]
+    fn rendered_config_parses_back() {
+        let c = parse("workers = 3\nthread_idle_timeout = 2.5").unwrap();
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
+    }
+}

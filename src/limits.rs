@@ -1,0 +1,50 @@
+//! Resource limits the daemon must fit in.
+//!
+//! Each connection a worker serves is one fd in that worker. If a worker ran
+//! out of fds, the kernel would silently drop connections passed to it
+//! (SCM_RIGHTS truncation), so the master raises RLIMIT_NOFILE's soft limit
+//! to the hard limit at start (as nginx's worker_rlimit_nofile) and lowers
+//! per-worker capacity to what fits, saying so.
+
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
+
+use crate::config::Config;
+
+/// Fds a worker needs besides connections: stdio, its channel, and slack for
+/// the logger and libc.
+pub const WORKER_RESERVED_FDS: u64 = 16;
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit; returns the soft limit in
+/// effect.
+pub fn raise_nofile() -> u64 {
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                log::warn!("cannot raise RLIMIT_NOFILE from {soft} to {hard}: {e}");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(_) => 1024,
+    }
+}
+
+/// The soft RLIMIT_NOFILE now.
+pub fn current_nofile() -> u64 {
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
+}
+
+/// Connections one worker may hold: `threads_per_worker`, unless the fd
+/// limit cannot hold that many.
+pub fn worker_capacity(config: &Config, fd_limit: u64) -> usize {
+    let fits = fd_limit.saturating_sub(WORKER_RESERVED_FDS).max(1) as usize;
+    if fits < config.threads_per_worker {
+        log::warn!(
+            "RLIMIT_NOFILE {fd_limit} holds only {fits} connections per worker; threads_per_worker = {} is \
+             lowered to that (raise LimitNOFILE= or `ulimit -n`)",
+            config.threads_per_worker
+        );
+    }
+    fits.min(config.threads_per_worker)
+}

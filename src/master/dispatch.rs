@@ -1,0 +1,312 @@
+//! Accepting connections and handing them to workers.
+//!
+//! The master accepts only while some worker has a free slot: capacity is
+//! `capacity - (dispatched - finished)` per serving worker, read from the
+//! scoreboard. When there is none, it stops calling accept and the kernel's
+//! listen backlog holds new clients, as in Apache's worker MPM, so overload
+//! never turns into memory. It resumes when a worker reports a freed slot
+//! (workers only send that while the scoreboard says accepting is paused).
+//!
+//! Each accepted connection goes to the least-loaded worker (ties broken
+//! round-robin); connections picked for the same worker in one pass travel in
+//! one message. A worker whose channel is full, that has not reported Ready,
+//! that is draining, or whose heartbeat stalled is skipped; fds it could not
+//! take are kept and offered to the others first on the next pass.
+//!
+//! Out of file descriptors (EMFILE/ENFILE) the master does not spin on a
+//! readable listener it cannot accept from: it sends what it holds (freeing
+//! fds) and, if that was nothing, pauses accepting for a growing interval
+//! (as nginx and libuv do), logging at most once per interval.
+
+use std::io::{self, ErrorKind};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use crate::ipc::MAX_FDS_PER_MESSAGE;
+use crate::master::listeners::Listeners;
+use crate::master::supervisor::{Phase, Supervisor, WorkerHandle};
+use crate::ratelimit::RateLimited;
+
+/// First pause after an EMFILE with nothing to free; doubles up to the max.
+const FD_BACKOFF_MIN: Duration = Duration::from_millis(50);
+const FD_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// While paused for capacity, re-check the scoreboard this often in case a
+/// SlotFreed notice was dropped (a full channel).
+pub const PAUSED_RECHECK: Duration = Duration::from_millis(100);
+
+/// Accept-side state of the master.
+#[derive(Default)]
+pub struct Dispatcher {
+    /// Accepted connections no worker could take yet (their channel was
+    /// full). Offered first on the next pass; never more than the capacity
+    /// that admitted them.
+    stash: Vec<OwnedFd>,
+    /// Round-robin cursor among workers for ties in load.
+    rr: usize,
+    /// Accepting is paused for lack of capacity.
+    pub paused: bool,
+    /// Accepting is paused until then (out of fds).
+    fd_backoff: Option<(Instant, Duration)>,
+    /// Run another pass without waiting for an event (more may be pending).
+    pub again: bool,
+    /// Connections accepted (and dispatched or being dispatched).
+    pub accepted: u64,
+    /// Connections closed at once because a limit was reached.
+    pub rejected: u64,
+    fd_log: RateLimited,
+    send_log: RateLimited,
+}
+
+impl Dispatcher {
+    /// Connections accepted but not yet sent to a worker.
+    pub fn held(&self, sup: &Supervisor) -> usize {
+        self.stash.len() + sup.workers.iter().map(|w| w.outbox.len()).sum::<usize>()
+    }
+
+    /// When the dispatcher wants the loop to wake without an event.
+    pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        if self.again {
+            return Some(now);
+        }
+        let backoff = self.fd_backoff.map(|(until, _)| until);
+        let recheck = self.paused.then(|| now + PAUSED_RECHECK);
+        backoff.into_iter().chain(recheck).min()
+    }
+
+    /// Takes back connections that were picked for a worker which is going
+    /// away, to offer them to others.
+    pub fn restash(&mut self, fds: Vec<OwnedFd>) {
+        self.stash.extend(fds);
+    }
+
+    /// Drops every connection not yet handed to a worker (stopping).
+    pub fn discard_held(&mut self, sup: &mut Supervisor) -> usize {
+        let n = self.held(sup);
+        self.stash.clear();
+        sup.workers.iter_mut().for_each(|w| w.outbox.clear());
+        n
+    }
+
+    /// One dispatch pass: place held connections, accept while there is
+    /// capacity, send batches, and pause or resume accepting.
+    pub fn run(&mut self, listeners: &mut Listeners, sup: &mut Supervisor, now: Instant) {
+        self.again = false;
+        if self.fd_backoff.is_some_and(|(until, _)| now < until) {
+            self.flush(sup);
+            return;
+        }
+        // Two rounds at most: a send that fails puts fds back in the stash,
+        // and the second round offers them to the other workers.
+        for _ in 0..2 {
+            self.place_stash(sup);
+            if self.stash.is_empty() {
+                self.accept(listeners, sup, now);
+            }
+            if self.flush(sup) == 0 {
+                break;
+            }
+        }
+        let waiting = listeners.any_ready() || !self.stash.is_empty();
+        self.update_pause(waiting, sup);
+    }
+
+    fn place_stash(&mut self, sup: &mut Supervisor) {
+        while !self.stash.is_empty() {
+            let Some(i) = self.pick(sup) else { return };
+            if let Some(fd) = self.stash.pop() {
+                sup.workers[i].outbox.push(fd);
+            }
+        }
+    }
+
+    /// Accepts from ready listeners while some worker has room.
+    fn accept(&mut self, listeners: &mut Listeners, sup: &mut Supervisor, now: Instant) {
+        for listener in listeners.ready_mut() {
+            loop {
+                let Some(i) = self.pick(sup) else { return };
+                match listener.socket.accept() {
+                    Ok((socket, _peer)) => {
+                        self.fd_backoff = None;
+                        self.accepted += 1;
+                        let w = &mut sup.workers[i];
+                        w.outbox.push(OwnedFd::from(socket));
+                        if w.outbox.len() >= MAX_FDS_PER_MESSAGE {
+                            send_outbox(w, &mut self.stash, &mut self.send_log);
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        listener.ready = false;
+                        break;
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) if is_fd_exhaustion(&e) => {
+                        self.out_of_fds(e, sup, now);
+                        return;
+                    }
+                    Err(e) if is_transient(&e) => {
+                        log::debug!("accept on {}: {e}", listener.addr);
+                    }
+                    Err(e) => {
+                        log::error!("accept on {}: {e}", listener.addr);
+                        listener.ready = false;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// EMFILE/ENFILE: free what we hold, or back off if we hold nothing.
+    fn out_of_fds(&mut self, e: io::Error, sup: &mut Supervisor, now: Instant) {
+        if self.held(sup) > 0 {
+            // Sending the batch closes our copies; try again right after.
+            self.again = true;
+            return;
+        }
+        let wait = match self.fd_backoff {
+            Some((_, last)) => (last * 2).min(FD_BACKOFF_MAX),
+            None => FD_BACKOFF_MIN,
+        };
+        self.fd_backoff = Some((now + wait, wait));
+        if let Some(suppressed) = self.fd_log.allow(now) {
+            log::error!(
+                "accept: {e}: out of file descriptors; pausing accepts for {}ms{}",
+                wait.as_millis(),
+                RateLimited::suffix(suppressed)
+            );
+        }
+    }
+
+    /// The worker to give the next connection: least loaded among those that
+    /// can take one, ties broken round-robin. None when all are full.
+    fn pick(&mut self, sup: &Supervisor) -> Option<usize> {
+        let n = sup.workers.len();
+        let mut best: Option<(usize, u64)> = None;
+        for k in 0..n {
+            let i = (self.rr + k) % n;
+            let w = &sup.workers[i];
+            if w.phase != Phase::Serving || w.congested || w.hung {
+                continue;
+            }
+            let load = load_of(w, sup);
+            if load >= w.capacity as u64 {
+                continue;
+            }
+            if best.is_none_or(|(_, l)| load < l) {
+                best = Some((i, load));
+            }
+        }
+        let (i, _) = best?;
+        self.rr = i + 1;
+        Some(i)
+    }
+
+    /// Sends every outbox. Returns how many connections went back to the
+    /// stash (their worker's channel was full).
+    fn flush(&mut self, sup: &mut Supervisor) -> usize {
+        let before = self.stash.len();
+        for w in sup.workers.iter_mut().filter(|w| !w.outbox.is_empty()) {
+            send_outbox(w, &mut self.stash, &mut self.send_log);
+        }
+        self.stash.len() - before
+    }
+
+    /// Pauses accepting while connections wait and no worker has room, and
+    /// resumes when one does. The flag is raised *before* the final capacity
+    /// check, so a slot freed in between is never missed (see Scoreboard).
+    fn update_pause(&mut self, waiting: bool, sup: &Supervisor) {
+        let full = waiting && {
+            sup.scoreboard.set_accept_paused(true);
+            self.has_room(sup).is_none()
+        };
+        if full {
+            if !self.paused {
+                log::debug!("all workers full; new connections wait in the listen backlog");
+            }
+            self.paused = true;
+        } else {
+            if self.paused || sup.scoreboard.accept_paused() {
+                sup.scoreboard.set_accept_paused(false);
+            }
+            self.paused = false;
+            if waiting {
+                self.again = true;
+            }
+        }
+    }
+
+    fn has_room(&self, sup: &Supervisor) -> Option<usize> {
+        sup.workers.iter().position(|w| {
+            w.phase == Phase::Serving
+                && !w.congested
+                && !w.hung
+                && load_of(w, sup) < w.capacity as u64
+        })
+    }
+}
+
+/// Connections a worker holds or will hold: sent and not finished, plus its
+/// outbox.
+fn load_of(w: &WorkerHandle, sup: &Supervisor) -> u64 {
+    let finished = sup.scoreboard.slot(w.id).finished();
+    (w.dispatched + w.outbox.len() as u64).saturating_sub(finished)
+}
+
+/// Sends a worker's outbox in messages of up to MAX_FDS_PER_MESSAGE fds. On
+/// success our copies are closed; what could not be sent goes to `stash`.
+fn send_outbox(w: &mut WorkerHandle, stash: &mut Vec<OwnedFd>, log_limit: &mut RateLimited) {
+    let outbox = std::mem::take(&mut w.outbox);
+    let mut rest = &outbox[..];
+    while !rest.is_empty() {
+        let n = rest.len().min(MAX_FDS_PER_MESSAGE);
+        let batch: Vec<BorrowedFd> = rest[..n].iter().map(|f| f.as_fd()).collect();
+        match w.channel.send_serve(&batch) {
+            Ok(()) => {
+                w.dispatched += n as u64;
+                rest = &rest[n..];
+            }
+            Err(e) => {
+                if e.kind() == ErrorKind::WouldBlock {
+                    w.congested = true;
+                } else if let Some(s) = log_limit.allow(Instant::now()) {
+                    log::warn!(
+                        "worker {}: cannot send connections: {e}{}",
+                        w.id,
+                        RateLimited::suffix(s)
+                    );
+                    w.congested = true;
+                }
+                break;
+            }
+        }
+    }
+    let sent = outbox.len() - rest.len();
+    // Keep what was not sent; the sent ones are dropped (closed) here.
+    stash.extend(outbox.into_iter().skip(sent));
+}
+
+fn is_fd_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// Errors about one connection, not the listener (accept(2) lists them).
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+        )
+    )
+}

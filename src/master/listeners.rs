@@ -1,0 +1,196 @@
+//! The master's listening sockets.
+//!
+//! Bound with socket2: SO_REUSEADDR (restart without waiting out TIME_WAIT),
+//! IPV6_V6ONLY on IPv6 addresses (so `[::]:7` and `0.0.0.0:7` can both be
+//! listed), the configured backlog, non-blocking and close-on-exec. Sockets
+//! passed by systemd (LISTEN_FDS) are used as they are and survive reloads.
+//!
+//! Per-connection options are set once here, on the listener, because Linux
+//! copies them to every accepted socket: TCP_NODELAY, SO_RCVTIMEO (the idle
+//! timeout) and SO_SNDTIMEO (the write timeout). Workers thus serve a
+//! connection without a single setsockopt.
+
+use std::collections::HashSet;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::Config;
+
+/// Poll tokens of listeners are `LISTENER_TOKEN_BASE + id`.
+pub const LISTENER_TOKEN_BASE: usize = 1 << 24;
+
+/// One listening socket.
+pub struct Listener {
+    /// Stable id (poll token), unique for the master's life.
+    pub id: usize,
+    /// The address as configured (port 0 stays 0), to match on reload.
+    pub configured: Option<SocketAddr>,
+    /// The address actually bound.
+    pub addr: SocketAddr,
+    pub socket: Socket,
+    /// Readable and not yet drained to WouldBlock (edge-triggered poll).
+    pub ready: bool,
+}
+
+/// All listening sockets.
+#[derive(Default)]
+pub struct Listeners {
+    list: Vec<Listener>,
+    next_id: usize,
+}
+
+impl Listeners {
+    /// Binds every address of `config`. On failure nothing stays bound.
+    pub fn bind(config: &Config) -> Result<Listeners, (SocketAddr, io::Error)> {
+        let mut listeners = Listeners::default();
+        for &addr in &config.listen {
+            let socket = bind(addr, config).map_err(|e| (addr, e))?;
+            listeners.push(Some(addr), socket).map_err(|e| (addr, e))?;
+        }
+        Ok(listeners)
+    }
+
+    /// Uses sockets passed by systemd instead of binding.
+    pub fn adopt(fds: Vec<OwnedFd>, config: &Config) -> io::Result<Listeners> {
+        let mut listeners = Listeners::default();
+        for fd in fds {
+            let socket = Socket::from(fd);
+            socket.set_nonblocking(true)?;
+            configure(&socket, config)?;
+            listeners.push(None, socket)?;
+        }
+        Ok(listeners)
+    }
+
+    fn push(&mut self, configured: Option<SocketAddr>, socket: Socket) -> io::Result<()> {
+        let addr = socket
+            .local_addr()?
+            .as_socket()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an IP socket"))?;
+        self.list.push(Listener {
+            id: self.next_id,
+            configured,
+            addr,
+            socket,
+            ready: true,
+        });
+        self.next_id += 1;
+        Ok(())
+    }
+
+    pub fn token(l: &Listener) -> Token {
+        Token(LISTENER_TOKEN_BASE + l.id)
+    }
+
+    pub fn register(&self, registry: &Registry) -> io::Result<()> {
+        self.list.iter().try_for_each(|l| register(l, registry))
+    }
+
+    pub fn mark_ready(&mut self, token: Token) {
+        if let Some(l) = self.list.iter_mut().find(|l| Listeners::token(l) == token) {
+            l.ready = true;
+        }
+    }
+
+    pub fn any_ready(&self) -> bool {
+        self.list.iter().any(|l| l.ready)
+    }
+
+    pub fn ready_mut(&mut self) -> impl Iterator<Item = &mut Listener> {
+        self.list.iter_mut().filter(|l| l.ready)
+    }
+
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.list.iter().map(|l| l.addr).collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// Closes every listener (stopping): new clients are refused by the
+    /// kernel from now on.
+    pub fn close_all(&mut self, registry: &Registry) {
+        for l in self.list.drain(..) {
+            let _ = registry.deregister(&mut SourceFd(&l.socket.as_raw_fd()));
+        }
+    }
+
+    /// Applies a reloaded config: binds addresses that are new, closes those
+    /// no longer listed, re-applies options and backlog on the rest. All or
+    /// nothing: if one new address cannot be bound, nothing changes.
+    /// Systemd's sockets are kept as they are.
+    pub fn reconcile(
+        &mut self,
+        config: &Config,
+        registry: &Registry,
+    ) -> Result<(), (SocketAddr, io::Error)> {
+        let wanted: HashSet<SocketAddr> = config.listen.iter().copied().collect();
+        let have: HashSet<SocketAddr> = self.list.iter().filter_map(|l| l.configured).collect();
+        let mut fresh = Vec::new();
+        for &addr in config.listen.iter().filter(|a| !have.contains(a)) {
+            fresh.push((addr, bind(addr, config).map_err(|e| (addr, e))?));
+        }
+        for l in &self.list {
+            configure(&l.socket, config).map_err(|e| (l.addr, e))?;
+            if l.configured.is_some() {
+                l.socket
+                    .listen(config.backlog as i32)
+                    .map_err(|e| (l.addr, e))?;
+            }
+        }
+        // Sockets from systemd (configured = None) always stay.
+        let (keep, gone): (Vec<Listener>, Vec<Listener>) = std::mem::take(&mut self.list)
+            .into_iter()
+            .partition(|l| l.configured.is_none_or(|a| wanted.contains(&a)));
+        self.list = keep;
+        for l in gone {
+            log::info!("no longer listening on {}", l.addr);
+            let _ = registry.deregister(&mut SourceFd(&l.socket.as_raw_fd()));
+        }
+        for (addr, socket) in fresh {
+            self.push(Some(addr), socket).map_err(|e| (addr, e))?;
+            if let Some(l) = self.list.last() {
+                register(l, registry).map_err(|e| (addr, e))?;
+                log::info!("listening on {}", l.addr);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn register(l: &Listener, registry: &Registry) -> io::Result<()> {
+    registry.register(
+        &mut SourceFd(&l.socket.as_raw_fd()),
+        Listeners::token(l),
+        Interest::READABLE,
+    )
+}
+
+/// Creates, configures, binds and listens on one address.
+fn bind(addr: SocketAddr, config: &Config) -> io::Result<Socket> {
+    // socket2 creates sockets with SOCK_CLOEXEC on Linux.
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    configure(&socket, config)?;
+    socket.bind(&addr.into())?;
+    socket.listen(config.backlog as i32)?;
+    Ok(socket)
+}
+
+/// Options accepted sockets inherit (see the module docs).
+fn configure(socket: &Socket, config: &Config) -> io::Result<()> {
+    socket.set_tcp_nodelay(config.tcp_nodelay)?;
+    socket.set_read_timeout(config.idle_timeout.nonzero())?;
+    socket.set_write_timeout(config.write_timeout.nonzero())?;
+    Ok(())
+}

@@ -1,0 +1,440 @@
+//! The master process: one thread, one poll loop.
+//!
+//! Like nginx's master cycle, the loop waits for a few kinds of event and
+//! hands each to one handler:
+//!
+//! | event                         | handler                  |
+//! |-------------------------------|--------------------------|
+//! | signal (via signal-hook pipe) | [`Master::on_signal`]    |
+//! | child exit (SIGCHLD)          | [`Master::on_child_exit`]|
+//! | worker channel readable/writable | [`Master::on_channel`] |
+//! | listener readable             | marks it ready for the dispatcher |
+//! | timer (the poll timeout)      | [`Master::on_timers`]    |
+//!
+//! after which the supervisor takes one step towards its target and the
+//! dispatcher accepts and hands out connections. The master never blocks and
+//! never starts a thread: it forks workers for its whole life (respawns,
+//! reloads, TTIN), and fork is only safe from a single-threaded process.
+
+pub mod dispatch;
+pub mod listeners;
+pub mod signals;
+pub mod supervisor;
+
+use std::io;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use mio::{Events, Interest, Poll, Token};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use signal_hook_mio::v1_0::Signals;
+
+use crate::config::{Config, Overrides};
+use crate::ipc::Notice;
+use crate::scoreboard::monotonic_ms;
+use crate::stats::Snapshot;
+use crate::systemd::{self, Notifier};
+use crate::{limits, logging};
+use dispatch::Dispatcher;
+use listeners::{LISTENER_TOKEN_BASE, Listeners};
+use signals::Signal;
+use supervisor::{Supervisor, WORKER_TOKEN_BASE};
+
+const SIGNAL_TOKEN: Token = Token(0);
+/// How often worker heartbeats are checked.
+const HEARTBEAT_CHECK: Duration = Duration::from_millis(500);
+/// How often systemd's STATUS= line is refreshed (only sent when changed).
+const STATUS_EVERY: Duration = Duration::from_secs(2);
+
+/// Why the master could not start. The binary maps each to an exit code.
+#[derive(Debug)]
+pub enum StartError {
+    /// Nothing to listen on, or an address cannot be bound.
+    Listen(String),
+    /// Any other OS failure (poll, signals, scoreboard).
+    Os(io::Error),
+}
+
+impl From<io::Error> for StartError {
+    fn from(e: io::Error) -> Self {
+        StartError::Os(e)
+    }
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Listen(m) => write!(f, "{m}"),
+            StartError::Os(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Reads every pending notice on a worker's channel; true if it said Ready.
+fn read_notices(id: usize, channel: &crate::ipc::Channel) -> bool {
+    let mut ready = false;
+    loop {
+        match channel.try_recv_notice() {
+            Ok(Some(Notice::Ready)) => ready = true,
+            // Nothing to do: the dispatch pass after every event re-reads
+            // capacity from the scoreboard.
+            Ok(Some(Notice::SlotFreed)) => {}
+            Ok(None) => return ready,
+            Err(e) => {
+                if e.kind() != io::ErrorKind::UnexpectedEof {
+                    log::debug!("worker {id} channel: {e}");
+                }
+                return ready; // its exit arrives as SIGCHLD
+            }
+        }
+    }
+}
+
+/// A graceful or fast stop in progress.
+#[derive(Debug, Clone, Copy)]
+struct Stopping {
+    graceful: bool,
+}
+
+/// The master's state.
+pub struct Master {
+    config: Config,
+    /// The config file to re-read on HUP (None: built-in defaults).
+    source: Option<PathBuf>,
+    /// Command-line settings, re-applied over every reload.
+    overrides: Overrides,
+    /// `workers` as of the last loaded file, so TTIN/TTOU survive a reload
+    /// that does not change it.
+    file_workers: usize,
+    /// Connections one worker may hold (threads_per_worker within the fd
+    /// limit).
+    capacity: usize,
+    poll: Poll,
+    signals: Signals,
+    listeners: Listeners,
+    sup: Supervisor,
+    disp: Dispatcher,
+    notify: Notifier,
+    stopping: Option<Stopping>,
+    /// READY=1 is owed to systemd once the current generation serves
+    /// (at start-up and after each reload).
+    ready_owed: bool,
+    next_stats: Option<Instant>,
+    next_heartbeat_check: Instant,
+    next_status: Instant,
+}
+
+impl Master {
+    /// Binds (or adopts) the listeners and sets up the loop. Starts no worker
+    /// yet: that is the loop's first step.
+    pub fn new(
+        config: Config,
+        source: Option<PathBuf>,
+        overrides: Overrides,
+    ) -> Result<Master, StartError> {
+        let fd_limit = limits::raise_nofile();
+        let capacity = limits::worker_capacity(&config, fd_limit);
+        let activated = systemd::listen_fds()?;
+        let listeners = if activated.is_empty() {
+            Listeners::bind(&config)
+                .map_err(|(addr, e)| StartError::Listen(format!("cannot listen on {addr}: {e}")))?
+        } else {
+            let names: Vec<String> = activated.iter().map(|a| a.name.clone()).collect();
+            log::info!(
+                "using {} socket(s) passed by systemd ({})",
+                names.len(),
+                names.join(", ")
+            );
+            Listeners::adopt(activated.into_iter().map(|a| a.fd).collect(), &config)?
+        };
+        if listeners.is_empty() {
+            return Err(StartError::Listen(
+                "nothing to listen on: `listen` is empty".into(),
+            ));
+        }
+        let poll = Poll::new()?;
+        let mut signals = Signals::new(signals::HANDLED)?;
+        poll.registry()
+            .register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
+        listeners.register(poll.registry())?;
+        for addr in listeners.addrs() {
+            log::info!("listening on {addr}");
+        }
+        let sup = Supervisor::new(config.worker_count())?;
+        let now = Instant::now();
+        Ok(Master {
+            file_workers: config.worker_count(),
+            next_stats: config.stats_interval.nonzero().map(|d| now + d),
+            config,
+            source,
+            overrides,
+            capacity,
+            poll,
+            signals,
+            listeners,
+            sup,
+            disp: Dispatcher::default(),
+            notify: Notifier::from_env(),
+            stopping: None,
+            ready_owed: true,
+            next_heartbeat_check: now + HEARTBEAT_CHECK,
+            next_status: now,
+        })
+    }
+
+    /// Runs until stopped; returns the process exit code.
+    pub fn run(mut self) -> io::Result<i32> {
+        let mut events = Events::with_capacity(256);
+        log::info!(
+            "echod {} starting {} worker(s), up to {} connections each (pid {})",
+            env!("CARGO_PKG_VERSION"),
+            self.sup.target,
+            self.capacity,
+            std::process::id()
+        );
+        loop {
+            let now = Instant::now();
+            let timeout = self
+                .next_deadline(now)
+                .map(|d| d.saturating_duration_since(now));
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            for event in events.iter() {
+                let token = event.token().0;
+                if event.token() == SIGNAL_TOKEN {
+                    let pending: Vec<i32> = self.signals.pending().collect();
+                    pending
+                        .into_iter()
+                        .filter_map(Signal::from_raw)
+                        .for_each(|s| self.on_signal(s));
+                } else if token >= LISTENER_TOKEN_BASE {
+                    self.listeners.mark_ready(event.token());
+                } else if token >= WORKER_TOKEN_BASE {
+                    self.on_channel(
+                        token - WORKER_TOKEN_BASE,
+                        event.is_readable(),
+                        event.is_writable(),
+                    );
+                }
+            }
+            let now = Instant::now();
+            self.on_timers(now);
+            if self.stopping.is_none() {
+                self.sup
+                    .reconcile(&self.config, self.capacity, self.poll.registry(), now);
+                self.disp.run(&mut self.listeners, &mut self.sup, now);
+                self.announce_ready();
+            } else if self.sup.workers.is_empty() {
+                log::info!("all workers exited; bye");
+                return Ok(0);
+            }
+        }
+    }
+
+    /// The earliest moment the loop must wake without an event.
+    fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        [
+            self.sup.next_deadline(),
+            self.disp.next_deadline(now),
+            self.notify.next_deadline(),
+            self.next_stats,
+            Some(self.next_heartbeat_check),
+            Some(self.next_status),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Signal handler (run in the loop, not in signal context).
+    fn on_signal(&mut self, sig: Signal) {
+        match sig {
+            Signal::Stop => self.begin_stop(true),
+            Signal::Quit => self.begin_stop(false),
+            Signal::Reload => self.reload(),
+            Signal::MoreWorkers => self.scale(1),
+            Signal::FewerWorkers => self.scale(-1),
+            Signal::Stats => self.log_stats(true),
+            Signal::Child => self.on_child_exit(),
+        }
+    }
+
+    /// Reaps every exited child.
+    fn on_child_exit(&mut self) {
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => return,
+                Ok(status) => {
+                    let stopping = self.stopping.is_some();
+                    if let Some(w) =
+                        self.sup
+                            .on_exit(status, self.poll.registry(), stopping, Instant::now())
+                    {
+                        // Fds picked for it but never sent go to the others.
+                        self.disp.restash(w.outbox);
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => return, // ECHILD: none left
+            }
+        }
+    }
+
+    /// A worker's channel has notices to read, or room to write again.
+    fn on_channel(&mut self, id: usize, readable: bool, writable: bool) {
+        let Some(w) = self.sup.get_mut(id) else {
+            return;
+        };
+        if writable {
+            w.congested = false;
+        }
+        if readable && read_notices(id, &w.channel) {
+            self.sup.mark_ready(id);
+        }
+    }
+
+    /// Everything driven by the clock.
+    fn on_timers(&mut self, now: Instant) {
+        self.sup.kill_overdue(now);
+        if now >= self.next_heartbeat_check {
+            self.sup.check_heartbeats(monotonic_ms());
+            self.next_heartbeat_check = now + HEARTBEAT_CHECK;
+        }
+        if let Some(at) = self.next_stats {
+            if now >= at {
+                self.log_stats(false);
+                self.next_stats = self.config.stats_interval.nonzero().map(|d| now + d);
+            }
+        }
+        self.notify.watchdog(now);
+        if now >= self.next_status {
+            let status = Snapshot::take(&self.sup, &self.disp).status();
+            self.notify.status(&status);
+            self.next_status = now + STATUS_EVERY;
+        }
+    }
+
+    /// Tells systemd READY=1 once the current generation is fully serving.
+    fn announce_ready(&mut self) {
+        if self.ready_owed && self.sup.all_ready() {
+            self.ready_owed = false;
+            let snap = Snapshot::take(&self.sup, &self.disp);
+            log::info!(
+                "ready: {} worker(s) serving on {:?}",
+                snap.serving(),
+                self.listeners.addrs()
+            );
+            self.notify.ready(&snap.status());
+        }
+    }
+
+    /// TERM/INT (graceful) or QUIT (fast).
+    fn begin_stop(&mut self, graceful: bool) {
+        match self.stopping {
+            Some(s) if graceful || !s.graceful => return, // already stopping at least this fast
+            _ => {}
+        }
+        let timeout = self.config.shutdown_timeout.0;
+        if graceful {
+            log::info!(
+                "graceful stop: closing listeners; connections may finish for up to {:.1}s",
+                timeout.as_secs_f64()
+            );
+        } else {
+            log::info!("fast stop: closing everything now");
+        }
+        self.notify.stopping();
+        self.listeners.close_all(self.poll.registry());
+        let dropped = self.disp.discard_held(&mut self.sup);
+        if dropped > 0 {
+            log::warn!("{dropped} accepted connection(s) not yet handed to a worker were closed");
+        }
+        self.sup.scoreboard.set_accept_paused(false);
+        self.sup.stop_all(graceful, timeout, Instant::now());
+        self.stopping = Some(Stopping { graceful });
+    }
+
+    /// HUP: re-read the config; apply it if valid, otherwise keep running as
+    /// before.
+    fn reload(&mut self) {
+        if self.stopping.is_some() {
+            return;
+        }
+        let loaded = match &self.source {
+            Some(path) => Config::load(path, &self.overrides),
+            None => Config::builtin(&self.overrides),
+        };
+        let new = match loaded {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("reload failed: {e}; keeping the running configuration");
+                return;
+            }
+        };
+        if let Err((addr, e)) = self.listeners.reconcile(&new, self.poll.registry()) {
+            log::error!(
+                "reload failed: cannot listen on {addr}: {e}; keeping the running configuration"
+            );
+            return;
+        }
+        self.notify.reloading();
+        logging::set_level(new.log_level.0);
+        let file_workers = new.worker_count();
+        if file_workers != self.file_workers {
+            self.sup.target = file_workers;
+            self.file_workers = file_workers;
+        }
+        self.capacity = limits::worker_capacity(&new, limits::current_nofile());
+        self.next_stats = new.stats_interval.nonzero().map(|d| Instant::now() + d);
+        self.config = new;
+        self.sup.generation += 1;
+        self.sup.reset_backoff();
+        self.ready_owed = true;
+        log::info!(
+            "reloaded {}: generation {}, {} worker(s) to replace one by one, target {}",
+            self.source
+                .as_ref()
+                .map_or("built-in defaults".into(), |p| p.display().to_string()),
+            self.sup.generation,
+            self.sup
+                .workers
+                .iter()
+                .filter(|w| w.generation < self.sup.generation)
+                .count(),
+            self.sup.target
+        );
+    }
+
+    /// TTIN (+1) / TTOU (-1): one worker more or fewer, never below one.
+    fn scale(&mut self, delta: isize) {
+        if self.stopping.is_some() {
+            return;
+        }
+        let target = self
+            .sup
+            .target
+            .saturating_add_signed(delta)
+            .clamp(1, crate::config::MAX_WORKERS);
+        if target == self.sup.target {
+            log::info!("workers stay at {target}");
+            return;
+        }
+        self.sup.target = target;
+        self.sup.reset_backoff();
+        log::info!("workers: target now {target}");
+    }
+
+    /// USR1 (with per-worker lines) and the periodic summary.
+    fn log_stats(&self, per_worker: bool) {
+        let snap = Snapshot::take(&self.sup, &self.disp);
+        log::info!("{}", snap.summary());
+        if per_worker {
+            for line in snap.worker_lines() {
+                log::info!("{line}");
+            }
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! The signals the master acts on, and what each means (DESIGN.md, section 2).
+//!
+//! signal-hook's handler only writes to a pipe that the master's poll
+//! watches, so the real work happens in the loop, never in signal context.
+
+use signal_hook::consts::signal::*;
+
+/// Registered with signal-hook at start.
+pub const HANDLED: [i32; 8] = [
+    SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGCHLD,
+];
+
+/// What a signal asks of the master.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// TERM, INT: graceful stop.
+    Stop,
+    /// QUIT: fast stop.
+    Quit,
+    /// HUP: reload the config.
+    Reload,
+    /// TTIN: one worker more.
+    MoreWorkers,
+    /// TTOU: one worker fewer (never below one).
+    FewerWorkers,
+    /// USR1: log a stats snapshot.
+    Stats,
+    /// CHLD: reap exited workers.
+    Child,
+}
+
+impl Signal {
+    pub fn from_raw(sig: i32) -> Option<Signal> {
+        Some(match sig {
+            SIGTERM | SIGINT => Signal::Stop,
+            SIGQUIT => Signal::Quit,
+            SIGHUP => Signal::Reload,
+            SIGTTIN => Signal::MoreWorkers,
+            SIGTTOU => Signal::FewerWorkers,
+            SIGUSR1 => Signal::Stats,
+            SIGCHLD => Signal::Child,
+            _ => return None,
+        })
+    }
+}

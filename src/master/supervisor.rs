@@ -1,0 +1,449 @@
+//! The master's worker table: forking, reaping, respawning and replacing
+//! workers.
+//!
+//! One rule drives everything: keep `target` workers of the current config
+//! *generation* serving. [`Supervisor::reconcile`] moves one step towards it
+//! after every event, and only one new worker starts at a time, so
+//!
+//! - a crashed worker is replaced (after a back-off if workers keep dying
+//!   young, so a broken environment never makes the master spin);
+//! - a reload (new generation) starts one new worker, waits until it reports
+//!   Ready, then drains one old worker, and so on: capacity never dips and no
+//!   connection is cut before its `shutdown_timeout`;
+//! - TTIN/TTOU change `target` and the same step adds or drains a worker.
+//!
+//! A draining worker gets no new connections and exits by itself; if it is
+//! still there well after its deadline it is killed.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+
+use crate::config::{Config, MAX_WORKERS};
+use crate::ipc::{Channel, Command};
+use crate::scoreboard::{Scoreboard, SlotStats};
+use crate::sys::{self, Forked};
+use crate::worker;
+
+/// Poll tokens of worker channels are `WORKER_TOKEN_BASE + slot`.
+pub const WORKER_TOKEN_BASE: usize = 1 << 16;
+
+/// A worker dying sooner than this after it was forked counts as a start-up
+/// failure (a broken environment, not bad luck) and raises the back-off.
+const STARTUP_WINDOW: Duration = Duration::from_secs(5);
+/// First respawn delay after a start-up failure; doubles per failure.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// The delay never exceeds this: a fixed environment recovers within it.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Consecutive start-up failures after which the master calls it a crash
+/// loop in the log at error level.
+const CRASH_LOOP_AFTER: u32 = 5;
+/// Extra time a draining worker gets beyond `shutdown_timeout` (to record
+/// its last connections and exit) before it is killed.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+/// A worker whose heartbeat is older than this gets no new connections.
+pub const HUNG_AFTER_MS: u64 = 2000;
+
+/// Where a worker is in its life, as the master sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Forked; has not reported Ready yet. Gets no connections.
+    Starting,
+    /// Gets connections.
+    Serving,
+    /// Told to drain; gets no connections; killed if alive at `kill_at`.
+    Draining { kill_at: Instant },
+}
+
+/// One worker process, from the master's side.
+pub struct WorkerHandle {
+    /// Scoreboard slot, also its name (`worker 3`) and metrics label.
+    pub id: usize,
+    pub pid: Pid,
+    pub channel: Channel,
+    /// The config generation it was forked with.
+    pub generation: u64,
+    pub phase: Phase,
+    pub forked_at: Instant,
+    /// Connections it may hold at once.
+    pub capacity: usize,
+    /// Connections sent to it so far. Its load is this minus the
+    /// scoreboard's finished count.
+    pub dispatched: u64,
+    /// Connections picked for it and not yet sent (sent in one batch).
+    pub outbox: Vec<OwnedFd>,
+    /// Its channel was full at the last send; skipped until it drains.
+    pub congested: bool,
+    /// Its heartbeat stopped; skipped until it resumes.
+    pub hung: bool,
+}
+
+impl WorkerHandle {
+    pub fn token(&self) -> Token {
+        Token(WORKER_TOKEN_BASE + self.id)
+    }
+
+    pub fn phase_name(&self) -> &'static str {
+        match self.phase {
+            Phase::Starting => "starting",
+            Phase::Serving => "serving",
+            Phase::Draining { .. } => "draining",
+        }
+    }
+}
+
+/// The worker table and the policy that keeps it at its target.
+pub struct Supervisor {
+    pub workers: Vec<WorkerHandle>,
+    pub scoreboard: Scoreboard,
+    /// Counters of workers that have exited, so totals never go backwards.
+    pub retired: SlotStats,
+    /// Connections sent to workers that have exited.
+    pub retired_dispatched: u64,
+    /// The current config generation; bumped by every applied reload.
+    pub generation: u64,
+    /// How many workers of the current generation should serve.
+    pub target: usize,
+    /// Workers that exited without being asked to (each one respawned).
+    pub restarts: u64,
+    /// Consecutive start-up failures (reset by a worker that lives past the
+    /// start-up window).
+    failures: u32,
+    /// No worker is forked before this (the back-off).
+    not_before: Option<Instant>,
+    master_pid: Pid,
+}
+
+impl Supervisor {
+    pub fn new(target: usize) -> std::io::Result<Supervisor> {
+        Ok(Supervisor {
+            workers: Vec::new(),
+            // Room for a full second set during a reload, plus TTIN headroom.
+            scoreboard: Scoreboard::new(2 * MAX_WORKERS + 8)?,
+            retired: SlotStats::default(),
+            retired_dispatched: 0,
+            generation: 1,
+            target,
+            restarts: 0,
+            failures: 0,
+            not_before: None,
+            master_pid: nix::unistd::getpid(),
+        })
+    }
+
+    pub fn get_mut(&mut self, id: usize) -> Option<&mut WorkerHandle> {
+        self.workers.iter_mut().find(|w| w.id == id)
+    }
+
+    /// Workers that can be given connections right now.
+    pub fn all_ready(&self) -> bool {
+        let serving = self
+            .workers
+            .iter()
+            .filter(|w| w.phase == Phase::Serving && w.generation == self.generation);
+        serving.count() >= self.target
+    }
+
+    /// When the next back-off ends, if the table is waiting for one.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let kills = self.workers.iter().filter_map(|w| match w.phase {
+            Phase::Draining { kill_at } => Some(kill_at),
+            _ => None,
+        });
+        kills.chain(self.not_before).min()
+    }
+
+    /// One step towards `target` serving workers of the current generation.
+    /// Call after every event; it is cheap and idempotent.
+    pub fn reconcile(
+        &mut self,
+        config: &Config,
+        capacity: usize,
+        registry: &Registry,
+        now: Instant,
+    ) {
+        loop {
+            let live = || {
+                self.workers
+                    .iter()
+                    .filter(|w| !matches!(w.phase, Phase::Draining { .. }))
+            };
+            if live().any(|w| w.phase == Phase::Starting) {
+                return; // one new worker at a time; wait for it
+            }
+            let current = live().filter(|w| w.generation == self.generation).count();
+            let oldest_old = live()
+                .filter(|w| w.generation < self.generation)
+                .min_by_key(|w| (w.generation, w.id));
+            let old = live().filter(|w| w.generation < self.generation).count();
+            if let Some(old_id) = oldest_old.map(|w| w.id) {
+                if current + old > self.target || current >= self.target {
+                    self.retire(
+                        old_id,
+                        config.shutdown_timeout.0,
+                        "replaced by a worker with the new config",
+                        now,
+                    );
+                    continue;
+                }
+            } else if current > self.target {
+                let newest = live().max_by_key(|w| (w.forked_at, w.id)).map(|w| w.id);
+                if let Some(id) = newest {
+                    self.retire(id, config.shutdown_timeout.0, "fewer workers wanted", now);
+                }
+                continue;
+            }
+            if current < self.target {
+                if self.not_before.is_some_and(|t| now < t) {
+                    return; // backing off
+                }
+                self.not_before = None;
+                if let Err(e) = self.spawn(config, capacity, registry, now) {
+                    log::error!("cannot start a worker: {e}");
+                    self.note_failure(now);
+                }
+            }
+            return;
+        }
+    }
+
+    /// Forks one worker of the current generation.
+    fn spawn(
+        &mut self,
+        config: &Config,
+        capacity: usize,
+        registry: &Registry,
+        now: Instant,
+    ) -> std::io::Result<()> {
+        let id = (0..self.scoreboard.slots())
+            .find(|i| !self.workers.iter().any(|w| w.id == *i))
+            .ok_or_else(|| std::io::Error::other("no free scoreboard slot"))?;
+        let (ours, theirs) = Channel::pair()?;
+        self.scoreboard.slot(id).reset();
+        match sys::fork()? {
+            Forked::Child => worker::run(worker::Args {
+                id,
+                master_pid: self.master_pid,
+                config: config.clone(),
+                channel: theirs,
+                scoreboard: self.scoreboard,
+                capacity,
+            }),
+            Forked::Parent(pid) => {
+                drop(theirs);
+                let token = Token(WORKER_TOKEN_BASE + id);
+                registry.register(
+                    &mut SourceFd(&ours.as_raw_fd()),
+                    token,
+                    Interest::READABLE | Interest::WRITABLE,
+                )?;
+                log::info!(
+                    "worker {id} started (pid {pid}, generation {})",
+                    self.generation
+                );
+                self.workers.push(WorkerHandle {
+                    id,
+                    pid,
+                    channel: ours,
+                    generation: self.generation,
+                    phase: Phase::Starting,
+                    forked_at: now,
+                    capacity,
+                    dispatched: 0,
+                    outbox: Vec::new(),
+                    congested: false,
+                    hung: false,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// Tells a worker to drain and stops giving it connections. Connections
+    /// picked for it but not sent are returned for someone else.
+    pub fn retire(
+        &mut self,
+        id: usize,
+        timeout: Duration,
+        why: &str,
+        now: Instant,
+    ) -> Vec<OwnedFd> {
+        let Some(w) = self.get_mut(id) else {
+            return Vec::new();
+        };
+        if matches!(w.phase, Phase::Draining { .. }) {
+            return Vec::new();
+        }
+        w.phase = Phase::Draining {
+            kill_at: now + timeout + DRAIN_GRACE,
+        };
+        log::info!("worker {} (pid {}) draining: {why}", w.id, w.pid);
+        if let Err(e) = w.channel.send_command(&Command::Drain { timeout }) {
+            log::warn!("worker {}: cannot send drain ({e}); stopping it", w.id);
+            let _ = kill(w.pid, Signal::SIGKILL);
+        }
+        std::mem::take(&mut w.outbox)
+    }
+
+    /// Tells every worker to drain (graceful stop) or quit (fast stop).
+    pub fn stop_all(&mut self, graceful: bool, timeout: Duration, now: Instant) {
+        for w in &mut self.workers {
+            let (cmd, kill_at) = if graceful {
+                (Command::Drain { timeout }, now + timeout + DRAIN_GRACE)
+            } else {
+                (Command::Quit, now + Duration::from_secs(1))
+            };
+            if let Phase::Draining { kill_at: k } = w.phase {
+                if graceful {
+                    continue; // already draining on its own deadline
+                }
+                w.phase = Phase::Draining {
+                    kill_at: k.min(kill_at),
+                };
+            } else {
+                w.phase = Phase::Draining { kill_at };
+            }
+            if w.channel.send_command(&cmd).is_err() {
+                let _ = kill(w.pid, Signal::SIGKILL);
+            }
+        }
+    }
+
+    /// Kills draining workers that overstayed their deadline.
+    pub fn kill_overdue(&mut self, now: Instant) {
+        for w in &mut self.workers {
+            if let Phase::Draining { kill_at } = w.phase {
+                if now >= kill_at {
+                    log::warn!(
+                        "worker {} (pid {}) did not exit in time; killing it",
+                        w.id,
+                        w.pid
+                    );
+                    let _ = kill(w.pid, Signal::SIGKILL);
+                    // Once more in a while if even that did not reap it.
+                    w.phase = Phase::Draining {
+                        kill_at: now + Duration::from_secs(1),
+                    };
+                }
+            }
+        }
+    }
+
+    /// A worker reported Ready.
+    pub fn mark_ready(&mut self, id: usize) {
+        if let Some(w) = self.get_mut(id) {
+            if w.phase == Phase::Starting {
+                w.phase = Phase::Serving;
+                log::debug!("worker {id} (pid {}) ready", w.pid);
+            }
+        }
+    }
+
+    /// Records the exit of a child. Returns the handle if it was one of ours.
+    pub fn on_exit(
+        &mut self,
+        status: WaitStatus,
+        registry: &Registry,
+        stopping: bool,
+        now: Instant,
+    ) -> Option<WorkerHandle> {
+        let pid = status.pid()?;
+        let pos = self.workers.iter().position(|w| w.pid == pid)?;
+        let w = self.workers.swap_remove(pos);
+        let _ = registry.deregister(&mut SourceFd(&w.channel.as_raw_fd()));
+        let stats = self.scoreboard.slot(w.id).snapshot();
+        self.retired.add_counters(&stats);
+        self.retired_dispatched += w.dispatched;
+        let how = describe(status);
+        let expected = matches!(w.phase, Phase::Draining { .. }) || stopping;
+        let lost = w.dispatched.saturating_sub(stats.finished);
+        if expected {
+            log::info!("worker {} (pid {pid}) exited: {how}", w.id);
+        } else {
+            self.restarts += 1;
+            let young = now.duration_since(w.forked_at) < STARTUP_WINDOW;
+            if young {
+                self.note_failure(now);
+            } else {
+                self.failures = 0;
+            }
+            log::warn!(
+                "worker {} (pid {pid}) died unexpectedly: {how}; {lost} open connection(s) lost; respawning{}",
+                w.id,
+                match self.not_before {
+                    Some(t) if t > now => format!(" in {:.1}s", (t - now).as_secs_f64()),
+                    _ => String::new(),
+                }
+            );
+        }
+        Some(w)
+    }
+
+    /// A worker died young: back off exponentially, and say loudly when it
+    /// looks like a crash loop.
+    fn note_failure(&mut self, now: Instant) {
+        self.failures += 1;
+        let exp = (self.failures - 1).min(16);
+        let delay = BACKOFF_BASE.saturating_mul(1 << exp).min(BACKOFF_MAX);
+        self.not_before = Some(now + delay);
+        if self.failures >= CRASH_LOOP_AFTER {
+            log::error!(
+                "crash loop: workers died within {}s of starting {} times in a row; next attempt in {:.1}s \
+                 (fix the cause; send HUP after changing the config)",
+                STARTUP_WINDOW.as_secs(),
+                self.failures,
+                delay.as_secs_f64()
+            );
+        }
+    }
+
+    /// Forgets the back-off (an operator acted: reload or TTIN).
+    pub fn reset_backoff(&mut self) {
+        self.failures = 0;
+        self.not_before = None;
+    }
+
+    /// Marks workers whose heartbeat stalled (stopped or wedged processes)
+    /// so they get no new connections, and logs each change.
+    pub fn check_heartbeats(&mut self, now_ms: u64) {
+        for w in &mut self.workers {
+            if w.phase != Phase::Serving {
+                continue;
+            }
+            let beat = self
+                .scoreboard
+                .slot(w.id)
+                .get(crate::scoreboard::Field::Heartbeat);
+            let hung = now_ms.saturating_sub(beat) > HUNG_AFTER_MS;
+            if hung != w.hung {
+                w.hung = hung;
+                if hung {
+                    log::warn!(
+                        "worker {} (pid {}) is not responding; no new connections go to it",
+                        w.id,
+                        w.pid
+                    );
+                } else {
+                    log::info!("worker {} (pid {}) is responding again", w.id, w.pid);
+                }
+            }
+        }
+    }
+}
+
+/// A child's exit in words: `exit status 0`, `killed by SIGKILL`.
+fn describe(status: WaitStatus) -> String {
+    match status {
+        WaitStatus::Exited(_, code) => format!("exit status {code}"),
+        WaitStatus::Signaled(_, sig, core) => format!(
+            "killed by {sig}{}",
+            if core { " (core dumped)" } else { "" }
+        ),
+        other => format!("{other:?}"),
+    }
+}

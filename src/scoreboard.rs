@@ -1,0 +1,256 @@
+//! The scoreboard: per-worker numbers in memory shared by the master and
+//! every worker (as Apache's scoreboard).
+//!
+//! The master maps it before the first fork, so every worker sees the same
+//! pages. Each worker writes only its own slot; the master only reads slots
+//! (and resets a slot before handing it to a new worker). It is the single
+//! source for dispatch (how loaded is each worker?) and for everything an
+//! operator sees (stats lines, USR1, /metrics).
+//!
+//! A slot is 256 bytes, a multiple of the cache line and aligned to it (the
+//! mapping is page-aligned), so two workers never write the same line. The
+//! one master-written word, the accept-paused flag, sits in a header block of
+//! its own.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::sys;
+
+/// Words (u64) per slot: 256 bytes, four cache lines.
+const STRIDE: usize = 32;
+
+/// Upper bounds (seconds) of the connection-duration histogram buckets; the
+/// last bucket is +Inf. Spread for an echo server: sub-millisecond churn up
+/// to connections held for hours.
+pub const DURATION_BUCKETS: [f64; 9] = [
+    0.001,
+    0.01,
+    0.1,
+    1.0,
+    10.0,
+    60.0,
+    600.0,
+    3600.0,
+    f64::INFINITY,
+];
+
+/// The words of a worker slot. Writers: R = receiver thread, C = under the
+/// worker's counters lock, T = the receiver's 250 ms tick, M = master.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Field {
+    /// M: pid of the worker owning the slot (0 = free).
+    Pid = 0,
+    /// T: CLOCK_MONOTONIC milliseconds of the receiver's last tick; a stale
+    /// value means the worker is hung (stopped, wedged) and gets no new work.
+    Heartbeat,
+    /// R: connections taken off the channel.
+    Received,
+    /// C: connections closed (the master's load is dispatched - finished).
+    Finished,
+    /// C: bytes read from clients.
+    BytesIn,
+    /// C: bytes echoed to clients.
+    BytesOut,
+    /// C: connections ended by a reset or broken pipe.
+    ErrReset,
+    /// C: connections closed by idle or write timeout.
+    ErrTimeout,
+    /// C: connections ended by any other error.
+    ErrOther,
+    /// C: sum of connection durations, microseconds.
+    DurationSumUs,
+    /// T: handler threads alive.
+    Threads,
+    /// T: handler threads serving a connection.
+    Busy,
+    /// T: connections waiting in the worker's queue.
+    Queued,
+    /// C: connection-duration histogram, one (non-cumulative) count per
+    /// bucket of [`DURATION_BUCKETS`].
+    Duration0,
+}
+
+const _: () = assert!(Field::Duration0 as usize + DURATION_BUCKETS.len() <= STRIDE);
+
+/// Header words (block 0, written by the master).
+const ACCEPT_PAUSED: usize = 0;
+
+/// The shared mapping. Cheap to copy: it is a `'static` slice.
+#[derive(Clone, Copy)]
+pub struct Scoreboard {
+    words: &'static [AtomicU64],
+    slots: usize,
+}
+
+impl Scoreboard {
+    /// Maps room for `slots` workers. Call before forking.
+    pub fn new(slots: usize) -> io::Result<Scoreboard> {
+        let words = sys::shared_zeroed::<AtomicU64>((slots + 1) * STRIDE)?;
+        Ok(Scoreboard { words, slots })
+    }
+
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Slot `i` (0-based); panics on a slot the master never allocated.
+    pub fn slot(&self, i: usize) -> Slot {
+        assert!(i < self.slots, "scoreboard slot {i} out of range");
+        let start = (i + 1) * STRIDE;
+        Slot {
+            words: &self.words[start..start + STRIDE],
+        }
+    }
+
+    /// Master: accepting is paused for lack of capacity; workers should send
+    /// [`crate::ipc::Notice::SlotFreed`] when a connection ends.
+    ///
+    /// SeqCst pairs with [`Slot::finish`]: either the worker sees the flag or
+    /// the master, re-reading loads after setting it, sees the freed slot.
+    pub fn set_accept_paused(&self, paused: bool) {
+        self.words[ACCEPT_PAUSED].store(paused as u64, Ordering::SeqCst);
+    }
+
+    pub fn accept_paused(&self) -> bool {
+        self.words[ACCEPT_PAUSED].load(Ordering::SeqCst) != 0
+    }
+}
+
+/// One worker's slot.
+#[derive(Clone, Copy)]
+pub struct Slot {
+    words: &'static [AtomicU64],
+}
+
+impl Slot {
+    pub fn get(&self, f: Field) -> u64 {
+        self.words[f as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn set(&self, f: Field, v: u64) {
+        self.words[f as usize].store(v, Ordering::Relaxed);
+    }
+
+    /// The finished count, ordered against the master's paused flag.
+    pub fn finished(&self) -> u64 {
+        self.words[Field::Finished as usize].load(Ordering::SeqCst)
+    }
+
+    /// Publishes a new finished count (see [`Scoreboard::set_accept_paused`]).
+    pub fn set_finished(&self, v: u64) {
+        self.words[Field::Finished as usize].store(v, Ordering::SeqCst);
+    }
+
+    pub fn duration_bucket(&self, i: usize) -> u64 {
+        self.words[Field::Duration0 as usize + i].load(Ordering::Relaxed)
+    }
+
+    pub fn set_duration_bucket(&self, i: usize, v: u64) {
+        self.words[Field::Duration0 as usize + i].store(v, Ordering::Relaxed);
+    }
+
+    /// Master: zeroes the slot before a new worker gets it.
+    pub fn reset(&self) {
+        for w in self.words {
+            w.store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// A consistent-enough copy of the slot for reporting.
+    pub fn snapshot(&self) -> SlotStats {
+        let mut duration = [0; DURATION_BUCKETS.len()];
+        for (i, d) in duration.iter_mut().enumerate() {
+            *d = self.duration_bucket(i);
+        }
+        SlotStats {
+            received: self.get(Field::Received),
+            finished: self.finished(),
+            bytes_in: self.get(Field::BytesIn),
+            bytes_out: self.get(Field::BytesOut),
+            err_reset: self.get(Field::ErrReset),
+            err_timeout: self.get(Field::ErrTimeout),
+            err_other: self.get(Field::ErrOther),
+            duration_sum_us: self.get(Field::DurationSumUs),
+            duration,
+            threads: self.get(Field::Threads),
+            busy: self.get(Field::Busy),
+            queued: self.get(Field::Queued),
+        }
+    }
+}
+
+/// The numbers of one slot at one moment. Counters add up across workers
+/// (and across dead workers, whose totals the master keeps).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SlotStats {
+    pub received: u64,
+    pub finished: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub err_reset: u64,
+    pub err_timeout: u64,
+    pub err_other: u64,
+    pub duration_sum_us: u64,
+    pub duration: [u64; DURATION_BUCKETS.len()],
+    // Gauges (not summed into retired totals).
+    pub threads: u64,
+    pub busy: u64,
+    pub queued: u64,
+}
+
+impl SlotStats {
+    /// Adds the counters of `other` (not its gauges).
+    pub fn add_counters(&mut self, other: &SlotStats) {
+        self.received += other.received;
+        self.finished += other.finished;
+        self.bytes_in += other.bytes_in;
+        self.bytes_out += other.bytes_out;
+        self.err_reset += other.err_reset;
+        self.err_timeout += other.err_timeout;
+        self.err_other += other.err_other;
+        self.duration_sum_us += other.duration_sum_us;
+        for (a, b) in self.duration.iter_mut().zip(other.duration) {
+            *a += b;
+        }
+    }
+
+    pub fn errors(&self) -> u64 {
+        self.err_reset + self.err_timeout + self.err_other
+    }
+}
+
+/// CLOCK_MONOTONIC in milliseconds: one clock for every process, so the
+/// master can judge a worker's heartbeat.
+pub fn monotonic_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_separate() {
+        let sb = Scoreboard::new(4).unwrap();
+        sb.slot(1).set(Field::BytesIn, 7);
+        sb.slot(1)
+            .set_duration_bucket(DURATION_BUCKETS.len() - 1, 3);
+        assert_eq!(sb.slot(0).get(Field::BytesIn), 0);
+        assert_eq!(sb.slot(2).snapshot(), SlotStats::default());
+        let s = sb.slot(1).snapshot();
+        assert_eq!((s.bytes_in, s.duration[DURATION_BUCKETS.len() - 1]), (7, 3));
+        sb.slot(1).reset();
+        assert_eq!(sb.slot(1).snapshot(), SlotStats::default());
+        sb.set_accept_paused(true);
+        assert!(sb.accept_paused());
+    }
+
+    #[test]
+    fn slot_is_cache_line_sized() {
+        assert_eq!(STRIDE * 8 % 128, 0);
+    }
+}

@@ -1,0 +1,209 @@
+//! The operating-system calls that Rust cannot check for us.
+//!
+//! Every `unsafe` block of echod lives in this module, each with the argument
+//! for why it is sound. The rest of the crate calls the safe wrappers below.
+//! Keeping them together makes the process-model assumptions (single-threaded
+//! master at fork time, fds owned by nobody after `close_range`) reviewable in
+//! one sitting.
+
+use std::io;
+use std::num::NonZeroUsize;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU32, AtomicU64};
+
+use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous};
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+use nix::unistd::{ForkResult, Pid};
+
+/// Which side of a `fork` we are on.
+pub enum Forked {
+    Parent(Pid),
+    Child,
+}
+
+/// Forks the calling process.
+///
+/// Only the master calls this, and the master never starts a thread (rule 1
+/// of DESIGN.md), so no lock can be held by a thread that the child lacks.
+pub fn fork() -> io::Result<Forked> {
+    // SAFETY: fork is unsafe because a multi-threaded parent may leave locks
+    // (malloc, stdio, logger) held forever in the child. The master is
+    // single-threaded by construction: it never spawns threads (it uses one
+    // mio Poll and drives every timer from the poll timeout), and signal-hook
+    // delivers signals through a self-pipe instead of a thread.
+    match unsafe { nix::unistd::fork() }? {
+        ForkResult::Parent { child } => Ok(Forked::Parent(child)),
+        ForkResult::Child => Ok(Forked::Child),
+    }
+}
+
+/// Atomics that can live in memory shared between processes.
+///
+/// Sealed: only the integer atomics, whose all-zero bit pattern is a valid
+/// value and which hold no pointers, are allowed.
+pub trait SharedAtomic: sealed::Sealed + Sync + 'static {}
+impl SharedAtomic for AtomicU64 {}
+impl SharedAtomic for AtomicU32 {}
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for std::sync::atomic::AtomicU64 {}
+    impl Sealed for std::sync::atomic::AtomicU32 {}
+}
+
+/// Maps `len` zeroed atomics in an anonymous `MAP_SHARED` region.
+///
+/// Created by the master before it forks, the region is the same physical
+/// memory in every worker: the scoreboard. It is never unmapped, so the
+/// returned slice is `'static` in every process that inherits it.
+pub fn shared_zeroed<T: SharedAtomic>(len: usize) -> io::Result<&'static [T]> {
+    let bytes = len
+        .checked_mul(size_of::<T>())
+        .and_then(NonZeroUsize::new)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty shared region"))?;
+    // SAFETY: an anonymous mapping has no file behind it; the kernel returns
+    // page-aligned (so suitably aligned for T), zero-filled memory of the
+    // requested size, or an error.
+    let ptr = unsafe {
+        mmap_anonymous(
+            None,
+            bytes,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            MapFlags::MAP_SHARED,
+        )
+    }?;
+    // SAFETY: the region is `len * size_of::<T>()` bytes, aligned and zeroed;
+    // zero is a valid value of every SharedAtomic type; the mapping is never
+    // unmapped so the lifetime is 'static; atomics make concurrent access from
+    // several threads and processes data-race free.
+    Ok(unsafe { std::slice::from_raw_parts(ptr.as_ptr().cast::<T>(), len) })
+}
+
+/// Takes ownership of an fd the process got from outside Rust (systemd's
+/// LISTEN_FDS, or SCM_RIGHTS control data).
+///
+/// Returns `None` for a negative number. The caller must know that nothing
+/// else owns `fd`; both callers do (see their comments).
+pub fn adopt_fd(fd: RawFd) -> Option<OwnedFd> {
+    // SAFETY: callers pass fds that the kernel just installed for us
+    // (recvmsg's SCM_RIGHTS) or that systemd passed at exec time
+    // (LISTEN_FDS, checked against LISTEN_PID); no Rust object owns them yet.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sets the signals a worker must not act on to SIG_IGN, replacing the
+/// handlers the master installed before it forked.
+///
+/// Why: signal-hook's handler writes to the master's self-pipe. The worker
+/// closes that pipe, so the fd number may later belong to a client
+/// connection; a stray signal must never write into it. Workers act only on
+/// what the master says over the channel (DESIGN.md, section 2).
+pub fn ignore_signals(signals: &[Signal]) -> io::Result<()> {
+    let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    for &sig in signals {
+        // SAFETY: installing SIG_IGN runs no code in signal context, so none
+        // of sigaction's async-signal-safety hazards apply.
+        unsafe { sigaction(sig, &ignore) }?;
+    }
+    Ok(())
+}
+
+/// Restores the default disposition of `sig` (used for SIGCHLD in workers,
+/// which inherit the master's handler).
+pub fn default_signal(sig: Signal) -> io::Result<()> {
+    let dfl = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    // SAFETY: as above, SIG_DFL runs no code of ours.
+    unsafe { sigaction(sig, &dfl) }?;
+    Ok(())
+}
+
+/// Closes every fd from `first` upwards.
+///
+/// A freshly forked worker holds copies of everything the master had open:
+/// listeners, the epoll fd, the signal pipe, other workers' channels, metrics
+/// connections. It keeps only stdio and its own channel (moved below `first`
+/// by the caller), so the kernel, not a list we might forget to update,
+/// decides what is closed (rule 2 of DESIGN.md).
+pub fn close_fds_from(first: RawFd) -> io::Result<()> {
+    // SAFETY: close_range only closes descriptors. The Rust objects in the
+    // child that owned them (inherited copies of the master's state) are
+    // never used or dropped afterwards: the worker entry point never returns
+    // and exits with `process::exit`, which runs no destructors.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Moves `fd` to number `target` (dup2 + close of the old number), keeping
+/// CLOEXEC, and returns the new owner.
+pub fn move_fd(fd: OwnedFd, target: RawFd) -> io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    if fd.as_raw_fd() == target {
+        return Ok(fd);
+    }
+    // SAFETY: dup3 onto `target` silently closes whatever was there; callers
+    // use it in a fresh child before `close_fds_from(target + 1)`, where the
+    // only live object at `target` (if any) is an inherited copy that will
+    // never be used. The returned number is owned by the new OwnedFd alone.
+    let rc = unsafe { libc::dup3(fd.as_raw_fd(), target, libc::O_CLOEXEC) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    drop(fd);
+    adopt_fd(rc).ok_or_else(io::Error::last_os_error)
+}
+
+/// Rewrites the process title shown by `ps` (argv[0] area) and the kernel's
+/// `comm` name, as nginx and PostgreSQL do: `echod: worker 2`.
+///
+/// The argv strings live in a writable region the kernel reports in
+/// /proc/self/stat (`arg_start`, `arg_end`). The title is truncated to fit.
+pub fn set_process_title(title: &str) {
+    if let Ok(name) = std::ffi::CString::new(
+        title
+            .as_bytes()
+            .iter()
+            .take(15)
+            .copied()
+            .collect::<Vec<u8>>(),
+    ) {
+        let _ = nix::sys::prctl::set_name(&name);
+    }
+    let Some((start, end)) = argv_area() else {
+        return;
+    };
+    let len = end.saturating_sub(start);
+    if len < 2 {
+        return;
+    }
+    let mut bytes = vec![0u8; len];
+    let n = title.len().min(len - 1);
+    bytes[..n].copy_from_slice(&title.as_bytes()[..n]);
+    // SAFETY: [start, end) is this process's own argv string area as reported
+    // by the kernel: mapped, writable (it is on the initial stack) and not
+    // aliased by any Rust reference. std keeps pointers into it for
+    // `std::env::args`, which workers never call after this; they would read
+    // the new title, still NUL-terminated (bytes[len-1] stays 0).
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), start as *mut u8, len) };
+}
+
+/// `arg_start` and `arg_end` from /proc/self/stat (fields 48 and 49).
+fn argv_area() -> Option<(usize, usize)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The comm field may contain spaces; fields are counted after its ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state), so field N is fields[N - 3].
+    let start = fields.get(48 - 3)?.parse().ok()?;
+    let end = fields.get(49 - 3)?.parse().ok()?;
+    (start != 0 && end > start).then_some((start, end))
+}

@@ -1,0 +1,172 @@
+//! A worker's locked counters.
+//!
+//! Handler threads count into a private [`Tally`] while they echo (no lock,
+//! no shared cache line on the data path) and add it into the worker's
+//! [`Counters`] under one mutex when a connection ends, and about once a
+//! second for long-lived connections. Each flush then mirrors the totals into
+//! the worker's scoreboard slot, where the master reads them. The mutex makes
+//! the read-add-mirror step atomic across threads, so no update is lost and
+//! the slot never shows a total going backwards.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::scoreboard::{DURATION_BUCKETS, Field, Slot};
+
+/// What one handler counted since its last flush.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Tally {
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// How a connection ended, for the error counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The client closed (or the worker closed it on drain).
+    Clean,
+    /// Reset by the peer or broken pipe.
+    Reset,
+    /// Idle or write timeout.
+    Timeout,
+    /// Anything else.
+    Other,
+}
+
+#[derive(Debug, Default)]
+struct Totals {
+    bytes_in: u64,
+    bytes_out: u64,
+    finished: u64,
+    err_reset: u64,
+    err_timeout: u64,
+    err_other: u64,
+    duration_sum_us: u64,
+    duration: [u64; DURATION_BUCKETS.len()],
+}
+
+/// The worker-wide counters, shared by all its handler threads.
+pub struct Counters {
+    totals: Mutex<Totals>,
+    slot: Slot,
+}
+
+impl Counters {
+    pub fn new(slot: Slot) -> Counters {
+        Counters {
+            totals: Mutex::new(Totals::default()),
+            slot,
+        }
+    }
+
+    /// Adds a long-lived connection's progress so far.
+    pub fn flush(&self, tally: &mut Tally) {
+        let mut t = self.lock();
+        t.add(tally);
+        self.slot.set(Field::BytesIn, t.bytes_in);
+        self.slot.set(Field::BytesOut, t.bytes_out);
+        *tally = Tally::default();
+    }
+
+    /// Records a finished connection: its last bytes, how it ended and how
+    /// long it lived. Returns the new finished total.
+    pub fn finish(&self, tally: &mut Tally, ending: Ending, lived: Duration) -> u64 {
+        let mut t = self.lock();
+        t.add(tally);
+        *tally = Tally::default();
+        t.finished += 1;
+        match ending {
+            Ending::Clean => {}
+            Ending::Reset => t.err_reset += 1,
+            Ending::Timeout => t.err_timeout += 1,
+            Ending::Other => t.err_other += 1,
+        }
+        t.duration_sum_us += lived.as_micros() as u64;
+        let secs = lived.as_secs_f64();
+        let bucket = DURATION_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(DURATION_BUCKETS.len() - 1);
+        t.duration[bucket] += 1;
+        self.mirror(&t);
+        t.finished
+    }
+
+    /// Connections dropped unserved (fast stop): counted as finished so the
+    /// accounting still balances.
+    pub fn abandon(&self, n: u64) {
+        let mut t = self.lock();
+        t.finished += n;
+        t.err_other += n;
+        self.mirror(&t);
+    }
+
+    fn mirror(&self, t: &Totals) {
+        let s = &self.slot;
+        s.set(Field::BytesIn, t.bytes_in);
+        s.set(Field::BytesOut, t.bytes_out);
+        s.set(Field::ErrReset, t.err_reset);
+        s.set(Field::ErrTimeout, t.err_timeout);
+        s.set(Field::ErrOther, t.err_other);
+        s.set(Field::DurationSumUs, t.duration_sum_us);
+        for (i, &d) in t.duration.iter().enumerate() {
+            s.set_duration_bucket(i, d);
+        }
+        // Last, and SeqCst: the master's dispatcher reads it (see Scoreboard).
+        s.set_finished(t.finished);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Totals> {
+        // A panicking handler cannot leave Totals half-updated in a way that
+        // matters (plain integers); keep counting.
+        self.totals.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Totals {
+    fn add(&mut self, tally: &Tally) {
+        self.bytes_in += tally.bytes_in;
+        self.bytes_out += tally.bytes_out;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scoreboard::Scoreboard;
+    use std::sync::Arc;
+
+    #[test]
+    fn concurrent_flushes_lose_nothing() {
+        let sb = Scoreboard::new(1).unwrap();
+        let c = Arc::new(Counters::new(sb.slot(0)));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        let mut t = Tally {
+                            bytes_in: 3,
+                            bytes_out: 3,
+                        };
+                        c.flush(&mut t);
+                        assert_eq!(t.bytes_in, 0);
+                        let mut t = Tally {
+                            bytes_in: 1,
+                            bytes_out: 1,
+                        };
+                        c.finish(&mut t, Ending::Reset, Duration::from_millis(2));
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        let s = sb.slot(0).snapshot();
+        assert_eq!(
+            (s.bytes_in, s.bytes_out, s.finished, s.err_reset),
+            (32000, 32000, 8000, 8000)
+        );
+        assert_eq!(s.duration[1], 8000, "2 ms lands in the <= 10 ms bucket");
+        assert_eq!(s.duration_sum_us, 8000 * 2000);
+    }
+}

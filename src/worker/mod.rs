@@ -1,0 +1,299 @@
+//! A worker process: receives connections from the master and serves each on
+//! its own thread.
+//!
+//! The process's main thread is the *receiver*: it reads the channel, puts
+//! each connection into the bounded [`queue`], starts handler threads when no
+//! idle one is waiting ([`pool`]), and acts on the master's commands (drain,
+//! quit). Every 250 ms it also ticks: a heartbeat in the scoreboard (so the
+//! master notices a hung worker), the gauges (threads, busy, queued), and the
+//! coarse clock that paces counter flushes of long connections.
+//!
+//! A worker acts on no signal of its own (they are ignored); it stops when the
+//! master says so, or when the master disappears (EOF on the channel, or
+//! PR_SET_PDEATHSIG).
+
+pub mod counters;
+pub mod echo;
+pub mod pool;
+pub mod queue;
+
+use std::net::TcpStream;
+use std::process;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use crate::config::Config;
+use crate::ipc::{Channel, Command, Notice, Received};
+use crate::scoreboard::{Field, Scoreboard, Slot, monotonic_ms};
+use crate::{logging, sys};
+use counters::Counters;
+use pool::OpenConnections;
+use queue::{PushError, Queue};
+
+/// How often the receiver ticks when the channel is quiet.
+const TICK: Duration = Duration::from_millis(250);
+
+/// The fd number the channel is moved to in the child (the first after stdio).
+const CHANNEL_FD: i32 = 3;
+
+/// Set to `startup` to make every worker exit with status 3 right after it
+/// starts, before it reports Ready. Fault injection for the crash-loop tests;
+/// it has no other effect.
+pub const CRASH_ENV: &str = "ECHOD_TEST_WORKER_CRASH";
+
+/// What a worker is handed at fork.
+pub struct Args {
+    /// Slot number; also the worker's name (`echod: worker 2`).
+    pub id: usize,
+    pub master_pid: Pid,
+    pub config: Config,
+    pub channel: Channel,
+    pub scoreboard: Scoreboard,
+    /// Connections this worker may serve at once (threads_per_worker, lowered
+    /// by the master if RLIMIT_NOFILE cannot hold that many).
+    pub capacity: usize,
+}
+
+/// State shared by a worker's receiver and handler threads.
+pub struct Worker {
+    pub config: Config,
+    pub capacity: usize,
+    pub slot: Slot,
+    pub scoreboard: Scoreboard,
+    pub channel: Channel,
+    pub queue: Queue<TcpStream>,
+    pub counters: Counters,
+    pub open: OpenConnections,
+    /// Handler threads alive (idle or busy).
+    pub threads: AtomicUsize,
+    /// Handler threads serving a connection.
+    pub busy: AtomicUsize,
+    /// Receiver ticks so far: a clock handlers can read for the price of a
+    /// relaxed load.
+    pub ticks: AtomicU64,
+}
+
+/// The worker process's entry point, called in the child right after fork.
+/// Never returns: the child must not unwind into (or drop) the master's
+/// state it inherited.
+pub fn run(args: Args) -> ! {
+    let Args {
+        id,
+        master_pid,
+        config,
+        channel,
+        scoreboard,
+        capacity,
+    } = args;
+    let code = match setup(id, master_pid, channel) {
+        Ok(channel) => serve(id, config, channel, scoreboard, capacity),
+        Err(e) => {
+            log::error!("worker {id} setup failed: {e}");
+            1
+        }
+    };
+    process::exit(code)
+}
+
+/// Turns the fresh child into a worker: signals, parent-death, fds, name.
+/// Consumes our end of the channel and returns it at fd 3, every other
+/// inherited fd (listeners, epoll, signal pipe, other workers' channels)
+/// closed.
+fn setup(id: usize, master_pid: Pid, channel: Channel) -> std::io::Result<Channel> {
+    use Signal::*;
+    sys::ignore_signals(&[
+        SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2, SIGTTIN, SIGTTOU,
+    ])?;
+    sys::default_signal(SIGCHLD)?;
+    nix::sys::prctl::set_pdeathsig(SIGKILL)?;
+    if nix::unistd::getppid() != master_pid {
+        // The master died between fork and prctl: nobody will kill us.
+        process::exit(1);
+    }
+    logging::set_role(&format!("worker-{id}"));
+    sys::set_process_title(&format!("echod: worker {id}"));
+    let fd = sys::move_fd(channel.into_fd(), CHANNEL_FD)?;
+    sys::close_fds_from(CHANNEL_FD + 1)?;
+    Ok(Channel::from_fd(fd))
+}
+
+fn serve(
+    id: usize,
+    config: Config,
+    channel: Channel,
+    scoreboard: Scoreboard,
+    capacity: usize,
+) -> i32 {
+    let slot = scoreboard.slot(id);
+    slot.set(Field::Pid, process::id() as u64);
+    slot.set(Field::Heartbeat, monotonic_ms());
+    if let Err(e) = channel.set_receive_timeout(TICK) {
+        log::error!("cannot set channel timeout: {e}");
+        return 1;
+    }
+    let w = Arc::new(Worker {
+        capacity,
+        slot,
+        scoreboard,
+        channel,
+        queue: Queue::new(config.queue_capacity),
+        counters: Counters::new(slot),
+        open: OpenConnections::default(),
+        threads: AtomicUsize::new(0),
+        busy: AtomicUsize::new(0),
+        ticks: AtomicU64::new(0),
+        config,
+    });
+    for _ in 0..w.config.min_spare_threads.min(w.capacity) {
+        if let Err(e) = pool::spawn_handler(&w) {
+            log::error!("cannot start handler thread: {e}");
+            break;
+        }
+    }
+    if std::env::var(CRASH_ENV).is_ok_and(|v| v == "startup") {
+        log::error!("{CRASH_ENV}=startup: exiting at start-up (fault injection)");
+        return 3;
+    }
+    publish_gauges(&w);
+    if let Err(e) = w.channel.send_notice(Notice::Ready) {
+        log::error!("cannot report ready to the master: {e}");
+        return 1;
+    }
+    receive(&w)
+}
+
+/// The receiver loop: commands from the master until told to stop.
+fn receive(w: &Arc<Worker>) -> i32 {
+    let mut last_tick = Instant::now();
+    loop {
+        match w.channel.recv_command() {
+            Ok(Received::Command(Command::Serve(fds))) => take(w, fds, &mut last_tick),
+            Ok(Received::Command(Command::Drain { timeout })) => return drain(w, timeout),
+            Ok(Received::Command(Command::Quit)) => return quit(w),
+            Ok(Received::Idle) => {}
+            Ok(Received::Closed) => {
+                log::warn!("master is gone; closing all connections");
+                return quit(w);
+            }
+            Err(e) => {
+                log::error!("channel: {e}; closing all connections");
+                return quit(w);
+            }
+        }
+        if last_tick.elapsed() >= TICK {
+            tick(w);
+            last_tick = Instant::now();
+        }
+    }
+}
+
+/// Queues newly received connections, starting threads as needed.
+fn take(w: &Arc<Worker>, fds: Vec<std::os::fd::OwnedFd>, last_tick: &mut Instant) {
+    w.slot.set(
+        Field::Received,
+        w.slot.get(Field::Received) + fds.len() as u64,
+    );
+    for fd in fds {
+        let mut stream = TcpStream::from(fd);
+        loop {
+            match w.queue.push(stream, Some(TICK)) {
+                Ok(pushed) => {
+                    if pushed.needs_thread() {
+                        grow(w);
+                    }
+                    break;
+                }
+                Err(PushError::Full(s)) => {
+                    // Every thread is busy and the queue is full; keep the
+                    // heartbeat going while we wait for room.
+                    stream = s;
+                    tick(w);
+                    *last_tick = Instant::now();
+                }
+                Err(PushError::Closed(_)) => break,
+            }
+        }
+    }
+}
+
+/// Starts a handler for a connection nobody is waiting for.
+fn grow(w: &Arc<Worker>) {
+    if let Err(e) = pool::spawn_handler(w) {
+        // The connection stays queued until a busy thread frees up.
+        log::warn!(
+            "cannot start handler thread ({} running): {e}",
+            w.threads.load(Ordering::Relaxed)
+        );
+    }
+}
+
+/// Heartbeat, gauges and the handlers' coarse clock.
+fn tick(w: &Worker) {
+    w.ticks.fetch_add(1, Ordering::Relaxed);
+    w.slot.set(Field::Heartbeat, monotonic_ms());
+    publish_gauges(w);
+}
+
+fn publish_gauges(w: &Worker) {
+    let (queued, _idle) = w.queue.stats();
+    w.slot.set(Field::Queued, queued as u64);
+    w.slot
+        .set(Field::Threads, w.threads.load(Ordering::Relaxed) as u64);
+    w.slot
+        .set(Field::Busy, w.busy.load(Ordering::Relaxed) as u64);
+}
+
+/// Graceful stop: no new connections; open ones run until `timeout`, then
+/// are cut. Keeps reading the channel so a Quit (or the master's death)
+/// still ends it at once.
+fn drain(w: &Arc<Worker>, timeout: Duration) -> i32 {
+    let deadline = Instant::now() + timeout;
+    w.queue.close();
+    log::info!(
+        "draining {} connection(s) for up to {:.1}s",
+        w.busy.load(Ordering::Relaxed) + w.queue.stats().0,
+        timeout.as_secs_f64()
+    );
+    let _ = w.channel.set_receive_timeout(Duration::from_millis(50));
+    while w.threads.load(Ordering::Acquire) > 0 {
+        if Instant::now() >= deadline {
+            let cut = w.open.cut_all();
+            log::info!("drain deadline reached: closing {cut} connection(s)");
+            wait_for_handlers(w, Duration::from_secs(2));
+            break;
+        }
+        match w.channel.recv_command() {
+            Ok(Received::Command(Command::Quit)) => return quit(w),
+            Ok(Received::Closed) | Err(_) => return quit(w),
+            Ok(_) => {}
+        }
+        tick(w);
+    }
+    tick(w);
+    log::info!("drained; exiting");
+    0
+}
+
+/// Fast stop: cut everything and exit now.
+fn quit(w: &Worker) -> i32 {
+    let unserved = w.queue.close_and_take();
+    w.counters.abandon(unserved.len() as u64);
+    drop(unserved);
+    w.open.cut_all();
+    // Give handlers a moment to record the connections they just lost, so
+    // the master's totals stay close; never long.
+    wait_for_handlers(w, Duration::from_millis(200));
+    tick(w);
+    0
+}
+
+fn wait_for_handlers(w: &Worker, at_most: Duration) {
+    let until = Instant::now() + at_most;
+    while w.busy.load(Ordering::Acquire) > 0 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

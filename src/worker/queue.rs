@@ -1,0 +1,289 @@
+//! The bounded hand-off queue between a worker's receiver thread and its
+//! handler threads (Apache's fdqueue).
+//!
+//! The receiver pushes each connection it takes off the channel; an idle
+//! handler pops it and serves it to the end. The queue counts its own idle
+//! handlers, so the receiver can tell, in the same critical section as the
+//! push, whether someone is waiting for the connection or whether a new
+//! thread is needed ([`Pushed::needs_thread`]).
+//!
+//! Bounded: when `capacity` connections are waiting, `push` blocks. The
+//! receiver then stops reading the channel, the channel's socket buffer
+//! fills, and the master sees the worker as full. Nothing grows without
+//! bound. One lock acquisition per connection, none per byte.
+
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// A bounded multi-producer multi-consumer FIFO with idle-consumer accounting.
+pub struct Queue<T> {
+    state: Mutex<State<T>>,
+    /// Signalled on push and close; handlers wait here.
+    not_empty: Condvar,
+    /// Signalled on pop and close; a blocked pusher waits here.
+    not_full: Condvar,
+    capacity: usize,
+}
+
+struct State<T> {
+    items: VecDeque<T>,
+    /// Consumers blocked in `pop` right now. Each will take one item, so
+    /// `items.len() > idle` means some item has nobody coming for it.
+    idle: usize,
+    closed: bool,
+}
+
+/// What `pop` produced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pop<T> {
+    Item(T),
+    /// Nothing arrived within the timeout (the caller may retire).
+    TimedOut,
+    /// The queue is closed and empty: no more work will come.
+    Closed,
+}
+
+/// Why a push gave its item back.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PushError<T> {
+    /// Still full when the timeout passed.
+    Full(T),
+    /// Closed: no more work is accepted.
+    Closed(T),
+}
+
+/// The state right after a successful push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pushed {
+    /// Items waiting, including the one just pushed.
+    pub queued: usize,
+    /// Consumers waiting for items.
+    pub idle: usize,
+}
+
+impl Pushed {
+    /// True when more items wait than there are idle consumers to take them.
+    pub fn needs_thread(&self) -> bool {
+        self.queued > self.idle
+    }
+}
+
+impl<T> Queue<T> {
+    pub fn new(capacity: usize) -> Queue<T> {
+        Queue {
+            state: Mutex::new(State {
+                items: VecDeque::with_capacity(capacity.min(1024)),
+                idle: 0,
+                closed: false,
+            }),
+            not_empty: Condvar::new(),
+            not_full: Condvar::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Adds `item`, waiting while the queue is full, for at most `timeout`
+    /// (forever if `None`). Gives the item back if the queue is (or gets)
+    /// closed, or is still full when the timeout passes.
+    pub fn push(&self, item: T, timeout: Option<Duration>) -> Result<Pushed, PushError<T>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut st = self.lock();
+        while st.items.len() >= self.capacity && !st.closed {
+            st = match deadline {
+                None => self.not_full.wait(st).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(PushError::Full(item));
+                    }
+                    self.not_full
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+        if st.closed {
+            return Err(PushError::Closed(item));
+        }
+        st.items.push_back(item);
+        let pushed = Pushed {
+            queued: st.items.len(),
+            idle: st.idle,
+        };
+        drop(st);
+        self.not_empty.notify_one();
+        Ok(pushed)
+    }
+
+    /// Takes the oldest item, waiting up to `timeout` (forever if `None`).
+    /// After `close`, remaining items are still handed out, then `Closed`.
+    pub fn pop(&self, timeout: Option<Duration>) -> Pop<T> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut st = self.lock();
+        loop {
+            if let Some(item) = st.items.pop_front() {
+                drop(st);
+                self.not_full.notify_one();
+                return Pop::Item(item);
+            }
+            if st.closed {
+                return Pop::Closed;
+            }
+            st.idle += 1;
+            st = match deadline {
+                None => self.not_empty.wait(st).unwrap_or_else(|e| e.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    self.not_empty
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+            st.idle -= 1;
+            if deadline.is_some_and(|d| Instant::now() >= d) && st.items.is_empty() && !st.closed {
+                return Pop::TimedOut;
+            }
+        }
+    }
+
+    /// Refuses further pushes and wakes everyone. Items already queued are
+    /// still popped (a draining worker serves what it accepted).
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.not_empty.notify_all();
+        self.not_full.notify_all();
+    }
+
+    /// Closes the queue and takes every waiting item (fast stop).
+    pub fn close_and_take(&self) -> Vec<T> {
+        let mut st = self.lock();
+        st.closed = true;
+        let items = st.items.drain(..).collect();
+        drop(st);
+        self.not_empty.notify_all();
+        self.not_full.notify_all();
+        items
+    }
+
+    /// (waiting items, idle consumers), for the scoreboard.
+    pub fn stats(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.items.len(), st.idle)
+    }
+
+    /// A poisoned lock means a thread panicked while holding it; the queue's
+    /// state is still a consistent VecDeque and counters, so carry on.
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::thread;
+
+    #[test]
+    fn fifo_and_accounting() {
+        let q = Queue::new(4);
+        assert_eq!(q.push(1, None), Ok(Pushed { queued: 1, idle: 0 }));
+        assert!(q.push(2, None).unwrap().needs_thread());
+        assert_eq!(q.stats(), (2, 0));
+        assert_eq!(q.pop(None), Pop::Item(1));
+        assert_eq!(q.pop(Some(Duration::ZERO)), Pop::Item(2));
+        assert_eq!(q.pop(Some(Duration::from_millis(20))), Pop::TimedOut);
+    }
+
+    #[test]
+    fn idle_consumers_are_counted() {
+        let q = Arc::new(Queue::new(4));
+        let q2 = q.clone();
+        let t = thread::spawn(move || q2.pop(None));
+        while q.stats().1 == 0 {
+            thread::yield_now();
+        }
+        let pushed = q.push(7, None).unwrap();
+        assert_eq!(pushed, Pushed { queued: 1, idle: 1 });
+        assert!(!pushed.needs_thread(), "the waiting consumer will take it");
+        assert_eq!(t.join().unwrap(), Pop::Item(7));
+        assert_eq!(q.stats(), (0, 0));
+    }
+
+    #[test]
+    fn push_blocks_when_full_until_a_pop() {
+        let q = Arc::new(Queue::new(2));
+        q.push(1, None).unwrap();
+        q.push(2, None).unwrap();
+        assert_eq!(
+            q.push(9, Some(Duration::from_millis(10))),
+            Err(PushError::Full(9))
+        );
+        let q2 = q.clone();
+        let t = thread::spawn(move || q2.push(3, None).map(|p| p.queued));
+        thread::sleep(Duration::from_millis(50));
+        assert!(!t.is_finished(), "push must wait while the queue is full");
+        assert_eq!(q.pop(None), Pop::Item(1));
+        assert_eq!(t.join().unwrap(), Ok(2));
+    }
+
+    #[test]
+    fn close_serves_what_was_queued_then_reports_closed() {
+        let q = Queue::new(4);
+        q.push("a", None).unwrap();
+        q.close();
+        assert_eq!(q.push("b", None), Err(PushError::Closed("b")));
+        assert_eq!(q.pop(None), Pop::Item("a"));
+        assert_eq!(q.pop(None), Pop::Closed);
+    }
+
+    #[test]
+    fn close_wakes_blocked_consumers_and_producers() {
+        let q = Arc::new(Queue::<u32>::new(1));
+        q.push(0, None).unwrap();
+        let pusher = {
+            let q = q.clone();
+            thread::spawn(move || q.push(1, None))
+        };
+        thread::sleep(Duration::from_millis(20));
+        assert_eq!(q.close_and_take(), vec![0]);
+        assert_eq!(pusher.join().unwrap(), Err(PushError::Closed(1)));
+        let popper = {
+            let q = q.clone();
+            thread::spawn(move || q.pop(None))
+        };
+        assert_eq!(popper.join().unwrap(), Pop::Closed);
+    }
+
+    #[test]
+    fn many_producers_and_consumers_lose_nothing() {
+        let q = Arc::new(Queue::new(8));
+        let sum = Arc::new(AtomicUsize::new(0));
+        let consumers: Vec<_> = (0..4)
+            .map(|_| {
+                let (q, sum) = (q.clone(), sum.clone());
+                thread::spawn(move || {
+                    while let Pop::Item(v) = q.pop(None) {
+                        sum.fetch_add(v, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        let producers: Vec<_> = (0..4)
+            .map(|p| {
+                let q = q.clone();
+                thread::spawn(move || {
+                    (0..1000).for_each(|i| q.push(p * 1000 + i, None).map(|_| ()).unwrap())
+                })
+            })
+            .collect();
+        producers.into_iter().for_each(|t| t.join().unwrap());
+        q.close();
+        consumers.into_iter().for_each(|t| t.join().unwrap());
+        assert_eq!(sum.load(Ordering::Relaxed), (0..4000).sum::<usize>());
+    }
+}
