@@ -1,0 +1,472 @@
+//! Test harness: runs the real `echod` binary on loopback and talks to it
+//! with real sockets. Every process a test starts is killed by PID when its
+//! handle drops, even if the test panics.
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+pub const ECHOD: &str = env!("CARGO_BIN_EXE_echod");
+
+/// A running echod and its collected stderr.
+pub struct Echod {
+    pub child: Option<Child>,
+    pub addr: SocketAddr,
+    pub config: PathBuf,
+    pub dir: tempfile::TempDir,
+    log: Arc<(Mutex<Vec<String>>, Condvar)>,
+    /// Every worker pid ever seen, so Drop can kill stragglers by PID.
+    seen_workers: Mutex<Vec<i32>>,
+}
+
+/// Writes `extra` (TOML lines) plus a loopback listener on a free port, and
+/// starts echod on it.
+pub fn start(extra: &str) -> Echod {
+    start_with(extra, &[], &[])
+}
+
+pub fn start_with(extra: &str, args: &[&str], env: &[(&str, &str)]) -> Echod {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("echod.toml");
+    let mut text = String::new();
+    if !extra.contains("listen") {
+        text.push_str("listen = [\"127.0.0.1:0\"]\n");
+    }
+    if !extra.contains("workers") {
+        text.push_str("workers = 2\n");
+    }
+    if !extra.contains("shutdown_timeout") {
+        text.push_str("shutdown_timeout = 5\n");
+    }
+    text.push_str(extra);
+    std::fs::write(&config, text).unwrap();
+    let mut cmd = Command::new(ECHOD);
+    cmd.arg("--config")
+        .arg(&config)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd.env_remove("RUST_LOG")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn echod");
+    let log = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+    let stderr = child.stderr.take().unwrap();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if std::env::var_os("ECHOD_TEST_LOG").is_some() {
+                eprintln!("echod: {line}");
+            }
+            sink.0.lock().unwrap().push(line);
+            sink.1.notify_all();
+        }
+    });
+    let mut e = Echod {
+        child: Some(child),
+        addr: "127.0.0.1:0".parse().unwrap(),
+        config,
+        dir,
+        log,
+        seen_workers: Mutex::new(Vec::new()),
+    };
+    let line = e
+        .wait_log("listening on ", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("echod did not listen:\n{}", e.log_text()));
+    e.addr = line
+        .rsplit("listening on ")
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    e.wait_log("ready:", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("echod not ready:\n{}", e.log_text()));
+    e.note_workers();
+    e
+}
+
+impl Echod {
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        kill(self.pid(), sig);
+    }
+
+    /// Lines logged so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.0.lock().unwrap().clone()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log_lines().join("\n")
+    }
+
+    /// Waits for a log line containing `pat`; returns it.
+    pub fn wait_log(&self, pat: &str, timeout: Duration) -> Option<String> {
+        self.wait_log_after(0, pat, timeout)
+    }
+
+    /// As `wait_log`, only lines after the first `skip`.
+    pub fn wait_log_after(&self, skip: usize, pat: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.log;
+        let mut lines = lock.lock().unwrap();
+        loop {
+            if let Some(l) = lines.iter().skip(skip).find(|l| l.contains(pat)) {
+                return Some(l.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            lines = cv.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    pub fn log_len(&self) -> usize {
+        self.log.0.lock().unwrap().len()
+    }
+
+    /// Current worker pids (children of the master named `echod: worker N`).
+    pub fn workers(&self) -> Vec<i32> {
+        let w = children_of(self.pid());
+        self.seen_workers.lock().unwrap().extend(&w);
+        w
+    }
+
+    fn note_workers(&self) {
+        let _ = self.workers();
+    }
+
+    /// Waits until exactly `n` worker processes exist.
+    pub fn wait_workers(&self, n: usize, timeout: Duration) -> Vec<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let w = self.workers();
+            if w.len() == n || Instant::now() >= deadline {
+                return w;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Asks for a USR1 snapshot and returns the parsed summary line.
+    pub fn stats(&self) -> HashMap<String, u64> {
+        let skip = self.log_len();
+        self.signal(libc_sig::USR1);
+        let line = self
+            .wait_log_after(skip, "stats: ", Duration::from_secs(5))
+            .expect("no stats line");
+        parse_kv(&line)
+    }
+
+    /// Polls USR1 stats until `pred` holds (counters settle once clients
+    /// have closed and workers flushed); returns the last snapshot.
+    pub fn stats_until(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&HashMap<String, u64>) -> bool,
+    ) -> HashMap<String, u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.stats();
+            if pred(&s) || Instant::now() >= deadline {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for the master to exit; returns its exit code (None on timeout).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Every worker pid this handle has seen that is still alive.
+    pub fn live_seen_workers(&self) -> Vec<i32> {
+        self.seen_workers
+            .lock()
+            .unwrap()
+            .iter()
+            .copied()
+            .filter(|&p| alive(p))
+            .collect()
+    }
+}
+
+impl Drop for Echod {
+    fn drop(&mut self) {
+        let _ = self.workers();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for p in self.seen_workers.lock().unwrap().iter() {
+            kill(*p, 9);
+        }
+    }
+}
+
+/// `key=value` pairs of a log line (numbers only).
+pub fn parse_kv(line: &str) -> HashMap<String, u64> {
+    line.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .filter_map(|(k, v)| {
+            v.trim_end_matches(')')
+                .split('/')
+                .next()?
+                .parse()
+                .ok()
+                .map(|v| (k.trim_start_matches('(').to_string(), v))
+        })
+        .collect()
+}
+
+pub mod libc_sig {
+    pub const HUP: i32 = 1;
+    pub const INT: i32 = 2;
+    pub const QUIT: i32 = 3;
+    pub const KILL: i32 = 9;
+    pub const USR1: i32 = 10;
+    pub const TERM: i32 = 15;
+    pub const CONT: i32 = 18;
+    pub const STOP: i32 = 19;
+    pub const TTIN: i32 = 21;
+    pub const TTOU: i32 = 22;
+}
+
+pub fn kill(pid: i32, sig: i32) {
+    if pid > 0 {
+        if let Ok(sig) = nix::sys::signal::Signal::try_from(sig) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+        }
+    }
+}
+
+pub fn alive(pid: i32) -> bool {
+    // A zombie is not alive for our purposes.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                != Some("Z")
+        })
+        .unwrap_or(false)
+}
+
+/// Direct children of `pid` whose name starts with `echod`.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let rest: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        if rest.first() == Some(&"Z") {
+            continue;
+        }
+        if rest.get(1).and_then(|pp| pp.parse::<i32>().ok()) == Some(pid)
+            && comm.starts_with("echod")
+        {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A fast deterministic byte generator (xorshift), so payloads are random
+/// but reproducible and need no extra crate.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+    /// Random bytes of a random length from 1 to `max`.
+    pub fn payload(&mut self, max: usize) -> Vec<u8> {
+        let n = 1 + self.below(max as u64) as usize;
+        self.bytes(n)
+    }
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        self.fill(&mut v);
+        v
+    }
+}
+
+/// Connects with a timeout and sane per-operation timeouts.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// One round trip: sends `data`, reads the same number of bytes back.
+pub fn round_trip(s: &mut TcpStream, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    s.write_all(data)?;
+    let mut got = vec![0u8; data.len()];
+    s.read_exact(&mut got)?;
+    Ok(got)
+}
+
+/// Streams `len` random bytes (from `seed`) to the server while reading the
+/// echo concurrently, half-closes, reads to EOF. Returns (FNV hash sent,
+/// FNV hash received, bytes received).
+pub fn stream_through(addr: SocketAddr, len: usize, seed: u64) -> (u64, u64, usize) {
+    let s = connect(addr);
+    let mut writer = s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let mut rng = Rng::new(seed);
+        let mut h = Fnv::default();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(buf.len());
+            rng.fill(&mut buf[..n]);
+            h.write(&buf[..n]);
+            writer.write_all(&buf[..n]).expect("send");
+            left -= n;
+        }
+        writer.shutdown(Shutdown::Write).unwrap();
+        h.0
+    });
+    let mut reader = s;
+    let mut h = Fnv::default();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0;
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                h.write(&buf[..n]);
+                got += n;
+            }
+            Err(e) => panic!("receive after {got} bytes: {e}"),
+        }
+    }
+    (sender.join().unwrap(), h.0, got)
+}
+
+/// FNV-1a, 64 bit: a streaming hash to compare payloads too large to keep.
+pub struct Fnv(pub u64);
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+impl Fnv {
+    pub fn write(&mut self, data: &[u8]) {
+        for &b in data {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+}
+
+/// Which worker pid serves each client port: matches the workers' socket
+/// inodes (/proc/PID/fd) with the kernel's TCP table (/proc/net/tcp{,6}).
+pub fn connection_owners(workers: &[i32], server_port: u16) -> HashMap<u16, i32> {
+    let mut inode_owner = HashMap::new();
+    for &w in workers {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{w}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let t = target.to_string_lossy().to_string();
+                if let Some(inode) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                    inode_owner.insert(inode.to_string(), w);
+                }
+            }
+        }
+    }
+    let mut owners = HashMap::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 {
+                continue;
+            }
+            let port = |s: &str| u16::from_str_radix(s.rsplit(':').next().unwrap_or(""), 16).ok();
+            if port(f[1]) != Some(server_port) {
+                continue;
+            }
+            if let (Some(remote), Some(owner)) = (port(f[2]), inode_owner.get(f[9])) {
+                owners.insert(remote, *owner);
+            }
+        }
+    }
+    owners
+}
+
+/// Runs echod with `args` to completion (for config errors); returns
+/// (exit code, stderr, stdout).
+pub fn run_to_exit(args: &[&str], cwd: Option<&Path>) -> (i32, String, String) {
+    let mut cmd = Command::new(ECHOD);
+    cmd.args(args).stdin(Stdio::null());
+    if let Some(d) = cwd {
+        cmd.current_dir(d);
+    }
+    let out = cmd.output().expect("run echod");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into(),
+        String::from_utf8_lossy(&out.stdout).into(),
+    )
+}
