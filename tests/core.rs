@@ -423,3 +423,22 @@ fn a_port_in_use_is_a_clear_error() {
     assert_ne!(code, 0);
     assert!(err.contains(&addr) && err.contains("in use"), "{err}");
 }
+
+#[test]
+fn idle_connections_time_out_and_busy_ones_do_not() {
+    let e = start("idle_timeout = 1\n");
+    let mut idle = connect(e.addr);
+    round_trip(&mut idle, b"once").unwrap();
+    let mut busy = connect(e.addr);
+    let t0 = Instant::now();
+    // The busy client talks every 200 ms for 2.5 s: never idle for 1 s.
+    while t0.elapsed() < Duration::from_millis(2500) {
+        assert_eq!(round_trip(&mut busy, b"ping").unwrap(), b"ping");
+        thread::sleep(Duration::from_millis(200));
+    }
+    let mut buf = [0u8; 8];
+    let n = idle.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the idle connection was closed by the server");
+    let s = e.stats_until(Duration::from_secs(3), |s| s["timeout"] == 1);
+    assert_eq!((s["timeout"], s["closed"]), (1, 1), "{s:?}");
+}

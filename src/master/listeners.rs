@@ -6,9 +6,10 @@
 //! passed by systemd (LISTEN_FDS) are used as they are and survive reloads.
 //!
 //! Per-connection options are set once here, on the listener, because Linux
-//! copies them to every accepted socket: TCP_NODELAY, SO_RCVTIMEO (the idle
-//! timeout) and SO_SNDTIMEO (the write timeout). Workers thus serve a
-//! connection without a single setsockopt.
+//! copies them to every accepted socket: TCP_NODELAY and SO_SNDTIMEO (the
+//! write timeout, which costs nothing until a write actually blocks).
+//! Workers thus serve a connection without a single setsockopt. The idle
+//! timeout is *not* SO_RCVTIMEO: see `worker::pool::ConnSlot` for why.
 
 use std::collections::HashSet;
 use std::io;
@@ -190,7 +191,6 @@ fn bind(addr: SocketAddr, config: &Config) -> io::Result<Socket> {
 /// Options accepted sockets inherit (see the module docs).
 fn configure(socket: &Socket, config: &Config) -> io::Result<()> {
     socket.set_tcp_nodelay(config.tcp_nodelay)?;
-    socket.set_read_timeout(config.idle_timeout.nonzero())?;
     socket.set_write_timeout(config.write_timeout.nonzero())?;
     Ok(())
 }

@@ -8,9 +8,9 @@
 //!
 //! A client that half-closes (shutdown(SHUT_WR)) still gets every byte: each
 //! read is fully written back before the next read, so by the time `read`
-//! returns 0 nothing is owed. Idle and stalled-writer limits come from
-//! SO_RCVTIMEO / SO_SNDTIMEO, which the accepted socket inherited from its
-//! listener: a timed-out read or write fails with WouldBlock.
+//! returns 0 nothing is owed. A client that stops reading is bounded by
+//! SO_SNDTIMEO (inherited from the listener): the stalled write fails with
+//! WouldBlock. An idle client is cut by the worker's tick (`pool::ConnSlot`).
 
 use std::io::{ErrorKind, Read, Write};
 

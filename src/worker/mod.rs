@@ -231,10 +231,17 @@ fn grow(w: &Arc<Worker>) {
     }
 }
 
-/// Heartbeat, gauges and the handlers' coarse clock.
+/// Heartbeat, gauges, idle timeouts and the handlers' coarse clock.
 fn tick(w: &Worker) {
-    w.ticks.fetch_add(1, Ordering::Relaxed);
+    let now = w.ticks.fetch_add(1, Ordering::Relaxed) + 1;
     w.slot.set(Field::Heartbeat, monotonic_ms());
+    if let Some(idle) = w.config.idle_timeout.nonzero() {
+        let idle_ticks = idle.as_millis().div_ceil(TICK.as_millis()).max(1) as u64;
+        let cut = w.open.cut_idle(now, idle_ticks);
+        if cut > 0 {
+            log::debug!("closed {cut} idle connection(s)");
+        }
+    }
     publish_gauges(w);
 }
 

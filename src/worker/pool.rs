@@ -10,11 +10,10 @@
 //! Stacks are small (the echo buffer is on the heap, one per thread, reused)
 //! so thousands of connections cost little memory.
 
-use std::collections::HashSet;
 use std::io;
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -22,7 +21,7 @@ use nix::sys::socket::{Shutdown, shutdown};
 
 use crate::ipc::Notice;
 use crate::worker::Worker;
-use crate::worker::counters::Tally;
+use crate::worker::counters::{Ending, Tally};
 use crate::worker::echo::echo;
 use crate::worker::queue::Pop;
 
@@ -63,20 +62,28 @@ pub fn spawn_handler(worker: &Arc<Worker>) -> io::Result<bool> {
 
 /// A handler thread's life: take a connection, serve it, repeat.
 fn handler(w: Arc<Worker>) {
+    // Throughput work that blocks after every echo: see sys::set_batch_scheduling.
+    if let Err(e) = crate::sys::set_batch_scheduling() {
+        log::debug!("SCHED_BATCH: {e}");
+    }
     let mut buf = vec![0u8; w.config.buffer_size];
     let retire_after = w.config.thread_idle_timeout.nonzero();
+    let slot = w.open.register();
     loop {
         match w.queue.pop(retire_after) {
-            Pop::Item(stream) => serve(&w, stream, &mut buf),
+            Pop::Item(stream) => serve(&w, &slot, stream, &mut buf),
             Pop::TimedOut => {
                 if retire_if_spare(&w) {
-                    return;
+                    break;
                 }
             }
-            Pop::Closed => break,
+            Pop::Closed => {
+                w.threads.fetch_sub(1, Ordering::AcqRel);
+                break;
+            }
         }
     }
-    w.threads.fetch_sub(1, Ordering::AcqRel);
+    w.open.unregister(&slot);
 }
 
 /// Leaves the pool if more than `min_spare_threads` would remain.
@@ -89,22 +96,27 @@ fn retire_if_spare(w: &Worker) -> bool {
 }
 
 /// Serves one connection to its end and records it.
-fn serve(w: &Worker, mut stream: TcpStream, buf: &mut [u8]) {
+fn serve(w: &Worker, slot: &ConnSlot, mut stream: TcpStream, buf: &mut [u8]) {
     let started = Instant::now();
-    let fd = stream.as_raw_fd();
     w.busy.fetch_add(1, Ordering::Relaxed);
-    w.open.insert(fd);
+    let mut seen = w.ticks.load(Ordering::Relaxed);
+    slot.open(stream.as_raw_fd(), seen);
     let mut tally = Tally::default();
-    let mut next_flush = w.ticks.load(Ordering::Relaxed) + FLUSH_TICKS;
+    let mut next_flush = seen + FLUSH_TICKS;
     let ending = echo(&mut stream, buf, w.config.transform, &mut tally, |t| {
+        // One relaxed load per echo; a store only when the tick moved.
         let now = w.ticks.load(Ordering::Relaxed);
-        if now >= next_flush {
-            w.counters.flush(t);
-            next_flush = now + FLUSH_TICKS;
+        if now != seen {
+            seen = now;
+            slot.last_active.store(now, Ordering::Relaxed);
+            if now >= next_flush {
+                w.counters.flush(t);
+                next_flush = now + FLUSH_TICKS;
+            }
         }
     });
-    // Unregister before closing, so a forced close never hits a reused fd.
-    w.open.remove(fd);
+    // Unregister before closing, so a cut never hits a reused fd number.
+    let ending = slot.close().unwrap_or(ending);
     drop(stream);
     w.busy.fetch_sub(1, Ordering::Relaxed);
     w.counters.finish(&mut tally, ending, started.elapsed());
@@ -116,35 +128,88 @@ fn serve(w: &Worker, mut stream: TcpStream, buf: &mut [u8]) {
     }
 }
 
-/// The fds of connections being served, so a drain deadline or fast stop can
-/// cut them: `shutdown(2)` wakes a thread blocked in read or write.
+/// What a handler thread is serving, visible to the receiver's tick: the
+/// fd (to cut it) and when the client last sent something (to time it out).
 ///
-/// Handlers remove their fd under the lock *before* closing it, and cuts
-/// happen under the same lock, so a cut never reaches a reused fd number.
+/// The idle timeout lives here rather than in SO_RCVTIMEO because a
+/// receive timeout makes the kernel arm and cancel a timer every time a
+/// handler blocks in read, once per echoed message; the tick checks every
+/// connection four times a second for the price of a relaxed store per
+/// message.
+#[derive(Default)]
+pub struct ConnSlot {
+    /// The connection's fd, or None when the thread is idle. Locked only at
+    /// connection start and end and by cuts: a cut and a close never race.
+    fd: Mutex<Option<RawFd>>,
+    /// Receiver tick of the client's last bytes.
+    last_active: AtomicU64,
+    /// Why the connection was cut, if it was (the handler reports that
+    /// instead of a clean end).
+    cut_as: Mutex<Option<Ending>>,
+}
+
+impl ConnSlot {
+    fn open(&self, fd: RawFd, tick: u64) {
+        self.last_active.store(tick, Ordering::Relaxed);
+        *lock(&self.cut_as) = None;
+        *lock(&self.fd) = Some(fd);
+    }
+
+    /// Forgets the fd (before it is closed); returns why it was cut, if it
+    /// was.
+    fn close(&self) -> Option<Ending> {
+        *lock(&self.fd) = None;
+        lock(&self.cut_as).take()
+    }
+
+    /// Shuts the connection down, waking its handler; false if idle.
+    fn cut(&self, why: Ending) -> bool {
+        let fd = lock(&self.fd);
+        let Some(fd) = *fd else { return false };
+        *lock(&self.cut_as) = Some(why);
+        let _ = shutdown(fd, Shutdown::Both);
+        true
+    }
+}
+
+/// Every handler thread's slot, so the receiver can time out idle
+/// connections and cut all of them on a drain deadline or fast stop.
 #[derive(Default)]
 pub struct OpenConnections {
-    fds: Mutex<HashSet<RawFd>>,
+    slots: Mutex<Vec<Arc<ConnSlot>>>,
 }
 
 impl OpenConnections {
-    fn insert(&self, fd: RawFd) {
-        self.lock().insert(fd);
+    fn register(&self) -> Arc<ConnSlot> {
+        let slot = Arc::new(ConnSlot::default());
+        lock(&self.slots).push(slot.clone());
+        slot
     }
 
-    fn remove(&self, fd: RawFd) {
-        self.lock().remove(&fd);
+    fn unregister(&self, slot: &Arc<ConnSlot>) {
+        lock(&self.slots).retain(|s| !Arc::ptr_eq(s, slot));
     }
 
     /// Shuts every open connection down; their handlers then finish.
     pub fn cut_all(&self) -> usize {
-        let fds = self.lock();
-        for &fd in fds.iter() {
-            let _ = shutdown(fd, Shutdown::Both);
-        }
-        fds.len()
+        lock(&self.slots)
+            .iter()
+            .filter(|s| s.cut(Ending::Clean))
+            .count()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<RawFd>> {
-        self.fds.lock().unwrap_or_else(|e| e.into_inner())
+    /// Cuts connections whose client sent nothing for `idle_ticks` ticks.
+    pub fn cut_idle(&self, now: u64, idle_ticks: u64) -> usize {
+        lock(&self.slots)
+            .iter()
+            .filter(|s| now.saturating_sub(s.last_active.load(Ordering::Relaxed)) >= idle_ticks)
+            .filter(|s| s.cut(Ending::Timeout))
+            .count()
     }
+}
+
+/// Locks, carrying on past poison: a panicked handler leaves plain data
+/// behind, still consistent.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
