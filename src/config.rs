@@ -72,6 +72,13 @@ pub struct Config {
     /// no progress for this long, so slow readers cannot pin memory and
     /// threads; 0 = never.
     pub write_timeout: Seconds,
+    /// Replace a worker after it has been given this many connections
+    /// (Apache's MaxConnectionsPerChild, gunicorn's max_requests), to bound
+    /// the effect of any slow leak; 0 = never.
+    pub max_connections_per_worker: u64,
+    /// Each worker's limit is raised by a random amount up to this, so
+    /// workers started together do not all recycle at once.
+    pub max_connections_per_worker_jitter: u64,
 }
 
 impl Default for Config {
@@ -92,6 +99,8 @@ impl Default for Config {
             stats_interval: Seconds::from_secs(60),
             idle_timeout: Seconds::from_secs(300),
             write_timeout: Seconds::from_secs(60),
+            max_connections_per_worker: 0,
+            max_connections_per_worker_jitter: 0,
         }
     }
 }
@@ -194,6 +203,12 @@ impl Config {
         }
         range("queue_capacity", self.queue_capacity, 1, 1 << 20)?;
         range("buffer_size", self.buffer_size, 512, 16 << 20)?;
+        if self.max_connections_per_worker == 0 && self.max_connections_per_worker_jitter > 0 {
+            return Err((
+                "max_connections_per_worker_jitter",
+                "has no effect while max_connections_per_worker = 0".to_string(),
+            ));
+        }
         Ok(())
     }
 
@@ -201,9 +216,7 @@ impl Config {
     pub fn worker_count(&self) -> usize {
         match self.workers {
             Workers::Count(n) => n,
-            Workers::Auto => std::thread::available_parallelism()
-                .map_or(1, |n| n.get())
-                .min(MAX_WORKERS),
+            Workers::Auto => std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_WORKERS),
         }
     }
 
@@ -233,12 +246,7 @@ pub struct ConfigError {
 impl ConfigError {
     /// An error about a command-line flag.
     pub fn flag(flag: &str, message: impl Into<String>) -> ConfigError {
-        ConfigError {
-            source: Source::CommandLine,
-            line: None,
-            key: Some(flag.to_string()),
-            message: message.into(),
-        }
+        ConfigError { source: Source::CommandLine, line: None, key: Some(flag.to_string()), message: message.into() }
     }
 }
 
@@ -262,11 +270,7 @@ impl std::error::Error for ConfigError {}
 
 /// 1-based line number of byte offset `at`.
 fn line_number(text: &str, at: usize) -> usize {
-    text[..at.min(text.len())]
-        .bytes()
-        .filter(|&b| b == b'\n')
-        .count()
-        + 1
+    text[..at.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
 }
 
 /// The key assigned on 1-based line `line`, if it is a `key = value` line.
@@ -279,12 +283,7 @@ fn key_on_line(text: &str, line: usize) -> Option<String> {
 
 /// 1-based line where top-level `key` is assigned (the file is flat).
 fn line_of_key(text: &str, key: &str) -> Option<usize> {
-    text.lines()
-        .position(|l| {
-            l.split_once('=')
-                .is_some_and(|(k, _)| k.trim().trim_matches('"') == key)
-        })
-        .map(|i| i + 1)
+    text.lines().position(|l| l.split_once('=').is_some_and(|(k, _)| k.trim().trim_matches('"') == key)).map(|i| i + 1)
 }
 
 /// `workers = "auto"` or a count.
@@ -312,21 +311,13 @@ impl<'de> Deserialize<'de> for Workers {
                 write!(f, "\"auto\" or a number of worker processes")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Workers, E> {
-                if v == "auto" {
-                    Ok(Workers::Auto)
-                } else {
-                    Err(E::invalid_value(de::Unexpected::Str(v), &self))
-                }
+                if v == "auto" { Ok(Workers::Auto) } else { Err(E::invalid_value(de::Unexpected::Str(v), &self)) }
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Workers, E> {
-                usize::try_from(v)
-                    .map(Workers::Count)
-                    .map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
+                usize::try_from(v).map(Workers::Count).map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Workers, E> {
-                usize::try_from(v)
-                    .map(Workers::Count)
-                    .map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &self))
+                usize::try_from(v).map(Workers::Count).map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &self))
             }
         }
         d.deserialize_any(V)
@@ -358,10 +349,7 @@ impl<'de> Deserialize<'de> for LogLevel {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         s.parse().map(LogLevel).map_err(|_| {
-            de::Error::invalid_value(
-                de::Unexpected::Str(&s),
-                &"one of off, error, warn, info, debug, trace",
-            )
+            de::Error::invalid_value(de::Unexpected::Str(&s), &"one of off, error, warn, info, debug, trace")
         })
     }
 }
@@ -454,40 +442,24 @@ mod tests {
     #[test]
     fn unknown_key_names_line_and_key() {
         let e = parse("workers = 2\n\nwrokers = 3\n").unwrap_err();
-        assert_eq!(
-            (e.line, e.key.as_deref()),
-            (Some(3), Some("wrokers")),
-            "{e}"
-        );
+        assert_eq!((e.line, e.key.as_deref()), (Some(3), Some("wrokers")), "{e}");
         assert!(e.to_string().starts_with("t.toml:3: key `wrokers`"), "{e}");
     }
 
     #[test]
     fn wrong_type_names_line_and_key() {
         let e = parse("# c\nbacklog = \"big\"\n").unwrap_err();
-        assert_eq!(
-            (e.line, e.key.as_deref()),
-            (Some(2), Some("backlog")),
-            "{e}"
-        );
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("backlog")), "{e}");
     }
 
     #[test]
     fn out_of_range_names_line_and_key() {
         let e = parse("transform = \"none\"\nworkers = 0\n").unwrap_err();
-        assert_eq!(
-            (e.line, e.key.as_deref()),
-            (Some(2), Some("workers")),
-            "{e}"
-        );
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("workers")), "{e}");
         let e = parse("shutdown_timeout = -1\n").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("shutdown_timeout"), "{e}");
         let e = parse("threads_per_worker = 4\nmin_spare_threads = 8\n").unwrap_err();
-        assert_eq!(
-            (e.line, e.key.as_deref()),
-            (Some(2), Some("min_spare_threads")),
-            "{e}"
-        );
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("min_spare_threads")), "{e}");
     }
 
     #[test]
@@ -498,16 +470,10 @@ mod tests {
 
     #[test]
     fn overrides_beat_the_file_and_are_validated() {
-        let o = Overrides {
-            listen: vec!["127.0.0.1:1".parse().unwrap()],
-            workers: Some(2),
-        };
+        let o = Overrides { listen: vec!["127.0.0.1:1".parse().unwrap()], workers: Some(2) };
         let c = Config::parse("workers = 5", Source::CommandLine, &o).unwrap();
         assert_eq!((c.worker_count(), c.listen.clone()), (2, o.listen.clone()));
-        let bad = Overrides {
-            workers: Some(0),
-            ..Overrides::default()
-        };
+        let bad = Overrides { workers: Some(0), ..Overrides::default() };
         let e = Config::builtin(&bad).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("--workers"));
     }

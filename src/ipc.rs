@@ -16,8 +16,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use nix::sys::socket::{
-    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
-    sendmsg, setsockopt, socketpair, sockopt,
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg, sendmsg, setsockopt,
+    socketpair, sockopt,
 };
 use nix::sys::time::TimeVal;
 
@@ -76,12 +76,7 @@ pub struct Channel {
 impl Channel {
     /// A connected pair: (master end, worker end), both CLOEXEC.
     pub fn pair() -> io::Result<(Channel, Channel)> {
-        let (a, b) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )?;
+        let (a, b) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
         Ok((Channel { fd: a }, Channel { fd: b }))
     }
 
@@ -97,11 +92,7 @@ impl Channel {
     /// Makes blocking receives return [`Received::Idle`] after `every`, so
     /// the worker's receiver can tick its heartbeat while nothing arrives.
     pub fn set_receive_timeout(&self, every: Duration) -> io::Result<()> {
-        setsockopt(
-            &self.fd,
-            sockopt::ReceiveTimeout,
-            &TimeVal::new(every.as_secs() as _, every.subsec_micros() as _),
-        )?;
+        setsockopt(&self.fd, sockopt::ReceiveTimeout, &TimeVal::new(every.as_secs() as _, every.subsec_micros() as _))?;
         Ok(())
     }
 
@@ -147,13 +138,8 @@ impl Channel {
     fn send(&self, payload: &[u8], cmsgs: &[ControlMessage]) -> io::Result<()> {
         let iov = [IoSlice::new(payload)];
         loop {
-            match sendmsg::<()>(
-                self.fd.as_raw_fd(),
-                &iov,
-                cmsgs,
-                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
-                None,
-            ) {
+            match sendmsg::<()>(self.fd.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL, None)
+            {
                 Ok(_) => return Ok(()),
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(e.into()),
@@ -167,12 +153,7 @@ impl Channel {
         let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
         let mut iov = [IoSliceMut::new(&mut payload)];
         let msg = loop {
-            match recvmsg::<()>(
-                self.fd.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg_space),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
+            match recvmsg::<()>(self.fd.as_raw_fd(), &mut iov, Some(&mut cmsg_space), MsgFlags::MSG_CMSG_CLOEXEC) {
                 Ok(msg) => break msg,
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(nix::errno::Errno::EAGAIN) => return Ok(Received::Idle),
@@ -196,24 +177,17 @@ impl Channel {
             // Happens when this process is out of fds (EMFILE): the kernel
             // drops the connections it could not install. The master sizes
             // capacity from RLIMIT_NOFILE so this should not occur.
-            log::error!(
-                "channel: control data truncated: some connections were lost (out of file descriptors?)"
-            );
+            log::error!("channel: control data truncated: some connections were lost (out of file descriptors?)");
         }
         let command = match payload[0] {
             TAG_SERVE => Command::Serve(fds),
             TAG_DRAIN if len >= 9 => {
                 let ms = u64::from_le_bytes(payload[1..9].try_into().unwrap_or_default());
-                Command::Drain {
-                    timeout: Duration::from_millis(ms),
-                }
+                Command::Drain { timeout: Duration::from_millis(ms) }
             }
             TAG_QUIT => Command::Quit,
             tag => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("unknown command tag {tag}"),
-                ));
+                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("unknown command tag {tag}")));
             }
         };
         Ok(Received::Command(command))
@@ -236,10 +210,7 @@ impl Channel {
             (0, _) => Err(io::ErrorKind::UnexpectedEof.into()),
             (_, TAG_READY) => Ok(Some(Notice::Ready)),
             (_, TAG_SLOT_FREED) => Ok(Some(Notice::SlotFreed)),
-            (_, tag) => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("unknown notice tag {tag}"),
-            )),
+            (_, tag) => Err(io::Error::new(io::ErrorKind::InvalidData, format!("unknown notice tag {tag}"))),
         }
     }
 }
@@ -265,15 +236,11 @@ mod tests {
     #[test]
     fn fds_and_commands_cross_the_channel() {
         let (master, worker) = Channel::pair().unwrap();
-        worker
-            .set_receive_timeout(Duration::from_millis(50))
-            .unwrap();
+        worker.set_receive_timeout(Duration::from_millis(50)).unwrap();
         let (mut a, b) = UnixStream::pair().unwrap();
         master.send_serve(&[b.as_fd()]).unwrap();
         drop(b); // the master closes its copy after sending
-        let Received::Command(Command::Serve(fds)) = worker.recv_command().unwrap() else {
-            panic!("no Serve")
-        };
+        let Received::Command(Command::Serve(fds)) = worker.recv_command().unwrap() else { panic!("no Serve") };
         assert_eq!(fds.len(), 1);
         let mut passed = UnixStream::from(fds.into_iter().next().unwrap());
         passed.write_all(b"hi").unwrap();
@@ -281,11 +248,7 @@ mod tests {
         a.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"hi");
 
-        master
-            .send_command(&Command::Drain {
-                timeout: Duration::from_millis(1500),
-            })
-            .unwrap();
+        master.send_command(&Command::Drain { timeout: Duration::from_millis(1500) }).unwrap();
         match worker.recv_command().unwrap() {
             Received::Command(Command::Drain { timeout }) => {
                 assert_eq!(timeout, Duration::from_millis(1500))

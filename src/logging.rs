@@ -46,27 +46,12 @@ pub fn init(level: LevelFilter) {
             _ => role,
         };
         if journal {
-            writeln!(
-                buf,
-                "<{}>[{who}] {}",
-                syslog_priority(record.level()),
-                record.args()
-            )
+            writeln!(buf, "<{}>[{who}] {}", syslog_priority(record.level()), record.args())
         } else {
-            writeln!(
-                buf,
-                "{} {:<5} [{who}] {}",
-                buf.timestamp_millis(),
-                record.level(),
-                record.args()
-            )
+            writeln!(buf, "{} {:<5} [{who}] {}", buf.timestamp_millis(), record.level(), record.args())
         }
     });
-    builder.write_style(if journal {
-        env_logger::WriteStyle::Never
-    } else {
-        env_logger::WriteStyle::Auto
-    });
+    builder.write_style(if journal { env_logger::WriteStyle::Never } else { env_logger::WriteStyle::Auto });
     if builder.try_init().is_ok() && !rust_log_set() {
         log::set_max_level(level);
     }

@@ -19,20 +19,13 @@ impl Default for RateLimited {
 
 impl RateLimited {
     pub fn every(every: Duration) -> RateLimited {
-        RateLimited {
-            every,
-            last: None,
-            suppressed: 0,
-        }
+        RateLimited { every, last: None, suppressed: 0 }
     }
 
     /// `Some(n)` if a line may be logged now, `n` being how many were held
     /// back since the last one; `None` (and one more held back) otherwise.
     pub fn allow(&mut self, now: Instant) -> Option<u64> {
-        if self
-            .last
-            .is_some_and(|t| now.duration_since(t) < self.every)
-        {
+        if self.last.is_some_and(|t| now.duration_since(t) < self.every) {
             self.suppressed += 1;
             return None;
         }
@@ -42,11 +35,7 @@ impl RateLimited {
 
     /// Text to append to the logged line.
     pub fn suffix(suppressed: u64) -> String {
-        if suppressed == 0 {
-            String::new()
-        } else {
-            format!(" ({suppressed} similar message(s) suppressed)")
-        }
+        if suppressed == 0 { String::new() } else { format!(" ({suppressed} similar message(s) suppressed)") }
     }
 }
 

@@ -23,17 +23,7 @@ const STRIDE: usize = 32;
 /// Upper bounds (seconds) of the connection-duration histogram buckets; the
 /// last bucket is +Inf. Spread for an echo server: sub-millisecond churn up
 /// to connections held for hours.
-pub const DURATION_BUCKETS: [f64; 9] = [
-    0.001,
-    0.01,
-    0.1,
-    1.0,
-    10.0,
-    60.0,
-    600.0,
-    3600.0,
-    f64::INFINITY,
-];
+pub const DURATION_BUCKETS: [f64; 9] = [0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0, f64::INFINITY];
 
 /// The words of a worker slot. Writers: R = receiver thread, C = under the
 /// worker's counters lock, T = the receiver's 250 ms tick, M = master.
@@ -99,9 +89,7 @@ impl Scoreboard {
     pub fn slot(&self, i: usize) -> Slot {
         assert!(i < self.slots, "scoreboard slot {i} out of range");
         let start = (i + 1) * STRIDE;
-        Slot {
-            words: &self.words[start..start + STRIDE],
-        }
+        Slot { words: &self.words[start..start + STRIDE] }
     }
 
     /// Master: accepting is paused for lack of capacity; workers should send
@@ -237,8 +225,7 @@ mod tests {
     fn slots_are_separate() {
         let sb = Scoreboard::new(4).unwrap();
         sb.slot(1).set(Field::BytesIn, 7);
-        sb.slot(1)
-            .set_duration_bucket(DURATION_BUCKETS.len() - 1, 3);
+        sb.slot(1).set_duration_bucket(DURATION_BUCKETS.len() - 1, 3);
         assert_eq!(sb.slot(0).get(Field::BytesIn), 0);
         assert_eq!(sb.slot(2).snapshot(), SlotStats::default());
         let s = sb.slot(1).snapshot();

@@ -129,11 +129,6 @@ impl Snapshot {
 
     /// systemd's STATUS= one-liner.
     pub fn status(&self) -> String {
-        format!(
-            "{} workers, {} active connections, {} accepted",
-            self.serving(),
-            self.active,
-            self.accepted
-        )
+        format!("{} workers, {} active connections, {} accepted", self.serving(), self.active, self.accepted)
     }
 }

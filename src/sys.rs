@@ -63,14 +63,8 @@ pub fn shared_zeroed<T: SharedAtomic>(len: usize) -> io::Result<&'static [T]> {
     // SAFETY: an anonymous mapping has no file behind it; the kernel returns
     // page-aligned (so suitably aligned for T), zero-filled memory of the
     // requested size, or an error.
-    let ptr = unsafe {
-        mmap_anonymous(
-            None,
-            bytes,
-            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-            MapFlags::MAP_SHARED,
-        )
-    }?;
+    let ptr =
+        unsafe { mmap_anonymous(None, bytes, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED) }?;
     // SAFETY: the region is `len * size_of::<T>()` bytes, aligned and zeroed;
     // zero is a valid value of every SharedAtomic type; the mapping is never
     // unmapped so the lifetime is 'static; atomics make concurrent access from
@@ -128,19 +122,8 @@ pub fn close_fds_from(first: RawFd) -> io::Result<()> {
     // child that owned them (inherited copies of the master's state) are
     // never used or dropped afterwards: the worker entry point never returns
     // and exits with `process::exit`, which runs no destructors.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            first as libc::c_uint,
-            libc::c_uint::MAX,
-            0,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, first as libc::c_uint, libc::c_uint::MAX, 0) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 /// Moves `fd` to number `target` (dup2 + close of the old number), keeping
@@ -168,14 +151,7 @@ pub fn move_fd(fd: OwnedFd, target: RawFd) -> io::Result<OwnedFd> {
 /// The argv strings live in a writable region the kernel reports in
 /// /proc/self/stat (`arg_start`, `arg_end`). The title is truncated to fit.
 pub fn set_process_title(title: &str) {
-    if let Ok(name) = std::ffi::CString::new(
-        title
-            .as_bytes()
-            .iter()
-            .take(15)
-            .copied()
-            .collect::<Vec<u8>>(),
-    ) {
+    if let Ok(name) = std::ffi::CString::new(title.as_bytes().iter().take(15).copied().collect::<Vec<u8>>()) {
         let _ = nix::sys::prctl::set_name(&name);
     }
     let Some((start, end)) = argv_area() else {
@@ -219,9 +195,5 @@ pub fn set_batch_scheduling() -> io::Result<()> {
     // SAFETY: pid 0 means the calling thread; `param` is a valid, initialised
     // sched_param that outlives the call; the kernel only reads it.
     let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }

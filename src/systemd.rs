@@ -25,9 +25,7 @@ pub struct Notifier {
 impl Notifier {
     pub fn from_env() -> Notifier {
         let enabled = std::env::var_os("NOTIFY_SOCKET").is_some();
-        let watchdog_every = sd_notify::watchdog_enabled()
-            .filter(|_| enabled)
-            .map(|d| d / 2);
+        let watchdog_every = sd_notify::watchdog_enabled().filter(|_| enabled).map(|d| d / 2);
         Notifier {
             enabled,
             watchdog_every,

@@ -16,32 +16,15 @@ use common::*;
 #[test]
 fn payloads_from_one_byte_to_64_mib_come_back_identical() {
     let e = start("");
-    let sizes = [
-        1usize,
-        2,
-        63,
-        64,
-        4095,
-        4096,
-        65_537,
-        (1 << 20) + 3,
-        16 << 20,
-        64 << 20,
-    ];
+    let sizes = [1usize, 2, 63, 64, 4095, 4096, 65_537, (1 << 20) + 3, 16 << 20, 64 << 20];
     for (i, &size) in sizes.iter().enumerate() {
         let (sent, received, n) = stream_through(e.addr, size, i as u64 + 1);
         assert_eq!(n, size, "size {size}: got {n} bytes back");
         assert_eq!(sent, received, "size {size}: payload differs");
     }
-    let s = e.stats_until(Duration::from_secs(5), |s| {
-        s["closed"] == sizes.len() as u64
-    });
+    let s = e.stats_until(Duration::from_secs(5), |s| s["closed"] == sizes.len() as u64);
     let total: u64 = sizes.iter().map(|&s| s as u64).sum();
-    assert_eq!(
-        (s["bytes_in"], s["bytes_out"]),
-        (total, total),
-        "byte totals"
-    );
+    assert_eq!((s["bytes_in"], s["bytes_out"]), (total, total), "byte totals");
 }
 
 #[test]
@@ -114,17 +97,8 @@ fn ipv6_loopback_is_served() {
         return;
     }
     let e = start("listen = [\"[::1]:0\", \"127.0.0.1:0\"]\n");
-    let line = e
-        .log_lines()
-        .into_iter()
-        .find(|l| l.contains("listening on [::1]"))
-        .expect("v6 listener");
-    let addr = line
-        .rsplit("listening on ")
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let line = e.log_lines().into_iter().find(|l| l.contains("listening on [::1]")).expect("v6 listener");
+    let addr = line.rsplit("listening on ").next().unwrap().parse().unwrap();
     let mut s = connect(addr);
     assert_eq!(round_trip(&mut s, b"six").unwrap(), b"six");
 }
@@ -150,10 +124,7 @@ fn workers_are_named_children_and_logs_say_who_wrote() {
     round_trip(&mut s, b"x").unwrap();
     drop(s);
     e.signal(libc_sig::TERM);
-    assert!(
-        e.wait_log("[worker-", Duration::from_secs(5)).is_some(),
-        "no worker-tagged line"
-    );
+    assert!(e.wait_log("[worker-", Duration::from_secs(5)).is_some(), "no worker-tagged line");
 }
 
 #[test]
@@ -187,47 +158,25 @@ fn killed_worker_hurts_only_its_own_clients_and_is_respawned() {
     }
     thread::sleep(Duration::from_millis(300));
     let owners = connection_owners(&workers, e.addr.port());
-    assert_eq!(
-        owners.len(),
-        20,
-        "every client mapped to a worker: {owners:?}"
-    );
+    assert_eq!(owners.len(), 20, "every client mapped to a worker: {owners:?}");
     let victim = workers[0];
-    let victims: Vec<u16> = owners
-        .iter()
-        .filter(|(_, w)| **w == victim)
-        .map(|(p, _)| *p)
-        .collect();
-    assert!(
-        !victims.is_empty() && victims.len() < 20,
-        "least-loaded dispatch spreads clients: {owners:?}"
-    );
+    let victims: Vec<u16> = owners.iter().filter(|(_, w)| **w == victim).map(|(p, _)| *p).collect();
+    assert!(!victims.is_empty() && victims.len() < 20, "least-loaded dispatch spreads clients: {owners:?}");
     kill(victim, libc_sig::KILL);
     thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     for (port, h) in clients {
         let r = h.join().unwrap();
         if victims.contains(&port) {
-            assert!(
-                r.is_err(),
-                "client on the killed worker cannot have survived"
-            );
+            assert!(r.is_err(), "client on the killed worker cannot have survived");
         } else {
-            let rounds = r.unwrap_or_else(|err| {
-                panic!("client {port} on the surviving worker failed: {err}")
-            });
+            let rounds = r.unwrap_or_else(|err| panic!("client {port} on the surviving worker failed: {err}"));
             assert!(rounds > 0);
         }
     }
-    assert!(
-        e.wait_log("died unexpectedly", Duration::from_secs(5))
-            .is_some()
-    );
+    assert!(e.wait_log("died unexpectedly", Duration::from_secs(5)).is_some());
     let now = e.wait_workers(2, Duration::from_secs(5));
-    assert!(
-        now.len() == 2 && !now.contains(&victim),
-        "respawned: {now:?}"
-    );
+    assert!(now.len() == 2 && !now.contains(&victim), "respawned: {now:?}");
     // New connections are served by both, including the new worker.
     let mut served_by = std::collections::HashSet::new();
     let conns: Vec<_> = (0..10).map(|_| connect(e.addr)).collect();
@@ -238,11 +187,7 @@ fn killed_worker_hurts_only_its_own_clients_and_is_respawned() {
     }
     let owners = connection_owners(&now, e.addr.port());
     served_by.extend(owners.values().copied());
-    assert_eq!(
-        served_by.len(),
-        2,
-        "both workers serve new connections: {owners:?}"
-    );
+    assert_eq!(served_by.len(), 2, "both workers serve new connections: {owners:?}");
 }
 
 #[test]
@@ -254,24 +199,16 @@ fn term_with_clients_connected_exits_within_shutdown_timeout() {
     round_trip(&mut busy, b"before").unwrap();
     let t0 = Instant::now();
     e.signal(libc_sig::TERM);
-    assert!(
-        e.wait_log("graceful stop", Duration::from_secs(2))
-            .is_some()
-    );
+    assert!(e.wait_log("graceful stop", Duration::from_secs(2)).is_some());
     // Connections keep being served until the deadline...
     thread::sleep(Duration::from_millis(300));
     assert_eq!(round_trip(&mut busy, b"during").unwrap(), b"during");
     // ...but new ones are refused (the listener is closed).
     assert!(std::net::TcpStream::connect_timeout(&e.addr, Duration::from_secs(1)).is_err());
-    let code = e
-        .wait_exit(Duration::from_secs(6))
-        .expect("master did not exit");
+    let code = e.wait_exit(Duration::from_secs(6)).expect("master did not exit");
     let took = t0.elapsed();
     assert_eq!(code, 0);
-    assert!(
-        took >= Duration::from_millis(1900),
-        "exited before the deadline with clients connected: {took:?}"
-    );
+    assert!(took >= Duration::from_millis(1900), "exited before the deadline with clients connected: {took:?}");
     assert!(took < Duration::from_secs(5), "took {took:?}");
     for w in workers {
         assert!(!alive(w), "worker {w} left behind");
@@ -309,37 +246,12 @@ fn sigkill_of_the_master_leaves_no_worker_behind() {
 fn each_kind_of_bad_config_exits_78_naming_file_line_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
-        (
-            "unknown key",
-            "workers = 2\nwrokers = 3\n",
-            "wrokers",
-            Some(2),
-        ),
+        ("unknown key", "workers = 2\nwrokers = 3\n", "wrokers", Some(2)),
         ("wrong type", "backlog = \"lots\"\n", "backlog", Some(1)),
-        (
-            "out of range",
-            "# comment\nworkers = 0\n",
-            "workers",
-            Some(2),
-        ),
-        (
-            "bad address",
-            "listen = [\"localhost\"]\n",
-            "listen",
-            Some(1),
-        ),
-        (
-            "negative duration",
-            "shutdown_timeout = -3\n",
-            "shutdown_timeout",
-            Some(1),
-        ),
-        (
-            "inconsistent",
-            "threads_per_worker = 2\nmin_spare_threads = 4\n",
-            "min_spare_threads",
-            Some(2),
-        ),
+        ("out of range", "# comment\nworkers = 0\n", "workers", Some(2)),
+        ("bad address", "listen = [\"localhost\"]\n", "listen", Some(1)),
+        ("negative duration", "shutdown_timeout = -3\n", "shutdown_timeout", Some(1)),
+        ("inconsistent", "threads_per_worker = 2\nmin_spare_threads = 4\n", "min_spare_threads", Some(2)),
         ("bad enum", "transform = \"rot13\"\n", "transform", Some(1)),
         ("syntax", "workers = [\n", "workers", Some(1)),
     ];
@@ -355,15 +267,9 @@ fn each_kind_of_bad_config_exits_78_naming_file_line_and_key() {
             assert!(err.contains(p), "{what}: no file name: {err}");
             assert!(err.contains(&format!("`{key}`")), "{what}: no key: {err}");
             if let Some(l) = line {
-                assert!(
-                    err.contains(&format!("{p}:{l}:")),
-                    "{what}: no line {l}: {err}"
-                );
+                assert!(err.contains(&format!("{p}:{l}:")), "{what}: no line {l}: {err}");
             }
-            assert!(
-                !err.contains("listening on"),
-                "{what}: started anyway: {err}"
-            );
+            assert!(!err.contains("listening on"), "{what}: started anyway: {err}");
         }
     }
     for (args, flag) in [
@@ -371,10 +277,7 @@ fn each_kind_of_bad_config_exits_78_naming_file_line_and_key() {
         (vec!["--workers", "zero"], "--workers"),
         (vec!["--workers", "0"], "--workers"),
         (vec!["--frobnicate"], "--frobnicate"),
-        (
-            vec!["--config", "/nonexistent/echod.toml"],
-            "/nonexistent/echod.toml",
-        ),
+        (vec!["--config", "/nonexistent/echod.toml"], "/nonexistent/echod.toml"),
     ] {
         let (code, err, _) = run_to_exit(&args, None);
         assert_eq!(code, 78, "{args:?}: {err}");
@@ -388,28 +291,16 @@ fn check_config_prints_the_effective_config_and_version_help_exit_0() {
     std::fs::create_dir(dir.path().join("config")).unwrap();
     std::fs::write(dir.path().join("config/echod.toml"), "workers = 7\n").unwrap();
     // Without --config the bundled path is used; flags win over the file.
-    let (code, out_err, out) = run_to_exit(
-        &["--check-config", "--listen", "127.0.0.1:9"],
-        Some(dir.path()),
-    );
+    let (code, out_err, out) = run_to_exit(&["--check-config", "--listen", "127.0.0.1:9"], Some(dir.path()));
     assert_eq!(code, 0, "{out_err}");
-    assert!(
-        out.contains("workers = 7") && out.contains("127.0.0.1:9"),
-        "{out}"
-    );
+    assert!(out.contains("workers = 7") && out.contains("127.0.0.1:9"), "{out}");
     assert!(out.contains("config/echod.toml"), "{out}");
     let (code, _, out) = run_to_exit(&["--version"], None);
     assert_eq!(code, 0);
     assert!(out.contains(env!("CARGO_PKG_VERSION")));
     let (code, _, out) = run_to_exit(&["--help"], None);
     assert_eq!(code, 0);
-    for flag in [
-        "--config",
-        "--listen",
-        "--workers",
-        "--check-config",
-        "--version",
-    ] {
+    for flag in ["--config", "--listen", "--workers", "--check-config", "--version"] {
         assert!(out.contains(flag), "{flag} missing from --help");
     }
 }

@@ -38,11 +38,7 @@ fn main() -> ExitCode {
         Err(e) => {
             use clap::error::ErrorKind::{DisplayHelp, DisplayVersion};
             let _ = e.print();
-            return if matches!(e.kind(), DisplayHelp | DisplayVersion) {
-                ExitCode::SUCCESS
-            } else {
-                exit(EX_CONFIG)
-            };
+            return if matches!(e.kind(), DisplayHelp | DisplayVersion) { ExitCode::SUCCESS } else { exit(EX_CONFIG) };
         }
     };
     let (config, source) = match load(&cli) {
@@ -53,16 +49,8 @@ fn main() -> ExitCode {
         }
     };
     if cli.check_config {
-        let from = source
-            .as_deref()
-            .map_or("built-in defaults".into(), |p: &Path| {
-                p.display().to_string()
-            });
-        println!(
-            "# echod {}: configuration OK ({from})\n{}",
-            env!("CARGO_PKG_VERSION"),
-            config.to_toml()
-        );
+        let from = source.as_deref().map_or("built-in defaults".into(), |p: &Path| p.display().to_string());
+        println!("# echod {}: configuration OK ({from})\n{}", env!("CARGO_PKG_VERSION"), config.to_toml());
         return ExitCode::SUCCESS;
     }
     logging::init(config.log_level.0);
@@ -95,12 +83,8 @@ fn overrides(cli: &Cli) -> Result<Overrides, ConfigError> {
         .listen
         .iter()
         .map(|a| {
-            a.parse::<SocketAddr>().map_err(|_| {
-                ConfigError::flag(
-                    "--listen",
-                    format!("`{a}` is not IP:PORT (IPv6 as [::1]:7)"),
-                )
-            })
+            a.parse::<SocketAddr>()
+                .map_err(|_| ConfigError::flag("--listen", format!("`{a}` is not IP:PORT (IPv6 as [::1]:7)")))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let workers = cli
@@ -108,9 +92,7 @@ fn overrides(cli: &Cli) -> Result<Overrides, ConfigError> {
         .as_deref()
         .map(|w| match w {
             "auto" => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
-            n => n
-                .parse::<usize>()
-                .map_err(|_| ConfigError::flag("--workers", format!("`{n}` is not a number"))),
+            n => n.parse::<usize>().map_err(|_| ConfigError::flag("--workers", format!("`{n}` is not a number"))),
         })
         .transpose()?;
     Ok(Overrides { listen, workers })
@@ -120,11 +102,7 @@ fn overrides(cli: &Cli) -> Result<Overrides, ConfigError> {
 /// built-in defaults; the flags on top.
 fn load(cli: &Cli) -> Result<(Config, Option<PathBuf>), ConfigError> {
     let overrides = overrides(cli)?;
-    let path = cli.config.clone().or_else(|| {
-        Path::new(DEFAULT_PATH)
-            .exists()
-            .then(|| DEFAULT_PATH.into())
-    });
+    let path = cli.config.clone().or_else(|| Path::new(DEFAULT_PATH).exists().then(|| DEFAULT_PATH.into()));
     match path {
         Some(p) => Ok((Config::load(&p, &overrides)?, Some(p))),
         None => Ok((Config::builtin(&overrides)?, None)),

@@ -185,7 +185,7 @@ impl Dispatcher {
         for k in 0..n {
             let i = (self.rr + k) % n;
             let w = &sup.workers[i];
-            if w.phase != Phase::Serving || w.congested || w.hung {
+            if !takes_connections(w) {
                 continue;
             }
             let load = load_of(w, sup);
@@ -236,13 +236,16 @@ impl Dispatcher {
     }
 
     fn has_room(&self, sup: &Supervisor) -> Option<usize> {
-        sup.workers.iter().position(|w| {
-            w.phase == Phase::Serving
-                && !w.congested
-                && !w.hung
-                && load_of(w, sup) < w.capacity as u64
-        })
+        sup.workers.iter().position(|w| takes_connections(w) && load_of(w, sup) < w.capacity as u64)
     }
+}
+
+/// Whether a worker may be given connections at all (load aside).
+fn takes_connections(w: &WorkerHandle) -> bool {
+    w.phase == Phase::Serving
+        && !w.congested
+        && !w.hung
+        && w.recycle_after.is_none_or(|n| w.dispatched + (w.outbox.len() as u64) < n)
 }
 
 /// Connections a worker holds or will hold: sent and not finished, plus its
@@ -269,11 +272,7 @@ fn send_outbox(w: &mut WorkerHandle, stash: &mut Vec<OwnedFd>, log_limit: &mut R
                 if e.kind() == ErrorKind::WouldBlock {
                     w.congested = true;
                 } else if let Some(s) = log_limit.allow(Instant::now()) {
-                    log::warn!(
-                        "worker {}: cannot send connections: {e}{}",
-                        w.id,
-                        RateLimited::suffix(s)
-                    );
+                    log::warn!("worker {}: cannot send connections: {e}{}", w.id, RateLimited::suffix(s));
                     w.congested = true;
                 }
                 break;
@@ -286,10 +285,7 @@ fn send_outbox(w: &mut WorkerHandle, stash: &mut Vec<OwnedFd>, log_limit: &mut R
 }
 
 fn is_fd_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
 }
 
 /// Errors about one connection, not the listener (accept(2) lists them).

@@ -11,7 +11,6 @@
 //! Workers thus serve a connection without a single setsockopt. The idle
 //! timeout is *not* SO_RCVTIMEO: see `worker::pool::ConnSlot` for why.
 
-use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -73,13 +72,7 @@ impl Listeners {
             .local_addr()?
             .as_socket()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an IP socket"))?;
-        self.list.push(Listener {
-            id: self.next_id,
-            configured,
-            addr,
-            socket,
-            ready: true,
-        });
+        self.list.push(Listener { id: self.next_id, configured, addr, socket, ready: true });
         self.next_id += 1;
         Ok(())
     }
@@ -126,29 +119,24 @@ impl Listeners {
     /// no longer listed, re-applies options and backlog on the rest. All or
     /// nothing: if one new address cannot be bound, nothing changes.
     /// Systemd's sockets are kept as they are.
-    pub fn reconcile(
-        &mut self,
-        config: &Config,
-        registry: &Registry,
-    ) -> Result<(), (SocketAddr, io::Error)> {
-        let wanted: HashSet<SocketAddr> = config.listen.iter().copied().collect();
-        let have: HashSet<SocketAddr> = self.list.iter().filter_map(|l| l.configured).collect();
+    pub fn reconcile(&mut self, config: &Config, registry: &Registry) -> Result<(), (SocketAddr, io::Error)> {
+        // An address names an existing listener if it is what that listener
+        // was configured with or what it is bound to (`:0` became a port).
+        let names = |l: &Listener, a: &SocketAddr| l.configured == Some(*a) || l.addr == *a;
         let mut fresh = Vec::new();
-        for &addr in config.listen.iter().filter(|a| !have.contains(a)) {
+        for &addr in config.listen.iter().filter(|a| !self.list.iter().any(|l| names(l, a))) {
             fresh.push((addr, bind(addr, config).map_err(|e| (addr, e))?));
         }
         for l in &self.list {
             configure(&l.socket, config).map_err(|e| (l.addr, e))?;
             if l.configured.is_some() {
-                l.socket
-                    .listen(config.backlog as i32)
-                    .map_err(|e| (l.addr, e))?;
+                l.socket.listen(config.backlog as i32).map_err(|e| (l.addr, e))?;
             }
         }
         // Sockets from systemd (configured = None) always stay.
         let (keep, gone): (Vec<Listener>, Vec<Listener>) = std::mem::take(&mut self.list)
             .into_iter()
-            .partition(|l| l.configured.is_none_or(|a| wanted.contains(&a)));
+            .partition(|l| l.configured.is_none() || config.listen.iter().any(|a| names(l, a)));
         self.list = keep;
         for l in gone {
             log::info!("no longer listening on {}", l.addr);
@@ -166,11 +154,7 @@ impl Listeners {
 }
 
 fn register(l: &Listener, registry: &Registry) -> io::Result<()> {
-    registry.register(
-        &mut SourceFd(&l.socket.as_raw_fd()),
-        Listeners::token(l),
-        Interest::READABLE,
-    )
+    registry.register(&mut SourceFd(&l.socket.as_raw_fd()), Listeners::token(l), Interest::READABLE)
 }
 
 /// Creates, configures, binds and listens on one address.

@@ -127,35 +127,23 @@ pub struct Master {
 impl Master {
     /// Binds (or adopts) the listeners and sets up the loop. Starts no worker
     /// yet: that is the loop's first step.
-    pub fn new(
-        config: Config,
-        source: Option<PathBuf>,
-        overrides: Overrides,
-    ) -> Result<Master, StartError> {
+    pub fn new(config: Config, source: Option<PathBuf>, overrides: Overrides) -> Result<Master, StartError> {
         let fd_limit = limits::raise_nofile();
         let capacity = limits::worker_capacity(&config, fd_limit);
         let activated = systemd::listen_fds()?;
         let listeners = if activated.is_empty() {
-            Listeners::bind(&config)
-                .map_err(|(addr, e)| StartError::Listen(format!("cannot listen on {addr}: {e}")))?
+            Listeners::bind(&config).map_err(|(addr, e)| StartError::Listen(format!("cannot listen on {addr}: {e}")))?
         } else {
             let names: Vec<String> = activated.iter().map(|a| a.name.clone()).collect();
-            log::info!(
-                "using {} socket(s) passed by systemd ({})",
-                names.len(),
-                names.join(", ")
-            );
+            log::info!("using {} socket(s) passed by systemd ({})", names.len(), names.join(", "));
             Listeners::adopt(activated.into_iter().map(|a| a.fd).collect(), &config)?
         };
         if listeners.is_empty() {
-            return Err(StartError::Listen(
-                "nothing to listen on: `listen` is empty".into(),
-            ));
+            return Err(StartError::Listen("nothing to listen on: `listen` is empty".into()));
         }
         let poll = Poll::new()?;
         let mut signals = Signals::new(signals::HANDLED)?;
-        poll.registry()
-            .register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
+        poll.registry().register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
         listeners.register(poll.registry())?;
         for addr in listeners.addrs() {
             log::info!("listening on {addr}");
@@ -194,9 +182,7 @@ impl Master {
         );
         loop {
             let now = Instant::now();
-            let timeout = self
-                .next_deadline(now)
-                .map(|d| d.saturating_duration_since(now));
+            let timeout = self.next_deadline(now).map(|d| d.saturating_duration_since(now));
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -206,25 +192,17 @@ impl Master {
                 let token = event.token().0;
                 if event.token() == SIGNAL_TOKEN {
                     let pending: Vec<i32> = self.signals.pending().collect();
-                    pending
-                        .into_iter()
-                        .filter_map(Signal::from_raw)
-                        .for_each(|s| self.on_signal(s));
+                    pending.into_iter().filter_map(Signal::from_raw).for_each(|s| self.on_signal(s));
                 } else if token >= LISTENER_TOKEN_BASE {
                     self.listeners.mark_ready(event.token());
                 } else if token >= WORKER_TOKEN_BASE {
-                    self.on_channel(
-                        token - WORKER_TOKEN_BASE,
-                        event.is_readable(),
-                        event.is_writable(),
-                    );
+                    self.on_channel(token - WORKER_TOKEN_BASE, event.is_readable(), event.is_writable());
                 }
             }
             let now = Instant::now();
             self.on_timers(now);
             if self.stopping.is_none() {
-                self.sup
-                    .reconcile(&self.config, self.capacity, self.poll.registry(), now);
+                self.sup.reconcile(&self.config, self.capacity, self.poll.registry(), now);
                 self.disp.run(&mut self.listeners, &mut self.sup, now);
                 self.announce_ready();
             } else if self.sup.workers.is_empty() {
@@ -269,10 +247,7 @@ impl Master {
                 Ok(WaitStatus::StillAlive) => return,
                 Ok(status) => {
                     let stopping = self.stopping.is_some();
-                    if let Some(w) =
-                        self.sup
-                            .on_exit(status, self.poll.registry(), stopping, Instant::now())
-                    {
+                    if let Some(w) = self.sup.on_exit(status, self.poll.registry(), stopping, Instant::now()) {
                         // Fds picked for it but never sent go to the others.
                         self.disp.restash(w.outbox);
                     }
@@ -322,11 +297,7 @@ impl Master {
         if self.ready_owed && self.sup.all_ready() {
             self.ready_owed = false;
             let snap = Snapshot::take(&self.sup, &self.disp);
-            log::info!(
-                "ready: {} worker(s) serving on {:?}",
-                snap.serving(),
-                self.listeners.addrs()
-            );
+            log::info!("ready: {} worker(s) serving on {:?}", snap.serving(), self.listeners.addrs());
             self.notify.ready(&snap.status());
         }
     }
@@ -375,9 +346,7 @@ impl Master {
             }
         };
         if let Err((addr, e)) = self.listeners.reconcile(&new, self.poll.registry()) {
-            log::error!(
-                "reload failed: cannot listen on {addr}: {e}; keeping the running configuration"
-            );
+            log::error!("reload failed: cannot listen on {addr}: {e}; keeping the running configuration");
             return;
         }
         self.notify.reloading();
@@ -395,15 +364,9 @@ impl Master {
         self.ready_owed = true;
         log::info!(
             "reloaded {}: generation {}, {} worker(s) to replace one by one, target {}",
-            self.source
-                .as_ref()
-                .map_or("built-in defaults".into(), |p| p.display().to_string()),
+            self.source.as_ref().map_or("built-in defaults".into(), |p| p.display().to_string()),
             self.sup.generation,
-            self.sup
-                .workers
-                .iter()
-                .filter(|w| w.generation < self.sup.generation)
-                .count(),
+            self.sup.workers.iter().filter(|w| w.generation < self.sup.generation).count(),
             self.sup.target
         );
     }
@@ -413,11 +376,7 @@ impl Master {
         if self.stopping.is_some() {
             return;
         }
-        let target = self
-            .sup
-            .target
-            .saturating_add_signed(delta)
-            .clamp(1, crate::config::MAX_WORKERS);
+        let target = self.sup.target.saturating_add_signed(delta).clamp(1, crate::config::MAX_WORKERS);
         if target == self.sup.target {
             log::info!("workers stay at {target}");
             return;

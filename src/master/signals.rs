@@ -6,9 +6,7 @@
 use signal_hook::consts::signal::*;
 
 /// Registered with signal-hook at start.
-pub const HANDLED: [i32; 8] = [
-    SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGCHLD,
-];
+pub const HANDLED: [i32; 8] = [SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGCHLD];
 
 /// What a signal asks of the master.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

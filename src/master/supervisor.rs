@@ -81,9 +81,22 @@ pub struct WorkerHandle {
     pub congested: bool,
     /// Its heartbeat stopped; skipped until it resumes.
     pub hung: bool,
+    /// It gets no connections past this many (recycling); None = no limit.
+    pub recycle_after: Option<u64>,
 }
 
 impl WorkerHandle {
+    /// Past its connection limit: to be replaced like an old-generation
+    /// worker (a new one first, then this one drains).
+    pub fn spent(&self) -> bool {
+        self.recycle_after.is_some_and(|n| self.dispatched >= n)
+    }
+
+    /// Whether it should be replaced by a worker of generation `current`.
+    fn outdated(&self, current: u64) -> bool {
+        self.generation < current || self.spent()
+    }
+
     pub fn token(&self) -> Token {
         Token(WORKER_TOKEN_BASE + self.id)
     }
@@ -142,10 +155,7 @@ impl Supervisor {
 
     /// Workers that can be given connections right now.
     pub fn all_ready(&self) -> bool {
-        let serving = self
-            .workers
-            .iter()
-            .filter(|w| w.phase == Phase::Serving && w.generation == self.generation);
+        let serving = self.workers.iter().filter(|w| w.phase == Phase::Serving && w.generation == self.generation);
         serving.count() >= self.target
     }
 
@@ -160,40 +170,33 @@ impl Supervisor {
 
     /// One step towards `target` serving workers of the current generation.
     /// Call after every event; it is cheap and idempotent.
-    pub fn reconcile(
-        &mut self,
-        config: &Config,
-        capacity: usize,
-        registry: &Registry,
-        now: Instant,
-    ) {
+    ///
+    /// "Outdated" workers (older generation, or past their recycling limit)
+    /// are replaced one at a time: a new worker is started first, and one
+    /// outdated worker drains once the new one is Ready and the total
+    /// exceeds the target.
+    pub fn reconcile(&mut self, config: &Config, capacity: usize, registry: &Registry, now: Instant) {
         loop {
-            let live = || {
-                self.workers
-                    .iter()
-                    .filter(|w| !matches!(w.phase, Phase::Draining { .. }))
-            };
+            let g = self.generation;
+            let live = || self.workers.iter().filter(|w| !matches!(w.phase, Phase::Draining { .. }));
             if live().any(|w| w.phase == Phase::Starting) {
                 return; // one new worker at a time; wait for it
             }
-            let current = live().filter(|w| w.generation == self.generation).count();
-            let oldest_old = live()
-                .filter(|w| w.generation < self.generation)
-                .min_by_key(|w| (w.generation, w.id));
-            let old = live().filter(|w| w.generation < self.generation).count();
-            if let Some(old_id) = oldest_old.map(|w| w.id) {
-                if current + old > self.target || current >= self.target {
-                    self.retire(
-                        old_id,
-                        config.shutdown_timeout.0,
-                        "replaced by a worker with the new config",
-                        now,
-                    );
-                    continue;
-                }
-            } else if current > self.target {
-                let newest = live().max_by_key(|w| (w.forked_at, w.id)).map(|w| w.id);
-                if let Some(id) = newest {
+            let current = live().filter(|w| !w.outdated(g)).count();
+            let old = live().filter(|w| w.outdated(g)).count();
+            let oldest = live().filter(|w| w.outdated(g)).min_by_key(|w| (w.generation, w.id));
+            if let Some(w) = oldest.filter(|_| current + old > self.target || current >= self.target) {
+                let why = if w.spent() {
+                    format!("recycled after {} connections (max_connections_per_worker)", w.dispatched)
+                } else {
+                    "replaced by a worker with the new config".to_string()
+                };
+                let id = w.id;
+                self.retire(id, config.shutdown_timeout.0, &why, now);
+                continue;
+            }
+            if old == 0 && current > self.target {
+                if let Some(id) = live().max_by_key(|w| (w.forked_at, w.id)).map(|w| w.id) {
                     self.retire(id, config.shutdown_timeout.0, "fewer workers wanted", now);
                 }
                 continue;
@@ -213,13 +216,7 @@ impl Supervisor {
     }
 
     /// Forks one worker of the current generation.
-    fn spawn(
-        &mut self,
-        config: &Config,
-        capacity: usize,
-        registry: &Registry,
-        now: Instant,
-    ) -> std::io::Result<()> {
+    fn spawn(&mut self, config: &Config, capacity: usize, registry: &Registry, now: Instant) -> std::io::Result<()> {
         let id = (0..self.scoreboard.slots())
             .find(|i| !self.workers.iter().any(|w| w.id == *i))
             .ok_or_else(|| std::io::Error::other("no free scoreboard slot"))?;
@@ -237,15 +234,8 @@ impl Supervisor {
             Forked::Parent(pid) => {
                 drop(theirs);
                 let token = Token(WORKER_TOKEN_BASE + id);
-                registry.register(
-                    &mut SourceFd(&ours.as_raw_fd()),
-                    token,
-                    Interest::READABLE | Interest::WRITABLE,
-                )?;
-                log::info!(
-                    "worker {id} started (pid {pid}, generation {})",
-                    self.generation
-                );
+                registry.register(&mut SourceFd(&ours.as_raw_fd()), token, Interest::READABLE | Interest::WRITABLE)?;
+                log::info!("worker {id} started (pid {pid}, generation {})", self.generation);
                 self.workers.push(WorkerHandle {
                     id,
                     pid,
@@ -258,6 +248,7 @@ impl Supervisor {
                     outbox: Vec::new(),
                     congested: false,
                     hung: false,
+                    recycle_after: recycle_limit(config),
                 });
                 Ok(())
             }
@@ -266,22 +257,14 @@ impl Supervisor {
 
     /// Tells a worker to drain and stops giving it connections. Connections
     /// picked for it but not sent are returned for someone else.
-    pub fn retire(
-        &mut self,
-        id: usize,
-        timeout: Duration,
-        why: &str,
-        now: Instant,
-    ) -> Vec<OwnedFd> {
+    pub fn retire(&mut self, id: usize, timeout: Duration, why: &str, now: Instant) -> Vec<OwnedFd> {
         let Some(w) = self.get_mut(id) else {
             return Vec::new();
         };
         if matches!(w.phase, Phase::Draining { .. }) {
             return Vec::new();
         }
-        w.phase = Phase::Draining {
-            kill_at: now + timeout + DRAIN_GRACE,
-        };
+        w.phase = Phase::Draining { kill_at: now + timeout + DRAIN_GRACE };
         log::info!("worker {} (pid {}) draining: {why}", w.id, w.pid);
         if let Err(e) = w.channel.send_command(&Command::Drain { timeout }) {
             log::warn!("worker {}: cannot send drain ({e}); stopping it", w.id);
@@ -302,9 +285,7 @@ impl Supervisor {
                 if graceful {
                     continue; // already draining on its own deadline
                 }
-                w.phase = Phase::Draining {
-                    kill_at: k.min(kill_at),
-                };
+                w.phase = Phase::Draining { kill_at: k.min(kill_at) };
             } else {
                 w.phase = Phase::Draining { kill_at };
             }
@@ -319,16 +300,10 @@ impl Supervisor {
         for w in &mut self.workers {
             if let Phase::Draining { kill_at } = w.phase {
                 if now >= kill_at {
-                    log::warn!(
-                        "worker {} (pid {}) did not exit in time; killing it",
-                        w.id,
-                        w.pid
-                    );
+                    log::warn!("worker {} (pid {}) did not exit in time; killing it", w.id, w.pid);
                     let _ = kill(w.pid, Signal::SIGKILL);
                     // Once more in a while if even that did not reap it.
-                    w.phase = Phase::Draining {
-                        kill_at: now + Duration::from_secs(1),
-                    };
+                    w.phase = Phase::Draining { kill_at: now + Duration::from_secs(1) };
                 }
             }
         }
@@ -415,19 +390,12 @@ impl Supervisor {
             if w.phase != Phase::Serving {
                 continue;
             }
-            let beat = self
-                .scoreboard
-                .slot(w.id)
-                .get(crate::scoreboard::Field::Heartbeat);
+            let beat = self.scoreboard.slot(w.id).get(crate::scoreboard::Field::Heartbeat);
             let hung = now_ms.saturating_sub(beat) > HUNG_AFTER_MS;
             if hung != w.hung {
                 w.hung = hung;
                 if hung {
-                    log::warn!(
-                        "worker {} (pid {}) is not responding; no new connections go to it",
-                        w.id,
-                        w.pid
-                    );
+                    log::warn!("worker {} (pid {}) is not responding; no new connections go to it", w.id, w.pid);
                 } else {
                     log::info!("worker {} (pid {}) is responding again", w.id, w.pid);
                 }
@@ -436,14 +404,25 @@ impl Supervisor {
     }
 }
 
+/// This worker's connection limit: the configured maximum plus a random
+/// share of the jitter, so siblings do not recycle in lockstep.
+fn recycle_limit(config: &Config) -> Option<u64> {
+    use std::hash::{BuildHasher, Hasher};
+    let max = config.max_connections_per_worker;
+    if max == 0 {
+        return None;
+    }
+    let jitter = config.max_connections_per_worker_jitter;
+    // RandomState is seeded randomly per instance: enough for jitter.
+    let r = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    Some(max + if jitter > 0 { r % (jitter + 1) } else { 0 })
+}
+
 /// A child's exit in words: `exit status 0`, `killed by SIGKILL`.
 fn describe(status: WaitStatus) -> String {
     match status {
         WaitStatus::Exited(_, code) => format!("exit status {code}"),
-        WaitStatus::Signaled(_, sig, core) => format!(
-            "killed by {sig}{}",
-            if core { " (core dumped)" } else { "" }
-        ),
+        WaitStatus::Signaled(_, sig, core) => format!("killed by {sig}{}", if core { " (core dumped)" } else { "" }),
         other => format!("{other:?}"),
     }
 }

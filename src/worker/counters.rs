@@ -53,10 +53,7 @@ pub struct Counters {
 
 impl Counters {
     pub fn new(slot: Slot) -> Counters {
-        Counters {
-            totals: Mutex::new(Totals::default()),
-            slot,
-        }
+        Counters { totals: Mutex::new(Totals::default()), slot }
     }
 
     /// Adds a long-lived connection's progress so far.
@@ -83,10 +80,7 @@ impl Counters {
         }
         t.duration_sum_us += lived.as_micros() as u64;
         let secs = lived.as_secs_f64();
-        let bucket = DURATION_BUCKETS
-            .iter()
-            .position(|&b| secs <= b)
-            .unwrap_or(DURATION_BUCKETS.len() - 1);
+        let bucket = DURATION_BUCKETS.iter().position(|&b| secs <= b).unwrap_or(DURATION_BUCKETS.len() - 1);
         t.duration[bucket] += 1;
         self.mirror(&t);
         t.finished
@@ -145,16 +139,10 @@ mod tests {
                 let c = c.clone();
                 std::thread::spawn(move || {
                     for _ in 0..1000 {
-                        let mut t = Tally {
-                            bytes_in: 3,
-                            bytes_out: 3,
-                        };
+                        let mut t = Tally { bytes_in: 3, bytes_out: 3 };
                         c.flush(&mut t);
                         assert_eq!(t.bytes_in, 0);
-                        let mut t = Tally {
-                            bytes_in: 1,
-                            bytes_out: 1,
-                        };
+                        let mut t = Tally { bytes_in: 1, bytes_out: 1 };
                         c.finish(&mut t, Ending::Reset, Duration::from_millis(2));
                     }
                 })
@@ -162,10 +150,7 @@ mod tests {
             .collect();
         threads.into_iter().for_each(|t| t.join().unwrap());
         let s = sb.slot(0).snapshot();
-        assert_eq!(
-            (s.bytes_in, s.bytes_out, s.finished, s.err_reset),
-            (32000, 32000, 8000, 8000)
-        );
+        assert_eq!((s.bytes_in, s.bytes_out, s.finished, s.err_reset), (32000, 32000, 8000, 8000));
         assert_eq!(s.duration[1], 8000, "2 ms lands in the <= 10 ms bucket");
         assert_eq!(s.duration_sum_us, 8000 * 2000);
     }

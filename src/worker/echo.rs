@@ -50,9 +50,7 @@ pub fn echo<S: Read + Write>(
 
 fn ending_of(kind: ErrorKind) -> Ending {
     match kind {
-        ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted => {
-            Ending::Reset
-        }
+        ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted => Ending::Reset,
         ErrorKind::WouldBlock | ErrorKind::TimedOut => Ending::Timeout,
         _ => Ending::Other,
     }
@@ -94,17 +92,10 @@ mod tests {
     #[test]
     fn echoes_every_byte_and_counts_them() {
         let data: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
-        let mut s = Script {
-            input: Cursor::new(data.clone()),
-            output: vec![],
-            chunk: 700,
-            fail_write: None,
-        };
+        let mut s = Script { input: Cursor::new(data.clone()), output: vec![], chunk: 700, fail_write: None };
         let mut tally = Tally::default();
         let mut flushes = 0;
-        let end = echo(&mut s, &mut [0u8; 512], Transform::None, &mut tally, |_| {
-            flushes += 1
-        });
+        let end = echo(&mut s, &mut [0u8; 512], Transform::None, &mut tally, |_| flushes += 1);
         assert_eq!(end, Ending::Clean);
         assert_eq!(s.output, data);
         assert_eq!((tally.bytes_in, tally.bytes_out), (10_000, 10_000));
@@ -113,19 +104,9 @@ mod tests {
 
     #[test]
     fn upper_changes_only_ascii_letters() {
-        let mut s = Script {
-            input: Cursor::new(b"abc\xffz-\x00q".to_vec()),
-            output: vec![],
-            chunk: 64,
-            fail_write: None,
-        };
-        echo(
-            &mut s,
-            &mut [0u8; 64],
-            Transform::Upper,
-            &mut Tally::default(),
-            |_| {},
-        );
+        let mut s =
+            Script { input: Cursor::new(b"abc\xffz-\x00q".to_vec()), output: vec![], chunk: 64, fail_write: None };
+        echo(&mut s, &mut [0u8; 64], Transform::Upper, &mut Tally::default(), |_| {});
         assert_eq!(s.output, b"ABC\xffZ-\x00Q");
     }
 
@@ -137,31 +118,13 @@ mod tests {
             chunk: 64,
             fail_write: Some(ErrorKind::BrokenPipe),
         };
-        assert_eq!(
-            echo(
-                &mut s,
-                &mut [0u8; 8],
-                Transform::None,
-                &mut Tally::default(),
-                |_| {}
-            ),
-            Ending::Reset
-        );
+        assert_eq!(echo(&mut s, &mut [0u8; 8], Transform::None, &mut Tally::default(), |_| {}), Ending::Reset);
         s = Script {
             input: Cursor::new(b"x".to_vec()),
             output: vec![],
             chunk: 64,
             fail_write: Some(ErrorKind::WouldBlock),
         };
-        assert_eq!(
-            echo(
-                &mut s,
-                &mut [0u8; 8],
-                Transform::None,
-                &mut Tally::default(),
-                |_| {}
-            ),
-            Ending::Timeout
-        );
+        assert_eq!(echo(&mut s, &mut [0u8; 8], Transform::None, &mut Tally::default(), |_| {}), Ending::Timeout);
     }
 }

@@ -81,14 +81,7 @@ pub struct Worker {
 /// Never returns: the child must not unwind into (or drop) the master's
 /// state it inherited.
 pub fn run(args: Args) -> ! {
-    let Args {
-        id,
-        master_pid,
-        config,
-        channel,
-        scoreboard,
-        capacity,
-    } = args;
+    let Args { id, master_pid, config, channel, scoreboard, capacity } = args;
     let code = match setup(id, master_pid, channel) {
         Ok(channel) => serve(id, config, channel, scoreboard, capacity),
         Err(e) => {
@@ -105,9 +98,7 @@ pub fn run(args: Args) -> ! {
 /// closed.
 fn setup(id: usize, master_pid: Pid, channel: Channel) -> std::io::Result<Channel> {
     use Signal::*;
-    sys::ignore_signals(&[
-        SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2, SIGTTIN, SIGTTOU,
-    ])?;
+    sys::ignore_signals(&[SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2, SIGTTIN, SIGTTOU])?;
     sys::default_signal(SIGCHLD)?;
     nix::sys::prctl::set_pdeathsig(SIGKILL)?;
     if nix::unistd::getppid() != master_pid {
@@ -121,13 +112,7 @@ fn setup(id: usize, master_pid: Pid, channel: Channel) -> std::io::Result<Channe
     Ok(Channel::from_fd(fd))
 }
 
-fn serve(
-    id: usize,
-    config: Config,
-    channel: Channel,
-    scoreboard: Scoreboard,
-    capacity: usize,
-) -> i32 {
+fn serve(id: usize, config: Config, channel: Channel, scoreboard: Scoreboard, capacity: usize) -> i32 {
     let slot = scoreboard.slot(id);
     slot.set(Field::Pid, process::id() as u64);
     slot.set(Field::Heartbeat, monotonic_ms());
@@ -193,10 +178,7 @@ fn receive(w: &Arc<Worker>) -> i32 {
 
 /// Queues newly received connections, starting threads as needed.
 fn take(w: &Arc<Worker>, fds: Vec<std::os::fd::OwnedFd>, last_tick: &mut Instant) {
-    w.slot.set(
-        Field::Received,
-        w.slot.get(Field::Received) + fds.len() as u64,
-    );
+    w.slot.set(Field::Received, w.slot.get(Field::Received) + fds.len() as u64);
     for fd in fds {
         let mut stream = TcpStream::from(fd);
         loop {
@@ -224,10 +206,7 @@ fn take(w: &Arc<Worker>, fds: Vec<std::os::fd::OwnedFd>, last_tick: &mut Instant
 fn grow(w: &Arc<Worker>) {
     if let Err(e) = pool::spawn_handler(w) {
         // The connection stays queued until a busy thread frees up.
-        log::warn!(
-            "cannot start handler thread ({} running): {e}",
-            w.threads.load(Ordering::Relaxed)
-        );
+        log::warn!("cannot start handler thread ({} running): {e}", w.threads.load(Ordering::Relaxed));
     }
 }
 
@@ -248,10 +227,8 @@ fn tick(w: &Worker) {
 fn publish_gauges(w: &Worker) {
     let (queued, _idle) = w.queue.stats();
     w.slot.set(Field::Queued, queued as u64);
-    w.slot
-        .set(Field::Threads, w.threads.load(Ordering::Relaxed) as u64);
-    w.slot
-        .set(Field::Busy, w.busy.load(Ordering::Relaxed) as u64);
+    w.slot.set(Field::Threads, w.threads.load(Ordering::Relaxed) as u64);
+    w.slot.set(Field::Busy, w.busy.load(Ordering::Relaxed) as u64);
 }
 
 /// Graceful stop: no new connections; open ones run until `timeout`, then

@@ -39,18 +39,13 @@ const FLUSH_TICKS: u64 = 4;
 pub fn spawn_handler(worker: &Arc<Worker>) -> io::Result<bool> {
     let claimed = worker
         .threads
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n < worker.capacity).then_some(n + 1)
-        })
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < worker.capacity).then_some(n + 1))
         .is_ok();
     if !claimed {
         return Ok(false);
     }
     let w = worker.clone();
-    let spawned = std::thread::Builder::new()
-        .name("conn".into())
-        .stack_size(STACK_SIZE)
-        .spawn(move || handler(w));
+    let spawned = std::thread::Builder::new().name("conn".into()).stack_size(STACK_SIZE).spawn(move || handler(w));
     match spawned {
         Ok(_) => Ok(true),
         Err(e) => {
@@ -89,9 +84,7 @@ fn handler(w: Arc<Worker>) {
 /// Leaves the pool if more than `min_spare_threads` would remain.
 fn retire_if_spare(w: &Worker) -> bool {
     w.threads
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n > w.config.min_spare_threads).then(|| n - 1)
-        })
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n > w.config.min_spare_threads).then(|| n - 1))
         .is_ok()
 }
 
@@ -192,10 +185,7 @@ impl OpenConnections {
 
     /// Shuts every open connection down; their handlers then finish.
     pub fn cut_all(&self) -> usize {
-        lock(&self.slots)
-            .iter()
-            .filter(|s| s.cut(Ending::Clean))
-            .count()
+        lock(&self.slots).iter().filter(|s| s.cut(Ending::Clean)).count()
     }
 
     /// Cuts connections whose client sent nothing for `idle_ticks` ticks.

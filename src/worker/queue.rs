@@ -72,11 +72,7 @@ impl Pushed {
 impl<T> Queue<T> {
     pub fn new(capacity: usize) -> Queue<T> {
         Queue {
-            state: Mutex::new(State {
-                items: VecDeque::with_capacity(capacity.min(1024)),
-                idle: 0,
-                closed: false,
-            }),
+            state: Mutex::new(State { items: VecDeque::with_capacity(capacity.min(1024)), idle: 0, closed: false }),
             not_empty: Condvar::new(),
             not_full: Condvar::new(),
             capacity: capacity.max(1),
@@ -97,10 +93,7 @@ impl<T> Queue<T> {
                     if left.is_zero() {
                         return Err(PushError::Full(item));
                     }
-                    self.not_full
-                        .wait_timeout(st, left)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
+                    self.not_full.wait_timeout(st, left).unwrap_or_else(|e| e.into_inner()).0
                 }
             };
         }
@@ -108,10 +101,7 @@ impl<T> Queue<T> {
             return Err(PushError::Closed(item));
         }
         st.items.push_back(item);
-        let pushed = Pushed {
-            queued: st.items.len(),
-            idle: st.idle,
-        };
+        let pushed = Pushed { queued: st.items.len(), idle: st.idle };
         drop(st);
         self.not_empty.notify_one();
         Ok(pushed)
@@ -136,10 +126,7 @@ impl<T> Queue<T> {
                 None => self.not_empty.wait(st).unwrap_or_else(|e| e.into_inner()),
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
-                    self.not_empty
-                        .wait_timeout(st, left)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
+                    self.not_empty.wait_timeout(st, left).unwrap_or_else(|e| e.into_inner()).0
                 }
             };
             st.idle -= 1;
@@ -219,10 +206,7 @@ mod tests {
         let q = Arc::new(Queue::new(2));
         q.push(1, None).unwrap();
         q.push(2, None).unwrap();
-        assert_eq!(
-            q.push(9, Some(Duration::from_millis(10))),
-            Err(PushError::Full(9))
-        );
+        assert_eq!(q.push(9, Some(Duration::from_millis(10))), Err(PushError::Full(9)));
         let q2 = q.clone();
         let t = thread::spawn(move || q2.push(3, None).map(|p| p.queued));
         thread::sleep(Duration::from_millis(50));
@@ -276,9 +260,7 @@ mod tests {
         let producers: Vec<_> = (0..4)
             .map(|p| {
                 let q = q.clone();
-                thread::spawn(move || {
-                    (0..1000).for_each(|i| q.push(p * 1000 + i, None).map(|_| ()).unwrap())
-                })
+                thread::spawn(move || (0..1000).for_each(|i| q.push(p * 1000 + i, None).map(|_| ()).unwrap()))
             })
             .collect();
         producers.into_iter().for_each(|t| t.join().unwrap());

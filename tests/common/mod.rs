@@ -31,12 +31,7 @@ pub fn start(extra: &str) -> Echod {
 }
 
 pub fn start_with(extra: &str, args: &[&str], env: &[(&str, &str)]) -> Echod {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("echod.toml");
     let mut text = String::new();
-    if !extra.contains("listen") {
-        text.push_str("listen = [\"127.0.0.1:0\"]\n");
-    }
     if !extra.contains("workers") {
         text.push_str("workers = 2\n");
     }
@@ -44,18 +39,27 @@ pub fn start_with(extra: &str, args: &[&str], env: &[(&str, &str)]) -> Echod {
         text.push_str("shutdown_timeout = 5\n");
     }
     text.push_str(extra);
-    std::fs::write(&config, text).unwrap();
+    let mut e = spawn(&text, args, env);
+    e.wait_ready();
+    e
+}
+
+/// Starts echod without waiting for readiness (for workers that cannot
+/// start).
+pub fn start_unready(extra: &str, env: &[(&str, &str)]) -> Echod {
+    spawn(extra, &[], env)
+}
+
+/// Writes the config (plus a loopback listener on a free port unless it
+/// names `listen`) and starts echod with its stderr collected.
+fn spawn(extra: &str, args: &[&str], env: &[(&str, &str)]) -> Echod {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("echod.toml");
+    let listen = if extra.contains("listen") { "" } else { "listen = [\"127.0.0.1:0\"]\n" };
+    std::fs::write(&config, format!("{listen}{extra}")).unwrap();
     let mut cmd = Command::new(ECHOD);
-    cmd.arg("--config")
-        .arg(&config)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    cmd.env_remove("RUST_LOG")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID");
+    cmd.arg("--config").arg(&config).args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.env_remove("RUST_LOG").env_remove("NOTIFY_SOCKET").env_remove("LISTEN_FDS").env_remove("LISTEN_PID");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -72,31 +76,28 @@ pub fn start_with(extra: &str, args: &[&str], env: &[(&str, &str)]) -> Echod {
             sink.1.notify_all();
         }
     });
-    let mut e = Echod {
+    Echod {
         child: Some(child),
         addr: "127.0.0.1:0".parse().unwrap(),
         config,
         dir,
         log,
         seen_workers: Mutex::new(Vec::new()),
-    };
-    let line = e
-        .wait_log("listening on ", Duration::from_secs(10))
-        .unwrap_or_else(|| panic!("echod did not listen:\n{}", e.log_text()));
-    e.addr = line
-        .rsplit("listening on ")
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    e.wait_log("ready:", Duration::from_secs(10))
-        .unwrap_or_else(|| panic!("echod not ready:\n{}", e.log_text()));
-    e.note_workers();
-    e
+    }
 }
 
 impl Echod {
+    /// Waits for the listening and ready lines; sets `addr`.
+    pub fn wait_ready(&mut self) {
+        let line = self
+            .wait_log("listening on ", Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("echod did not listen:\n{}", self.log_text()));
+        self.addr = line.rsplit("listening on ").next().unwrap().trim().parse().unwrap();
+        self.wait_log("ready:", Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("echod not ready:\n{}", self.log_text()));
+        self.note_workers();
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().map_or(0, |c| c.id() as i32)
     }
@@ -167,19 +168,13 @@ impl Echod {
     pub fn stats(&self) -> HashMap<String, u64> {
         let skip = self.log_len();
         self.signal(libc_sig::USR1);
-        let line = self
-            .wait_log_after(skip, "stats: ", Duration::from_secs(5))
-            .expect("no stats line");
+        let line = self.wait_log_after(skip, "stats: ", Duration::from_secs(5)).expect("no stats line");
         parse_kv(&line)
     }
 
     /// Polls USR1 stats until `pred` holds (counters settle once clients
     /// have closed and workers flushed); returns the last snapshot.
-    pub fn stats_until(
-        &self,
-        timeout: Duration,
-        pred: impl Fn(&HashMap<String, u64>) -> bool,
-    ) -> HashMap<String, u64> {
+    pub fn stats_until(&self, timeout: Duration, pred: impl Fn(&HashMap<String, u64>) -> bool) -> HashMap<String, u64> {
         let deadline = Instant::now() + timeout;
         loop {
             let s = self.stats();
@@ -207,13 +202,7 @@ impl Echod {
 
     /// Every worker pid this handle has seen that is still alive.
     pub fn live_seen_workers(&self) -> Vec<i32> {
-        self.seen_workers
-            .lock()
-            .unwrap()
-            .iter()
-            .copied()
-            .filter(|&p| alive(p))
-            .collect()
+        self.seen_workers.lock().unwrap().iter().copied().filter(|&p| alive(p)).collect()
     }
 }
 
@@ -235,12 +224,7 @@ pub fn parse_kv(line: &str) -> HashMap<String, u64> {
     line.split_whitespace()
         .filter_map(|kv| kv.split_once('='))
         .filter_map(|(k, v)| {
-            v.trim_end_matches(')')
-                .split('/')
-                .next()?
-                .parse()
-                .ok()
-                .map(|v| (k.trim_start_matches('(').to_string(), v))
+            v.trim_end_matches(')').split('/').next()?.parse().ok().map(|v| (k.trim_start_matches('(').to_string(), v))
         })
         .collect()
 }
@@ -269,12 +253,7 @@ pub fn kill(pid: i32, sig: i32) {
 pub fn alive(pid: i32) -> bool {
     // A zombie is not alive for our purposes.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().next())
-                != Some("Z")
-        })
+        .map(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().next()) != Some("Z"))
         .unwrap_or(false)
 }
 
@@ -299,9 +278,7 @@ pub fn children_of(pid: i32) -> Vec<i32> {
         if rest.first() == Some(&"Z") {
             continue;
         }
-        if rest.get(1).and_then(|pp| pp.parse::<i32>().ok()) == Some(pid)
-            && comm.starts_with("echod")
-        {
+        if rest.get(1).and_then(|pp| pp.parse::<i32>().ok()) == Some(pid) && comm.starts_with("echod") {
             out.push(p);
         }
     }
@@ -469,4 +446,95 @@ pub fn run_to_exit(args: &[&str], cwd: Option<&Path>) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into(),
         String::from_utf8_lossy(&out.stdout).into(),
     )
+}
+
+/// Background load for fault and lifecycle tests: `churners` clients that
+/// connect, do a few verified round trips and close, over and over; and
+/// `holders` clients that keep one connection and echo on it until stopped.
+pub struct Traffic {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<Tally>>,
+}
+
+/// What one traffic client saw.
+#[derive(Debug, Default, Clone)]
+pub struct Tally {
+    pub connections: u64,
+    pub round_trips: u64,
+    pub bytes: u64,
+    pub failures: Vec<String>,
+    pub mismatches: u64,
+}
+
+impl Tally {
+    fn add(&mut self, o: Tally) {
+        self.connections += o.connections;
+        self.round_trips += o.round_trips;
+        self.bytes += o.bytes;
+        self.failures.extend(o.failures);
+        self.mismatches += o.mismatches;
+    }
+}
+
+impl Traffic {
+    pub fn start(addr: SocketAddr, churners: usize, holders: usize) -> Traffic {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for i in 0..churners + holders {
+            let stop = stop.clone();
+            let hold = i >= churners;
+            threads.push(std::thread::spawn(move || client_loop(addr, i as u64, hold, &stop)));
+        }
+        Traffic { stop, threads }
+    }
+
+    /// Stops every client and sums what they saw.
+    pub fn stop(self) -> Tally {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut total = Tally::default();
+        for t in self.threads {
+            total.add(t.join().expect("traffic thread panicked"));
+        }
+        total
+    }
+}
+
+fn client_loop(addr: SocketAddr, seed: u64, hold: bool, stop: &std::sync::atomic::AtomicBool) -> Tally {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut t = Tally::default();
+    let mut rng = Rng::new(seed + 1000);
+    while !stop.load(Relaxed) {
+        let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+            Ok(s) => s,
+            Err(e) => {
+                t.failures.push(format!("connect: {e}"));
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = s.set_nodelay(true);
+        t.connections += 1;
+        let rounds = if hold { u64::MAX } else { 1 + rng.below(10) };
+        let mut r = 0;
+        while r < rounds && !stop.load(Relaxed) {
+            let data = rng.payload(4096);
+            match round_trip(&mut s, &data) {
+                Ok(got) if got == data => {
+                    t.round_trips += 1;
+                    t.bytes += data.len() as u64;
+                }
+                Ok(_) => t.mismatches += 1,
+                Err(e) => {
+                    t.failures.push(format!("round trip {r} ({}): {e}", if hold { "holder" } else { "churner" }));
+                    break;
+                }
+            }
+            r += 1;
+            if hold {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+    t
 }
