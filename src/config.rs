@@ -79,6 +79,10 @@ pub struct Config {
     /// Each worker's limit is raised by a random amount up to this, so
     /// workers started together do not all recycle at once.
     pub max_connections_per_worker_jitter: u64,
+    /// Where the master serves `GET /metrics` (Prometheus) and `GET /healthz`;
+    /// "" = off.
+    #[serde(with = "optional_addr")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -101,6 +105,7 @@ impl Default for Config {
             write_timeout: Seconds::from_secs(60),
             max_connections_per_worker: 0,
             max_connections_per_worker_jitter: 0,
+            metrics_listen: None,
         }
     }
 }
@@ -186,6 +191,9 @@ impl Config {
             if self.listen[..i].contains(a) {
                 return Err(("listen", format!("{a} is listed twice")));
             }
+        }
+        if let Some(m) = self.metrics_listen.filter(|m| m.port() != 0 && self.listen.contains(m)) {
+            return Err(("metrics_listen", format!("{m} is also in `listen`")));
         }
         if let Workers::Count(n) = self.workers {
             range("workers", n, 1, MAX_WORKERS)?;
@@ -284,6 +292,23 @@ fn key_on_line(text: &str, line: usize) -> Option<String> {
 /// 1-based line where top-level `key` is assigned (the file is flat).
 fn line_of_key(text: &str, key: &str) -> Option<usize> {
     text.lines().position(|l| l.split_once('=').is_some_and(|(k, _)| k.trim().trim_matches('"') == key)).map(|i| i + 1)
+}
+
+/// `metrics_listen = "IP:PORT"`, with "" meaning off.
+mod optional_addr {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&v.map(|a| a.to_string()).unwrap_or_default())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.is_empty() {
+            return Ok(None);
+        }
+        s.parse().map(Some).map_err(|_| de::Error::invalid_value(de::Unexpected::Str(&s), &"\"IP:PORT\" or \"\" (off)"))
+    }
 }
 
 /// `workers = "auto"` or a count.
@@ -482,5 +507,10 @@ mod tests {
     fn rendered_config_parses_back() {
         let c = parse("workers = 3\nthread_idle_timeout = 2.5").unwrap();
         assert_eq!(parse(&c.to_toml()).unwrap(), c);
+        let c = parse("metrics_listen = \"127.0.0.1:9707\"").unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9707".parse().unwrap()));
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
+        let e = parse("metrics_listen = \"nope\"").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("metrics_listen"));
     }
 }

@@ -8,7 +8,7 @@
 //! Module map: [`config`] (the file and its errors), [`master`] (listeners,
 //! dispatch, supervisor, signals), [`worker`] (queue, pool, echo, counters),
 //! [`ipc`] (the master–worker channel), [`scoreboard`] (shared per-worker
-//! numbers), [`stats`] (snapshots for logs), [`systemd`], [`logging`],
+//! numbers), [`stats`] (snapshots for logs), [`metrics`] (Prometheus text), [`systemd`], [`logging`],
 //! [`limits`], [`ratelimit`], and [`sys`] (every `unsafe` call).
 
 pub mod config;
@@ -16,6 +16,7 @@ pub mod ipc;
 pub mod limits;
 pub mod logging;
 pub mod master;
+pub mod metrics;
 pub mod ratelimit;
 pub mod scoreboard;
 pub mod stats;

@@ -9,6 +9,7 @@
 //! | child exit (SIGCHLD)          | [`Master::on_child_exit`]|
 //! | worker channel readable/writable | [`Master::on_channel`] |
 //! | listener readable             | marks it ready for the dispatcher |
+//! | metrics listener / scrape     | [`http::HttpServer`]     |
 //! | timer (the poll timeout)      | [`Master::on_timers`]    |
 //!
 //! after which the supervisor takes one step towards its target and the
@@ -17,6 +18,7 @@
 //! reloads, TTIN), and fork is only safe from a single-threaded process.
 
 pub mod dispatch;
+pub mod http;
 pub mod listeners;
 pub mod signals;
 pub mod supervisor;
@@ -31,11 +33,13 @@ use signal_hook_mio::v1_0::Signals;
 
 use crate::config::{Config, Overrides};
 use crate::ipc::Notice;
+use crate::metrics::{self, MasterInfo};
 use crate::scoreboard::monotonic_ms;
 use crate::stats::Snapshot;
 use crate::systemd::{self, Notifier};
 use crate::{limits, logging};
 use dispatch::Dispatcher;
+use http::HttpServer;
 use listeners::{LISTENER_TOKEN_BASE, Listeners};
 use signals::Signal;
 use supervisor::{Supervisor, WORKER_TOKEN_BASE};
@@ -122,6 +126,33 @@ pub struct Master {
     next_stats: Option<Instant>,
     next_heartbeat_check: Instant,
     next_status: Instant,
+    /// The /metrics and /healthz endpoint, if `metrics_listen` is set.
+    http: Option<HttpServer>,
+    /// Reported in /metrics.
+    info: MasterInfo,
+}
+
+/// What the HTTP endpoint answers with: a view of the master's state.
+struct Endpoint<'a> {
+    sup: &'a Supervisor,
+    disp: &'a Dispatcher,
+    info: MasterInfo,
+    stopping: bool,
+}
+
+impl http::Responder for Endpoint<'_> {
+    fn metrics(&self) -> String {
+        metrics::render(&Snapshot::take(self.sup, self.disp), &self.info)
+    }
+
+    fn healthy(&self) -> bool {
+        !self.stopping && self.sup.workers.iter().any(|w| w.phase == supervisor::Phase::Serving)
+    }
+}
+
+/// Seconds since the Unix epoch, for /metrics timestamps.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl Master {
@@ -148,8 +179,19 @@ impl Master {
         for addr in listeners.addrs() {
             log::info!("listening on {addr}");
         }
+        let http = match config.metrics_listen {
+            Some(addr) => Some(
+                HttpServer::bind(addr, poll.registry())
+                    .map_err(|e| StartError::Listen(format!("cannot serve metrics on {addr}: {e}")))?,
+            ),
+            None => None,
+        };
+        if let Some(h) = &http {
+            log::info!("metrics on http://{}/metrics", h.addr);
+        }
         let sup = Supervisor::new(config.worker_count())?;
         let now = Instant::now();
+        let started = unix_now();
         Ok(Master {
             file_workers: config.worker_count(),
             next_stats: config.stats_interval.nonzero().map(|d| now + d),
@@ -167,6 +209,8 @@ impl Master {
             ready_owed: true,
             next_heartbeat_check: now + HEARTBEAT_CHECK,
             next_status: now,
+            http,
+            info: MasterInfo { start_time: started, last_reload_ok: true, last_reload_time: started },
         })
     }
 
@@ -189,14 +233,23 @@ impl Master {
                 Err(e) => return Err(e),
             }
             for event in events.iter() {
-                let token = event.token().0;
-                if event.token() == SIGNAL_TOKEN {
-                    let pending: Vec<i32> = self.signals.pending().collect();
-                    pending.into_iter().filter_map(Signal::from_raw).for_each(|s| self.on_signal(s));
-                } else if token >= LISTENER_TOKEN_BASE {
-                    self.listeners.mark_ready(event.token());
-                } else if token >= WORKER_TOKEN_BASE {
-                    self.on_channel(token - WORKER_TOKEN_BASE, event.is_readable(), event.is_writable());
+                let token = event.token();
+                match token.0 {
+                    _ if token == SIGNAL_TOKEN => {
+                        let pending: Vec<i32> = self.signals.pending().collect();
+                        pending.into_iter().filter_map(Signal::from_raw).for_each(|s| self.on_signal(s));
+                    }
+                    _ if token == http::LISTENER_TOKEN => {
+                        if let Some(h) = &mut self.http {
+                            h.on_listener(self.poll.registry(), Instant::now());
+                        }
+                    }
+                    t if t >= LISTENER_TOKEN_BASE => self.listeners.mark_ready(token),
+                    t if t >= http::CONN_TOKEN_BASE => self.on_scrape(token),
+                    t if t >= WORKER_TOKEN_BASE => {
+                        self.on_channel(t - WORKER_TOKEN_BASE, event.is_readable(), event.is_writable())
+                    }
+                    _ => {}
                 }
             }
             let now = Instant::now();
@@ -221,6 +274,7 @@ impl Master {
             self.next_stats,
             Some(self.next_heartbeat_check),
             Some(self.next_status),
+            self.http.as_ref().and_then(|h| h.next_deadline()),
         ]
         .into_iter()
         .flatten()
@@ -271,9 +325,20 @@ impl Master {
         }
     }
 
+    /// A scrape connection is readable or writable.
+    fn on_scrape(&mut self, token: Token) {
+        let app = Endpoint { sup: &self.sup, disp: &self.disp, info: self.info, stopping: self.stopping.is_some() };
+        if let Some(h) = &mut self.http {
+            h.on_conn(token, self.poll.registry(), &app);
+        }
+    }
+
     /// Everything driven by the clock.
     fn on_timers(&mut self, now: Instant) {
         self.sup.kill_overdue(now);
+        if let Some(h) = &mut self.http {
+            h.expire(now, self.poll.registry());
+        }
         if now >= self.next_heartbeat_check {
             self.sup.check_heartbeats(monotonic_ms());
             self.next_heartbeat_check = now + HEARTBEAT_CHECK;
@@ -342,13 +407,41 @@ impl Master {
             Ok(c) => c,
             Err(e) => {
                 log::error!("reload failed: {e}; keeping the running configuration");
+                self.info.last_reload_ok = false;
+                return;
+            }
+        };
+        // Bind everything new before changing anything, so a failure leaves
+        // the running state untouched.
+        let new_http = match self.rebind_metrics(&new) {
+            Ok(h) => h,
+            Err(e) => {
+                log::error!("reload failed: {e}; keeping the running configuration");
+                self.info.last_reload_ok = false;
                 return;
             }
         };
         if let Err((addr, e)) = self.listeners.reconcile(&new, self.poll.registry()) {
             log::error!("reload failed: cannot listen on {addr}: {e}; keeping the running configuration");
+            self.info.last_reload_ok = false;
+            if let Some(h) = new_http {
+                h.close(self.poll.registry());
+            }
             return;
         }
+        if let Some(h) = new_http {
+            log::info!("metrics on http://{}/metrics", h.addr);
+            if let Some(old) = self.http.replace(h) {
+                old.close(self.poll.registry());
+            }
+        } else if new.metrics_listen.is_none() {
+            if let Some(old) = self.http.take() {
+                log::info!("metrics endpoint closed");
+                old.close(self.poll.registry());
+            }
+        }
+        self.info.last_reload_ok = true;
+        self.info.last_reload_time = unix_now();
         self.notify.reloading();
         logging::set_level(new.log_level.0);
         let file_workers = new.worker_count();
@@ -369,6 +462,19 @@ impl Master {
             self.sup.workers.iter().filter(|w| w.generation < self.sup.generation).count(),
             self.sup.target
         );
+    }
+
+    /// A new metrics server if `new` moves the metrics address (Ok(None):
+    /// nothing to bind, keep or close the current one).
+    fn rebind_metrics(&self, new: &Config) -> Result<Option<HttpServer>, String> {
+        let Some(addr) = new.metrics_listen else { return Ok(None) };
+        let same = self.http.as_ref().is_some_and(|h| Some(addr) == self.config.metrics_listen || h.addr == addr);
+        if same {
+            return Ok(None);
+        }
+        HttpServer::bind(addr, self.poll.registry())
+            .map(Some)
+            .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))
     }
 
     /// TTIN (+1) / TTOU (-1): one worker more or fewer, never below one.

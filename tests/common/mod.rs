@@ -32,16 +32,21 @@ pub fn start(extra: &str) -> Echod {
 
 pub fn start_with(extra: &str, args: &[&str], env: &[(&str, &str)]) -> Echod {
     let mut text = String::new();
-    if !extra.contains("workers") {
+    if !sets(extra, "workers") {
         text.push_str("workers = 2\n");
     }
-    if !extra.contains("shutdown_timeout") {
+    if !sets(extra, "shutdown_timeout") {
         text.push_str("shutdown_timeout = 5\n");
     }
     text.push_str(extra);
     let mut e = spawn(&text, args, env);
     e.wait_ready();
     e
+}
+
+/// Whether a TOML text assigns `key` (not merely mentions it).
+fn sets(text: &str, key: &str) -> bool {
+    text.lines().any(|l| l.split('=').next().is_some_and(|k| k.trim() == key))
 }
 
 /// Starts echod without waiting for readiness (for workers that cannot
@@ -55,7 +60,7 @@ pub fn start_unready(extra: &str, env: &[(&str, &str)]) -> Echod {
 fn spawn(extra: &str, args: &[&str], env: &[(&str, &str)]) -> Echod {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("echod.toml");
-    let listen = if extra.contains("listen") { "" } else { "listen = [\"127.0.0.1:0\"]\n" };
+    let listen = if sets(extra, "listen") { "" } else { "listen = [\"127.0.0.1:0\"]\n" };
     std::fs::write(&config, format!("{listen}{extra}")).unwrap();
     let mut cmd = Command::new(ECHOD);
     cmd.arg("--config").arg(&config).args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
@@ -92,7 +97,8 @@ impl Echod {
         let line = self
             .wait_log("listening on ", Duration::from_secs(10))
             .unwrap_or_else(|| panic!("echod did not listen:\n{}", self.log_text()));
-        self.addr = line.rsplit("listening on ").next().unwrap().trim().parse().unwrap();
+        let addr = line.rsplit("listening on ").next().unwrap_or_default().trim();
+        self.addr = addr.parse().unwrap_or_else(|e| panic!("bad address in `{line}`: {e}\n{}", self.log_text()));
         self.wait_log("ready:", Duration::from_secs(10))
             .unwrap_or_else(|| panic!("echod not ready:\n{}", self.log_text()));
         self.note_workers();
@@ -537,4 +543,57 @@ fn client_loop(addr: SocketAddr, seed: u64, hold: bool, stop: &std::sync::atomic
         }
     }
     t
+}
+
+/// One HTTP/1.1 GET; returns (status code, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = connect(addr);
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: echod-tests\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("HTTP response");
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (code, body)
+}
+
+/// Samples of a Prometheus exposition: `name{labels}` -> value.
+pub fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+impl Echod {
+    /// The metrics address from the log (`metrics_listen` must be set).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        let line = self.wait_log("metrics on http://", Duration::from_secs(5)).expect("no metrics line");
+        line.split("http://").nth(1).unwrap().trim_end_matches("/metrics").parse().unwrap()
+    }
+
+    /// Scrapes /metrics and parses it.
+    pub fn scrape(&self) -> HashMap<String, f64> {
+        let (code, body) = http_get(self.metrics_addr(), "/metrics");
+        assert_eq!(code, 200, "{body}");
+        parse_metrics(&body)
+    }
+
+    /// Scrapes until `pred` holds (counters settle after clients close).
+    pub fn scrape_until(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&HashMap<String, f64>) -> bool,
+    ) -> HashMap<String, f64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let m = self.scrape();
+            if pred(&m) || Instant::now() >= deadline {
+                return m;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }

@@ -1,0 +1,251 @@
+//! The master's tiny HTTP endpoint: `GET /metrics` and `GET /healthz`.
+//!
+//! Served from the master's own poll loop, non-blocking, so the master stays
+//! single-threaded (rule 1 of DESIGN.md). A scraper can never stall accept
+//! and dispatch: each connection is a small state machine that reads at most
+//! [`MAX_REQUEST`] bytes and writes from a buffer only when the socket is
+//! writable, every connection has a deadline ([`DEADLINE`]) after which it
+//! is dropped, and at most [`MAX_CONNS`] are open at once (more are closed at
+//! accept). One request per connection (`Connection: close`), as Prometheus
+//! is happy with.
+
+use std::collections::HashMap;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Registry, Token};
+
+/// Poll token of the metrics listener.
+pub const LISTENER_TOKEN: Token = Token(1);
+/// Poll tokens of scrape connections are `CONN_TOKEN_BASE + id`.
+pub const CONN_TOKEN_BASE: usize = 1 << 20;
+/// Request head size limit; larger requests get 431 and are closed.
+const MAX_REQUEST: usize = 8 * 1024;
+/// Whole-exchange deadline per connection.
+const DEADLINE: Duration = Duration::from_secs(5);
+/// Open scrape connections at most; extra ones are closed at once.
+const MAX_CONNS: usize = 64;
+
+/// What the endpoint needs from the master to answer a request.
+pub trait Responder {
+    /// The Prometheus exposition, rendered now.
+    fn metrics(&self) -> String;
+    /// True while the master serves (not stopping, some worker up).
+    fn healthy(&self) -> bool;
+}
+
+enum State {
+    Reading(Vec<u8>),
+    Writing(Vec<u8>, usize),
+}
+
+struct Conn {
+    stream: TcpStream,
+    state: State,
+    deadline: Instant,
+}
+
+/// The metrics listener and its connections.
+pub struct HttpServer {
+    listener: TcpListener,
+    pub addr: SocketAddr,
+    conns: HashMap<usize, Conn>,
+    next_id: usize,
+}
+
+impl HttpServer {
+    /// Binds `addr` (SO_REUSEADDR, non-blocking, close-on-exec).
+    pub fn bind(addr: SocketAddr, registry: &Registry) -> io::Result<HttpServer> {
+        let mut listener = TcpListener::bind(addr)?;
+        registry.register(&mut listener, LISTENER_TOKEN, Interest::READABLE)?;
+        let addr = listener.local_addr()?;
+        Ok(HttpServer { listener, addr, conns: HashMap::new(), next_id: 0 })
+    }
+
+    /// Uses a listening socket passed by systemd.
+    pub fn adopt(socket: std::net::TcpListener, registry: &Registry) -> io::Result<HttpServer> {
+        socket.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(socket);
+        registry.register(&mut listener, LISTENER_TOKEN, Interest::READABLE)?;
+        let addr = listener.local_addr()?;
+        Ok(HttpServer { listener, addr, conns: HashMap::new(), next_id: 0 })
+    }
+
+    /// Closes the listener and every connection.
+    pub fn close(mut self, registry: &Registry) {
+        let _ = registry.deregister(&mut self.listener);
+        for (_, mut c) in self.conns.drain() {
+            let _ = registry.deregister(&mut c.stream);
+        }
+    }
+
+    /// The earliest connection deadline.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.conns.values().map(|c| c.deadline).min()
+    }
+
+    /// Drops connections past their deadline (slow or silent scrapers).
+    pub fn expire(&mut self, now: Instant, registry: &Registry) {
+        let late: Vec<usize> = self.conns.iter().filter(|(_, c)| now >= c.deadline).map(|(id, _)| *id).collect();
+        for id in late {
+            log::debug!("metrics: dropping a scrape connection that took longer than {DEADLINE:?}");
+            self.drop_conn(id, registry);
+        }
+    }
+
+    /// Accepts pending scrape connections.
+    pub fn on_listener(&mut self, registry: &Registry, now: Instant) {
+        loop {
+            match self.listener.accept() {
+                Ok((mut stream, _)) => {
+                    if self.conns.len() >= MAX_CONNS {
+                        continue; // dropped: closed at once
+                    }
+                    let id = self.next_id;
+                    self.next_id = self.next_id.wrapping_add(1) % (1 << 20);
+                    let token = Token(CONN_TOKEN_BASE + id);
+                    if registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE).is_ok() {
+                        let state = State::Reading(Vec::with_capacity(512));
+                        self.conns.insert(id, Conn { stream, state, deadline: now + DEADLINE });
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("metrics accept: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Progresses one connection after a readiness event.
+    pub fn on_conn(&mut self, token: Token, registry: &Registry, app: &dyn Responder) {
+        let id = token.0 - CONN_TOKEN_BASE;
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let done = match advance(conn, app) {
+            Ok(done) => done,
+            Err(e) => {
+                log::debug!("metrics connection: {e}");
+                true
+            }
+        };
+        if done {
+            self.drop_conn(id, registry);
+        }
+    }
+
+    fn drop_conn(&mut self, id: usize, registry: &Registry) {
+        if let Some(mut c) = self.conns.remove(&id) {
+            let _ = registry.deregister(&mut c.stream);
+        }
+    }
+}
+
+/// Reads the request until its head is complete, then writes the response.
+/// Returns true when the connection is finished.
+fn advance(conn: &mut Conn, app: &dyn Responder) -> io::Result<bool> {
+    if let State::Reading(buf) = &mut conn.state {
+        let mut chunk = [0u8; 2048];
+        loop {
+            match conn.stream.read(&mut chunk) {
+                Ok(0) => return Ok(true),
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    if head_complete(buf) || buf.len() > MAX_REQUEST {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let response = respond(buf, app);
+        conn.state = State::Writing(response, 0);
+    }
+    if let State::Writing(data, off) = &mut conn.state {
+        while *off < data.len() {
+            match conn.stream.write(&data[*off..]) {
+                Ok(n) => *off += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+fn head_complete(buf: &[u8]) -> bool {
+    buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n")
+}
+
+/// The full HTTP response for a request head.
+fn respond(head: &[u8], app: &dyn Responder) -> Vec<u8> {
+    if head.len() > MAX_REQUEST {
+        return response(431, "Request Header Fields Too Large", "text/plain", "request too large\n", false);
+    }
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let head_only = method == "HEAD";
+    if method != "GET" && !head_only {
+        return response(405, "Method Not Allowed", "text/plain", "only GET and HEAD\n", head_only);
+    }
+    match path {
+        "/metrics" => response(200, "OK", "text/plain; version=0.0.4; charset=utf-8", &app.metrics(), head_only),
+        "/healthz" if app.healthy() => response(200, "OK", "text/plain", "ok\n", head_only),
+        "/healthz" => response(503, "Service Unavailable", "text/plain", "stopping or no worker serving\n", head_only),
+        _ => response(404, "Not Found", "text/plain", "try /metrics or /healthz\n", head_only),
+    }
+}
+
+fn response(code: u16, reason: &str, ctype: &str, body: &str, head_only: bool) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    if !head_only {
+        out.extend_from_slice(body.as_bytes());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct App(bool);
+    impl Responder for App {
+        fn metrics(&self) -> String {
+            "m 1\n".into()
+        }
+        fn healthy(&self) -> bool {
+            self.0
+        }
+    }
+
+    fn text(head: &str, healthy: bool) -> String {
+        String::from_utf8(respond(head.as_bytes(), &App(healthy))).unwrap()
+    }
+
+    #[test]
+    fn routes() {
+        assert!(text("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", true).starts_with("HTTP/1.1 200 OK"));
+        assert!(text("GET /metrics HTTP/1.1\r\n\r\n", true).ends_with("\r\n\r\nm 1\n"));
+        assert!(text("GET /healthz HTTP/1.0\r\n\r\n", true).starts_with("HTTP/1.1 200"));
+        assert!(text("GET /healthz HTTP/1.0\r\n\r\n", false).starts_with("HTTP/1.1 503"));
+        assert!(text("GET /nope HTTP/1.0\r\n\r\n", true).starts_with("HTTP/1.1 404"));
+        assert!(text("POST /metrics HTTP/1.0\r\n\r\n", true).starts_with("HTTP/1.1 405"));
+        let head = text("HEAD /metrics HTTP/1.1\r\n\r\n", true);
+        assert!(head.contains("Content-Length: 4") && head.ends_with("\r\n\r\n"));
+        assert!(head_complete(b"GET / HTTP/1.0\n\n") && !head_complete(b"GET / HTTP/1.0\r\n"));
+    }
+}
