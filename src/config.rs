@@ -83,6 +83,16 @@ pub struct Config {
     /// "" = off.
     #[serde(with = "optional_addr")]
     pub metrics_listen: Option<SocketAddr>,
+    /// When started as root: the user to become after binding, in master and
+    /// workers. Ignored when not started as root (systemd's DynamicUser= or
+    /// User= already chose). "" = stay root, refused unless `allow_root`.
+    pub user: String,
+    /// The group to become; "" = the user's primary group.
+    pub group: String,
+    /// Allow running as root with `user = ""`. A worker that parses bytes
+    /// from the whole internet should not be root; this is for containers
+    /// whose "root" is already unprivileged.
+    pub allow_root: bool,
 }
 
 impl Default for Config {
@@ -106,6 +116,9 @@ impl Default for Config {
             max_connections_per_worker: 0,
             max_connections_per_worker_jitter: 0,
             metrics_listen: None,
+            user: "nobody".to_string(),
+            group: String::new(),
+            allow_root: false,
         }
     }
 }
@@ -211,6 +224,15 @@ impl Config {
         }
         range("queue_capacity", self.queue_capacity, 1, 1 << 20)?;
         range("buffer_size", self.buffer_size, 512, 16 << 20)?;
+        if nix::unistd::geteuid().is_root() {
+            // Only then are they used; check them now, with file and line.
+            if !self.user.is_empty() && crate::privileges::find_user(&self.user).is_none() {
+                return Err(("user", format!("no such user `{}`", self.user)));
+            }
+            if !self.group.is_empty() && crate::privileges::find_group(&self.group).is_none() {
+                return Err(("group", format!("no such group `{}`", self.group)));
+            }
+        }
         if self.max_connections_per_worker == 0 && self.max_connections_per_worker_jitter > 0 {
             return Err((
                 "max_connections_per_worker_jitter",

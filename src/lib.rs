@@ -9,7 +9,7 @@
 //! dispatch, supervisor, signals), [`worker`] (queue, pool, echo, counters),
 //! [`ipc`] (the master–worker channel), [`scoreboard`] (shared per-worker
 //! numbers), [`stats`] (snapshots for logs), [`metrics`] (Prometheus text), [`systemd`], [`logging`],
-//! [`limits`], [`ratelimit`], and [`sys`] (every `unsafe` call).
+//! [`limits`], [`privileges`], [`ratelimit`], and [`sys`] (every `unsafe` call).
 
 pub mod config;
 pub mod ipc;
@@ -17,6 +17,7 @@ pub mod limits;
 pub mod logging;
 pub mod master;
 pub mod metrics;
+pub mod privileges;
 pub mod ratelimit;
 pub mod scoreboard;
 pub mod stats;

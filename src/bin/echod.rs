@@ -59,6 +59,7 @@ fn main() -> ExitCode {
         Err(e) => {
             log::error!("cannot start: {e}");
             return exit(match e {
+                StartError::Config(_) => EX_CONFIG,
                 StartError::Listen(_) => 1,
                 StartError::Os(_) => 71, // EX_OSERR
             });

@@ -120,6 +120,14 @@ impl Listeners {
     /// nothing: if one new address cannot be bound, nothing changes.
     /// Systemd's sockets are kept as they are.
     pub fn reconcile(&mut self, config: &Config, registry: &Registry) -> Result<(), (SocketAddr, io::Error)> {
+        if self.list.iter().any(|l| l.configured.is_none()) {
+            // Socket-activated: systemd owns the addresses; `listen` is
+            // ignored, as at start. Only the per-connection options change.
+            for l in &self.list {
+                configure(&l.socket, config).map_err(|e| (l.addr, e))?;
+            }
+            return Ok(());
+        }
         // An address names an existing listener if it is what that listener
         // was configured with or what it is bound to (`:0` became a port).
         let names = |l: &Listener, a: &SocketAddr| l.configured == Some(*a) || l.addr == *a;
@@ -133,10 +141,8 @@ impl Listeners {
                 l.socket.listen(config.backlog as i32).map_err(|e| (l.addr, e))?;
             }
         }
-        // Sockets from systemd (configured = None) always stay.
-        let (keep, gone): (Vec<Listener>, Vec<Listener>) = std::mem::take(&mut self.list)
-            .into_iter()
-            .partition(|l| l.configured.is_none() || config.listen.iter().any(|a| names(l, a)));
+        let (keep, gone): (Vec<Listener>, Vec<Listener>) =
+            std::mem::take(&mut self.list).into_iter().partition(|l| config.listen.iter().any(|a| names(l, a)));
         self.list = keep;
         for l in gone {
             log::info!("no longer listening on {}", l.addr);

@@ -37,7 +37,7 @@ use crate::metrics::{self, MasterInfo};
 use crate::scoreboard::monotonic_ms;
 use crate::stats::Snapshot;
 use crate::systemd::{self, Notifier};
-use crate::{limits, logging};
+use crate::{limits, logging, privileges};
 use dispatch::Dispatcher;
 use http::HttpServer;
 use listeners::{LISTENER_TOKEN_BASE, Listeners};
@@ -50,9 +50,14 @@ const HEARTBEAT_CHECK: Duration = Duration::from_millis(500);
 /// How often systemd's STATUS= line is refreshed (only sent when changed).
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 
+/// FileDescriptorName= of a socket-activated metrics socket.
+pub const METRICS_FD_NAME: &str = "metrics";
+
 /// Why the master could not start. The binary maps each to an exit code.
 #[derive(Debug)]
 pub enum StartError {
+    /// The config cannot be applied (exit 78).
+    Config(String),
     /// Nothing to listen on, or an address cannot be bound.
     Listen(String),
     /// Any other OS failure (poll, signals, scoreboard).
@@ -68,7 +73,7 @@ impl From<io::Error> for StartError {
 impl std::fmt::Display for StartError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            StartError::Listen(m) => write!(f, "{m}"),
+            StartError::Listen(m) | StartError::Config(m) => write!(f, "{m}"),
             StartError::Os(e) => write!(f, "{e}"),
         }
     }
@@ -128,6 +133,8 @@ pub struct Master {
     next_status: Instant,
     /// The /metrics and /healthz endpoint, if `metrics_listen` is set.
     http: Option<HttpServer>,
+    /// The endpoint's socket came from systemd: reloads keep it.
+    http_activated: bool,
     /// Reported in /metrics.
     info: MasterInfo,
 }
@@ -161,33 +168,46 @@ impl Master {
     pub fn new(config: Config, source: Option<PathBuf>, overrides: Overrides) -> Result<Master, StartError> {
         let fd_limit = limits::raise_nofile();
         let capacity = limits::worker_capacity(&config, fd_limit);
-        let activated = systemd::listen_fds()?;
-        let listeners = if activated.is_empty() {
+        let poll = Poll::new()?;
+        let mut signals = Signals::new(signals::HANDLED)?;
+        poll.registry().register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
+
+        // Sockets from systemd win over the config: the one named "metrics"
+        // (FileDescriptorName=metrics) serves /metrics, the rest echo.
+        let (metrics_fds, echo_fds): (Vec<_>, Vec<_>) =
+            systemd::listen_fds()?.into_iter().partition(|a| a.name == METRICS_FD_NAME);
+        let listeners = if echo_fds.is_empty() {
             Listeners::bind(&config).map_err(|(addr, e)| StartError::Listen(format!("cannot listen on {addr}: {e}")))?
         } else {
-            let names: Vec<String> = activated.iter().map(|a| a.name.clone()).collect();
-            log::info!("using {} socket(s) passed by systemd ({})", names.len(), names.join(", "));
-            Listeners::adopt(activated.into_iter().map(|a| a.fd).collect(), &config)?
+            let names: Vec<&str> = echo_fds.iter().map(|a| a.name.as_str()).collect();
+            log::info!("using {} echo socket(s) passed by systemd ({})", names.len(), names.join(", "));
+            Listeners::adopt(echo_fds.into_iter().map(|a| a.fd).collect(), &config)?
         };
         if listeners.is_empty() {
             return Err(StartError::Listen("nothing to listen on: `listen` is empty".into()));
         }
-        let poll = Poll::new()?;
-        let mut signals = Signals::new(signals::HANDLED)?;
-        poll.registry().register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
         listeners.register(poll.registry())?;
         for addr in listeners.addrs() {
             log::info!("listening on {addr}");
         }
-        let http = match config.metrics_listen {
-            Some(addr) => Some(
+        let http_activated = !metrics_fds.is_empty();
+        let http = match (metrics_fds.into_iter().next(), config.metrics_listen) {
+            (Some(a), _) => Some(HttpServer::adopt(std::net::TcpListener::from(a.fd), poll.registry())?),
+            (None, Some(addr)) => Some(
                 HttpServer::bind(addr, poll.registry())
                     .map_err(|e| StartError::Listen(format!("cannot serve metrics on {addr}: {e}")))?,
             ),
-            None => None,
+            (None, None) => None,
         };
         if let Some(h) = &http {
             log::info!("metrics on http://{}/metrics", h.addr);
+        }
+
+        // Everything privileged is done: bind first, then drop.
+        match privileges::drop(&config) {
+            Ok(Some(msg)) => log::info!("{msg}"),
+            Ok(None) => {}
+            Err(msg) => return Err(StartError::Config(format!("key `user`: {msg}"))),
         }
         let sup = Supervisor::new(config.worker_count())?;
         let now = Instant::now();
@@ -210,6 +230,7 @@ impl Master {
             next_heartbeat_check: now + HEARTBEAT_CHECK,
             next_status: now,
             http,
+            http_activated,
             info: MasterInfo { start_time: started, last_reload_ok: true, last_reload_time: started },
         })
     }
@@ -434,7 +455,7 @@ impl Master {
             if let Some(old) = self.http.replace(h) {
                 old.close(self.poll.registry());
             }
-        } else if new.metrics_listen.is_none() {
+        } else if new.metrics_listen.is_none() && !self.http_activated {
             if let Some(old) = self.http.take() {
                 log::info!("metrics endpoint closed");
                 old.close(self.poll.registry());
@@ -467,6 +488,9 @@ impl Master {
     /// A new metrics server if `new` moves the metrics address (Ok(None):
     /// nothing to bind, keep or close the current one).
     fn rebind_metrics(&self, new: &Config) -> Result<Option<HttpServer>, String> {
+        if self.http_activated {
+            return Ok(None);
+        }
         let Some(addr) = new.metrics_listen else { return Ok(None) };
         let same = self.http.as_ref().is_some_and(|h| Some(addr) == self.config.metrics_listen || h.addr == addr);
         if same {

@@ -1,0 +1,287 @@
+//! echod as a systemd citizen, with real systemd tools and no systemd as PID
+//! 1: unit verification, socket activation via systemd-socket-activate, the
+//! sd_notify protocol on a socket the test owns, journal-style logging, and
+//! the privilege drop.
+
+mod common;
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn units_pass_systemd_analyze_verify_and_score_well() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let service = std::fs::read_to_string(format!("{root}/systemd/echod.service")).unwrap();
+    assert!(service.contains("ExecStart=/usr/local/bin/echod --config /etc/echod/echod.toml"));
+    // verify insists that ExecStart exists: point it at the binary under test.
+    std::fs::write(dir.path().join("echod.service"), service.replace("/usr/local/bin/echod", ECHOD)).unwrap();
+    std::fs::copy(format!("{root}/systemd/echod.socket"), dir.path().join("echod.socket")).unwrap();
+    let units = [dir.path().join("echod.service"), dir.path().join("echod.socket")];
+    let out = Command::new("systemd-analyze").arg("verify").args(&units).output().expect("systemd-analyze");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.trim().is_empty(), "verify: {err}");
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true"])
+        .arg(&units[0])
+        .output()
+        .expect("systemd-analyze security");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let score: f64 = text
+        .lines()
+        .find_map(|l| l.split("exposure level for echod.service: ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no score in:\n{text}"));
+    assert!(score <= 2.0, "exposure {score} (README documents 1.5)");
+}
+
+#[test]
+fn socket_activation_serves_on_the_passed_sockets_and_a_reload_keeps_them() {
+    let (port, mport) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("echod.toml");
+    // The file's own listen address must be ignored while activated.
+    std::fs::write(&config, "listen = [\"127.0.0.1:0\"]\nworkers = 2\n").unwrap();
+    let log = dir.path().join("stderr.log");
+    let mut child = Command::new("systemd-socket-activate")
+        .args(["-l", &format!("127.0.0.1:{port}"), "-l", &format!("127.0.0.1:{mport}"), "--fdname=echo:metrics"])
+        .arg(ECHOD)
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("systemd-socket-activate (Debian package systemd)");
+    let pid = child.id() as i32;
+    let cleanup = Defer(move || {
+        let workers = children_of(pid);
+        kill(pid, libc_sig::KILL);
+        workers.into_iter().for_each(|w| kill(w, libc_sig::KILL));
+    });
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // systemd-socket-activate holds the socket and execs echod on the first
+    // connection, which waits in the backlog until echod accepts it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = loop {
+        match std::net::TcpStream::connect(addr) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("connect: {e}"),
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(round_trip(&mut s, b"activated").unwrap(), b"activated");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("using 1 echo socket(s) passed by systemd (echo)"), "{text}");
+    assert!(!text.contains("listening on 127.0.0.1:0"));
+    let (code, body) = http_get(format!("127.0.0.1:{mport}").parse().unwrap(), "/metrics");
+    assert_eq!(code, 200);
+    assert!(body.contains("echod_connections_accepted_total"));
+
+    // A reload keeps the passed sockets and binds nothing of its own.
+    std::fs::write(&config, "listen = [\"127.0.0.1:0\"]\nworkers = 3\n").unwrap();
+    kill(pid, libc_sig::HUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while children_of(pid).len() != 3 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("reloaded"), "{text}");
+    assert_eq!(text.matches("listening on").count(), 1, "a reload bound something:\n{text}");
+    assert_eq!(round_trip(&mut s, b"still").unwrap(), b"still");
+    let mut fresh = connect(addr);
+    assert_eq!(round_trip(&mut fresh, b"fresh").unwrap(), b"fresh");
+    drop(fresh);
+    drop(s);
+    kill(pid, libc_sig::TERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(child.try_wait().unwrap().is_some_and(|s| s.success()));
+    drop(cleanup);
+}
+
+/// Runs a closure on drop (kills processes even when an assert fails).
+struct Defer<F: FnMut()>(F);
+impl<F: FnMut()> Drop for Defer<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+/// A NOTIFY_SOCKET the test owns: collects every datagram with its arrival
+/// time.
+struct Notifications {
+    path: std::path::PathBuf,
+    got: Arc<Mutex<Vec<(Instant, String)>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Notifications {
+    fn new() -> Notifications {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        // echod drops root to `nobody` after binding; it must still reach us.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let sink = got.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = sock.recv(&mut buf) {
+                sink.lock().unwrap().push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned()));
+            }
+        });
+        Notifications { path, got, _dir: dir }
+    }
+
+    fn all(&self) -> Vec<(Instant, String)> {
+        self.got.lock().unwrap().clone()
+    }
+
+    /// Waits for a message containing `pat` after index `skip`; returns its index.
+    fn wait(&self, skip: usize, pat: &str, timeout: Duration) -> Option<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.all().iter().skip(skip).position(|(_, m)| m.contains(pat)) {
+                return Some(skip + i);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+fn fields(msg: &str) -> HashMap<&str, &str> {
+    msg.lines().filter_map(|l| l.split_once('=')).collect()
+}
+
+#[test]
+fn sd_notify_ready_status_reload_watchdog_and_stopping() {
+    let n = Notifications::new();
+    let path = n.path.to_str().unwrap().to_string();
+    let mut e = start_with("workers = 2\n", &[], &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "300000")]);
+    let ready = n.wait(0, "READY=1", Duration::from_secs(5)).expect("READY=1");
+    // READY=1 came with a status and only once both workers were up.
+    let msg = &n.all()[ready].1;
+    assert!(fields(msg).get("STATUS").is_some_and(|s| s.starts_with("2 workers")), "{msg}");
+    assert_eq!(e.workers().len(), 2);
+    let mut s = connect(e.addr);
+    assert_eq!(round_trip(&mut s, b"ready").unwrap(), b"ready");
+
+    // Watchdog pings at half of WATCHDOG_USEC (150 ms).
+    thread::sleep(Duration::from_millis(1000));
+    let pings = n.all().iter().filter(|(_, m)| m.contains("WATCHDOG=1")).count();
+    assert!((4..=10).contains(&pings), "{pings} watchdog pings in ~1 s");
+    // STATUS lines track activity.
+    let status = n.wait(ready + 1, "STATUS=2 workers, 1 active", Duration::from_secs(5));
+    assert!(status.is_some(), "{:?}", n.all());
+
+    // HUP: RELOADING=1 with MONOTONIC_USEC, then READY=1 again.
+    let before = n.all().len();
+    std::fs::write(&e.config, format!("listen = [\"{}\"]\nworkers = 2\nbuffer_size = 2048\n", e.addr)).unwrap();
+    e.signal(libc_sig::HUP);
+    let reloading = n.wait(before, "RELOADING=1", Duration::from_secs(5)).expect("RELOADING=1");
+    let usec: u64 = fields(&n.all()[reloading].1)["MONOTONIC_USEC"].parse().unwrap();
+    assert!(usec > 0);
+    n.wait(reloading + 1, "READY=1", Duration::from_secs(10)).expect("READY=1 after reload");
+
+    // TERM: STOPPING=1.
+    drop(s);
+    let before = n.all().len();
+    e.signal(libc_sig::TERM);
+    n.wait(before, "STOPPING=1", Duration::from_secs(5)).expect("STOPPING=1");
+    assert_eq!(e.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn no_ready_is_sent_while_workers_cannot_start() {
+    let n = Notifications::new();
+    let path = n.path.to_str().unwrap().to_string();
+    let e = start_unready("workers = 1\n", &[("NOTIFY_SOCKET", &path), ("ECHOD_TEST_WORKER_CRASH", "startup")]);
+    thread::sleep(Duration::from_millis(1500));
+    assert!(e.log_text().contains("worker 0 started"), "{}", e.log_text());
+    assert!(!n.all().iter().any(|(_, m)| m.contains("READY=1")), "READY=1 without a serving worker: {:?}", n.all());
+}
+
+#[test]
+fn under_journald_lines_carry_priorities_instead_of_timestamps() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("journal.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let meta = file.metadata().unwrap();
+    let stream = format!("{}:{}", meta.dev(), meta.ino());
+    let config = dir.path().join("echod.toml");
+    // A tiny fd limit makes echod warn (priority 4) about capacity.
+    std::fs::write(&config, "listen = [\"127.0.0.1:0\"]\nworkers = 1\n").unwrap();
+    let mut child = Command::new("prlimit")
+        .args(["--nofile=200:200", "--"])
+        .arg(ECHOD)
+        .arg("--config")
+        .arg(&config)
+        .env("JOURNAL_STREAM", &stream)
+        .stderr(file)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(&log).unwrap().contains("ready:") && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let pid = child.id() as i32;
+    let workers = children_of(pid);
+    kill(pid, libc_sig::TERM);
+    let _ = child.wait();
+    workers.into_iter().for_each(|w| kill(w, libc_sig::KILL));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.lines().any(|l| l.starts_with("<6>[master] ready:")), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("<4>[master] RLIMIT_NOFILE 200")), "{text}");
+    assert!(text.lines().all(|l| l.starts_with('<') && !l.contains("Z INFO")), "{text}");
+}
+
+#[test]
+fn root_drops_to_the_configured_user_and_refuses_to_stay_root() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root: privilege drop not testable here; skipping");
+        return;
+    }
+    let e = start("workers = 2\nuser = \"nobody\"\n");
+    for pid in std::iter::once(e.pid()).chain(e.workers()) {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        assert!(uid.split_whitespace().skip(1).all(|u| u == "65534"), "pid {pid}: {uid}");
+    }
+    let mut s = connect(e.addr);
+    assert_eq!(round_trip(&mut s, b"nobody").unwrap(), b"nobody");
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("root.toml");
+    std::fs::write(&cfg, "listen = [\"127.0.0.1:0\"]\nuser = \"\"\n").unwrap();
+    let (code, err, _) = run_to_exit(&["--config", cfg.to_str().unwrap()], None);
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains("`user`") && err.contains("refusing to run as root"), "{err}");
+    std::fs::write(&cfg, "listen = [\"127.0.0.1:0\"]\n\nuser = \"no-such-user-here\"\n").unwrap();
+    let (code, err, _) = run_to_exit(&["--config", cfg.to_str().unwrap()], None);
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains("root.toml:3: key `user`"), "{err}");
+}
