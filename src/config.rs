@@ -72,6 +72,13 @@ pub struct Config {
     /// no progress for this long, so slow readers cannot pin memory and
     /// threads; 0 = never.
     pub write_timeout: Seconds,
+    /// Connections echod holds at most; more are closed at once (counted as
+    /// rejected). 0 = only the capacity limit (workers x threads_per_worker),
+    /// beyond which clients wait in the backlog instead.
+    pub max_connections: u64,
+    /// Connections one client address may hold; more are closed at once.
+    /// 0 = no limit.
+    pub max_connections_per_ip: u32,
     /// Replace a worker after it has been given this many connections
     /// (Apache's MaxConnectionsPerChild, gunicorn's max_requests), to bound
     /// the effect of any slow leak; 0 = never.
@@ -113,6 +120,8 @@ impl Default for Config {
             stats_interval: Seconds::from_secs(60),
             idle_timeout: Seconds::from_secs(300),
             write_timeout: Seconds::from_secs(60),
+            max_connections: 0,
+            max_connections_per_ip: 0,
             max_connections_per_worker: 0,
             max_connections_per_worker_jitter: 0,
             metrics_listen: None,

@@ -31,8 +31,9 @@ pub const MAX_FDS_PER_MESSAGE: usize = 128;
 /// the channel in that direction, as nginx's channel commands.
 #[derive(Debug)]
 pub enum Command {
-    /// Serve these accepted client connections.
-    Serve(Vec<OwnedFd>),
+    /// Serve these accepted client connections (each with the hash bucket
+    /// of its client address, for per-address accounting).
+    Serve(Vec<(OwnedFd, u16)>),
     /// Stop taking connections; let open ones finish for `timeout`, then
     /// close them and exit. Sent on graceful stop, reload and scale-down.
     Drain { timeout: Duration },
@@ -96,23 +97,28 @@ impl Channel {
         Ok(())
     }
 
-    /// Master side: offers `fds` to the worker without blocking.
+    /// Master side: offers connections to the worker without blocking.
     ///
     /// On success the worker holds its own copies and the caller should drop
     /// (close) its ones. `WouldBlock` means the worker's socket is full and
     /// nothing was sent: the caller still owns every fd.
-    pub fn send_serve(&self, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-        debug_assert!(!fds.is_empty() && fds.len() <= MAX_FDS_PER_MESSAGE);
-        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    pub fn send_serve(&self, conns: &[(BorrowedFd<'_>, u16)]) -> io::Result<()> {
+        debug_assert!(!conns.is_empty() && conns.len() <= MAX_FDS_PER_MESSAGE);
+        let raw: Vec<RawFd> = conns.iter().map(|(f, _)| f.as_raw_fd()).collect();
+        let mut payload = Vec::with_capacity(1 + 2 * conns.len());
+        payload.push(TAG_SERVE);
+        for (_, bucket) in conns {
+            payload.extend_from_slice(&bucket.to_le_bytes());
+        }
         let cmsg = [ControlMessage::ScmRights(&raw)];
-        self.send(&[TAG_SERVE], &cmsg)
+        self.send(&payload, &cmsg)
     }
 
     /// Master side: sends a control command (not `Serve`).
     pub fn send_command(&self, cmd: &Command) -> io::Result<()> {
         match cmd {
-            Command::Serve(fds) => {
-                let borrowed: Vec<BorrowedFd> = fds.iter().map(|f| f.as_fd()).collect();
+            Command::Serve(conns) => {
+                let borrowed: Vec<(BorrowedFd, u16)> = conns.iter().map(|(f, b)| (f.as_fd(), *b)).collect();
                 self.send_serve(&borrowed)
             }
             Command::Drain { timeout } => {
@@ -149,7 +155,7 @@ impl Channel {
 
     /// Worker side: waits for the next command (up to the receive timeout).
     pub fn recv_command(&self) -> io::Result<Received> {
-        let mut payload = [0u8; 16];
+        let mut payload = [0u8; 1 + 2 * MAX_FDS_PER_MESSAGE];
         let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
         let mut iov = [IoSliceMut::new(&mut payload)];
         let msg = loop {
@@ -180,7 +186,10 @@ impl Channel {
             log::error!("channel: control data truncated: some connections were lost (out of file descriptors?)");
         }
         let command = match payload[0] {
-            TAG_SERVE => Command::Serve(fds),
+            TAG_SERVE => {
+                let buckets = payload[1..len].chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+                Command::Serve(fds.into_iter().zip(buckets.chain(std::iter::repeat(0))).collect())
+            }
             TAG_DRAIN if len >= 9 => {
                 let ms = u64::from_le_bytes(payload[1..9].try_into().unwrap_or_default());
                 Command::Drain { timeout: Duration::from_millis(ms) }
@@ -238,11 +247,13 @@ mod tests {
         let (master, worker) = Channel::pair().unwrap();
         worker.set_receive_timeout(Duration::from_millis(50)).unwrap();
         let (mut a, b) = UnixStream::pair().unwrap();
-        master.send_serve(&[b.as_fd()]).unwrap();
+        master.send_serve(&[(b.as_fd(), 4242)]).unwrap();
         drop(b); // the master closes its copy after sending
-        let Received::Command(Command::Serve(fds)) = worker.recv_command().unwrap() else { panic!("no Serve") };
-        assert_eq!(fds.len(), 1);
-        let mut passed = UnixStream::from(fds.into_iter().next().unwrap());
+        let Received::Command(Command::Serve(conns)) = worker.recv_command().unwrap() else { panic!("no Serve") };
+        assert_eq!(conns.len(), 1);
+        let (fd, bucket) = conns.into_iter().next().unwrap();
+        assert_eq!(bucket, 4242);
+        let mut passed = UnixStream::from(fd);
         passed.write_all(b"hi").unwrap();
         let mut got = [0u8; 2];
         a.read_exact(&mut got).unwrap();
@@ -270,7 +281,7 @@ mod tests {
         let (_a, b) = UnixStream::pair().unwrap();
         let mut sent = 0;
         let err = loop {
-            match master.send_serve(&[b.as_fd()]) {
+            match master.send_serve(&[(b.as_fd(), 0)]) {
                 Ok(()) => sent += 1,
                 Err(e) => break e,
             }

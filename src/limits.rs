@@ -48,3 +48,22 @@ pub fn worker_capacity(config: &Config, fd_limit: u64) -> usize {
     }
     fits.min(config.threads_per_worker)
 }
+
+/// Warns about limits that cannot all be met at once.
+pub fn check(config: &Config, workers: usize, capacity: usize) {
+    let total = (workers * capacity) as u64;
+    if config.max_connections > total {
+        log::warn!(
+            "max_connections = {} exceeds what {workers} worker(s) x {capacity} can serve ({total}); \
+             beyond {total}, clients wait in the listen backlog",
+            config.max_connections
+        );
+    }
+    if let Some(max) =
+        std::fs::read_to_string("/proc/sys/kernel/threads-max").ok().and_then(|s| s.trim().parse::<u64>().ok())
+    {
+        if total > max {
+            log::warn!("{total} handler threads may be needed but kernel.threads-max is {max}");
+        }
+    }
+}

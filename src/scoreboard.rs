@@ -13,7 +13,8 @@
 //! its own.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::sys;
 
@@ -67,10 +68,19 @@ const _: () = assert!(Field::Duration0 as usize + DURATION_BUCKETS.len() <= STRI
 /// Header words (block 0, written by the master).
 const ACCEPT_PAUSED: usize = 0;
 
+/// Client addresses are counted per hash bucket: two addresses that share a
+/// bucket (rarely) share a `max_connections_per_ip` budget. Per worker that
+/// is 64 KiB of shared memory, touched only where clients hash.
+pub const IP_BUCKETS: usize = 16384;
+
 /// The shared mapping. Cheap to copy: it is a `'static` slice.
 #[derive(Clone, Copy)]
 pub struct Scoreboard {
     words: &'static [AtomicU64],
+    /// Per worker, per client-address bucket: connections the worker holds.
+    /// The master adds when it sends a connection, the worker subtracts when
+    /// it closes one; a dead worker's row is cleared with its slot.
+    ip_counts: &'static [AtomicU32],
     slots: usize,
 }
 
@@ -78,7 +88,37 @@ impl Scoreboard {
     /// Maps room for `slots` workers. Call before forking.
     pub fn new(slots: usize) -> io::Result<Scoreboard> {
         let words = sys::shared_zeroed::<AtomicU64>((slots + 1) * STRIDE)?;
-        Ok(Scoreboard { words, slots })
+        let ip_counts = sys::shared_zeroed::<AtomicU32>(slots * IP_BUCKETS)?;
+        Ok(Scoreboard { words, ip_counts, slots })
+    }
+
+    fn ip_cell(&self, slot: usize, bucket: u16) -> &AtomicU32 {
+        &self.ip_counts[slot * IP_BUCKETS + bucket as usize % IP_BUCKETS]
+    }
+
+    /// Connections worker `slot` holds from addresses in `bucket`.
+    pub fn ip_count(&self, slot: usize, bucket: u16) -> u32 {
+        self.ip_cell(slot, bucket).load(Ordering::Relaxed)
+    }
+
+    /// Master: worker `slot` was sent a connection from `bucket`.
+    pub fn charge_ip(&self, slot: usize, bucket: u16) {
+        self.ip_cell(slot, bucket).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Worker: it closed a connection from `bucket`.
+    pub fn discharge_ip(&self, slot: usize, bucket: u16) {
+        let _ = self.ip_cell(slot, bucket).fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// Master: forgets every address count of a slot (its worker is gone,
+    /// and its connections with it).
+    pub fn clear_ips(&self, slot: usize) {
+        for cell in &self.ip_counts[slot * IP_BUCKETS..(slot + 1) * IP_BUCKETS] {
+            if cell.load(Ordering::Relaxed) != 0 {
+                cell.store(0, Ordering::Relaxed);
+            }
+        }
     }
 
     pub fn slots(&self) -> usize {
@@ -209,6 +249,24 @@ impl SlotStats {
     }
 }
 
+/// The bucket of a client address (FNV-1a over its bytes; IPv4-mapped IPv6
+/// counts as the IPv4 address).
+pub fn ip_bucket(ip: IpAddr) -> u16 {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    let bytes = match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    let mut h: u32 = 0x811c_9dc5;
+    for b in bytes {
+        h = (h ^ b as u32).wrapping_mul(0x0100_0193);
+    }
+    ((h ^ (h >> 16)) as usize % IP_BUCKETS) as u16
+}
+
 /// CLOCK_MONOTONIC in milliseconds: one clock for every process, so the
 /// master can judge a worker's heartbeat.
 pub fn monotonic_ms() -> u64 {
@@ -234,6 +292,22 @@ mod tests {
         assert_eq!(sb.slot(1).snapshot(), SlotStats::default());
         sb.set_accept_paused(true);
         assert!(sb.accept_paused());
+    }
+
+    #[test]
+    fn ip_counts_per_worker_and_bucket() {
+        let sb = Scoreboard::new(2).unwrap();
+        let b = ip_bucket("192.0.2.7".parse().unwrap());
+        assert_eq!(b, ip_bucket("::ffff:192.0.2.7".parse().unwrap()), "mapped v4 is v4");
+        assert_ne!(b, ip_bucket("192.0.2.8".parse().unwrap()));
+        sb.charge_ip(0, b);
+        sb.charge_ip(0, b);
+        sb.charge_ip(1, b);
+        sb.discharge_ip(0, b);
+        assert_eq!((sb.ip_count(0, b), sb.ip_count(1, b)), (1, 1));
+        sb.clear_ips(0);
+        sb.discharge_ip(0, b); // never below zero
+        assert_eq!((sb.ip_count(0, b), sb.ip_count(1, b)), (0, 1));
     }
 
     #[test]

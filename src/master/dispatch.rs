@@ -13,19 +13,28 @@
 //! that is draining, or whose heartbeat stalled is skipped; fds it could not
 //! take are kept and offered to the others first on the next pass.
 //!
+//! Over `max_connections` or `max_connections_per_ip` a connection is
+//! closed right after accept (counted as rejected, logged at most once per
+//! five seconds) instead of taking a thread. Per-address counts live in the
+//! scoreboard: the master charges a worker's row when it sends it a
+//! connection, the worker discharges it when the connection ends.
+//!
 //! Out of file descriptors (EMFILE/ENFILE) the master does not spin on a
 //! readable listener it cannot accept from: it sends what it holds (freeing
 //! fds) and, if that was nothing, pauses accepting for a growing interval
 //! (as nginx and libuv do), logging at most once per interval.
 
 use std::io::{self, ErrorKind};
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
+use crate::config::Config;
 use crate::ipc::MAX_FDS_PER_MESSAGE;
 use crate::master::listeners::Listeners;
-use crate::master::supervisor::{Phase, Supervisor, WorkerHandle};
+use crate::master::supervisor::{Pending, Phase, Supervisor, WorkerHandle};
 use crate::ratelimit::RateLimited;
+use crate::scoreboard::ip_bucket;
 
 /// First pause after an EMFILE with nothing to free; doubles up to the max.
 const FD_BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -40,7 +49,7 @@ pub struct Dispatcher {
     /// Accepted connections no worker could take yet (their channel was
     /// full). Offered first on the next pass; never more than the capacity
     /// that admitted them.
-    stash: Vec<OwnedFd>,
+    stash: Vec<Pending>,
     /// Round-robin cursor among workers for ties in load.
     rr: usize,
     /// Accepting is paused for lack of capacity.
@@ -55,6 +64,26 @@ pub struct Dispatcher {
     pub rejected: u64,
     fd_log: RateLimited,
     send_log: RateLimited,
+    reject_log: RateLimited,
+}
+
+/// The limits a dispatch pass enforces (from the config in force).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: u64,
+    pub max_per_ip: u32,
+}
+
+impl Limits {
+    pub fn of(config: &Config) -> Limits {
+        Limits { max_connections: config.max_connections, max_per_ip: config.max_connections_per_ip }
+    }
+}
+
+/// Why a connection was turned away.
+enum Rejection {
+    Total(u64),
+    PerIp(u32),
 }
 
 impl Dispatcher {
@@ -75,8 +104,8 @@ impl Dispatcher {
 
     /// Takes back connections that were picked for a worker which is going
     /// away, to offer them to others.
-    pub fn restash(&mut self, fds: Vec<OwnedFd>) {
-        self.stash.extend(fds);
+    pub fn restash(&mut self, conns: Vec<Pending>) {
+        self.stash.extend(conns);
     }
 
     /// Drops every connection not yet handed to a worker (stopping).
@@ -89,7 +118,7 @@ impl Dispatcher {
 
     /// One dispatch pass: place held connections, accept while there is
     /// capacity, send batches, and pause or resume accepting.
-    pub fn run(&mut self, listeners: &mut Listeners, sup: &mut Supervisor, now: Instant) {
+    pub fn run(&mut self, listeners: &mut Listeners, sup: &mut Supervisor, limits: Limits, now: Instant) {
         self.again = false;
         if self.fd_backoff.is_some_and(|(until, _)| now < until) {
             self.flush(sup);
@@ -100,7 +129,7 @@ impl Dispatcher {
         for _ in 0..2 {
             self.place_stash(sup);
             if self.stash.is_empty() {
-                self.accept(listeners, sup, now);
+                self.accept(listeners, sup, limits, now);
             }
             if self.flush(sup) == 0 {
                 break;
@@ -113,25 +142,31 @@ impl Dispatcher {
     fn place_stash(&mut self, sup: &mut Supervisor) {
         while !self.stash.is_empty() {
             let Some(i) = self.pick(sup) else { return };
-            if let Some(fd) = self.stash.pop() {
-                sup.workers[i].outbox.push(fd);
+            if let Some(conn) = self.stash.pop() {
+                sup.workers[i].outbox.push(conn);
             }
         }
     }
 
     /// Accepts from ready listeners while some worker has room.
-    fn accept(&mut self, listeners: &mut Listeners, sup: &mut Supervisor, now: Instant) {
+    fn accept(&mut self, listeners: &mut Listeners, sup: &mut Supervisor, limits: Limits, now: Instant) {
         for listener in listeners.ready_mut() {
             loop {
                 let Some(i) = self.pick(sup) else { return };
                 match listener.socket.accept() {
-                    Ok((socket, _peer)) => {
+                    Ok((socket, peer)) => {
                         self.fd_backoff = None;
+                        let ip = peer.as_socket().map(|a| a.ip());
+                        let bucket = ip.map_or(0, ip_bucket);
+                        if let Some(why) = self.over_limit(sup, limits, bucket) {
+                            self.reject(why, peer.as_socket(), now);
+                            continue; // dropping `socket` closes it
+                        }
                         self.accepted += 1;
                         let w = &mut sup.workers[i];
-                        w.outbox.push(OwnedFd::from(socket));
+                        w.outbox.push(Pending { fd: OwnedFd::from(socket), bucket });
                         if w.outbox.len() >= MAX_FDS_PER_MESSAGE {
-                            send_outbox(w, &mut self.stash, &mut self.send_log);
+                            send_outbox(w, &mut self.stash, &mut self.send_log, sup.scoreboard);
                         }
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -153,6 +188,38 @@ impl Dispatcher {
                     }
                 }
             }
+        }
+    }
+
+    /// Whether one more connection from `bucket` would break a limit.
+    fn over_limit(&self, sup: &Supervisor, limits: Limits, bucket: u16) -> Option<Rejection> {
+        if limits.max_connections > 0 {
+            // load_of counts each worker's outbox; add only the stash.
+            let held = self.stash.len() as u64 + sup.workers.iter().map(|w| load_of(w, sup)).sum::<u64>();
+            if held >= limits.max_connections {
+                return Some(Rejection::Total(limits.max_connections));
+            }
+        }
+        if limits.max_per_ip > 0 {
+            let in_workers: u64 = sup.workers.iter().map(|w| sup.scoreboard.ip_count(w.id, bucket) as u64).sum();
+            let unsent = self.stash.iter().chain(sup.workers.iter().flat_map(|w| &w.outbox));
+            let held = unsent.filter(|p| p.bucket == bucket).count() as u64;
+            if in_workers + held >= limits.max_per_ip as u64 {
+                return Some(Rejection::PerIp(limits.max_per_ip));
+            }
+        }
+        None
+    }
+
+    fn reject(&mut self, why: Rejection, peer: Option<SocketAddr>, now: Instant) {
+        self.rejected += 1;
+        if let Some(suppressed) = self.reject_log.allow(now) {
+            let peer = peer.map_or("?".to_string(), |p| p.ip().to_string());
+            let why = match why {
+                Rejection::Total(n) => format!("max_connections ({n}) reached"),
+                Rejection::PerIp(n) => format!("max_connections_per_ip ({n}) reached for {peer}"),
+            };
+            log::warn!("rejected a connection from {peer}: {why}{}", RateLimited::suffix(suppressed));
         }
     }
 
@@ -205,8 +272,9 @@ impl Dispatcher {
     /// stash (their worker's channel was full).
     fn flush(&mut self, sup: &mut Supervisor) -> usize {
         let before = self.stash.len();
+        let scoreboard = sup.scoreboard;
         for w in sup.workers.iter_mut().filter(|w| !w.outbox.is_empty()) {
-            send_outbox(w, &mut self.stash, &mut self.send_log);
+            send_outbox(w, &mut self.stash, &mut self.send_log, scoreboard);
         }
         self.stash.len() - before
     }
@@ -255,20 +323,30 @@ fn load_of(w: &WorkerHandle, sup: &Supervisor) -> u64 {
     (w.dispatched + w.outbox.len() as u64).saturating_sub(finished)
 }
 
-/// Sends a worker's outbox in messages of up to MAX_FDS_PER_MESSAGE fds. On
-/// success our copies are closed; what could not be sent goes to `stash`.
-fn send_outbox(w: &mut WorkerHandle, stash: &mut Vec<OwnedFd>, log_limit: &mut RateLimited) {
+/// Sends a worker's outbox in messages of up to MAX_FDS_PER_MESSAGE fds and
+/// charges the worker's per-address counts. On success our copies are
+/// closed; what could not be sent goes to `stash`.
+fn send_outbox(
+    w: &mut WorkerHandle,
+    stash: &mut Vec<Pending>,
+    log_limit: &mut RateLimited,
+    scoreboard: crate::scoreboard::Scoreboard,
+) {
     let outbox = std::mem::take(&mut w.outbox);
     let mut rest = &outbox[..];
     while !rest.is_empty() {
         let n = rest.len().min(MAX_FDS_PER_MESSAGE);
-        let batch: Vec<BorrowedFd> = rest[..n].iter().map(|f| f.as_fd()).collect();
+        let batch: Vec<(BorrowedFd, u16)> = rest[..n].iter().map(|p| (p.fd.as_fd(), p.bucket)).collect();
+        // Charge first: once sent, the worker may close (and discharge) a
+        // connection before this process runs again.
+        rest[..n].iter().for_each(|p| scoreboard.charge_ip(w.id, p.bucket));
         match w.channel.send_serve(&batch) {
             Ok(()) => {
                 w.dispatched += n as u64;
                 rest = &rest[n..];
             }
             Err(e) => {
+                rest[..n].iter().for_each(|p| scoreboard.discharge_ip(w.id, p.bucket));
                 if e.kind() == ErrorKind::WouldBlock {
                     w.congested = true;
                 } else if let Some(s) = log_limit.allow(Instant::now()) {

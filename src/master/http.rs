@@ -53,6 +53,9 @@ pub struct HttpServer {
     pub addr: SocketAddr,
     conns: HashMap<usize, Conn>,
     next_id: usize,
+    /// Out of fds at the last accept: try again then (the edge-triggered
+    /// readiness of pending scrapes was consumed).
+    retry_at: Option<Instant>,
 }
 
 impl HttpServer {
@@ -61,7 +64,7 @@ impl HttpServer {
         let mut listener = TcpListener::bind(addr)?;
         registry.register(&mut listener, LISTENER_TOKEN, Interest::READABLE)?;
         let addr = listener.local_addr()?;
-        Ok(HttpServer { listener, addr, conns: HashMap::new(), next_id: 0 })
+        Ok(HttpServer { listener, addr, conns: HashMap::new(), next_id: 0, retry_at: None })
     }
 
     /// Uses a listening socket passed by systemd.
@@ -70,7 +73,7 @@ impl HttpServer {
         let mut listener = TcpListener::from_std(socket);
         registry.register(&mut listener, LISTENER_TOKEN, Interest::READABLE)?;
         let addr = listener.local_addr()?;
-        Ok(HttpServer { listener, addr, conns: HashMap::new(), next_id: 0 })
+        Ok(HttpServer { listener, addr, conns: HashMap::new(), next_id: 0, retry_at: None })
     }
 
     /// Closes the listener and every connection.
@@ -81,13 +84,18 @@ impl HttpServer {
         }
     }
 
-    /// The earliest connection deadline.
+    /// The earliest connection deadline or accept retry.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.conns.values().map(|c| c.deadline).min()
+        self.conns.values().map(|c| c.deadline).chain(self.retry_at).min()
     }
 
-    /// Drops connections past their deadline (slow or silent scrapers).
+    /// Drops connections past their deadline (slow or silent scrapers), and
+    /// retries accepting after fd exhaustion.
     pub fn expire(&mut self, now: Instant, registry: &Registry) {
+        if self.retry_at.is_some_and(|t| now >= t) {
+            self.retry_at = None;
+            self.on_listener(registry, now);
+        }
         let late: Vec<usize> = self.conns.iter().filter(|(_, c)| now >= c.deadline).map(|(id, _)| *id).collect();
         for id in late {
             log::debug!("metrics: dropping a scrape connection that took longer than {DEADLINE:?}");
@@ -114,7 +122,8 @@ impl HttpServer {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
-                    log::debug!("metrics accept: {e}");
+                    log::debug!("metrics accept: {e}; retrying in 1 s");
+                    self.retry_at = Some(now + Duration::from_secs(1));
                     return;
                 }
             }

@@ -238,6 +238,7 @@ impl Master {
     /// Runs until stopped; returns the process exit code.
     pub fn run(mut self) -> io::Result<i32> {
         let mut events = Events::with_capacity(256);
+        limits::check(&self.config, self.sup.target, self.capacity);
         log::info!(
             "echod {} starting {} worker(s), up to {} connections each (pid {})",
             env!("CARGO_PKG_VERSION"),
@@ -277,7 +278,7 @@ impl Master {
             self.on_timers(now);
             if self.stopping.is_none() {
                 self.sup.reconcile(&self.config, self.capacity, self.poll.registry(), now);
-                self.disp.run(&mut self.listeners, &mut self.sup, now);
+                self.disp.run(&mut self.listeners, &mut self.sup, dispatch::Limits::of(&self.config), now);
                 self.announce_ready();
             } else if self.sup.workers.is_empty() {
                 log::info!("all workers exited; bye");

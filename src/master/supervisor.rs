@@ -16,6 +16,14 @@
 //! still there well after its deadline it is killed.
 
 use std::os::fd::{AsRawFd, OwnedFd};
+
+/// An accepted connection not yet handed to a worker.
+#[derive(Debug)]
+pub struct Pending {
+    pub fd: OwnedFd,
+    /// Hash bucket of the client address (scoreboard::ip_bucket).
+    pub bucket: u16,
+}
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
@@ -76,7 +84,7 @@ pub struct WorkerHandle {
     /// scoreboard's finished count.
     pub dispatched: u64,
     /// Connections picked for it and not yet sent (sent in one batch).
-    pub outbox: Vec<OwnedFd>,
+    pub outbox: Vec<Pending>,
     /// Its channel was full at the last send; skipped until it drains.
     pub congested: bool,
     /// Its heartbeat stopped; skipped until it resumes.
@@ -222,6 +230,7 @@ impl Supervisor {
             .ok_or_else(|| std::io::Error::other("no free scoreboard slot"))?;
         let (ours, theirs) = Channel::pair()?;
         self.scoreboard.slot(id).reset();
+        self.scoreboard.clear_ips(id);
         match sys::fork()? {
             Forked::Child => worker::run(worker::Args {
                 id,
@@ -257,7 +266,7 @@ impl Supervisor {
 
     /// Tells a worker to drain and stops giving it connections. Connections
     /// picked for it but not sent are returned for someone else.
-    pub fn retire(&mut self, id: usize, timeout: Duration, why: &str, now: Instant) -> Vec<OwnedFd> {
+    pub fn retire(&mut self, id: usize, timeout: Duration, why: &str, now: Instant) -> Vec<Pending> {
         let Some(w) = self.get_mut(id) else {
             return Vec::new();
         };

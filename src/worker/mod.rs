@@ -60,12 +60,15 @@ pub struct Args {
 
 /// State shared by a worker's receiver and handler threads.
 pub struct Worker {
+    /// Scoreboard slot number.
+    pub id: usize,
     pub config: Config,
     pub capacity: usize,
     pub slot: Slot,
     pub scoreboard: Scoreboard,
     pub channel: Channel,
-    pub queue: Queue<TcpStream>,
+    /// Connections waiting for a thread, with their client-address bucket.
+    pub queue: Queue<(TcpStream, u16)>,
     pub counters: Counters,
     pub open: OpenConnections,
     /// Handler threads alive (idle or busy).
@@ -121,6 +124,7 @@ fn serve(id: usize, config: Config, channel: Channel, scoreboard: Scoreboard, ca
         return 1;
     }
     let w = Arc::new(Worker {
+        id,
         capacity,
         slot,
         scoreboard,
@@ -177,10 +181,10 @@ fn receive(w: &Arc<Worker>) -> i32 {
 }
 
 /// Queues newly received connections, starting threads as needed.
-fn take(w: &Arc<Worker>, fds: Vec<std::os::fd::OwnedFd>, last_tick: &mut Instant) {
-    w.slot.set(Field::Received, w.slot.get(Field::Received) + fds.len() as u64);
-    for fd in fds {
-        let mut stream = TcpStream::from(fd);
+fn take(w: &Arc<Worker>, conns: Vec<(std::os::fd::OwnedFd, u16)>, last_tick: &mut Instant) {
+    w.slot.set(Field::Received, w.slot.get(Field::Received) + conns.len() as u64);
+    for (fd, bucket) in conns {
+        let mut stream = (TcpStream::from(fd), bucket);
         loop {
             match w.queue.push(stream, Some(TICK)) {
                 Ok(pushed) => {
@@ -196,7 +200,10 @@ fn take(w: &Arc<Worker>, fds: Vec<std::os::fd::OwnedFd>, last_tick: &mut Instant
                     tick(w);
                     *last_tick = Instant::now();
                 }
-                Err(PushError::Closed(_)) => break,
+                Err(PushError::Closed((_, bucket))) => {
+                    w.scoreboard.discharge_ip(w.id, bucket);
+                    break;
+                }
             }
         }
     }
@@ -266,7 +273,9 @@ fn drain(w: &Arc<Worker>, timeout: Duration) -> i32 {
 fn quit(w: &Worker) -> i32 {
     let unserved = w.queue.close_and_take();
     w.counters.abandon(unserved.len() as u64);
-    drop(unserved);
+    for (_, bucket) in unserved {
+        w.scoreboard.discharge_ip(w.id, bucket);
+    }
     w.open.cut_all();
     // Give handlers a moment to record the connections they just lost, so
     // the master's totals stay close; never long.

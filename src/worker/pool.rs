@@ -66,7 +66,10 @@ fn handler(w: Arc<Worker>) {
     let slot = w.open.register();
     loop {
         match w.queue.pop(retire_after) {
-            Pop::Item(stream) => serve(&w, &slot, stream, &mut buf),
+            Pop::Item((stream, bucket)) => {
+                serve(&w, &slot, stream, &mut buf);
+                w.scoreboard.discharge_ip(w.id, bucket);
+            }
             Pop::TimedOut => {
                 if retire_if_spare(&w) {
                     break;

@@ -55,14 +55,32 @@ pub fn start_unready(extra: &str, env: &[(&str, &str)]) -> Echod {
     spawn(extra, &[], env)
 }
 
+/// Starts echod under `prlimit --nofile=N:N` (which execs it: same pid).
+pub fn start_with_nofile(extra: &str, nofile: u64) -> Echod {
+    let mut e = spawn_cmd(extra, &[], &[], Some(nofile));
+    e.wait_ready();
+    e
+}
+
 /// Writes the config (plus a loopback listener on a free port unless it
 /// names `listen`) and starts echod with its stderr collected.
 fn spawn(extra: &str, args: &[&str], env: &[(&str, &str)]) -> Echod {
+    spawn_cmd(extra, args, env, None)
+}
+
+fn spawn_cmd(extra: &str, args: &[&str], env: &[(&str, &str)], nofile: Option<u64>) -> Echod {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("echod.toml");
     let listen = if sets(extra, "listen") { "" } else { "listen = [\"127.0.0.1:0\"]\n" };
     std::fs::write(&config, format!("{listen}{extra}")).unwrap();
-    let mut cmd = Command::new(ECHOD);
+    let mut cmd = match nofile {
+        Some(n) => {
+            let mut c = Command::new("prlimit");
+            c.arg(format!("--nofile={n}:{n}")).arg("--").arg(ECHOD);
+            c
+        }
+        None => Command::new(ECHOD),
+    };
     cmd.arg("--config").arg(&config).args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
     cmd.env_remove("RUST_LOG").env_remove("NOTIFY_SOCKET").env_remove("LISTEN_FDS").env_remove("LISTEN_PID");
     for (k, v) in env {
@@ -460,6 +478,8 @@ pub fn run_to_exit(args: &[&str], cwd: Option<&Path>) -> (i32, String, String) {
 pub struct Traffic {
     stop: Arc<std::sync::atomic::AtomicBool>,
     threads: Vec<std::thread::JoinHandle<Tally>>,
+    /// Round trips completed so far, live.
+    progress: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What one traffic client saw.
@@ -485,13 +505,19 @@ impl Tally {
 impl Traffic {
     pub fn start(addr: SocketAddr, churners: usize, holders: usize) -> Traffic {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut threads = Vec::new();
         for i in 0..churners + holders {
-            let stop = stop.clone();
+            let (stop, progress) = (stop.clone(), progress.clone());
             let hold = i >= churners;
-            threads.push(std::thread::spawn(move || client_loop(addr, i as u64, hold, &stop)));
+            threads.push(std::thread::spawn(move || client_loop(addr, i as u64, hold, &stop, &progress)));
         }
-        Traffic { stop, threads }
+        Traffic { stop, threads, progress }
+    }
+
+    /// Round trips completed so far.
+    pub fn progress(&self) -> u64 {
+        self.progress.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Stops every client and sums what they saw.
@@ -505,7 +531,13 @@ impl Traffic {
     }
 }
 
-fn client_loop(addr: SocketAddr, seed: u64, hold: bool, stop: &std::sync::atomic::AtomicBool) -> Tally {
+fn client_loop(
+    addr: SocketAddr,
+    seed: u64,
+    hold: bool,
+    stop: &std::sync::atomic::AtomicBool,
+    progress: &std::sync::atomic::AtomicU64,
+) -> Tally {
     use std::sync::atomic::Ordering::Relaxed;
     let mut t = Tally::default();
     let mut rng = Rng::new(seed + 1000);
@@ -529,6 +561,7 @@ fn client_loop(addr: SocketAddr, seed: u64, hold: bool, stop: &std::sync::atomic
                 Ok(got) if got == data => {
                     t.round_trips += 1;
                     t.bytes += data.len() as u64;
+                    progress.fetch_add(1, Relaxed);
                 }
                 Ok(_) => t.mismatches += 1,
                 Err(e) => {
@@ -595,5 +628,78 @@ impl Echod {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+/// A client holding one connection and echoing on it until stopped.
+pub struct Holder {
+    /// Local port: maps the connection to the worker serving it.
+    pub port: u16,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<Result<u64, String>>,
+}
+
+impl Holder {
+    pub fn start(addr: SocketAddr, seed: u64) -> Holder {
+        let mut s = connect(addr);
+        let port = s.local_addr().unwrap().port();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut rng = Rng::new(seed);
+            let mut rounds = 0u64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let data = rng.payload(2000);
+                match round_trip(&mut s, &data) {
+                    Ok(got) if got == data => rounds += 1,
+                    Ok(_) => return Err(format!("mismatch after {rounds} rounds")),
+                    Err(e) => return Err(format!("{e} after {rounds} rounds")),
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok(rounds)
+        });
+        Holder { port, stop, handle }
+    }
+
+    /// Stops and returns the rounds completed, or why it failed.
+    pub fn finish(self) -> Result<u64, String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().expect("holder panicked")
+    }
+}
+
+/// Sum of VmRSS (KiB) over `pids`.
+pub fn rss_kb(pids: &[i32]) -> u64 {
+    pids.iter().map(|p| status_field(*p, "VmRSS:")).sum()
+}
+
+fn status_field(pid: i32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Open fds of `pid`.
+pub fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// CPU time (user + system) of `pid`, in seconds.
+pub fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    // After the comm field: utime is field 14, stime 15 (rest[11], rest[12]).
+    let ticks: u64 =
+        rest.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + rest.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
+/// Raises this test process's fd limit (for thousands of client sockets).
+pub fn raise_own_nofile(want: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, want.min(hard), hard);
     }
 }
