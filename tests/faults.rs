@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// 1. SIGKILL a worker under load: only its own clients are hit.
+/// Fault 1: SIGKILL a worker under load: only its own clients are hit.
 #[test]
 fn f1_sigkill_a_worker_under_load() {
     let e = start("workers = 2\n");
@@ -50,7 +50,7 @@ fn h_port(b: bool) -> &'static str {
     if b { "on the victim" } else { "elsewhere" }
 }
 
-/// 2. SIGSTOP a worker (hung), keep serving new connections on the others,
+/// Fault 2: SIGSTOP a worker (hung), keep serving new connections on the others,
 /// SIGCONT: nothing is lost, not even on the stopped worker.
 #[test]
 fn f2_a_stopped_worker_gets_no_new_work_and_loses_nothing() {
@@ -80,7 +80,7 @@ fn f2_a_stopped_worker_gets_no_new_work_and_loses_nothing() {
     assert_eq!(t.mismatches, 0);
 }
 
-/// 3. HUP reload under load: zero failures.
+/// Fault 3: HUP reload under load: zero failures.
 #[test]
 fn f3_reload_under_load() {
     let e = start("workers = 2\nshutdown_timeout = 20\n");
@@ -100,7 +100,7 @@ fn f3_reload_under_load() {
     assert_eq!(t.mismatches, 0);
 }
 
-/// 4. TERM under load: in-flight echoes complete; exit once clients leave,
+/// Fault 4: TERM under load: in-flight echoes complete; exit once clients leave,
 /// before the deadline.
 #[test]
 fn f4_term_under_load_completes_in_flight_echoes() {
@@ -119,7 +119,7 @@ fn f4_term_under_load_completes_in_flight_echoes() {
     assert!(e.live_seen_workers().is_empty());
 }
 
-/// 5. 2000 idle connections plus active traffic: the idle ones time out, the
+/// Fault 5: 2000 idle connections plus active traffic: the idle ones time out, the
 /// active ones do not notice.
 #[test]
 fn f5_two_thousand_idle_connections_time_out_while_traffic_flows() {
@@ -148,7 +148,7 @@ fn f5_two_thousand_idle_connections_time_out_while_traffic_flows() {
     assert_eq!(s["timeout"], 2000, "{s:?}");
 }
 
-/// 6. Slow readers with large payloads: the server's memory stays bounded
+/// Fault 6: Slow readers with large payloads: the server's memory stays bounded
 /// and the stalled writes time out.
 #[test]
 fn f6_slow_readers_keep_memory_bounded() {
@@ -192,7 +192,7 @@ fn f6_slow_readers_keep_memory_bounded() {
     eprintln!("f6: RSS {base} KiB before, {peak} KiB peak with 20 stalled 32 MiB senders");
 }
 
-/// 7. More connections than max_connections (and per address): the excess
+/// Fault 7: More connections than max_connections (and per address): the excess
 /// is rejected and counted, everyone else is served.
 #[test]
 fn f7_connections_over_the_limits_are_rejected_and_counted() {
@@ -255,7 +255,7 @@ fn f7b_per_address_limit_counts_each_client_address() {
     assert!(e.stats()["rejected"] >= 1);
 }
 
-/// 8. fd exhaustion in the master: no spin, recovery when fds free up.
+/// Fault 8: fd exhaustion in the master: no spin, recovery when fds free up.
 #[test]
 fn f8_fd_exhaustion_backs_off_without_spinning_and_recovers() {
     // 40 fds: the master uses about ten, workers get 24 connections each.
@@ -278,7 +278,7 @@ fn f8_fd_exhaustion_backs_off_without_spinning_and_recovers() {
     eprintln!("f8: master CPU while out of fds: {spent:.2} s in 2 s");
 }
 
-/// 9. 64 MiB in both directions at once, with half-close, several clients
+/// Fault 9: 64 MiB in both directions at once, with half-close, several clients
 /// at a time, while other traffic flows.
 #[test]
 fn f9_64_mib_both_ways_with_half_close() {
