@@ -10,10 +10,12 @@
 //! [`ipc`] (the master–worker channel), [`scoreboard`] (shared per-worker
 //! numbers), [`stats`] (snapshots for logs), [`metrics`] (Prometheus text), [`systemd`], [`logging`],
 //! [`limits`], [`privileges`], [`ratelimit`], and [`sys`] (every `unsafe` call).
+//! [`load`] is the engine of the `echo-load` harness.
 
 pub mod config;
 pub mod ipc;
 pub mod limits;
+pub mod load;
 pub mod logging;
 pub mod master;
 pub mod metrics;
