@@ -46,6 +46,10 @@ struct Cli {
     /// Each connection: connect, one round trip, close, again
     #[arg(long)]
     churn: bool,
+    /// Payloads are lines ending in '\n' (for line-based servers such as
+    /// Apache mod_echo)
+    #[arg(long)]
+    lines: bool,
     /// Event-loop threads [default: CPU count]
     #[arg(short, long, value_name = "N")]
     threads: Option<usize>,
@@ -147,6 +151,7 @@ fn options(cli: &Cli, addr: SocketAddr) -> Result<Options, String> {
         pipeline: cli.pipeline,
         rate: cli.rate,
         churn: cli.churn,
+        lines: cli.lines,
         threads: threads.min(cli.connections),
         warmup: secs("--warmup", cli.warmup)?,
         ramp_up: match cli.ramp_up {

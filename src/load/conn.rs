@@ -23,16 +23,25 @@ const SPREAD: usize = 4096;
 /// Wait before reconnecting after a failed connect.
 const RECONNECT_DELAY: Duration = Duration::from_millis(100);
 
+/// In line mode payloads start at multiples of this, and every byte at a
+/// position congruent to `size - 1` modulo it is a newline, so each message
+/// ends in '\n'.
+const LINE_STRIDE: usize = 64;
+
 /// Random bytes shared by a thread's connections.
 pub struct Pool {
     bytes: Vec<u8>,
     size: usize,
+    lines: bool,
 }
 
 impl Pool {
-    pub fn new(size: usize, seed: u64) -> Pool {
+    /// `lines`: payloads end in '\n' and hold no other newline except every
+    /// 64 bytes, for line-based echo servers (Apache's mod_echo echoes only
+    /// complete lines).
+    pub fn new(size: usize, seed: u64, lines: bool) -> Pool {
         let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-        let bytes = (0..size + SPREAD)
+        let mut bytes: Vec<u8> = (0..size + SPREAD)
             .map(|_| {
                 x ^= x << 13;
                 x ^= x >> 7;
@@ -40,11 +49,29 @@ impl Pool {
                 (x >> 24) as u8
             })
             .collect();
-        Pool { bytes, size }
+        if lines {
+            for (i, b) in bytes.iter_mut().enumerate() {
+                let end_of_line = i % LINE_STRIDE == (size - 1) % LINE_STRIDE;
+                *b = if end_of_line {
+                    b'\n'
+                } else if *b == b'\n' {
+                    b'.'
+                } else {
+                    *b
+                };
+            }
+        }
+        Pool { bytes, size, lines }
     }
 
     fn message(&self, offset: usize) -> &[u8] {
         &self.bytes[offset..offset + self.size]
+    }
+
+    /// A message start for (connection, sequence number).
+    fn offset(&self, id: u64, seq: u64) -> usize {
+        let o = (id.wrapping_mul(7919).wrapping_add(seq.wrapping_mul(104_729)) % SPREAD as u64) as usize;
+        if self.lines { o / LINE_STRIDE * LINE_STRIDE } else { o }
     }
 }
 
@@ -133,7 +160,7 @@ impl Conn {
                 let (period, mut due) = (self.period?, self.next_due?);
                 let mut added = false;
                 while due <= now {
-                    self.push(due);
+                    self.push(pool, due);
                     due += period;
                     added = true;
                 }
@@ -173,7 +200,7 @@ impl Conn {
         if let State::Connecting { .. } = self.state {
             let Some(s) = &self.stream else { return };
             match (s.take_error(), s.peer_addr()) {
-                (Ok(None), Ok(_)) => self.opened(opts, now, sink),
+                (Ok(None), Ok(_)) => self.opened(opts, pool, now, sink),
                 (Ok(None), Err(e)) if e.kind() == ErrorKind::NotConnected => return, // not yet
                 _ => {
                     sink.count(|c| c.connect_errors += 1);
@@ -197,7 +224,7 @@ impl Conn {
         }
     }
 
-    fn opened(&mut self, opts: &Options, now: Instant, sink: &mut Sink) {
+    fn opened(&mut self, opts: &Options, pool: &Pool, now: Instant, sink: &mut Sink) {
         self.state = State::Open;
         sink.count(|c| c.connects += 1);
         if let Some(s) = &self.stream {
@@ -209,12 +236,12 @@ impl Conn {
             self.next_due = Some(self.next_due.map_or(first, |d| d.max(now)));
         } else {
             let n = if opts.churn { 1 } else { opts.pipeline.max(1) };
-            (0..n).for_each(|_| self.push(now));
+            (0..n).for_each(|_| self.push(pool, now));
         }
     }
 
-    fn push(&mut self, t: Instant) {
-        let offset = (self.id.wrapping_mul(7919).wrapping_add(self.seq.wrapping_mul(104_729)) % SPREAD as u64) as usize;
+    fn push(&mut self, pool: &Pool, t: Instant) {
+        let offset = pool.offset(self.id, self.seq);
         self.seq += 1;
         self.queue.push_back(Message { offset, t, written: 0, received: 0, bad: false });
     }
@@ -276,7 +303,7 @@ impl Conn {
                 m.received += k;
                 data = &data[k..];
                 if m.received == pool.size {
-                    self.complete(opts, registry, now, sink);
+                    self.complete(opts, pool, registry, now, sink);
                     if !matches!(self.state, State::Open) {
                         return Ok(()); // churn: closed after its one echo
                     }
@@ -286,7 +313,7 @@ impl Conn {
     }
 
     /// The head message's echo is complete.
-    fn complete(&mut self, opts: &Options, registry: &Registry, now: Instant, sink: &mut Sink) {
+    fn complete(&mut self, opts: &Options, pool: &Pool, registry: &Registry, now: Instant, sink: &mut Sink) {
         let Some(m) = self.queue.pop_front() else { return };
         self.write_idx = self.write_idx.saturating_sub(1);
         let us = now.saturating_duration_since(m.t).as_micros() as u64;
@@ -301,7 +328,7 @@ impl Conn {
             self.close(registry);
             self.state = State::Waiting { at: now };
         } else if self.period.is_none() {
-            self.push(now);
+            self.push(pool, now);
         }
     }
 
@@ -342,5 +369,24 @@ impl Conn {
         }
         self.queue.clear();
         self.write_idx = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_mode_messages_end_in_a_newline() {
+        for size in [1, 2, 63, 64, 65, 4096] {
+            let pool = Pool::new(size, 3, true);
+            for seq in 0..200 {
+                let m = pool.message(pool.offset(9, seq));
+                assert_eq!(m.len(), size);
+                assert_eq!(m[size - 1], b'\n', "size {size}");
+            }
+        }
+        let pool = Pool::new(64, 3, false);
+        assert_ne!(pool.message(pool.offset(1, 0)), pool.message(pool.offset(1, 1)), "messages differ");
     }
 }

@@ -46,6 +46,8 @@ pub struct Options {
     /// Open loop: messages per second over all connections.
     pub rate: Option<f64>,
     pub churn: bool,
+    /// Payloads are newline-terminated lines (for line-based servers).
+    pub lines: bool,
     pub threads: usize,
     pub warmup: Duration,
     pub ramp_up: Duration,
@@ -206,7 +208,7 @@ fn event_loop(opts: &Options, shared: &Shared, thread: usize, threads: usize, st
             return result;
         }
     };
-    let pool = conn::Pool::new(opts.size, thread as u64);
+    let pool = conn::Pool::new(opts.size, thread as u64, opts.lines);
     // Connection g (global index) belongs to thread g % threads.
     let mine: Vec<usize> = (thread..opts.connections).step_by(threads).collect();
     let per_conn_rate = opts.rate.map(|r| r / opts.connections.max(1) as f64);
