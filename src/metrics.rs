@@ -29,59 +29,62 @@ pub fn render(snap: &Snapshot, info: &MasterInfo) -> String {
     let mut out = String::with_capacity(4096 + 1024 * snap.workers.len());
     let t = &snap.totals;
     let o = &mut out;
-    metric(
-        o,
-        "echod_build_info",
-        "gauge",
-        "Build information.",
-        &[(&format!("version=\"{}\"", env!("CARGO_PKG_VERSION")), 1.0)],
-    );
-    metric(o, "echod_start_time_seconds", "gauge", "Unix time the master started.", &[("", info.start_time)]);
-    metric(
-        o,
-        "echod_config_generation",
-        "gauge",
-        "Config generation: 1 at start, +1 per applied reload.",
-        &[("", snap.generation as f64)],
-    );
-    metric(
-        o,
-        "echod_config_last_reload_successful",
-        "gauge",
-        "Whether the last reload was applied.",
-        &[("", bool_f(info.last_reload_ok))],
-    );
-    metric(
-        o,
-        "echod_config_last_reload_success_timestamp_seconds",
-        "gauge",
-        "Unix time of the last applied (re)load.",
-        &[("", info.last_reload_time)],
-    );
-    metric(
-        o,
-        "echod_connections_accepted_total",
-        "counter",
-        "Connections accepted and handed to workers.",
-        &[("", snap.accepted as f64)],
-    );
-    metric(
-        o,
-        "echod_connections_active",
-        "gauge",
-        "Connections held now (in workers or being handed over).",
-        &[("", snap.active as f64)],
-    );
-    metric(
-        o,
-        "echod_connections_rejected_total",
-        "counter",
-        "Connections closed at once because a limit was reached.",
-        &[("", snap.rejected as f64)],
-    );
-    metric(o, "echod_connections_closed_total", "counter", "Connections that ended.", &[("", t.finished as f64)]);
-    metric(o, "echod_bytes_received_total", "counter", "Bytes read from clients.", &[("", t.bytes_in as f64)]);
-    metric(o, "echod_bytes_sent_total", "counter", "Bytes echoed to clients.", &[("", t.bytes_out as f64)]);
+    let version = format!("version=\"{}\"", env!("CARGO_PKG_VERSION"));
+    metric(o, "echod_build_info", "gauge", "Build information.", &[(&version, 1.0)]);
+    // (name, type, help, value) of every unlabelled series.
+    let scalars: [(&str, &str, &str, f64); 13] = [
+        ("echod_start_time_seconds", "gauge", "Unix time the master started.", info.start_time),
+        (
+            "echod_config_generation",
+            "gauge",
+            "Config generation: 1 at start, +1 per applied reload.",
+            snap.generation as f64,
+        ),
+        (
+            "echod_config_last_reload_successful",
+            "gauge",
+            "Whether the last reload was applied.",
+            bool_f(info.last_reload_ok),
+        ),
+        (
+            "echod_config_last_reload_success_timestamp_seconds",
+            "gauge",
+            "Unix time of the last applied (re)load.",
+            info.last_reload_time,
+        ),
+        (
+            "echod_connections_accepted_total",
+            "counter",
+            "Connections accepted and handed to workers.",
+            snap.accepted as f64,
+        ),
+        (
+            "echod_connections_active",
+            "gauge",
+            "Connections held now (in workers or being handed over).",
+            snap.active as f64,
+        ),
+        (
+            "echod_connections_rejected_total",
+            "counter",
+            "Connections closed at once because a limit was reached.",
+            snap.rejected as f64,
+        ),
+        ("echod_connections_closed_total", "counter", "Connections that ended.", t.finished as f64),
+        ("echod_bytes_received_total", "counter", "Bytes read from clients.", t.bytes_in as f64),
+        ("echod_bytes_sent_total", "counter", "Bytes echoed to clients.", t.bytes_out as f64),
+        ("echod_workers", "gauge", "Worker processes serving connections.", snap.serving() as f64),
+        ("echod_workers_target", "gauge", "Worker processes wanted (workers, TTIN/TTOU).", snap.target as f64),
+        (
+            "echod_worker_restarts_total",
+            "counter",
+            "Workers that exited unexpectedly and were respawned.",
+            snap.restarts as f64,
+        ),
+    ];
+    for (name, kind, help, v) in scalars {
+        metric(o, name, kind, help, &[("", v)]);
+    }
     metric(
         o,
         "echod_connection_errors_total",
@@ -92,21 +95,6 @@ pub fn render(snap: &Snapshot, info: &MasterInfo) -> String {
             ("kind=\"timeout\"", t.err_timeout as f64),
             ("kind=\"other\"", t.err_other as f64),
         ],
-    );
-    metric(o, "echod_workers", "gauge", "Worker processes serving connections.", &[("", snap.serving() as f64)]);
-    metric(
-        o,
-        "echod_workers_target",
-        "gauge",
-        "Worker processes wanted (workers, TTIN/TTOU).",
-        &[("", snap.target as f64)],
-    );
-    metric(
-        o,
-        "echod_worker_restarts_total",
-        "counter",
-        "Workers that exited unexpectedly and were respawned.",
-        &[("", snap.restarts as f64)],
     );
 
     let per_worker = |f: &dyn Fn(&crate::stats::WorkerView) -> f64| -> Vec<(String, f64)> {

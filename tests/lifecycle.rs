@@ -185,3 +185,16 @@ fn reload_moves_listeners_without_touching_open_connections() {
     assert_eq!(round_trip(&mut held, b"still").unwrap(), b"still", "open connection survived the reload");
     assert!(std::net::TcpStream::connect_timeout(&e.addr, Duration::from_millis(500)).is_err());
 }
+
+#[test]
+fn a_worker_that_never_becomes_ready_is_killed_and_retried() {
+    let mut e = start_unready("workers = 1\n", &[("ECHOD_TEST_WORKER_CRASH", "hang")]);
+    // START_TIMEOUT is 10 s.
+    let line = e.wait_log("did not become ready", Duration::from_secs(15));
+    assert!(line.is_some(), "a wedged start was not noticed:\n{}", e.log_text());
+    let died = e.log_len();
+    assert!(e.wait_log("died unexpectedly", Duration::from_secs(3)).is_some());
+    assert!(e.wait_log_after(died, " started (pid", Duration::from_secs(3)).is_some(), "no second attempt:\n{}", e.log_text());
+    e.signal(libc_sig::TERM);
+    assert_eq!(e.wait_exit(Duration::from_secs(5)), Some(0));
+}

@@ -23,25 +23,27 @@ const SPREAD: usize = 4096;
 /// Wait before reconnecting after a failed connect.
 const RECONNECT_DELAY: Duration = Duration::from_millis(100);
 
-/// In line mode payloads start at multiples of this, and every byte at a
-/// position congruent to `size - 1` modulo it is a newline, so each message
-/// ends in '\n'.
-const LINE_STRIDE: usize = 64;
+/// Line mode keeps this many distinct messages (fewer for large sizes, so
+/// the pool stays within 16 MiB; at least two, so consecutive ones differ).
+const LINE_MESSAGES: usize = 64;
 
 /// Random bytes shared by a thread's connections.
 pub struct Pool {
     bytes: Vec<u8>,
     size: usize,
-    lines: bool,
+    /// Line mode: the pool is this many whole messages back to back.
+    lines: Option<usize>,
 }
 
 impl Pool {
-    /// `lines`: payloads end in '\n' and hold no other newline except every
-    /// 64 bytes, for line-based echo servers (Apache's mod_echo echoes only
-    /// complete lines).
+    /// `lines`: every payload is one line, random bytes without '\n' ending
+    /// in '\n', for line-based echo servers (Apache's mod_echo echoes only
+    /// complete lines, one write per line).
     pub fn new(size: usize, seed: u64, lines: bool) -> Pool {
+        let count = lines.then(|| (16 << 20) / size.max(1)).map(|n| n.clamp(2, LINE_MESSAGES));
+        let len = count.map_or(size + SPREAD, |n| n * size);
         let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-        let mut bytes: Vec<u8> = (0..size + SPREAD)
+        let mut bytes: Vec<u8> = (0..len)
             .map(|_| {
                 x ^= x << 13;
                 x ^= x >> 7;
@@ -49,10 +51,9 @@ impl Pool {
                 (x >> 24) as u8
             })
             .collect();
-        if lines {
+        if count.is_some() {
             for (i, b) in bytes.iter_mut().enumerate() {
-                let end_of_line = i % LINE_STRIDE == (size - 1) % LINE_STRIDE;
-                *b = if end_of_line {
+                *b = if i % size == size - 1 {
                     b'\n'
                 } else if *b == b'\n' {
                     b'.'
@@ -61,17 +62,21 @@ impl Pool {
                 };
             }
         }
-        Pool { bytes, size, lines }
+        Pool { bytes, size, lines: count }
     }
 
     fn message(&self, offset: usize) -> &[u8] {
         &self.bytes[offset..offset + self.size]
     }
 
-    /// A message start for (connection, sequence number).
+    /// A message start for (connection, sequence number); consecutive
+    /// messages of a connection differ.
     fn offset(&self, id: u64, seq: u64) -> usize {
-        let o = (id.wrapping_mul(7919).wrapping_add(seq.wrapping_mul(104_729)) % SPREAD as u64) as usize;
-        if self.lines { o / LINE_STRIDE * LINE_STRIDE } else { o }
+        let h = id.wrapping_mul(7919).wrapping_add(seq.wrapping_mul(104_729));
+        match self.lines {
+            Some(n) => (h % n as u64) as usize * self.size,
+            None => (h % SPREAD as u64) as usize,
+        }
     }
 }
 
@@ -377,13 +382,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn line_mode_messages_end_in_a_newline() {
+    fn line_mode_messages_are_single_lines() {
         for size in [1, 2, 63, 64, 65, 4096] {
             let pool = Pool::new(size, 3, true);
             for seq in 0..200 {
                 let m = pool.message(pool.offset(9, seq));
                 assert_eq!(m.len(), size);
                 assert_eq!(m[size - 1], b'\n', "size {size}");
+                assert!(!m[..size - 1].contains(&b'\n'), "one newline only");
+            }
+            if size > 1 {
+                assert_ne!(pool.message(pool.offset(9, 0)), pool.message(pool.offset(9, 1)));
             }
         }
         let pool = Pool::new(64, 3, false);

@@ -24,6 +24,7 @@
 //! fds) and, if that was nothing, pauses accepting for a growing interval
 //! (as nginx and libuv do), logging at most once per interval.
 
+use std::collections::VecDeque;
 use std::io::{self, ErrorKind};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -49,7 +50,7 @@ pub struct Dispatcher {
     /// Accepted connections no worker could take yet (their channel was
     /// full). Offered first on the next pass; never more than the capacity
     /// that admitted them.
-    stash: Vec<Pending>,
+    stash: VecDeque<Pending>,
     /// Round-robin cursor among workers for ties in load.
     rr: usize,
     /// Accepting is paused for lack of capacity.
@@ -142,7 +143,7 @@ impl Dispatcher {
     fn place_stash(&mut self, sup: &mut Supervisor) {
         while !self.stash.is_empty() {
             let Some(i) = self.pick(sup) else { return };
-            if let Some(conn) = self.stash.pop() {
+            if let Some(conn) = self.stash.pop_front() {
                 sup.workers[i].outbox.push(conn);
             }
         }
@@ -328,7 +329,7 @@ fn load_of(w: &WorkerHandle, sup: &Supervisor) -> u64 {
 /// closed; what could not be sent goes to `stash`.
 fn send_outbox(
     w: &mut WorkerHandle,
-    stash: &mut Vec<Pending>,
+    stash: &mut VecDeque<Pending>,
     log_limit: &mut RateLimited,
     scoreboard: crate::scoreboard::Scoreboard,
 ) {

@@ -54,14 +54,19 @@ const CRASH_LOOP_AFTER: u32 = 5;
 /// Extra time a draining worker gets beyond `shutdown_timeout` (to record
 /// its last connections and exit) before it is killed.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
+/// A worker that has not reported Ready this long after fork is killed (and
+/// counts as a start-up failure): a wedged start must not stall the
+/// one-at-a-time replacement forever.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// A worker whose heartbeat is older than this gets no new connections.
 pub const HUNG_AFTER_MS: u64 = 2000;
 
 /// Where a worker is in its life, as the master sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Forked; has not reported Ready yet. Gets no connections.
-    Starting,
+    /// Forked; has not reported Ready yet. Gets no connections; killed if
+    /// still starting at `kill_at`.
+    Starting { kill_at: Instant },
     /// Gets connections.
     Serving,
     /// Told to drain; gets no connections; killed if alive at `kill_at`.
@@ -111,7 +116,7 @@ impl WorkerHandle {
 
     pub fn phase_name(&self) -> &'static str {
         match self.phase {
-            Phase::Starting => "starting",
+            Phase::Starting { .. } => "starting",
             Phase::Serving => "serving",
             Phase::Draining { .. } => "draining",
         }
@@ -170,8 +175,8 @@ impl Supervisor {
     /// When the next back-off ends, if the table is waiting for one.
     pub fn next_deadline(&self) -> Option<Instant> {
         let kills = self.workers.iter().filter_map(|w| match w.phase {
-            Phase::Draining { kill_at } => Some(kill_at),
-            _ => None,
+            Phase::Draining { kill_at } | Phase::Starting { kill_at } => Some(kill_at),
+            Phase::Serving => None,
         });
         kills.chain(self.not_before).min()
     }
@@ -187,7 +192,7 @@ impl Supervisor {
         loop {
             let g = self.generation;
             let live = || self.workers.iter().filter(|w| !matches!(w.phase, Phase::Draining { .. }));
-            if live().any(|w| w.phase == Phase::Starting) {
+            if live().any(|w| matches!(w.phase, Phase::Starting { .. })) {
                 return; // one new worker at a time; wait for it
             }
             let current = live().filter(|w| !w.outdated(g)).count();
@@ -250,7 +255,7 @@ impl Supervisor {
                     pid,
                     channel: ours,
                     generation: self.generation,
-                    phase: Phase::Starting,
+                    phase: Phase::Starting { kill_at: now + START_TIMEOUT },
                     forked_at: now,
                     capacity,
                     dispatched: 0,
@@ -304,9 +309,21 @@ impl Supervisor {
         }
     }
 
-    /// Kills draining workers that overstayed their deadline.
+    /// Kills draining workers that overstayed their deadline, and workers
+    /// that never finished starting.
     pub fn kill_overdue(&mut self, now: Instant) {
         for w in &mut self.workers {
+            if let Phase::Starting { kill_at } = w.phase {
+                if now >= kill_at {
+                    log::error!(
+                        "worker {} (pid {}) did not become ready in {START_TIMEOUT:?}; killing it",
+                        w.id,
+                        w.pid
+                    );
+                    let _ = kill(w.pid, Signal::SIGKILL);
+                    w.phase = Phase::Starting { kill_at: now + Duration::from_secs(1) };
+                }
+            }
             if let Phase::Draining { kill_at } = w.phase {
                 if now >= kill_at {
                     log::warn!("worker {} (pid {}) did not exit in time; killing it", w.id, w.pid);
@@ -321,7 +338,7 @@ impl Supervisor {
     /// A worker reported Ready.
     pub fn mark_ready(&mut self, id: usize) {
         if let Some(w) = self.get_mut(id) {
-            if w.phase == Phase::Starting {
+            if matches!(w.phase, Phase::Starting { .. }) {
                 w.phase = Phase::Serving;
                 log::debug!("worker {id} (pid {}) ready", w.pid);
             }
@@ -350,7 +367,8 @@ impl Supervisor {
             log::info!("worker {} (pid {pid}) exited: {how}", w.id);
         } else {
             self.restarts += 1;
-            let young = now.duration_since(w.forked_at) < STARTUP_WINDOW;
+            // Dying before Ready is a start-up failure whatever the age.
+            let young = matches!(w.phase, Phase::Starting { .. }) || now.duration_since(w.forked_at) < STARTUP_WINDOW;
             if young {
                 self.note_failure(now);
             } else {

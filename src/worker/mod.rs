@@ -40,9 +40,9 @@ const TICK: Duration = Duration::from_millis(250);
 /// The fd number the channel is moved to in the child (the first after stdio).
 const CHANNEL_FD: i32 = 3;
 
-/// Set to `startup` to make every worker exit with status 3 right after it
-/// starts, before it reports Ready. Fault injection for the crash-loop tests;
-/// it has no other effect.
+/// Fault injection for the crash-loop tests, with no other effect: `startup`
+/// makes every worker exit with status 3 right after it starts, `hang` makes
+/// it wait forever instead of reporting Ready.
 pub const CRASH_ENV: &str = "ECHOD_TEST_WORKER_CRASH";
 
 /// What a worker is handed at fork.
@@ -143,9 +143,18 @@ fn serve(id: usize, config: Config, channel: Channel, scoreboard: Scoreboard, ca
             break;
         }
     }
-    if std::env::var(CRASH_ENV).is_ok_and(|v| v == "startup") {
-        log::error!("{CRASH_ENV}=startup: exiting at start-up (fault injection)");
-        return 3;
+    match std::env::var(CRASH_ENV).as_deref() {
+        Ok("startup") => {
+            log::error!("{CRASH_ENV}=startup: exiting at start-up (fault injection)");
+            return 3;
+        }
+        Ok("hang") => {
+            log::error!("{CRASH_ENV}=hang: never reporting ready (fault injection)");
+            loop {
+                std::thread::park();
+            }
+        }
+        _ => {}
     }
     publish_gauges(&w);
     if let Err(e) = w.channel.send_notice(Notice::Ready) {

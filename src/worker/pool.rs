@@ -114,8 +114,10 @@ fn serve(w: &Worker, slot: &ConnSlot, mut stream: TcpStream, buf: &mut [u8]) {
     // Unregister before closing, so a cut never hits a reused fd number.
     let ending = slot.close().unwrap_or(ending);
     drop(stream);
-    w.busy.fetch_sub(1, Ordering::Relaxed);
+    // Count before leaving `busy`: a draining worker exits once nothing is
+    // busy, and must not lose this connection's last bytes.
     w.counters.finish(&mut tally, ending, started.elapsed());
+    w.busy.fetch_sub(1, Ordering::Release);
     log::trace!("connection closed: {ending:?}");
     if w.scoreboard.accept_paused() {
         // The master waits for capacity; a full channel means it will wake
