@@ -194,7 +194,11 @@ fn a_worker_that_never_becomes_ready_is_killed_and_retried() {
     assert!(line.is_some(), "a wedged start was not noticed:\n{}", e.log_text());
     let died = e.log_len();
     assert!(e.wait_log("died unexpectedly", Duration::from_secs(3)).is_some());
-    assert!(e.wait_log_after(died, " started (pid", Duration::from_secs(3)).is_some(), "no second attempt:\n{}", e.log_text());
+    assert!(
+        e.wait_log_after(died, " started (pid", Duration::from_secs(3)).is_some(),
+        "no second attempt:\n{}",
+        e.log_text()
+    );
     e.signal(libc_sig::TERM);
     assert_eq!(e.wait_exit(Duration::from_secs(5)), Some(0));
 }

@@ -290,7 +290,10 @@ impl Supervisor {
     /// Tells every worker to drain (graceful stop) or quit (fast stop).
     pub fn stop_all(&mut self, graceful: bool, timeout: Duration, now: Instant) {
         for w in &mut self.workers {
-            let (cmd, kill_at) = if graceful {
+            // A worker still starting holds no connection: it just quits (and
+            // is killed soon if it cannot even do that).
+            let drain = graceful && !matches!(w.phase, Phase::Starting { .. });
+            let (cmd, kill_at) = if drain {
                 (Command::Drain { timeout }, now + timeout + DRAIN_GRACE)
             } else {
                 (Command::Quit, now + Duration::from_secs(1))
