@@ -236,7 +236,13 @@ fn event_loop(opts: &Options, shared: &Shared, thread: usize, threads: usize, st
                 wake = wake.min(at);
             }
         }
-        let timeout = wake.saturating_duration_since(Instant::now());
+        // mio rounds poll timeouts up to whole milliseconds; a scheduled send
+        // must not wait that long (its latency counts from the schedule), so
+        // near a due time the loop polls without sleeping.
+        let timeout = match wake.saturating_duration_since(Instant::now()) {
+            t if opts.rate.is_some() && t < Duration::from_millis(1) => Duration::ZERO,
+            t => t,
+        };
         if let Err(e) = poll.poll(&mut events, Some(timeout)) {
             if e.kind() != std::io::ErrorKind::Interrupted {
                 sink.count(|c| c.other_errors += 1);
