@@ -5,8 +5,9 @@
 //! each connection into the bounded [`queue`], starts handler threads when no
 //! idle one is waiting ([`pool`]), and acts on the master's commands (drain,
 //! quit). Every 250 ms it also ticks: a heartbeat in the scoreboard (so the
-//! master notices a hung worker), the gauges (threads, busy, queued), and the
-//! coarse clock that paces counter flushes of long connections.
+//! master notices a hung worker; busy handlers refresh it too), idle
+//! timeouts, the gauges (threads, busy, queued), and the coarse clock that
+//! paces counter flushes of long connections.
 //!
 //! A worker acts on no signal of its own (they are ignored); it stops when the
 //! master says so, or when the master disappears (EOF on the channel, or
@@ -196,8 +197,11 @@ fn take(w: &Arc<Worker>, conns: Vec<(std::os::fd::OwnedFd, u16)>, last_tick: &mu
         let mut stream = (TcpStream::from(fd), bucket);
         loop {
             match w.queue.push(stream, Some(TICK)) {
-                Ok(pushed) => {
-                    if pushed.needs_thread() {
+                Ok(depth) => {
+                    // With a thread waiting, the one that pops will start
+                    // helpers as needed (pool::handler); the receiver, which
+                    // may be starved of CPU, only steps in when nobody waits.
+                    if depth.idle == 0 && depth.needs_thread() {
                         grow(w);
                     }
                     break;
@@ -226,10 +230,25 @@ fn grow(w: &Arc<Worker>) {
     }
 }
 
+impl Worker {
+    /// Refreshes the heartbeat: this process runs. The receiver does it on
+    /// every tick; busy handlers do it too (every few hundred echoes),
+    /// because on a saturated CPU the receiver is one thread among
+    /// thousands and may not run for seconds, and a busy worker must not be
+    /// mistaken for a hung one. Only a process where nothing runs at all
+    /// (stopped, wedged) goes stale.
+    pub fn beat(&self) {
+        let now = monotonic_ms();
+        if now >= self.slot.get(Field::Heartbeat) + 100 {
+            self.slot.set(Field::Heartbeat, now);
+        }
+    }
+}
+
 /// Heartbeat, gauges, idle timeouts and the handlers' coarse clock.
 fn tick(w: &Worker) {
     let now = w.ticks.fetch_add(1, Ordering::Relaxed) + 1;
-    w.slot.set(Field::Heartbeat, monotonic_ms());
+    w.beat();
     if let Some(idle) = w.config.idle_timeout.nonzero() {
         let idle_ticks = idle.as_millis().div_ceil(TICK.as_millis()).max(1) as u64;
         let cut = w.open.cut_idle(now, idle_ticks);

@@ -2,10 +2,11 @@
 //!
 //! Threads are reused across connections: after serving one, a handler goes
 //! back to the queue for the next, so connection churn does not pay for
-//! thread creation. The pool starts with `min_spare_threads`, grows when the
-//! receiver pushes a connection that no idle thread is waiting for (up to
-//! the worker's capacity), and a thread idle for `thread_idle_timeout` exits
-//! while more than `min_spare_threads` remain, as Apache's MaxSpareThreads.
+//! thread creation. The pool starts with `min_spare_threads` and grows (up
+//! to the worker's capacity) whenever more connections wait than threads
+//! are idle, noticed by the receiver when it pushes and by a handler when it
+//! pops; a thread idle for `thread_idle_timeout` exits while more than
+//! `min_spare_threads` remain, as Apache's MaxSpareThreads.
 //!
 //! Stacks are small (the echo buffer is on the heap, one per thread, reused)
 //! so thousands of connections cost little memory.
@@ -33,6 +34,9 @@ const STACK_SIZE: usize = 128 * 1024;
 /// Receiver ticks (250 ms each) between counter flushes of a long-lived
 /// connection: about once a second.
 const FLUSH_TICKS: u64 = 4;
+
+/// Echoes between a busy handler's heartbeat checks (see `Worker::beat`).
+const BEAT_EVERY: u32 = 256;
 
 /// Starts one more handler thread unless the worker is at capacity.
 /// Returns Ok(false) at capacity.
@@ -66,7 +70,14 @@ fn handler(w: Arc<Worker>) {
     let slot = w.open.register();
     loop {
         match w.queue.pop(retire_after) {
-            Pop::Item((stream, bucket)) => {
+            Pop::Item((stream, bucket), depth) => {
+                if depth.needs_thread() {
+                    // More waiting than idle threads: start a helper before
+                    // serving. The receiver does this too, but under load it
+                    // is one thread among thousands; spreading the spawning
+                    // over the handlers lets the pool grow with demand.
+                    let _ = spawn_handler(&w);
+                }
                 serve(&w, &slot, stream, &mut buf);
                 w.scoreboard.discharge_ip(w.id, bucket);
             }
@@ -99,7 +110,12 @@ fn serve(w: &Worker, slot: &ConnSlot, mut stream: TcpStream, buf: &mut [u8]) {
     slot.open(stream.as_raw_fd(), seen);
     let mut tally = Tally::default();
     let mut next_flush = seen + FLUSH_TICKS;
+    let mut echoes = 0u32;
     let ending = echo(&mut stream, buf, w.config.transform, &mut tally, |t| {
+        echoes = echoes.wrapping_add(1);
+        if echoes % BEAT_EVERY == 0 {
+            w.beat();
+        }
         // One relaxed load per echo; a store only when the tick moved.
         let now = w.ticks.load(Ordering::Relaxed);
         if now != seen {

@@ -5,7 +5,8 @@
 //! handler pops it and serves it to the end. The queue counts its own idle
 //! handlers, so the receiver can tell, in the same critical section as the
 //! push, whether someone is waiting for the connection or whether a new
-//! thread is needed ([`Pushed::needs_thread`]).
+//! thread is needed ([`Depth::needs_thread`]). `pop` reports the same, so a
+//! handler taking work can start a helper while the receiver is busy.
 //!
 //! Bounded: when `capacity` connections are waiting, `push` blocks. The
 //! receiver then stops reading the channel, the channel's socket buffer
@@ -37,7 +38,8 @@ struct State<T> {
 /// What `pop` produced.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Pop<T> {
-    Item(T),
+    /// An item, and the queue as this pop left it.
+    Item(T, Depth),
     /// Nothing arrived within the timeout (the caller may retire).
     TimedOut,
     /// The queue is closed and empty: no more work will come.
@@ -53,16 +55,16 @@ pub enum PushError<T> {
     Closed(T),
 }
 
-/// The state right after a successful push.
+/// The queue right after a push or pop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pushed {
-    /// Items waiting, including the one just pushed.
+pub struct Depth {
+    /// Items waiting (including one just pushed).
     pub queued: usize,
     /// Consumers waiting for items.
     pub idle: usize,
 }
 
-impl Pushed {
+impl Depth {
     /// True when more items wait than there are idle consumers to take them.
     pub fn needs_thread(&self) -> bool {
         self.queued > self.idle
@@ -82,7 +84,7 @@ impl<T> Queue<T> {
     /// Adds `item`, waiting while the queue is full, for at most `timeout`
     /// (forever if `None`). Gives the item back if the queue is (or gets)
     /// closed, or is still full when the timeout passes.
-    pub fn push(&self, item: T, timeout: Option<Duration>) -> Result<Pushed, PushError<T>> {
+    pub fn push(&self, item: T, timeout: Option<Duration>) -> Result<Depth, PushError<T>> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut st = self.lock();
         while st.items.len() >= self.capacity && !st.closed {
@@ -101,7 +103,7 @@ impl<T> Queue<T> {
             return Err(PushError::Closed(item));
         }
         st.items.push_back(item);
-        let pushed = Pushed { queued: st.items.len(), idle: st.idle };
+        let pushed = Depth { queued: st.items.len(), idle: st.idle };
         drop(st);
         self.not_empty.notify_one();
         Ok(pushed)
@@ -114,9 +116,10 @@ impl<T> Queue<T> {
         let mut st = self.lock();
         loop {
             if let Some(item) = st.items.pop_front() {
+                let depth = Depth { queued: st.items.len(), idle: st.idle };
                 drop(st);
                 self.not_full.notify_one();
-                return Pop::Item(item);
+                return Pop::Item(item, depth);
             }
             if st.closed {
                 return Pop::Closed;
@@ -178,11 +181,11 @@ mod tests {
     #[test]
     fn fifo_and_accounting() {
         let q = Queue::new(4);
-        assert_eq!(q.push(1, None), Ok(Pushed { queued: 1, idle: 0 }));
+        assert_eq!(q.push(1, None), Ok(Depth { queued: 1, idle: 0 }));
         assert!(q.push(2, None).unwrap().needs_thread());
         assert_eq!(q.stats(), (2, 0));
-        assert_eq!(q.pop(None), Pop::Item(1));
-        assert_eq!(q.pop(Some(Duration::ZERO)), Pop::Item(2));
+        assert_eq!(q.pop(None), Pop::Item(1, Depth { queued: 1, idle: 0 }));
+        assert_eq!(q.pop(Some(Duration::ZERO)), Pop::Item(2, Depth { queued: 0, idle: 0 }));
         assert_eq!(q.pop(Some(Duration::from_millis(20))), Pop::TimedOut);
     }
 
@@ -195,9 +198,9 @@ mod tests {
             thread::yield_now();
         }
         let pushed = q.push(7, None).unwrap();
-        assert_eq!(pushed, Pushed { queued: 1, idle: 1 });
+        assert_eq!(pushed, Depth { queued: 1, idle: 1 });
         assert!(!pushed.needs_thread(), "the waiting consumer will take it");
-        assert_eq!(t.join().unwrap(), Pop::Item(7));
+        assert!(matches!(t.join().unwrap(), Pop::Item(7, _)));
         assert_eq!(q.stats(), (0, 0));
     }
 
@@ -211,7 +214,7 @@ mod tests {
         let t = thread::spawn(move || q2.push(3, None).map(|p| p.queued));
         thread::sleep(Duration::from_millis(50));
         assert!(!t.is_finished(), "push must wait while the queue is full");
-        assert_eq!(q.pop(None), Pop::Item(1));
+        assert!(matches!(q.pop(None), Pop::Item(1, _)));
         assert_eq!(t.join().unwrap(), Ok(2));
     }
 
@@ -221,7 +224,7 @@ mod tests {
         q.push("a", None).unwrap();
         q.close();
         assert_eq!(q.push("b", None), Err(PushError::Closed("b")));
-        assert_eq!(q.pop(None), Pop::Item("a"));
+        assert_eq!(q.pop(None), Pop::Item("a", Depth { queued: 0, idle: 0 }));
         assert_eq!(q.pop(None), Pop::Closed);
     }
 
@@ -251,7 +254,7 @@ mod tests {
             .map(|_| {
                 let (q, sum) = (q.clone(), sum.clone());
                 thread::spawn(move || {
-                    while let Pop::Item(v) = q.pop(None) {
+                    while let Pop::Item(v, _) = q.pop(None) {
                         sum.fetch_add(v, Ordering::Relaxed);
                     }
                 })
