@@ -5,12 +5,19 @@
 //! processes; a worker serves every connection on a thread of its own. See
 //! DESIGN.md and README.md for the process model and its rules.
 //!
-//! Module map: [`config`] (the file and its errors), [`master`] (listeners,
-//! dispatch, supervisor, signals), [`worker`] (queue, pool, echo, counters),
-//! [`ipc`] (the master–worker channel), [`scoreboard`] (shared per-worker
-//! numbers), [`stats`] (snapshots for logs), [`metrics`] (Prometheus text), [`systemd`], [`logging`],
-//! [`limits`], [`privileges`], [`ratelimit`], and [`sys`] (every `unsafe` call).
-//! [`load`] is the engine of the `echo-load` harness.
+//! Module map:
+//! - [`config`]: the file, its defaults and its errors (exit 78);
+//! - [`master`]: the master's loop, listeners, dispatch, supervisor,
+//!   signals and the /metrics endpoint;
+//! - [`worker`]: the receiver, the fd queue, the handler pool, the echo
+//!   and the locked counters;
+//! - [`ipc`]: the master-worker channel and its one `Command` type;
+//! - [`scoreboard`]: per-worker numbers in shared memory;
+//! - [`stats`] and [`metrics`]: one snapshot, rendered for logs and
+//!   Prometheus;
+//! - [`systemd`], [`logging`], [`limits`], [`privileges`], [`ratelimit`];
+//! - [`sys`]: every `unsafe` call, each with its argument;
+//! - [`load`]: the engine of the `echo-load` harness.
 
 pub mod config;
 pub mod ipc;
