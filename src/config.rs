@@ -481,6 +481,16 @@ mod tests {
     }
 
     #[test]
+    fn the_bundled_file_documents_every_key_at_its_default() {
+        let text = include_str!("../config/echod.toml");
+        assert_eq!(parse(text).unwrap(), Config::default());
+        for line in Config::default().to_toml().lines() {
+            let key = line.split('=').next().unwrap_or("").trim();
+            assert!(line_of_key(text, key).is_some(), "config/echod.toml does not list `{key}`");
+        }
+    }
+
+    #[test]
     fn empty_file_is_the_defaults() {
         assert_eq!(parse("").unwrap(), Config::default());
     }
