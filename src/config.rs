@@ -187,6 +187,9 @@ impl Config {
         if let Some(n) = overrides.workers {
             self.workers = Workers::Count(n);
         }
+        if overrides.listen.is_empty() && overrides.workers.is_none() {
+            return Ok(()); // nothing changed since the file was validated
+        }
         self.validate().map_err(|(key, message)| ConfigError {
             source: Source::CommandLine,
             line: None,

@@ -156,7 +156,7 @@ pub fn render(snap: &Snapshot, info: &MasterInfo) -> String {
     let up: Vec<(String, f64)> = snap
         .workers
         .iter()
-        .map(|w| (format!("worker=\"{}\",pid=\"{}\",state=\"{}\"", w.id, w.pid, w.phase), 1.0))
+        .map(|w| (format!("worker=\"{}\",pid=\"{}\",state=\"{}\"", w.id, w.pid, w.phase.name()), 1.0))
         .collect();
     metric_owned(o, "echod_worker_info", "gauge", "Each worker process and its state.", up);
 
@@ -228,7 +228,7 @@ mod tests {
                 id: 3,
                 pid: 42,
                 generation: 2,
-                phase: "serving",
+                phase: crate::master::supervisor::Phase::Serving,
                 accepted: 4,
                 active: 1,
                 capacity: 8,

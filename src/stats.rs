@@ -6,7 +6,7 @@
 //! kept from workers that exited, so they never go backwards.
 
 use crate::master::dispatch::Dispatcher;
-use crate::master::supervisor::Supervisor;
+use crate::master::supervisor::{Phase, Supervisor};
 use crate::scoreboard::SlotStats;
 
 /// One worker as the master sees it.
@@ -15,7 +15,7 @@ pub struct WorkerView {
     pub id: usize,
     pub pid: i32,
     pub generation: u64,
-    pub phase: &'static str,
+    pub phase: Phase,
     /// Connections sent to it.
     pub accepted: u64,
     /// Connections it holds (sent, not yet finished).
@@ -52,7 +52,7 @@ impl Snapshot {
                     id: w.id,
                     pid: w.pid.as_raw(),
                     generation: w.generation,
-                    phase: w.phase_name(),
+                    phase: w.phase,
                     accepted: w.dispatched,
                     active: w.dispatched.saturating_sub(slot.finished),
                     capacity: w.capacity,
@@ -76,7 +76,7 @@ impl Snapshot {
 
     /// Workers that take connections (not starting, not draining).
     pub fn serving(&self) -> usize {
-        self.workers.iter().filter(|w| w.phase == "serving").count()
+        self.workers.iter().filter(|w| w.phase == Phase::Serving).count()
     }
 
     /// The one-line summary (periodic stats, USR1 first line).
@@ -111,7 +111,7 @@ impl Snapshot {
                      idle={} queued={} capacity={}",
                     w.id,
                     w.pid,
-                    w.phase,
+                    w.phase.name(),
                     w.generation,
                     w.active,
                     w.accepted,

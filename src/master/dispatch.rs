@@ -103,12 +103,6 @@ impl Dispatcher {
         backoff.into_iter().chain(recheck).min()
     }
 
-    /// Takes back connections that were picked for a worker which is going
-    /// away, to offer them to others.
-    pub fn restash(&mut self, conns: Vec<Pending>) {
-        self.stash.extend(conns);
-    }
-
     /// Drops every connection not yet handed to a worker (stopping).
     pub fn discard_held(&mut self, sup: &mut Supervisor) -> usize {
         let n = self.held(sup);

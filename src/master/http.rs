@@ -61,16 +61,16 @@ pub struct HttpServer {
 impl HttpServer {
     /// Binds `addr` (SO_REUSEADDR, non-blocking, close-on-exec).
     pub fn bind(addr: SocketAddr, registry: &Registry) -> io::Result<HttpServer> {
-        let mut listener = TcpListener::bind(addr)?;
-        registry.register(&mut listener, LISTENER_TOKEN, Interest::READABLE)?;
-        let addr = listener.local_addr()?;
-        Ok(HttpServer { listener, addr, conns: HashMap::new(), next_id: 0, retry_at: None })
+        HttpServer::serve(TcpListener::bind(addr)?, registry)
     }
 
     /// Uses a listening socket passed by systemd.
     pub fn adopt(socket: std::net::TcpListener, registry: &Registry) -> io::Result<HttpServer> {
         socket.set_nonblocking(true)?;
-        let mut listener = TcpListener::from_std(socket);
+        HttpServer::serve(TcpListener::from_std(socket), registry)
+    }
+
+    fn serve(mut listener: TcpListener, registry: &Registry) -> io::Result<HttpServer> {
         registry.register(&mut listener, LISTENER_TOKEN, Interest::READABLE)?;
         let addr = listener.local_addr()?;
         Ok(HttpServer { listener, addr, conns: HashMap::new(), next_id: 0, retry_at: None })

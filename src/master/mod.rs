@@ -323,10 +323,7 @@ impl Master {
                 Ok(WaitStatus::StillAlive) => return,
                 Ok(status) => {
                     let stopping = self.stopping.is_some();
-                    if let Some(w) = self.sup.on_exit(status, self.poll.registry(), stopping, Instant::now()) {
-                        // Fds picked for it but never sent go to the others.
-                        self.disp.restash(w.outbox);
-                    }
+                    self.sup.on_exit(status, self.poll.registry(), stopping, Instant::now());
                 }
                 Err(nix::errno::Errno::EINTR) => {}
                 Err(_) => return, // ECHILD: none left

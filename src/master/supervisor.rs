@@ -73,6 +73,17 @@ pub enum Phase {
     Draining { kill_at: Instant },
 }
 
+impl Phase {
+    /// The state as operators see it (USR1 lines, `echod_worker_info`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Starting { .. } => "starting",
+            Phase::Serving => "serving",
+            Phase::Draining { .. } => "draining",
+        }
+    }
+}
+
 /// One worker process, from the master's side.
 pub struct WorkerHandle {
     /// Scoreboard slot, also its name (`worker 3`) and metrics label.
@@ -88,7 +99,9 @@ pub struct WorkerHandle {
     /// Connections sent to it so far. Its load is this minus the
     /// scoreboard's finished count.
     pub dispatched: u64,
-    /// Connections picked for it and not yet sent (sent in one batch).
+    /// Connections picked for it during one dispatch pass and sent together
+    /// at its end (what cannot be sent moves to the dispatcher's stash), so
+    /// it is empty between passes.
     pub outbox: Vec<Pending>,
     /// Its channel was full at the last send; skipped until it drains.
     pub congested: bool,
@@ -109,18 +122,6 @@ impl WorkerHandle {
     fn outdated(&self, current: u64) -> bool {
         self.generation < current || self.spent()
     }
-
-    pub fn token(&self) -> Token {
-        Token(WORKER_TOKEN_BASE + self.id)
-    }
-
-    pub fn phase_name(&self) -> &'static str {
-        match self.phase {
-            Phase::Starting { .. } => "starting",
-            Phase::Serving => "serving",
-            Phase::Draining { .. } => "draining",
-        }
-    }
 }
 
 /// The worker table and the policy that keeps it at its target.
@@ -129,8 +130,6 @@ pub struct Supervisor {
     pub scoreboard: Scoreboard,
     /// Counters of workers that have exited, so totals never go backwards.
     pub retired: SlotStats,
-    /// Connections sent to workers that have exited.
-    pub retired_dispatched: u64,
     /// The current config generation; bumped by every applied reload.
     pub generation: u64,
     /// How many workers of the current generation should serve.
@@ -152,7 +151,6 @@ impl Supervisor {
             // Room for a full second set during a reload, plus TTIN headroom.
             scoreboard: Scoreboard::new(2 * MAX_WORKERS + 8)?,
             retired: SlotStats::default(),
-            retired_dispatched: 0,
             generation: 1,
             target,
             restarts: 0,
@@ -166,7 +164,8 @@ impl Supervisor {
         self.workers.iter_mut().find(|w| w.id == id)
     }
 
-    /// Workers that can be given connections right now.
+    /// Whether `target` workers of the current generation have reported
+    /// Ready (then READY=1 is due).
     pub fn all_ready(&self) -> bool {
         let serving = self.workers.iter().filter(|w| w.phase == Phase::Serving && w.generation == self.generation);
         serving.count() >= self.target
@@ -269,22 +268,19 @@ impl Supervisor {
         }
     }
 
-    /// Tells a worker to drain and stops giving it connections. Connections
-    /// picked for it but not sent are returned for someone else.
-    pub fn retire(&mut self, id: usize, timeout: Duration, why: &str, now: Instant) -> Vec<Pending> {
-        let Some(w) = self.get_mut(id) else {
-            return Vec::new();
-        };
+    /// Tells a worker to drain and stops giving it connections.
+    pub fn retire(&mut self, id: usize, timeout: Duration, why: &str, now: Instant) {
+        let Some(w) = self.get_mut(id) else { return };
         if matches!(w.phase, Phase::Draining { .. }) {
-            return Vec::new();
+            return;
         }
+        debug_assert!(w.outbox.is_empty(), "outboxes are empty between dispatch passes");
         w.phase = Phase::Draining { kill_at: now + timeout + DRAIN_GRACE };
         log::info!("worker {} (pid {}) draining: {why}", w.id, w.pid);
         if let Err(e) = w.channel.send_command(&Command::Drain { timeout }) {
             log::warn!("worker {}: cannot send drain ({e}); stopping it", w.id);
             let _ = kill(w.pid, Signal::SIGKILL);
         }
-        std::mem::take(&mut w.outbox)
     }
 
     /// Tells every worker to drain (graceful stop) or quit (fast stop).
@@ -348,21 +344,15 @@ impl Supervisor {
         }
     }
 
-    /// Records the exit of a child. Returns the handle if it was one of ours.
-    pub fn on_exit(
-        &mut self,
-        status: WaitStatus,
-        registry: &Registry,
-        stopping: bool,
-        now: Instant,
-    ) -> Option<WorkerHandle> {
-        let pid = status.pid()?;
-        let pos = self.workers.iter().position(|w| w.pid == pid)?;
+    /// Records the exit of a child, if it was one of ours.
+    pub fn on_exit(&mut self, status: WaitStatus, registry: &Registry, stopping: bool, now: Instant) {
+        let Some(pid) = status.pid() else { return };
+        let Some(pos) = self.workers.iter().position(|w| w.pid == pid) else { return };
         let w = self.workers.swap_remove(pos);
+        debug_assert!(w.outbox.is_empty(), "outboxes are empty between dispatch passes");
         let _ = registry.deregister(&mut SourceFd(&w.channel.as_raw_fd()));
         let stats = self.scoreboard.slot(w.id).snapshot();
         self.retired.add_counters(&stats);
-        self.retired_dispatched += w.dispatched;
         let how = describe(status);
         let expected = matches!(w.phase, Phase::Draining { .. }) || stopping;
         let lost = w.dispatched.saturating_sub(stats.finished);
@@ -386,7 +376,6 @@ impl Supervisor {
                 }
             );
         }
-        Some(w)
     }
 
     /// A worker died young: back off exponentially, and say loudly when it
