@@ -40,10 +40,24 @@ pub struct Config {
     pub backlog: u32,
     /// Worker processes: "auto" (one per CPU) or a number.
     pub workers: Workers,
-    /// Connections one worker serves at once: one thread each. Together with
-    /// `workers` this is echod's capacity; beyond it the master stops
-    /// accepting and new clients wait in the backlog.
+    /// How a worker serves its connections: "thread" (one thread per
+    /// connection, the model echod is built on) or "event" (a few threads,
+    /// each polling many connections). Both share the receiver, queue,
+    /// counters, limits and drain; only what takes connections off the
+    /// queue differs. Changing it on reload replaces the workers.
+    pub handler: Handler,
+    /// Thread mode: connections one worker serves at once, one thread each.
+    /// Together with `workers` this is echod's capacity; beyond it the
+    /// master stops accepting and new clients wait in the backlog.
     pub threads_per_worker: usize,
+    /// Event mode: connections one worker serves at once (nginx's
+    /// worker_connections). An idle connection costs a few hundred bytes
+    /// here rather than a thread, so this is set far higher than
+    /// `threads_per_worker`.
+    pub worker_connections: usize,
+    /// Event mode: polling threads per worker. One is nginx's choice and
+    /// the most efficient; more spread one worker's connections over CPUs.
+    pub event_threads: usize,
     /// Handler threads kept ready even when idle, so a burst of connections
     /// does not pay for thread creation.
     pub min_spare_threads: usize,
@@ -108,7 +122,10 @@ impl Default for Config {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 7007))],
             backlog: 1024,
             workers: Workers::Auto,
+            handler: Handler::Thread,
             threads_per_worker: 1024,
+            worker_connections: 16384,
+            event_threads: 1,
             min_spare_threads: 16,
             thread_idle_timeout: Seconds::from_secs(30),
             queue_capacity: 256,
@@ -234,6 +251,8 @@ impl Config {
                 ),
             ));
         }
+        range("worker_connections", self.worker_connections, 1, 1 << 20)?;
+        range("event_threads", self.event_threads, 1, 256)?;
         range("queue_capacity", self.queue_capacity, 1, 1 << 20)?;
         range("buffer_size", self.buffer_size, 512, 16 << 20)?;
         if nix::unistd::geteuid().is_root() {
@@ -252,6 +271,14 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// Connections one worker may serve at once in the configured mode.
+    pub fn connections_per_worker(&self) -> usize {
+        match self.handler {
+            Handler::Thread => self.threads_per_worker,
+            Handler::Event => self.worker_connections,
+        }
     }
 
     /// Worker processes to run, with "auto" resolved to the CPU count.
@@ -381,6 +408,17 @@ impl<'de> Deserialize<'de> for Workers {
         }
         d.deserialize_any(V)
     }
+}
+
+/// What takes connections off a worker's queue and serves them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Handler {
+    /// One thread per connection for its whole life (Apache's worker MPM).
+    Thread,
+    /// `event_threads` threads, each running a mio poll over many
+    /// connections (nginx, Apache's event MPM).
+    Event,
 }
 
 /// What the echo does to the bytes it returns.

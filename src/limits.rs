@@ -8,7 +8,7 @@
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
-use crate::config::Config;
+use crate::config::{Config, Handler};
 
 /// Fds a worker needs besides connections: stdio, its channel, and slack for
 /// the logger and libc.
@@ -35,18 +35,23 @@ pub fn current_nofile() -> u64 {
     getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
 }
 
-/// Connections one worker may hold: `threads_per_worker`, unless the fd
-/// limit cannot hold that many.
+/// Connections one worker may hold (`threads_per_worker` in thread mode,
+/// `worker_connections` in event mode), unless the fd limit cannot hold
+/// that many.
 pub fn worker_capacity(config: &Config, fd_limit: u64) -> usize {
     let fits = fd_limit.saturating_sub(WORKER_RESERVED_FDS).max(1) as usize;
-    if fits < config.threads_per_worker {
+    let wanted = config.connections_per_worker();
+    if fits < wanted {
+        let key = match config.handler {
+            Handler::Thread => "threads_per_worker",
+            Handler::Event => "worker_connections",
+        };
         log::warn!(
-            "RLIMIT_NOFILE {fd_limit} holds only {fits} connections per worker; threads_per_worker = {} is \
-             lowered to that (raise LimitNOFILE= or `ulimit -n`)",
-            config.threads_per_worker
+            "RLIMIT_NOFILE {fd_limit} holds only {fits} connections per worker; {key} = {wanted} is lowered to \
+             that (raise LimitNOFILE= or `ulimit -n`)"
         );
     }
-    fits.min(config.threads_per_worker)
+    fits.min(wanted)
 }
 
 /// Warns about limits that cannot all be met at once.
@@ -58,6 +63,9 @@ pub fn check(config: &Config, workers: usize, capacity: usize) {
              beyond {total}, clients wait in the listen backlog",
             config.max_connections
         );
+    }
+    if config.handler == Handler::Event {
+        return; // a few threads, however many connections
     }
     if let Some(max) =
         std::fs::read_to_string("/proc/sys/kernel/threads-max").ok().and_then(|s| s.trim().parse::<u64>().ok())

@@ -13,233 +13,226 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-#[test]
-fn payloads_from_one_byte_to_64_mib_come_back_identical() {
-    let e = start("");
-    let sizes = [1usize, 2, 63, 64, 4095, 4096, 65_537, (1 << 20) + 3, 16 << 20, 64 << 20];
-    for (i, &size) in sizes.iter().enumerate() {
-        let (sent, received, n) = stream_through(e.addr, size, i as u64 + 1);
-        assert_eq!(n, size, "size {size}: got {n} bytes back");
-        assert_eq!(sent, received, "size {size}: payload differs");
-    }
-    let s = e.stats_until(Duration::from_secs(5), |s| s["closed"] == sizes.len() as u64);
-    let total: u64 = sizes.iter().map(|&s| s as u64).sum();
-    assert_eq!((s["bytes_in"], s["bytes_out"]), (total, total), "byte totals");
-}
-
-#[test]
-fn many_concurrent_clients_all_succeed_and_totals_are_exact() {
-    const CLIENTS: usize = 500;
-    const ROUNDS: usize = 200;
-    let e = start("threads_per_worker = 400\n");
-    let bytes = Arc::new(AtomicU64::new(0));
-    let barrier = Arc::new(Barrier::new(CLIENTS));
-    let handles: Vec<_> = (0..CLIENTS)
-        .map(|c| {
-            let (addr, bytes, barrier) = (e.addr, bytes.clone(), barrier.clone());
-            thread::Builder::new()
-                .stack_size(256 * 1024)
-                .spawn(move || {
-                    let mut rng = Rng::new(c as u64 + 7);
-                    let mut s = connect(addr);
-                    barrier.wait(); // all 500 connected at once
-                    for _ in 0..ROUNDS {
-                        let data = rng.payload(2048);
-                        let got = round_trip(&mut s, &data).expect("round trip");
-                        assert_eq!(got, data, "client {c}: echo differs");
-                        bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
-                    }
-                })
-                .unwrap()
-        })
-        .collect();
-    for h in handles {
-        h.join().expect("a client failed");
-    }
-    let total = bytes.load(Ordering::Relaxed);
-    let s = e.stats_until(Duration::from_secs(10), |s| s["closed"] == CLIENTS as u64);
-    assert_eq!(s["accepted"], CLIENTS as u64, "{s:?}");
-    assert_eq!(s["closed"], CLIENTS as u64, "{s:?}");
-    assert_eq!((s["bytes_in"], s["bytes_out"]), (total, total), "{s:?}");
-    assert_eq!((s["errors"], s["active"]), (0, 0), "{s:?}");
-}
-
-#[test]
-fn a_half_closed_client_gets_every_byte() {
-    let e = start("");
-    let mut s = connect(e.addr);
-    let data = Rng::new(3).bytes(300_000);
-    let mut w = s.try_clone().unwrap();
-    let d2 = data.clone();
-    let t = thread::spawn(move || {
-        w.write_all(&d2).unwrap();
-        w.shutdown(Shutdown::Write).unwrap();
-    });
-    let mut got = Vec::new();
-    s.read_to_end(&mut got).unwrap();
-    t.join().unwrap();
-    assert_eq!(got.len(), data.len());
-    assert!(got == data, "echo differs");
-}
-
-#[test]
-fn upper_transform_uppercases_ascii_only() {
-    let e = start("transform = \"upper\"\n");
-    let mut s = connect(e.addr);
-    let got = round_trip(&mut s, b"hello, World! \xff\x00z").unwrap();
-    assert_eq!(got, b"HELLO, WORLD! \xff\x00Z");
-}
-
-#[test]
-fn ipv6_loopback_is_served() {
-    if std::net::TcpListener::bind("[::1]:0").is_err() {
-        eprintln!("no IPv6 loopback here; skipping");
-        return;
-    }
-    let e = start("listen = [\"[::1]:0\", \"127.0.0.1:0\"]\n");
-    let line = e.log_lines().into_iter().find(|l| l.contains("listening on [::1]")).expect("v6 listener");
-    let addr = line.rsplit("listening on ").next().unwrap().parse().unwrap();
-    let mut s = connect(addr);
-    assert_eq!(round_trip(&mut s, b"six").unwrap(), b"six");
-}
-
-#[test]
-fn workers_are_named_children_and_logs_say_who_wrote() {
-    let e = start("workers = 3\n");
-    let workers = e.wait_workers(3, Duration::from_secs(5));
-    assert_eq!(workers.len(), 3);
-    for w in &workers {
-        let comm = std::fs::read_to_string(format!("/proc/{w}/comm")).unwrap();
-        assert!(comm.starts_with("echod: worker"), "{comm}");
-        let cmdline = std::fs::read_to_string(format!("/proc/{w}/cmdline")).unwrap();
-        assert!(cmdline.starts_with("echod: worker"), "{cmdline}");
-        // Workers hold no listening socket (rule 2): only stdio, the channel
-        // and nothing else while idle.
-        let fds = std::fs::read_dir(format!("/proc/{w}/fd")).unwrap().count();
-        assert!(fds <= 5, "worker {w} has {fds} fds open");
-    }
-    let log = e.log_text();
-    assert!(log.contains("[master] worker 0 started (pid "), "{log}");
-    let mut s = connect(e.addr);
-    round_trip(&mut s, b"x").unwrap();
-    drop(s);
-    e.signal(libc_sig::TERM);
-    assert!(e.wait_log("[worker-", Duration::from_secs(5)).is_some(), "no worker-tagged line");
-}
-
-#[test]
-fn killed_worker_hurts_only_its_own_clients_and_is_respawned() {
-    let e = start("workers = 2\n");
-    let workers = e.wait_workers(2, Duration::from_secs(5));
-    // 20 clients echoing continuously.
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut clients = Vec::new();
-    for c in 0..20u64 {
-        let s = connect(e.addr);
-        let port = s.local_addr().unwrap().port();
-        let stop = stop.clone();
-        clients.push((
-            port,
-            thread::spawn(move || {
-                let mut s = s;
-                let mut rng = Rng::new(c);
-                let mut rounds = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let data = rng.payload(1000);
-                    match round_trip(&mut s, &data) {
-                        Ok(got) if got == data => rounds += 1,
-                        Ok(_) => return Err(format!("mismatch after {rounds} rounds")),
-                        Err(e) => return Err(format!("{e} after {rounds} rounds")),
-                    }
-                }
-                Ok(rounds)
-            }),
-        ));
-    }
-    thread::sleep(Duration::from_millis(300));
-    let owners = connection_owners(&workers, e.addr.port());
-    assert_eq!(owners.len(), 20, "every client mapped to a worker: {owners:?}");
-    let victim = workers[0];
-    let victims: Vec<u16> = owners.iter().filter(|(_, w)| **w == victim).map(|(p, _)| *p).collect();
-    assert!(!victims.is_empty() && victims.len() < 20, "least-loaded dispatch spreads clients: {owners:?}");
-    kill(victim, libc_sig::KILL);
-    thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    for (port, h) in clients {
-        let r = h.join().unwrap();
-        if victims.contains(&port) {
-            assert!(r.is_err(), "client on the killed worker cannot have survived");
-        } else {
-            let rounds = r.unwrap_or_else(|err| panic!("client {port} on the surviving worker failed: {err}"));
-            assert!(rounds > 0);
+both_modes! {
+    fn payloads_from_one_byte_to_64_mib_come_back_identical() {
+        let e = start("");
+        let sizes = [1usize, 2, 63, 64, 4095, 4096, 65_537, (1 << 20) + 3, 16 << 20, 64 << 20];
+        for (i, &size) in sizes.iter().enumerate() {
+            let (sent, received, n) = stream_through(e.addr, size, i as u64 + 1);
+            assert_eq!(n, size, "size {size}: got {n} bytes back");
+            assert_eq!(sent, received, "size {size}: payload differs");
         }
+        let s = e.stats_until(Duration::from_secs(5), |s| s["closed"] == sizes.len() as u64);
+        let total: u64 = sizes.iter().map(|&s| s as u64).sum();
+        assert_eq!((s["bytes_in"], s["bytes_out"]), (total, total), "byte totals");
     }
-    assert!(e.wait_log("died unexpectedly", Duration::from_secs(5)).is_some());
-    let now = e.wait_workers(2, Duration::from_secs(5));
-    assert!(now.len() == 2 && !now.contains(&victim), "respawned: {now:?}");
-    // New connections are served by both, including the new worker.
-    let mut served_by = std::collections::HashSet::new();
-    let conns: Vec<_> = (0..10).map(|_| connect(e.addr)).collect();
-    thread::sleep(Duration::from_millis(100));
-    for s in &conns {
-        let mut s = s.try_clone().unwrap();
-        assert_eq!(round_trip(&mut s, b"after").unwrap(), b"after");
-    }
-    let owners = connection_owners(&now, e.addr.port());
-    served_by.extend(owners.values().copied());
-    assert_eq!(served_by.len(), 2, "both workers serve new connections: {owners:?}");
-}
 
-#[test]
-fn term_with_clients_connected_exits_within_shutdown_timeout() {
-    let mut e = start("shutdown_timeout = 2\n");
-    let workers = e.wait_workers(2, Duration::from_secs(5));
-    let mut idle: Vec<_> = (0..10).map(|_| connect(e.addr)).collect();
-    let mut busy = connect(e.addr);
-    round_trip(&mut busy, b"before").unwrap();
-    let t0 = Instant::now();
-    e.signal(libc_sig::TERM);
-    assert!(e.wait_log("graceful stop", Duration::from_secs(2)).is_some());
-    // Connections keep being served until the deadline...
-    thread::sleep(Duration::from_millis(300));
-    assert_eq!(round_trip(&mut busy, b"during").unwrap(), b"during");
-    // ...but new ones are refused (the listener is closed).
-    assert!(std::net::TcpStream::connect_timeout(&e.addr, Duration::from_secs(1)).is_err());
-    let code = e.wait_exit(Duration::from_secs(6)).expect("master did not exit");
-    let took = t0.elapsed();
-    assert_eq!(code, 0);
-    assert!(took >= Duration::from_millis(1900), "exited before the deadline with clients connected: {took:?}");
-    assert!(took < Duration::from_secs(5), "took {took:?}");
-    for w in workers {
-        assert!(!alive(w), "worker {w} left behind");
+    fn many_concurrent_clients_all_succeed_and_totals_are_exact() {
+        const CLIENTS: usize = 500;
+        const ROUNDS: usize = 200;
+        let e = start("threads_per_worker = 400\n");
+        let bytes = Arc::new(AtomicU64::new(0));
+        let barrier = Arc::new(Barrier::new(CLIENTS));
+        let handles: Vec<_> = (0..CLIENTS)
+            .map(|c| {
+                let (addr, bytes, barrier) = (e.addr, bytes.clone(), barrier.clone());
+                thread::Builder::new()
+                    .stack_size(256 * 1024)
+                    .spawn(move || {
+                        let mut rng = Rng::new(c as u64 + 7);
+                        let mut s = connect(addr);
+                        barrier.wait(); // all 500 connected at once
+                        for _ in 0..ROUNDS {
+                            let data = rng.payload(2048);
+                            let got = round_trip(&mut s, &data).expect("round trip");
+                            assert_eq!(got, data, "client {c}: echo differs");
+                            bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        }
+                    })
+                    .unwrap()
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("a client failed");
+        }
+        let total = bytes.load(Ordering::Relaxed);
+        let s = e.stats_until(Duration::from_secs(10), |s| s["closed"] == CLIENTS as u64);
+        assert_eq!(s["accepted"], CLIENTS as u64, "{s:?}");
+        assert_eq!(s["closed"], CLIENTS as u64, "{s:?}");
+        assert_eq!((s["bytes_in"], s["bytes_out"]), (total, total), "{s:?}");
+        assert_eq!((s["errors"], s["active"]), (0, 0), "{s:?}");
     }
-    // The held connections were closed by the server.
-    let mut buf = [0u8; 1];
-    assert_eq!(idle[0].read(&mut buf).unwrap_or(0), 0);
-    idle.clear();
-}
 
-#[test]
-fn term_without_clients_exits_at_once() {
-    let mut e = start("shutdown_timeout = 20\n");
-    let t0 = Instant::now();
-    e.signal(libc_sig::INT);
-    assert_eq!(e.wait_exit(Duration::from_secs(5)), Some(0));
-    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
-}
-
-#[test]
-fn sigkill_of_the_master_leaves_no_worker_behind() {
-    let e = start("workers = 3\n");
-    let workers = e.wait_workers(3, Duration::from_secs(5));
-    let _conn = connect(e.addr);
-    e.signal(libc_sig::KILL);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while workers.iter().any(|&w| alive(w)) && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(20));
+    fn a_half_closed_client_gets_every_byte() {
+        let e = start("");
+        let mut s = connect(e.addr);
+        let data = Rng::new(3).bytes(300_000);
+        let mut w = s.try_clone().unwrap();
+        let d2 = data.clone();
+        let t = thread::spawn(move || {
+            w.write_all(&d2).unwrap();
+            w.shutdown(Shutdown::Write).unwrap();
+        });
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        t.join().unwrap();
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "echo differs");
     }
-    let left: Vec<_> = workers.iter().filter(|&&w| alive(w)).collect();
-    assert!(left.is_empty(), "workers left behind: {left:?}");
+
+    fn upper_transform_uppercases_ascii_only() {
+        let e = start("transform = \"upper\"\n");
+        let mut s = connect(e.addr);
+        let got = round_trip(&mut s, b"hello, World! \xff\x00z").unwrap();
+        assert_eq!(got, b"HELLO, WORLD! \xff\x00Z");
+    }
+
+    fn ipv6_loopback_is_served() {
+        if std::net::TcpListener::bind("[::1]:0").is_err() {
+            eprintln!("no IPv6 loopback here; skipping");
+            return;
+        }
+        let e = start("listen = [\"[::1]:0\", \"127.0.0.1:0\"]\n");
+        let line = e.log_lines().into_iter().find(|l| l.contains("listening on [::1]")).expect("v6 listener");
+        let addr = line.rsplit("listening on ").next().unwrap().parse().unwrap();
+        let mut s = connect(addr);
+        assert_eq!(round_trip(&mut s, b"six").unwrap(), b"six");
+    }
+
+    fn workers_are_named_children_and_logs_say_who_wrote() {
+        let e = start("workers = 3\n");
+        let workers = e.wait_workers(3, Duration::from_secs(5));
+        assert_eq!(workers.len(), 3);
+        for w in &workers {
+            let comm = std::fs::read_to_string(format!("/proc/{w}/comm")).unwrap();
+            assert!(comm.starts_with("echod: worker"), "{comm}");
+            let cmdline = std::fs::read_to_string(format!("/proc/{w}/cmdline")).unwrap();
+            assert!(cmdline.starts_with("echod: worker"), "{cmdline}");
+            // Workers hold no listening socket (rule 2): only stdio, the channel
+            // (and in event mode one epoll fd and one waker per loop) while idle.
+            let fds = std::fs::read_dir(format!("/proc/{w}/fd")).unwrap().count();
+            let allowed = if mode() == "event" { 7 } else { 5 };
+            assert!(fds <= allowed, "worker {w} has {fds} fds open");
+        }
+        let log = e.log_text();
+        assert!(log.contains("[master] worker 0 started (pid "), "{log}");
+        let mut s = connect(e.addr);
+        round_trip(&mut s, b"x").unwrap();
+        drop(s);
+        e.signal(libc_sig::TERM);
+        assert!(e.wait_log("[worker-", Duration::from_secs(5)).is_some(), "no worker-tagged line");
+    }
+
+    fn killed_worker_hurts_only_its_own_clients_and_is_respawned() {
+        let e = start("workers = 2\n");
+        let workers = e.wait_workers(2, Duration::from_secs(5));
+        // 20 clients echoing continuously.
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut clients = Vec::new();
+        for c in 0..20u64 {
+            let s = connect(e.addr);
+            let port = s.local_addr().unwrap().port();
+            let stop = stop.clone();
+            clients.push((
+                port,
+                thread::spawn(move || {
+                    let mut s = s;
+                    let mut rng = Rng::new(c);
+                    let mut rounds = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let data = rng.payload(1000);
+                        match round_trip(&mut s, &data) {
+                            Ok(got) if got == data => rounds += 1,
+                            Ok(_) => return Err(format!("mismatch after {rounds} rounds")),
+                            Err(e) => return Err(format!("{e} after {rounds} rounds")),
+                        }
+                    }
+                    Ok(rounds)
+                }),
+            ));
+        }
+        thread::sleep(Duration::from_millis(300));
+        let owners = connection_owners(&workers, e.addr.port());
+        assert_eq!(owners.len(), 20, "every client mapped to a worker: {owners:?}");
+        let victim = workers[0];
+        let victims: Vec<u16> = owners.iter().filter(|(_, w)| **w == victim).map(|(p, _)| *p).collect();
+        assert!(!victims.is_empty() && victims.len() < 20, "least-loaded dispatch spreads clients: {owners:?}");
+        kill(victim, libc_sig::KILL);
+        thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+        for (port, h) in clients {
+            let r = h.join().unwrap();
+            if victims.contains(&port) {
+                assert!(r.is_err(), "client on the killed worker cannot have survived");
+            } else {
+                let rounds = r.unwrap_or_else(|err| panic!("client {port} on the surviving worker failed: {err}"));
+                assert!(rounds > 0);
+            }
+        }
+        assert!(e.wait_log("died unexpectedly", Duration::from_secs(5)).is_some());
+        let now = e.wait_workers(2, Duration::from_secs(5));
+        assert!(now.len() == 2 && !now.contains(&victim), "respawned: {now:?}");
+        // New connections are served by both, including the new worker.
+        let mut served_by = std::collections::HashSet::new();
+        let conns: Vec<_> = (0..10).map(|_| connect(e.addr)).collect();
+        thread::sleep(Duration::from_millis(100));
+        for s in &conns {
+            let mut s = s.try_clone().unwrap();
+            assert_eq!(round_trip(&mut s, b"after").unwrap(), b"after");
+        }
+        let owners = connection_owners(&now, e.addr.port());
+        served_by.extend(owners.values().copied());
+        assert_eq!(served_by.len(), 2, "both workers serve new connections: {owners:?}");
+    }
+
+    fn term_with_clients_connected_exits_within_shutdown_timeout() {
+        let mut e = start("shutdown_timeout = 2\n");
+        let workers = e.wait_workers(2, Duration::from_secs(5));
+        let mut idle: Vec<_> = (0..10).map(|_| connect(e.addr)).collect();
+        let mut busy = connect(e.addr);
+        round_trip(&mut busy, b"before").unwrap();
+        let t0 = Instant::now();
+        e.signal(libc_sig::TERM);
+        assert!(e.wait_log("graceful stop", Duration::from_secs(2)).is_some());
+        // Connections keep being served until the deadline...
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(round_trip(&mut busy, b"during").unwrap(), b"during");
+        // ...but new ones are refused (the listener is closed).
+        assert!(std::net::TcpStream::connect_timeout(&e.addr, Duration::from_secs(1)).is_err());
+        let code = e.wait_exit(Duration::from_secs(6)).expect("master did not exit");
+        let took = t0.elapsed();
+        assert_eq!(code, 0);
+        assert!(took >= Duration::from_millis(1900), "exited before the deadline with clients connected: {took:?}");
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+        for w in workers {
+            assert!(!alive(w), "worker {w} left behind");
+        }
+        // The held connections were closed by the server.
+        let mut buf = [0u8; 1];
+        assert_eq!(idle[0].read(&mut buf).unwrap_or(0), 0);
+        idle.clear();
+    }
+
+    fn term_without_clients_exits_at_once() {
+        let mut e = start("shutdown_timeout = 20\n");
+        let t0 = Instant::now();
+        e.signal(libc_sig::INT);
+        assert_eq!(e.wait_exit(Duration::from_secs(5)), Some(0));
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    }
+
+    fn sigkill_of_the_master_leaves_no_worker_behind() {
+        let e = start("workers = 3\n");
+        let workers = e.wait_workers(3, Duration::from_secs(5));
+        let _conn = connect(e.addr);
+        e.signal(libc_sig::KILL);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while workers.iter().any(|&w| alive(w)) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        let left: Vec<_> = workers.iter().filter(|&&w| alive(w)).collect();
+        assert!(left.is_empty(), "workers left behind: {left:?}");
+    }
 }
 
 #[test]
@@ -315,21 +308,22 @@ fn a_port_in_use_is_a_clear_error() {
     assert!(err.contains(&addr) && err.contains("in use"), "{err}");
 }
 
-#[test]
-fn idle_connections_time_out_and_busy_ones_do_not() {
-    let e = start("idle_timeout = 1\n");
-    let mut idle = connect(e.addr);
-    round_trip(&mut idle, b"once").unwrap();
-    let mut busy = connect(e.addr);
-    let t0 = Instant::now();
-    // The busy client talks every 200 ms for 2.5 s: never idle for 1 s.
-    while t0.elapsed() < Duration::from_millis(2500) {
-        assert_eq!(round_trip(&mut busy, b"ping").unwrap(), b"ping");
-        thread::sleep(Duration::from_millis(200));
+both_modes! {
+    fn idle_connections_time_out_and_busy_ones_do_not() {
+        let e = start("idle_timeout = 1\n");
+        let mut idle = connect(e.addr);
+        round_trip(&mut idle, b"once").unwrap();
+        let mut busy = connect(e.addr);
+        let t0 = Instant::now();
+        // The busy client talks every 200 ms for 2.5 s: never idle for 1 s.
+        while t0.elapsed() < Duration::from_millis(2500) {
+            assert_eq!(round_trip(&mut busy, b"ping").unwrap(), b"ping");
+            thread::sleep(Duration::from_millis(200));
+        }
+        let mut buf = [0u8; 8];
+        let n = idle.read(&mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "the idle connection was closed by the server");
+        let s = e.stats_until(Duration::from_secs(3), |s| s["timeout"] == 1);
+        assert_eq!((s["timeout"], s["closed"]), (1, 1), "{s:?}");
     }
-    let mut buf = [0u8; 8];
-    let n = idle.read(&mut buf).unwrap_or(0);
-    assert_eq!(n, 0, "the idle connection was closed by the server");
-    let s = e.stats_until(Duration::from_secs(3), |s| s["timeout"] == 1);
-    assert_eq!((s["timeout"], s["closed"]), (1, 1), "{s:?}");
 }

@@ -23,37 +23,37 @@ fn json_of(out: &Output) -> serde_json::Value {
     serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
-#[test]
-fn a_short_run_against_echod_is_clean_and_json_has_every_contract_key() {
-    let e = start("workers = 2\n");
-    let addr = e.addr.to_string();
-    let out = run_load(&["--addr", &addr, "--connections", "20", "--duration", "1", "--size", "512", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let j = json_of(&out);
-    for key in ["requests", "responses", "errors", "mismatches", "rps", "mbps"] {
-        assert!(j.get(key).is_some_and(|v| v.is_number()), "{key} missing: {j}");
+both_modes! {
+    fn a_short_run_against_echod_is_clean_and_json_has_every_contract_key() {
+        let e = start("workers = 2\n");
+        let addr = e.addr.to_string();
+        let out = run_load(&["--addr", &addr, "--connections", "20", "--duration", "1", "--size", "512", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let j = json_of(&out);
+        for key in ["requests", "responses", "errors", "mismatches", "rps", "mbps"] {
+            assert!(j.get(key).is_some_and(|v| v.is_number()), "{key} missing: {j}");
+        }
+        for key in ["p50", "p90", "p99", "p999", "max"] {
+            assert!(j["latency_us"][key].is_u64(), "latency_us.{key} missing: {j}");
+        }
+        assert!(j["responses"].as_u64().unwrap() > 0);
+        assert_eq!((j["errors"].as_u64(), j["mismatches"].as_u64()), (Some(0), Some(0)), "{j}");
+        let l = &j["latency_us"];
+        assert!(l["p50"].as_u64() <= l["p99"].as_u64() && l["p99"].as_u64() <= l["max"].as_u64());
+        // Every byte that came back was counted by echod too.
+        let bytes = j["bytes_received"].as_u64().unwrap();
+        let s = e.stats_until(Duration::from_secs(5), |s| s["closed"] == 20);
+        assert!(s["bytes_out"] >= bytes, "{s:?} vs {bytes}");
     }
-    for key in ["p50", "p90", "p99", "p999", "max"] {
-        assert!(j["latency_us"][key].is_u64(), "latency_us.{key} missing: {j}");
-    }
-    assert!(j["responses"].as_u64().unwrap() > 0);
-    assert_eq!((j["errors"].as_u64(), j["mismatches"].as_u64()), (Some(0), Some(0)), "{j}");
-    let l = &j["latency_us"];
-    assert!(l["p50"].as_u64() <= l["p99"].as_u64() && l["p99"].as_u64() <= l["max"].as_u64());
-    // Every byte that came back was counted by echod too.
-    let bytes = j["bytes_received"].as_u64().unwrap();
-    let s = e.stats_until(Duration::from_secs(5), |s| s["closed"] == 20);
-    assert!(s["bytes_out"] >= bytes, "{s:?} vs {bytes}");
-}
 
-#[test]
-fn the_human_summary_reports_every_figure() {
-    let e = start("workers = 1\n");
-    let out = run_load(&["--addr", &e.addr.to_string(), "-c", "4", "-d", "0.5", "--pipeline", "8", "-s", "100"]);
-    assert!(out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
-    for word in ["requests", "responses", "MB/s", "errors", "mismatches", "p50", "p99.9", "pipeline 8"] {
-        assert!(text.contains(word), "{word} missing:\n{text}");
+    fn the_human_summary_reports_every_figure() {
+        let e = start("workers = 1\n");
+        let out = run_load(&["--addr", &e.addr.to_string(), "-c", "4", "-d", "0.5", "--pipeline", "8", "-s", "100"]);
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        for word in ["requests", "responses", "MB/s", "errors", "mismatches", "p50", "p99.9", "pipeline 8"] {
+            assert!(text.contains(word), "{word} missing:\n{text}");
+        }
     }
 }
 
@@ -98,15 +98,16 @@ fn corrupted_echoes_are_counted_as_mismatches() {
     assert_eq!(out.status.code(), Some(1), "a mismatch makes the exit status 1");
 }
 
-#[test]
-fn open_loop_holds_the_requested_rate() {
-    let e = start("workers = 2\n");
-    let out = run_load(&["--addr", &e.addr.to_string(), "-c", "10", "-d", "3", "--rate", "1500", "--json"]);
-    let j = json_of(&out);
-    let rps = j["rps"].as_f64().unwrap();
-    assert!((rps - 1500.0).abs() < 1500.0 * 0.05, "asked 1500/s, got {rps:.0}/s");
-    assert_eq!(j["mode"], "open");
-    assert_eq!(j["errors"].as_u64(), Some(0));
+both_modes! {
+    fn open_loop_holds_the_requested_rate() {
+        let e = start("workers = 2\n");
+        let out = run_load(&["--addr", &e.addr.to_string(), "-c", "10", "-d", "3", "--rate", "1500", "--json"]);
+        let j = json_of(&out);
+        let rps = j["rps"].as_f64().unwrap();
+        assert!((rps - 1500.0).abs() < 1500.0 * 0.05, "asked 1500/s, got {rps:.0}/s");
+        assert_eq!(j["mode"], "open");
+        assert_eq!(j["errors"].as_u64(), Some(0));
+    }
 }
 
 #[test]
@@ -138,59 +139,57 @@ fn open_loop_latency_includes_a_stall_closed_loop_would_hide() {
     assert!(l["p90"].as_u64().unwrap() >= 50_000, "queued messages are charged their wait: {j}");
 }
 
-#[test]
-fn churn_opens_and_closes_connections() {
-    let e = start("workers = 2\n");
-    let out = run_load(&["--addr", &e.addr.to_string(), "-c", "8", "-d", "1", "--churn", "--json"]);
-    let j = json_of(&out);
-    let connects = j["connects"].as_u64().unwrap();
-    assert!(connects > 100, "{j}");
-    assert!(j["responses"].as_u64().unwrap() + 8 >= connects);
-    assert_eq!(j["errors"].as_u64(), Some(0), "{j}");
-    let s = e.stats_until(Duration::from_secs(5), |s| s["active"] == 0);
-    assert!(s["accepted"] >= connects, "echod saw every connection: {s:?} vs {connects}");
-}
+both_modes! {
+    fn churn_opens_and_closes_connections() {
+        let e = start("workers = 2\n");
+        let out = run_load(&["--addr", &e.addr.to_string(), "-c", "8", "-d", "1", "--churn", "--json"]);
+        let j = json_of(&out);
+        let connects = j["connects"].as_u64().unwrap();
+        assert!(connects > 100, "{j}");
+        assert!(j["responses"].as_u64().unwrap() + 8 >= connects);
+        assert_eq!(j["errors"].as_u64(), Some(0), "{j}");
+        let s = e.stats_until(Duration::from_secs(5), |s| s["active"] == 0);
+        assert!(s["accepted"] >= connects, "echod saw every connection: {s:?} vs {connects}");
+    }
 
-#[test]
-fn count_bounds_a_run() {
-    let e = start("workers = 1\n");
-    let out = run_load(&["--addr", &e.addr.to_string(), "-c", "2", "--count", "500", "--json"]);
-    let j = json_of(&out);
-    let r = j["responses"].as_u64().unwrap();
-    assert!((500..5000).contains(&r), "{r}");
-}
+    fn count_bounds_a_run() {
+        let e = start("workers = 1\n");
+        let out = run_load(&["--addr", &e.addr.to_string(), "-c", "2", "--count", "500", "--json"]);
+        let j = json_of(&out);
+        let r = j["responses"].as_u64().unwrap();
+        assert!((500..5000).contains(&r), "{r}");
+    }
 
-#[test]
-fn sigint_prints_the_partial_summary() {
-    let e = start("workers = 1\n");
-    let child = Command::new(LOAD)
-        .args(["--addr", &e.addr.to_string(), "-c", "2", "-d", "60", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    thread::sleep(Duration::from_millis(800));
-    kill(child.id() as i32, libc_sig::INT);
-    let out = child.wait_with_output().unwrap();
-    let j = json_of(&out);
-    assert_eq!(j["interrupted"], true);
-    assert!(j["responses"].as_u64().unwrap() > 0 && j["duration_s"].as_f64().unwrap() < 10.0, "{j}");
-}
+    fn sigint_prints_the_partial_summary() {
+        let e = start("workers = 1\n");
+        let child = Command::new(LOAD)
+            .args(["--addr", &e.addr.to_string(), "-c", "2", "-d", "60", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        thread::sleep(Duration::from_millis(800));
+        kill(child.id() as i32, libc_sig::INT);
+        let out = child.wait_with_output().unwrap();
+        let j = json_of(&out);
+        assert_eq!(j["interrupted"], true);
+        assert!(j["responses"].as_u64().unwrap() > 0 && j["duration_s"].as_f64().unwrap() < 10.0, "{j}");
+    }
 
-#[test]
-fn interactive_mode_echoes_lines() {
-    let e = start("workers = 1\ntransform = \"upper\"\n");
-    let mut child = Command::new(LOAD)
-        .args(["--addr", &e.addr.to_string(), "--interactive"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(b"hello\nworld\n").unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "HELLO\nWORLD\n");
+    fn interactive_mode_echoes_lines() {
+        let e = start("workers = 1\ntransform = \"upper\"\n");
+        let mut child = Command::new(LOAD)
+            .args(["--addr", &e.addr.to_string(), "--interactive"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(b"hello\nworld\n").unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "HELLO\nWORLD\n");
+    }
 }
 
 #[test]

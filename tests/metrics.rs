@@ -33,139 +33,136 @@ fn closed(m: &HashMap<String, f64>) -> u64 {
     m["echod_connections_closed_total"] as u64
 }
 
-#[test]
-fn counters_are_exact_across_a_worker_crash_and_a_reload() {
-    let e = start(&format!("{M}workers = 2\nshutdown_timeout = 2\n"));
-    let (mut conns, mut bytes) = known_traffic(e.addr, 40, 5, 1);
-    let m = e.scrape_until(Duration::from_secs(5), |m| closed(m) == conns);
-    let check = |m: &HashMap<String, f64>, conns: u64, bytes: u64| {
-        assert_eq!(m["echod_connections_accepted_total"] as u64, conns, "accepted");
-        assert_eq!(m["echod_connections_closed_total"] as u64, conns, "closed");
-        assert_eq!(m["echod_bytes_received_total"] as u64, bytes, "received");
-        assert_eq!(m["echod_bytes_sent_total"] as u64, bytes, "sent");
-        assert_eq!(m["echod_connection_duration_seconds_count"] as u64, conns, "histogram count");
-        assert_eq!(m["echod_connections_active"] as u64, 0);
-    };
-    check(&m, conns, bytes);
-    let per_worker: f64 =
-        m.iter().filter(|(k, _)| k.starts_with("echod_worker_connections_accepted_total{")).map(|(_, v)| v).sum();
-    assert_eq!(per_worker as u64, conns, "per-worker series add up to the total");
+both_modes! {
+    fn counters_are_exact_across_a_worker_crash_and_a_reload() {
+        let e = start(&format!("{M}workers = 2\nshutdown_timeout = 2\n"));
+        let (mut conns, mut bytes) = known_traffic(e.addr, 40, 5, 1);
+        let m = e.scrape_until(Duration::from_secs(5), |m| closed(m) == conns);
+        let check = |m: &HashMap<String, f64>, conns: u64, bytes: u64| {
+            assert_eq!(m["echod_connections_accepted_total"] as u64, conns, "accepted");
+            assert_eq!(m["echod_connections_closed_total"] as u64, conns, "closed");
+            assert_eq!(m["echod_bytes_received_total"] as u64, bytes, "received");
+            assert_eq!(m["echod_bytes_sent_total"] as u64, bytes, "sent");
+            assert_eq!(m["echod_connection_duration_seconds_count"] as u64, conns, "histogram count");
+            assert_eq!(m["echod_connections_active"] as u64, 0);
+        };
+        check(&m, conns, bytes);
+        let per_worker: f64 =
+            m.iter().filter(|(k, _)| k.starts_with("echod_worker_connections_accepted_total{")).map(|(_, v)| v).sum();
+        assert_eq!(per_worker as u64, conns, "per-worker series add up to the total");
 
-    // A worker crash: its totals are kept by the master.
-    let victim = e.workers()[0];
-    kill(victim, libc_sig::KILL);
-    e.wait_log("died unexpectedly", Duration::from_secs(5)).expect("crash noticed");
-    e.wait_workers(2, Duration::from_secs(5));
-    let m = e.scrape_until(Duration::from_secs(5), |m| m["echod_workers"] == 2.0);
-    check(&m, conns, bytes);
-    assert_eq!(m["echod_worker_restarts_total"], 1.0);
+        // A worker crash: its totals are kept by the master.
+        let victim = e.workers()[0];
+        kill(victim, libc_sig::KILL);
+        e.wait_log("died unexpectedly", Duration::from_secs(5)).expect("crash noticed");
+        e.wait_workers(2, Duration::from_secs(5));
+        let m = e.scrape_until(Duration::from_secs(5), |m| m["echod_workers"] == 2.0);
+        check(&m, conns, bytes);
+        assert_eq!(m["echod_worker_restarts_total"], 1.0);
 
-    let (c, b) = known_traffic(e.addr, 30, 3, 2);
-    (conns, bytes) = (conns + c, bytes + b);
+        let (c, b) = known_traffic(e.addr, 30, 3, 2);
+        (conns, bytes) = (conns + c, bytes + b);
 
-    // A reload replaces every worker; their totals are kept too.
-    std::fs::write(&e.config, format!("listen = [\"{}\"]\n{M}workers = 3\nshutdown_timeout = 2\n", e.addr)).unwrap();
-    e.signal(libc_sig::HUP);
-    let m = e.scrape_until(Duration::from_secs(10), |m| {
-        m["echod_config_generation"] == 2.0 && m["echod_workers"] == 3.0 && !m.keys().any(|k| k.contains("draining"))
-    });
-    assert_eq!(m["echod_config_generation"], 2.0);
-    let (c, b) = known_traffic(e.addr, 25, 4, 3);
-    (conns, bytes) = (conns + c, bytes + b);
-    let m = e.scrape_until(Duration::from_secs(5), |m| closed(m) == conns);
-    check(&m, conns, bytes);
-    assert_eq!(m["echod_config_last_reload_successful"], 1.0);
-    // USR1 reads the same numbers.
-    let s = e.stats();
-    assert_eq!((s["accepted"], s["bytes_in"], s["closed"]), (conns, bytes, conns));
-}
-
-#[test]
-fn the_exposition_passes_promtool() {
-    let e = start(&format!("{M}workers = 2\n"));
-    let _held = connect(e.addr); // one active connection in the per-worker series
-    known_traffic(e.addr, 5, 2, 9);
-    let (code, body) = http_get(e.metrics_addr(), "/metrics");
-    assert_eq!(code, 200);
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus) must be installed: .ci/run installs it");
-    promtool.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
-    let out = promtool.wait_with_output().unwrap();
-    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "promtool rejected the exposition:\n{report}\n{body}");
-    for name in [
-        "echod_connections_accepted_total",
-        "echod_connections_active",
-        "echod_connections_rejected_total",
-        "echod_bytes_received_total",
-        "echod_bytes_sent_total",
-        "echod_workers",
-        "echod_worker_restarts_total",
-        "echod_worker_connections_active{worker=\"0\"}",
-        "echod_worker_threads{worker=\"1\",state=\"idle\"}",
-        "echod_worker_queue_depth{worker=\"0\"}",
-        "echod_connection_errors_total{kind=\"timeout\"}",
-        "echod_connection_duration_seconds_bucket{le=\"+Inf\"}",
-        "echod_build_info{version=\"",
-    ] {
-        assert!(body.lines().any(|l| l.starts_with(name)), "{name} missing:\n{body}");
+        // A reload replaces every worker; their totals are kept too.
+        e.write_config(&format!("listen = [\"{}\"]\n{M}workers = 3\nshutdown_timeout = 2\n", e.addr));
+        e.signal(libc_sig::HUP);
+        let m = e.scrape_until(Duration::from_secs(10), |m| {
+            m["echod_config_generation"] == 2.0 && m["echod_workers"] == 3.0 && !m.keys().any(|k| k.contains("draining"))
+        });
+        assert_eq!(m["echod_config_generation"], 2.0);
+        let (c, b) = known_traffic(e.addr, 25, 4, 3);
+        (conns, bytes) = (conns + c, bytes + b);
+        let m = e.scrape_until(Duration::from_secs(5), |m| closed(m) == conns);
+        check(&m, conns, bytes);
+        assert_eq!(m["echod_config_last_reload_successful"], 1.0);
+        // USR1 reads the same numbers.
+        let s = e.stats();
+        assert_eq!((s["accepted"], s["bytes_in"], s["closed"]), (conns, bytes, conns));
     }
-}
 
-#[test]
-fn silent_scrapers_delay_neither_echo_nor_other_scrapes() {
-    let e = start(&format!("{M}workers = 1\n"));
-    let maddr = e.metrics_addr();
-    let silent: Vec<_> = (0..30).map(|_| connect(maddr)).collect();
-    // A half-sent request too.
-    let mut partial = connect(maddr);
-    partial.write_all(b"GET /metr").unwrap();
-    let t0 = Instant::now();
-    let mut s = connect(e.addr);
-    for i in 0..200u32 {
-        assert_eq!(round_trip(&mut s, &i.to_le_bytes()).unwrap(), i.to_le_bytes());
+    fn the_exposition_passes_promtool() {
+        let e = start(&format!("{M}workers = 2\n"));
+        let _held = connect(e.addr); // one active connection in the per-worker series
+        known_traffic(e.addr, 5, 2, 9);
+        let (code, body) = http_get(e.metrics_addr(), "/metrics");
+        assert_eq!(code, 200);
+        let mut promtool = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian package prometheus) must be installed: .ci/run installs it");
+        promtool.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+        let out = promtool.wait_with_output().unwrap();
+        let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "promtool rejected the exposition:\n{report}\n{body}");
+        for name in [
+            "echod_connections_accepted_total",
+            "echod_connections_active",
+            "echod_connections_rejected_total",
+            "echod_bytes_received_total",
+            "echod_bytes_sent_total",
+            "echod_workers",
+            "echod_worker_restarts_total",
+            "echod_worker_connections_active{worker=\"0\"}",
+            "echod_worker_threads{worker=\"1\",state=\"idle\"}",
+            "echod_worker_queue_depth{worker=\"0\"}",
+            "echod_connection_errors_total{kind=\"timeout\"}",
+            "echod_connection_duration_seconds_bucket{le=\"+Inf\"}",
+            "echod_build_info{version=\"",
+        ] {
+            assert!(body.lines().any(|l| l.starts_with(name)), "{name} missing:\n{body}");
+        }
     }
-    let (code, _) = http_get(maddr, "/metrics");
-    assert_eq!(code, 200);
-    // Liveness, not speed: the silent scrapers' 5 s deadline did not
-    // hold anything up.
-    assert!(t0.elapsed() < Duration::from_secs(4), "echo or scrape waited on silent scrapers: {:?}", t0.elapsed());
-    // The silent ones are dropped after their deadline.
-    let mut one = silent.into_iter().next().unwrap();
-    one.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut buf = [0u8; 16];
-    assert_eq!(one.read(&mut buf).unwrap_or(0), 0, "a silent scraper is closed by the server");
-}
 
-#[test]
-fn healthz_is_200_while_serving_and_503_while_stopping() {
-    let mut e = start(&format!("{M}workers = 1\nshutdown_timeout = 3\n"));
-    let maddr = e.metrics_addr();
-    assert_eq!(http_get(maddr, "/healthz").0, 200);
-    assert_eq!(http_get(maddr, "/nothing").0, 404);
-    let mut held = connect(e.addr); // keeps the drain going
-    round_trip(&mut held, b"x").unwrap();
-    e.signal(libc_sig::TERM);
-    e.wait_log("graceful stop", Duration::from_secs(2)).unwrap();
-    assert_eq!(http_get(maddr, "/healthz").0, 503);
-    assert_eq!(e.wait_exit(Duration::from_secs(8)), Some(0));
-}
+    fn silent_scrapers_delay_neither_echo_nor_other_scrapes() {
+        let e = start(&format!("{M}workers = 1\n"));
+        let maddr = e.metrics_addr();
+        let silent: Vec<_> = (0..30).map(|_| connect(maddr)).collect();
+        // A half-sent request too.
+        let mut partial = connect(maddr);
+        partial.write_all(b"GET /metr").unwrap();
+        let t0 = Instant::now();
+        let mut s = connect(e.addr);
+        for i in 0..200u32 {
+            assert_eq!(round_trip(&mut s, &i.to_le_bytes()).unwrap(), i.to_le_bytes());
+        }
+        let (code, _) = http_get(maddr, "/metrics");
+        assert_eq!(code, 200);
+        // Liveness, not speed: the silent scrapers' 5 s deadline did not
+        // hold anything up.
+        assert!(t0.elapsed() < Duration::from_secs(4), "echo or scrape waited on silent scrapers: {:?}", t0.elapsed());
+        // The silent ones are dropped after their deadline.
+        let mut one = silent.into_iter().next().unwrap();
+        one.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(one.read(&mut buf).unwrap_or(0), 0, "a silent scraper is closed by the server");
+    }
 
-#[test]
-fn an_oversized_request_is_refused_and_the_endpoint_stays_up() {
-    let e = start(&format!("{M}workers = 1\n"));
-    let maddr = e.metrics_addr();
-    let mut s = connect(maddr);
-    let big = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(20_000));
-    let _ = s.write_all(big.as_bytes());
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text);
-    assert!(text.starts_with("HTTP/1.1 431"), "{}", &text[..text.len().min(80)]);
-    assert_eq!(http_get(maddr, "/metrics").0, 200);
-    thread::sleep(Duration::from_millis(10));
+    fn healthz_is_200_while_serving_and_503_while_stopping() {
+        let mut e = start(&format!("{M}workers = 1\nshutdown_timeout = 3\n"));
+        let maddr = e.metrics_addr();
+        assert_eq!(http_get(maddr, "/healthz").0, 200);
+        assert_eq!(http_get(maddr, "/nothing").0, 404);
+        let mut held = connect(e.addr); // keeps the drain going
+        round_trip(&mut held, b"x").unwrap();
+        e.signal(libc_sig::TERM);
+        e.wait_log("graceful stop", Duration::from_secs(2)).unwrap();
+        assert_eq!(http_get(maddr, "/healthz").0, 503);
+        assert_eq!(e.wait_exit(Duration::from_secs(8)), Some(0));
+    }
+
+    fn an_oversized_request_is_refused_and_the_endpoint_stays_up() {
+        let e = start(&format!("{M}workers = 1\n"));
+        let maddr = e.metrics_addr();
+        let mut s = connect(maddr);
+        let big = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(20_000));
+        let _ = s.write_all(big.as_bytes());
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        assert!(text.starts_with("HTTP/1.1 431"), "{}", &text[..text.len().min(80)]);
+        assert_eq!(http_get(maddr, "/metrics").0, 200);
+        thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -47,75 +47,76 @@ fn units_pass_systemd_analyze_verify_and_score_well() {
     assert!(score <= 2.0, "exposure {score} (README documents 1.5)");
 }
 
-#[test]
-fn socket_activation_serves_on_the_passed_sockets_and_a_reload_keeps_them() {
-    let (port, mport) = (free_port(), free_port());
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("echod.toml");
-    // The file's own listen address must be ignored while activated.
-    std::fs::write(&config, "listen = [\"127.0.0.1:0\"]\nworkers = 2\n").unwrap();
-    let log = dir.path().join("stderr.log");
-    let mut child = Command::new("systemd-socket-activate")
-        .args(["-l", &format!("127.0.0.1:{port}"), "-l", &format!("127.0.0.1:{mport}"), "--fdname=echo:metrics"])
-        .arg(ECHOD)
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("systemd-socket-activate (Debian package systemd)");
-    let pid = child.id() as i32;
-    let cleanup = Defer(move || {
-        let workers = children_of(pid);
-        kill(pid, libc_sig::KILL);
-        workers.into_iter().for_each(|w| kill(w, libc_sig::KILL));
-    });
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    // systemd-socket-activate holds the socket and execs echod on the first
-    // connection, which waits in the backlog until echod accepts it.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut s = loop {
-        match std::net::TcpStream::connect(addr) {
-            Ok(s) => break s,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                thread::sleep(Duration::from_millis(50));
+both_modes! {
+    fn socket_activation_serves_on_the_passed_sockets_and_a_reload_keeps_them() {
+        let (port, mport) = (free_port(), free_port());
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("echod.toml");
+        // The file's own listen address must be ignored while activated.
+        std::fs::write(&config, in_test_mode("listen = [\"127.0.0.1:0\"]\nworkers = 2\n")).unwrap();
+        let log = dir.path().join("stderr.log");
+        let mut child = Command::new("systemd-socket-activate")
+            .args(["-l", &format!("127.0.0.1:{port}"), "-l", &format!("127.0.0.1:{mport}"), "--fdname=echo:metrics"])
+            .arg(ECHOD)
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("systemd-socket-activate (Debian package systemd)");
+        let pid = child.id() as i32;
+        let cleanup = Defer(move || {
+            let workers = children_of(pid);
+            kill(pid, libc_sig::KILL);
+            workers.into_iter().for_each(|w| kill(w, libc_sig::KILL));
+        });
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        // systemd-socket-activate holds the socket and execs echod on the first
+        // connection, which waits in the backlog until echod accepts it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut s = loop {
+            match std::net::TcpStream::connect(addr) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("connect: {e}"),
             }
-            Err(e) => panic!("connect: {e}"),
-        }
-    };
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    assert_eq!(round_trip(&mut s, b"activated").unwrap(), b"activated");
-    let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("using 1 echo socket(s) passed by systemd (echo)"), "{text}");
-    assert!(!text.contains("listening on 127.0.0.1:0"));
-    let (code, body) = http_get(format!("127.0.0.1:{mport}").parse().unwrap(), "/metrics");
-    assert_eq!(code, 200);
-    assert!(body.contains("echod_connections_accepted_total"));
+        };
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!(round_trip(&mut s, b"activated").unwrap(), b"activated");
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("using 1 echo socket(s) passed by systemd (echo)"), "{text}");
+        assert!(!text.contains("listening on 127.0.0.1:0"));
+        let (code, body) = http_get(format!("127.0.0.1:{mport}").parse().unwrap(), "/metrics");
+        assert_eq!(code, 200);
+        assert!(body.contains("echod_connections_accepted_total"));
 
-    // A reload keeps the passed sockets and binds nothing of its own.
-    std::fs::write(&config, "listen = [\"127.0.0.1:0\"]\nworkers = 3\n").unwrap();
-    kill(pid, libc_sig::HUP);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while children_of(pid).len() != 3 && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(50));
+        // A reload keeps the passed sockets and binds nothing of its own.
+        std::fs::write(&config, in_test_mode("listen = [\"127.0.0.1:0\"]\nworkers = 3\n")).unwrap();
+        kill(pid, libc_sig::HUP);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while children_of(pid).len() != 3 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+        }
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("reloaded"), "{text}");
+        assert_eq!(text.matches("listening on").count(), 1, "a reload bound something:\n{text}");
+        assert_eq!(round_trip(&mut s, b"still").unwrap(), b"still");
+        let mut fresh = connect(addr);
+        assert_eq!(round_trip(&mut fresh, b"fresh").unwrap(), b"fresh");
+        drop(fresh);
+        drop(s);
+        kill(pid, libc_sig::TERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert!(child.try_wait().unwrap().is_some_and(|s| s.success()));
+        drop(cleanup);
     }
-    let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("reloaded"), "{text}");
-    assert_eq!(text.matches("listening on").count(), 1, "a reload bound something:\n{text}");
-    assert_eq!(round_trip(&mut s, b"still").unwrap(), b"still");
-    let mut fresh = connect(addr);
-    assert_eq!(round_trip(&mut fresh, b"fresh").unwrap(), b"fresh");
-    drop(fresh);
-    drop(s);
-    kill(pid, libc_sig::TERM);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(20));
-    }
-    assert!(child.try_wait().unwrap().is_some_and(|s| s.success()));
-    drop(cleanup);
 }
 
 /// Runs a closure on drop (kills processes even when an assert fails).
@@ -176,112 +177,110 @@ fn fields(msg: &str) -> HashMap<&str, &str> {
     msg.lines().filter_map(|l| l.split_once('=')).collect()
 }
 
-#[test]
-fn sd_notify_ready_status_reload_watchdog_and_stopping() {
-    let n = Notifications::new();
-    let path = n.path.to_str().unwrap().to_string();
-    let mut e = start_with("workers = 2\n", &[], &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "300000")]);
-    let ready = n.wait(0, "READY=1", Duration::from_secs(5)).expect("READY=1");
-    // READY=1 came with a status and only once both workers were up.
-    let msg = &n.all()[ready].1;
-    assert!(fields(msg).get("STATUS").is_some_and(|s| s.starts_with("2 workers")), "{msg}");
-    assert_eq!(e.workers().len(), 2);
-    let mut s = connect(e.addr);
-    assert_eq!(round_trip(&mut s, b"ready").unwrap(), b"ready");
+both_modes! {
+    fn sd_notify_ready_status_reload_watchdog_and_stopping() {
+        let n = Notifications::new();
+        let path = n.path.to_str().unwrap().to_string();
+        let mut e = start_with("workers = 2\n", &[], &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "300000")]);
+        let ready = n.wait(0, "READY=1", Duration::from_secs(5)).expect("READY=1");
+        // READY=1 came with a status and only once both workers were up.
+        let msg = &n.all()[ready].1;
+        assert!(fields(msg).get("STATUS").is_some_and(|s| s.starts_with("2 workers")), "{msg}");
+        assert_eq!(e.workers().len(), 2);
+        let mut s = connect(e.addr);
+        assert_eq!(round_trip(&mut s, b"ready").unwrap(), b"ready");
 
-    // Watchdog pings at half of WATCHDOG_USEC (150 ms).
-    thread::sleep(Duration::from_millis(1000));
-    let pings = n.all().iter().filter(|(_, m)| m.contains("WATCHDOG=1")).count();
-    assert!((4..=10).contains(&pings), "{pings} watchdog pings in ~1 s");
-    // STATUS lines track activity.
-    let status = n.wait(ready + 1, "STATUS=2 workers, 1 active", Duration::from_secs(5));
-    assert!(status.is_some(), "{:?}", n.all());
+        // Watchdog pings at half of WATCHDOG_USEC (150 ms).
+        thread::sleep(Duration::from_millis(1000));
+        let pings = n.all().iter().filter(|(_, m)| m.contains("WATCHDOG=1")).count();
+        assert!((4..=10).contains(&pings), "{pings} watchdog pings in ~1 s");
+        // STATUS lines track activity.
+        let status = n.wait(ready + 1, "STATUS=2 workers, 1 active", Duration::from_secs(5));
+        assert!(status.is_some(), "{:?}", n.all());
 
-    // HUP: RELOADING=1 with MONOTONIC_USEC, then READY=1 again.
-    let before = n.all().len();
-    std::fs::write(&e.config, format!("listen = [\"{}\"]\nworkers = 2\nbuffer_size = 2048\n", e.addr)).unwrap();
-    e.signal(libc_sig::HUP);
-    let reloading = n.wait(before, "RELOADING=1", Duration::from_secs(5)).expect("RELOADING=1");
-    let usec: u64 = fields(&n.all()[reloading].1)["MONOTONIC_USEC"].parse().unwrap();
-    assert!(usec > 0);
-    n.wait(reloading + 1, "READY=1", Duration::from_secs(10)).expect("READY=1 after reload");
+        // HUP: RELOADING=1 with MONOTONIC_USEC, then READY=1 again.
+        let before = n.all().len();
+        e.write_config(&format!("listen = [\"{}\"]\nworkers = 2\nbuffer_size = 2048\n", e.addr));
+        e.signal(libc_sig::HUP);
+        let reloading = n.wait(before, "RELOADING=1", Duration::from_secs(5)).expect("RELOADING=1");
+        let usec: u64 = fields(&n.all()[reloading].1)["MONOTONIC_USEC"].parse().unwrap();
+        assert!(usec > 0);
+        n.wait(reloading + 1, "READY=1", Duration::from_secs(10)).expect("READY=1 after reload");
 
-    // TERM: STOPPING=1.
-    drop(s);
-    let before = n.all().len();
-    e.signal(libc_sig::TERM);
-    n.wait(before, "STOPPING=1", Duration::from_secs(5)).expect("STOPPING=1");
-    assert_eq!(e.wait_exit(Duration::from_secs(10)), Some(0));
-}
-
-#[test]
-fn no_ready_is_sent_while_workers_cannot_start() {
-    let n = Notifications::new();
-    let path = n.path.to_str().unwrap().to_string();
-    let e = start_unready("workers = 1\n", &[("NOTIFY_SOCKET", &path), ("ECHOD_TEST_WORKER_CRASH", "startup")]);
-    thread::sleep(Duration::from_millis(1500));
-    assert!(e.log_text().contains("worker 0 started"), "{}", e.log_text());
-    assert!(!n.all().iter().any(|(_, m)| m.contains("READY=1")), "READY=1 without a serving worker: {:?}", n.all());
-}
-
-#[test]
-fn under_journald_lines_carry_priorities_instead_of_timestamps() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("journal.log");
-    let file = std::fs::File::create(&log).unwrap();
-    let meta = file.metadata().unwrap();
-    let stream = format!("{}:{}", meta.dev(), meta.ino());
-    let config = dir.path().join("echod.toml");
-    // A tiny fd limit makes echod warn (priority 4) about capacity.
-    std::fs::write(&config, "listen = [\"127.0.0.1:0\"]\nworkers = 1\n").unwrap();
-    let mut child = Command::new("prlimit")
-        .args(["--nofile=200:200", "--"])
-        .arg(ECHOD)
-        .arg("--config")
-        .arg(&config)
-        .env("JOURNAL_STREAM", &stream)
-        .stderr(file)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !std::fs::read_to_string(&log).unwrap().contains("ready:") && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(20));
+        // TERM: STOPPING=1.
+        drop(s);
+        let before = n.all().len();
+        e.signal(libc_sig::TERM);
+        n.wait(before, "STOPPING=1", Duration::from_secs(5)).expect("STOPPING=1");
+        assert_eq!(e.wait_exit(Duration::from_secs(10)), Some(0));
     }
-    let pid = child.id() as i32;
-    let workers = children_of(pid);
-    kill(pid, libc_sig::TERM);
-    let _ = child.wait();
-    workers.into_iter().for_each(|w| kill(w, libc_sig::KILL));
-    let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.lines().any(|l| l.starts_with("<6>[master] ready:")), "{text}");
-    assert!(text.lines().any(|l| l.starts_with("<4>[master] RLIMIT_NOFILE 200")), "{text}");
-    assert!(text.lines().all(|l| l.starts_with('<') && !l.contains("Z INFO")), "{text}");
-}
 
-#[test]
-fn root_drops_to_the_configured_user_and_refuses_to_stay_root() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("not root: privilege drop not testable here; skipping");
-        return;
+    fn no_ready_is_sent_while_workers_cannot_start() {
+        let n = Notifications::new();
+        let path = n.path.to_str().unwrap().to_string();
+        let e = start_unready("workers = 1\n", &[("NOTIFY_SOCKET", &path), ("ECHOD_TEST_WORKER_CRASH", "startup")]);
+        thread::sleep(Duration::from_millis(1500));
+        assert!(e.log_text().contains("worker 0 started"), "{}", e.log_text());
+        assert!(!n.all().iter().any(|(_, m)| m.contains("READY=1")), "READY=1 without a serving worker: {:?}", n.all());
     }
-    let e = start("workers = 2\nuser = \"nobody\"\n");
-    for pid in std::iter::once(e.pid()).chain(e.workers()) {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-        assert!(uid.split_whitespace().skip(1).all(|u| u == "65534"), "pid {pid}: {uid}");
-    }
-    let mut s = connect(e.addr);
-    assert_eq!(round_trip(&mut s, b"nobody").unwrap(), b"nobody");
 
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("root.toml");
-    std::fs::write(&cfg, "listen = [\"127.0.0.1:0\"]\nuser = \"\"\n").unwrap();
-    let (code, err, _) = run_to_exit(&["--config", cfg.to_str().unwrap()], None);
-    assert_eq!(code, 78, "{err}");
-    assert!(err.contains("`user`") && err.contains("refusing to run as root"), "{err}");
-    std::fs::write(&cfg, "listen = [\"127.0.0.1:0\"]\n\nuser = \"no-such-user-here\"\n").unwrap();
-    let (code, err, _) = run_to_exit(&["--config", cfg.to_str().unwrap()], None);
-    assert_eq!(code, 78, "{err}");
-    assert!(err.contains("root.toml:3: key `user`"), "{err}");
+    fn under_journald_lines_carry_priorities_instead_of_timestamps() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("journal.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let meta = file.metadata().unwrap();
+        let stream = format!("{}:{}", meta.dev(), meta.ino());
+        let config = dir.path().join("echod.toml");
+        // A tiny fd limit makes echod warn (priority 4) about capacity.
+        std::fs::write(&config, in_test_mode("listen = [\"127.0.0.1:0\"]\nworkers = 1\n")).unwrap();
+        let mut child = Command::new("prlimit")
+            .args(["--nofile=200:200", "--"])
+            .arg(ECHOD)
+            .arg("--config")
+            .arg(&config)
+            .env("JOURNAL_STREAM", &stream)
+            .stderr(file)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !std::fs::read_to_string(&log).unwrap().contains("ready:") && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        let pid = child.id() as i32;
+        let workers = children_of(pid);
+        kill(pid, libc_sig::TERM);
+        let _ = child.wait();
+        workers.into_iter().for_each(|w| kill(w, libc_sig::KILL));
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.lines().any(|l| l.starts_with("<6>[master] ready:")), "{text}");
+        assert!(text.lines().any(|l| l.starts_with("<4>[master] RLIMIT_NOFILE 200")), "{text}");
+        assert!(text.lines().all(|l| l.starts_with('<') && !l.contains("Z INFO")), "{text}");
+    }
+
+    fn root_drops_to_the_configured_user_and_refuses_to_stay_root() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("not root: privilege drop not testable here; skipping");
+            return;
+        }
+        let e = start("workers = 2\nuser = \"nobody\"\n");
+        for pid in std::iter::once(e.pid()).chain(e.workers()) {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+            assert!(uid.split_whitespace().skip(1).all(|u| u == "65534"), "pid {pid}: {uid}");
+        }
+        let mut s = connect(e.addr);
+        assert_eq!(round_trip(&mut s, b"nobody").unwrap(), b"nobody");
+
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("root.toml");
+        std::fs::write(&cfg, "listen = [\"127.0.0.1:0\"]\nuser = \"\"\n").unwrap();
+        let (code, err, _) = run_to_exit(&["--config", cfg.to_str().unwrap()], None);
+        assert_eq!(code, 78, "{err}");
+        assert!(err.contains("`user`") && err.contains("refusing to run as root"), "{err}");
+        std::fs::write(&cfg, "listen = [\"127.0.0.1:0\"]\n\nuser = \"no-such-user-here\"\n").unwrap();
+        let (code, err, _) = run_to_exit(&["--config", cfg.to_str().unwrap()], None);
+        assert_eq!(code, 78, "{err}");
+        assert!(err.contains("root.toml:3: key `user`"), "{err}");
+    }
 }

@@ -115,8 +115,8 @@ pub struct Master {
     /// `workers` as of the last loaded file, so TTIN/TTOU survive a reload
     /// that does not change it.
     file_workers: usize,
-    /// Connections one worker may hold (threads_per_worker within the fd
-    /// limit).
+    /// Connections one worker may hold (`Config::connections_per_worker`
+    /// within the fd limit).
     capacity: usize,
     poll: Poll,
     signals: Signals,

@@ -48,7 +48,8 @@ pub fn echo<S: Read + Write>(
     }
 }
 
-fn ending_of(kind: ErrorKind) -> Ending {
+/// How an I/O error ends a connection, for the error counters.
+pub(crate) fn ending_of(kind: ErrorKind) -> Ending {
     match kind {
         ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted => Ending::Reset,
         ErrorKind::WouldBlock | ErrorKind::TimedOut => Ending::Timeout,

@@ -1,10 +1,18 @@
-//! A worker process: receives connections from the master and serves each on
-//! its own thread.
+//! A worker process: receives connections from the master and serves them.
 //!
 //! The process's main thread is the *receiver*: it reads the channel, puts
-//! each connection into the bounded [`queue`], starts handler threads when no
-//! idle one is waiting ([`pool`]), and acts on the master's commands (drain,
-//! quit). Every 250 ms it also ticks: a heartbeat in the scoreboard (so the
+//! each connection into the bounded [`queue`], hands it to the handler, and
+//! acts on the master's commands (drain, quit). The handler is what takes
+//! connections off the queue, one of two kinds set by `handler` in the
+//! config:
+//! - [`pool`] (`thread`, the default): each connection gets a thread of its
+//!   own for its whole life; the receiver starts threads when no idle one is
+//!   waiting;
+//! - [`event`] (`event`): `event_threads` threads each poll many connections;
+//!   the receiver wakes the least-loaded one.
+//!
+//! Both count into the same [`counters`], obey the same limits and timeouts,
+//! and stop by the same drain. Every 250 ms it also ticks: a heartbeat in the scoreboard (so the
 //! master notices a hung worker; busy handlers refresh it too), idle
 //! timeouts, the gauges (threads, busy, queued), and the coarse clock that
 //! paces counter flushes of long connections.
@@ -15,6 +23,7 @@
 
 pub mod counters;
 pub mod echo;
+pub mod event;
 pub mod pool;
 pub mod queue;
 
@@ -27,7 +36,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use crate::config::Config;
+use crate::config::{Config, Handler};
 use crate::ipc::{Channel, Command, Notice, Received};
 use crate::scoreboard::{Field, Scoreboard, Slot, monotonic_ms};
 use crate::{logging, sys};
@@ -36,7 +45,7 @@ use pool::OpenConnections;
 use queue::{PushError, Queue};
 
 /// How often the receiver ticks when the channel is quiet.
-const TICK: Duration = Duration::from_millis(250);
+pub(crate) const TICK: Duration = Duration::from_millis(250);
 
 /// The fd number the channel is moved to in the child (the first after stdio).
 const CHANNEL_FD: i32 = 3;
@@ -54,8 +63,9 @@ pub struct Args {
     pub config: Config,
     pub channel: Channel,
     pub scoreboard: Scoreboard,
-    /// Connections this worker may serve at once (threads_per_worker, lowered
-    /// by the master if RLIMIT_NOFILE cannot hold that many).
+    /// Connections this worker may serve at once (threads_per_worker or
+    /// worker_connections, lowered by the master if RLIMIT_NOFILE cannot
+    /// hold that many).
     pub capacity: usize,
 }
 
@@ -72,9 +82,11 @@ pub struct Worker {
     pub queue: Queue<(TcpStream, u16)>,
     pub counters: Counters,
     pub open: OpenConnections,
-    /// Handler threads alive (idle or busy).
+    /// The event loops (event mode; empty in thread mode).
+    pub loops: Vec<event::Handle>,
+    /// Handler threads alive (idle or busy; in event mode, the loops).
     pub threads: AtomicUsize,
-    /// Handler threads serving a connection.
+    /// Connections being served (taken off the queue, not yet finished).
     pub busy: AtomicUsize,
     /// Receiver ticks so far: a clock handlers can read for the price of a
     /// relaxed load.
@@ -124,6 +136,14 @@ fn serve(id: usize, config: Config, channel: Channel, scoreboard: Scoreboard, ca
         log::error!("cannot set channel timeout: {e}");
         return 1;
     }
+    let event_loops = if config.handler == Handler::Event { config.event_threads } else { 0 };
+    let (loops, polls) = match event::prepare(event_loops) {
+        Ok(v) => v,
+        Err(e) => {
+            log::error!("cannot create event loops: {e}");
+            return 1;
+        }
+    };
     let w = Arc::new(Worker {
         id,
         capacity,
@@ -133,16 +153,15 @@ fn serve(id: usize, config: Config, channel: Channel, scoreboard: Scoreboard, ca
         queue: Queue::new(config.queue_capacity),
         counters: Counters::new(slot),
         open: OpenConnections::default(),
+        loops,
         threads: AtomicUsize::new(0),
         busy: AtomicUsize::new(0),
         ticks: AtomicU64::new(0),
         config,
     });
-    for _ in 0..w.config.min_spare_threads.min(w.capacity) {
-        if let Err(e) = pool::spawn_handler(&w) {
-            log::error!("cannot start handler thread: {e}");
-            break;
-        }
+    if let Err(e) = start_handlers(&w, polls) {
+        log::error!("cannot start handler threads: {e}");
+        return 1;
     }
     match std::env::var(CRASH_ENV).as_deref() {
         Ok("startup") => {
@@ -163,6 +182,23 @@ fn serve(id: usize, config: Config, channel: Channel, scoreboard: Scoreboard, ca
         return 1;
     }
     receive(&w)
+}
+
+/// Starts the handler: the event loops, or the thread pool's spare threads.
+fn start_handlers(w: &Arc<Worker>, polls: Vec<mio::Poll>) -> std::io::Result<()> {
+    for (i, poll) in polls.into_iter().enumerate() {
+        event::spawn(w, i, poll)?;
+    }
+    if w.loops.is_empty() {
+        for _ in 0..w.config.min_spare_threads.min(w.capacity) {
+            if let Err(e) = pool::spawn_handler(w) {
+                // Fewer spares is not fatal: the pool grows on demand.
+                log::error!("cannot start handler thread: {e}");
+                break;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The receiver loop: commands from the master until told to stop.
@@ -190,13 +226,15 @@ fn receive(w: &Arc<Worker>) -> i32 {
     }
 }
 
-/// Queues newly received connections, starting threads as needed.
+/// Queues newly received connections, starting threads (thread mode) or
+/// waking a loop (event mode) as needed.
 fn take(w: &Arc<Worker>, conns: Vec<(std::os::fd::OwnedFd, u16)>, last_tick: &mut Instant) {
     w.slot.set(Field::Received, w.slot.get(Field::Received) + conns.len() as u64);
     for (fd, bucket) in conns {
         let mut stream = (TcpStream::from(fd), bucket);
         loop {
             match w.queue.push(stream, Some(TICK)) {
+                Ok(_) if !w.loops.is_empty() => break,
                 Ok(depth) => {
                     // With a thread waiting, the one that pops will start
                     // helpers as needed (pool::handler); the receiver, which
@@ -210,6 +248,7 @@ fn take(w: &Arc<Worker>, conns: Vec<(std::os::fd::OwnedFd, u16)>, last_tick: &mu
                     // Every thread is busy and the queue is full; keep the
                     // heartbeat going while we wait for room.
                     stream = s;
+                    event::notify(&w.loops);
                     tick(w);
                     *last_tick = Instant::now();
                 }
@@ -220,6 +259,8 @@ fn take(w: &Arc<Worker>, conns: Vec<(std::os::fd::OwnedFd, u16)>, last_tick: &mu
             }
         }
     }
+    // One wake-up per batch: the loop takes everything queued.
+    event::notify(&w.loops);
 }
 
 /// Starts a handler for a connection nobody is waiting for.
@@ -231,6 +272,19 @@ fn grow(w: &Arc<Worker>) {
 }
 
 impl Worker {
+    /// Stops taking connections off the queue; handlers finish what they
+    /// hold. Event loops are woken to notice.
+    fn close_queue(&self) {
+        self.queue.close();
+        event::wake_all(&self.loops);
+    }
+
+    /// Closes every connection being served, in either mode; returns how
+    /// many there were.
+    fn cut_all(&self) -> usize {
+        self.open.cut_all() + event::cut_all(&self.loops)
+    }
+
     /// Refreshes the heartbeat: this process runs. The receiver does it on
     /// every tick; busy handlers do it too (every few hundred echoes),
     /// because on a saturated CPU the receiver is one thread among
@@ -263,7 +317,8 @@ fn publish_gauges(w: &Worker) {
     let (queued, _idle) = w.queue.stats();
     w.slot.set(Field::Queued, queued as u64);
     w.slot.set(Field::Threads, w.threads.load(Ordering::Relaxed) as u64);
-    w.slot.set(Field::Busy, w.busy.load(Ordering::Relaxed) as u64);
+    let busy = if w.loops.is_empty() { w.busy.load(Ordering::Relaxed) } else { event::busy_loops(&w.loops) };
+    w.slot.set(Field::Busy, busy as u64);
 }
 
 /// Graceful stop: no new connections; open ones run until `timeout`, then
@@ -271,7 +326,7 @@ fn publish_gauges(w: &Worker) {
 /// still ends it at once.
 fn drain(w: &Arc<Worker>, timeout: Duration) -> i32 {
     let deadline = Instant::now() + timeout;
-    w.queue.close();
+    w.close_queue();
     log::info!(
         "draining {} connection(s) for up to {:.1}s",
         w.busy.load(Ordering::Relaxed) + w.queue.stats().0,
@@ -280,7 +335,7 @@ fn drain(w: &Arc<Worker>, timeout: Duration) -> i32 {
     let _ = w.channel.set_receive_timeout(Duration::from_millis(50));
     while w.threads.load(Ordering::Acquire) > 0 {
         if Instant::now() >= deadline {
-            let cut = w.open.cut_all();
+            let cut = w.cut_all();
             log::info!("drain deadline reached: closing {cut} connection(s)");
             wait_for_handlers(w, Duration::from_secs(2));
             break;
@@ -304,7 +359,8 @@ fn quit(w: &Worker) -> i32 {
     for (_, bucket) in unserved {
         w.scoreboard.discharge_ip(w.id, bucket);
     }
-    w.open.cut_all();
+    event::wake_all(&w.loops);
+    w.cut_all();
     // Give handlers a moment to record the connections they just lost, so
     // the master's totals stay close; never long.
     wait_for_handlers(w, Duration::from_millis(200));

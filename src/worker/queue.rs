@@ -139,6 +139,23 @@ impl<T> Queue<T> {
         }
     }
 
+    /// Takes the oldest item if there is one, never waiting and never
+    /// counting the caller as idle: for event loops, which poll the queue
+    /// when woken rather than block on it. `TimedOut` means empty right now.
+    pub fn try_pop(&self) -> Pop<T> {
+        let mut st = self.lock();
+        match st.items.pop_front() {
+            Some(item) => {
+                let depth = Depth { queued: st.items.len(), idle: st.idle };
+                drop(st);
+                self.not_full.notify_one();
+                Pop::Item(item, depth)
+            }
+            None if st.closed => Pop::Closed,
+            None => Pop::TimedOut,
+        }
+    }
+
     /// Refuses further pushes and wakes everyone. Items already queued are
     /// still popped (a draining worker serves what it accepted).
     pub fn close(&self) {
@@ -187,6 +204,19 @@ mod tests {
         assert_eq!(q.pop(None), Pop::Item(1, Depth { queued: 1, idle: 0 }));
         assert_eq!(q.pop(Some(Duration::ZERO)), Pop::Item(2, Depth { queued: 0, idle: 0 }));
         assert_eq!(q.pop(Some(Duration::from_millis(20))), Pop::TimedOut);
+    }
+
+    #[test]
+    fn try_pop_never_waits_nor_counts_as_idle() {
+        let q = Queue::new(2);
+        assert_eq!(q.try_pop(), Pop::TimedOut);
+        q.push(1, None).unwrap();
+        q.push(2, None).unwrap();
+        assert_eq!(q.try_pop(), Pop::Item(1, Depth { queued: 1, idle: 0 }));
+        q.close();
+        assert_eq!(q.try_pop(), Pop::Item(2, Depth { queued: 0, idle: 0 }));
+        assert_eq!(q.try_pop(), Pop::Closed);
+        assert_eq!(q.stats(), (0, 0));
     }
 
     #[test]

@@ -13,6 +13,57 @@ use std::time::{Duration, Instant};
 
 pub const ECHOD: &str = env!("CARGO_BIN_EXE_echod");
 
+/// Runs each test fn twice, once per handler mode (`handler = "thread"` and
+/// `"event"`), as `name::thread` and `name::event`: the same suite proves
+/// both modes. Every echod the body starts gets that mode unless its config
+/// sets `handler` itself.
+#[macro_export]
+macro_rules! both_modes {
+    ($( $(#[$attr:meta])* fn $name:ident() $body:block )*) => {$(
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            #[test]
+            $(#[$attr])*
+            fn thread() {
+                $crate::common::in_mode("thread", || $body)
+            }
+            #[test]
+            $(#[$attr])*
+            fn event() {
+                $crate::common::in_mode("event", || $body)
+            }
+        }
+    )*};
+}
+
+thread_local! {
+    /// The handler mode of the test running on this thread.
+    static MODE: std::cell::Cell<&'static str> = const { std::cell::Cell::new("thread") };
+}
+
+/// Runs `body` with every echod it starts in handler mode `mode`.
+pub fn in_mode(mode: &'static str, body: impl FnOnce()) {
+    MODE.with(|m| m.set(mode));
+    body()
+}
+
+/// The handler mode of the running test.
+pub fn mode() -> &'static str {
+    MODE.with(|m| m.get())
+}
+
+/// `text` with the running test's handler mode, unless it sets one: what
+/// every config file a test writes goes through. Appended, so the line
+/// numbers that error messages name stay those of `text`.
+pub fn in_test_mode(text: &str) -> String {
+    if sets(text, "handler") {
+        return text.to_string();
+    }
+    let sep = if text.is_empty() || text.ends_with('\n') { "" } else { "\n" };
+    format!("{text}{sep}handler = \"{}\"\n", mode())
+}
+
 /// A running echod and its collected stderr.
 pub struct Echod {
     pub child: Option<Child>,
@@ -72,7 +123,7 @@ fn spawn_cmd(extra: &str, args: &[&str], env: &[(&str, &str)], nofile: Option<u6
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("echod.toml");
     let listen = if sets(extra, "listen") { "" } else { "listen = [\"127.0.0.1:0\"]\n" };
-    std::fs::write(&config, format!("{listen}{extra}")).unwrap();
+    std::fs::write(&config, in_test_mode(&format!("{listen}{extra}"))).unwrap();
     let mut cmd = match nofile {
         Some(n) => {
             let mut c = Command::new("prlimit");
@@ -120,6 +171,11 @@ impl Echod {
         self.wait_log("ready:", Duration::from_secs(10))
             .unwrap_or_else(|| panic!("echod not ready:\n{}", self.log_text()));
         self.note_workers();
+    }
+
+    /// Replaces the config file (for a reload), in the test's mode.
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(&self.config, in_test_mode(text)).unwrap();
     }
 
     pub fn pid(&self) -> i32 {

@@ -1,0 +1,456 @@
+//! The event handler (`handler = "event"`): a few threads, each running one
+//! mio poll over many connections, as nginx and Apache's event MPM do.
+//!
+//! It plugs into the same worker as the thread handler: connections still
+//! arrive through the receiver and the bounded [`queue`](super::queue), are
+//! counted in the same locked [`Counters`](super::counters::Counters), obey
+//! the same idle and write timeouts, and stop by the same drain. Only what
+//! takes a connection off the queue differs: the receiver pushes, then wakes
+//! the least-loaded loop ([`notify`]), which takes its share of the queue
+//! and registers each connection in its poll.
+//!
+//! The data path per message is one `read` into the loop's buffer and one
+//! `write` of the same bytes, straight from that buffer: no copy, no
+//! allocation, no lock. A read shorter than the buffer drained the socket
+//! (a later arrival raises a new edge), so the loop does not pay a third
+//! system call to see EAGAIN. Only when the client does not take the whole
+//! echo does the remainder move to a buffer of the connection's own; the
+//! connection then stops reading until it is written, so a client that never
+//! reads holds at most one `buffer_size` here, and the write timeout runs
+//! from that moment. Idle connections hold no buffer at all, which is what
+//! lets one worker keep tens of thousands of them.
+//!
+//! Fairness: a connection is read at most [`READ_BUDGET`] times per turn;
+//! if it still has data it goes on a ready list served after the other
+//! events, so one client streaming megabytes cannot starve the rest.
+
+use std::collections::VecDeque;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::TcpStream as StdStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use crate::config::Transform;
+use crate::ipc::Notice;
+use crate::worker::counters::{Ending, Tally};
+use crate::worker::echo::ending_of;
+use crate::worker::queue::Pop;
+use crate::worker::{TICK, Worker};
+
+/// Token of each loop's waker; connections use their slab index.
+const WAKER: Token = Token(usize::MAX);
+
+/// Reads per connection per turn before others get theirs.
+const READ_BUDGET: usize = 16;
+
+/// Events taken per `epoll_wait`.
+const EVENTS: usize = 1024;
+
+/// Receiver ticks between flushes of a loop's byte counts into the worker's
+/// counters (about once a second, as the thread handler does).
+const FLUSH_TICKS: u64 = 4;
+
+/// What the receiver and the drain hold of one loop: how to wake it, how
+/// loaded it is, and the order to cut everything.
+pub struct Handle {
+    waker: Waker,
+    /// Connections this loop serves, for the least-loaded choice.
+    open: AtomicUsize,
+    /// Set by a drain deadline or fast stop: close every connection now.
+    cut: AtomicBool,
+}
+
+/// Creates the polls and their handles before the worker's shared state
+/// exists (the handles live in it; each poll moves into its thread).
+pub fn prepare(loops: usize) -> io::Result<(Vec<Handle>, Vec<Poll>)> {
+    let mut handles = Vec::with_capacity(loops);
+    let mut polls = Vec::with_capacity(loops);
+    for _ in 0..loops {
+        let poll = Poll::new()?;
+        let waker = Waker::new(poll.registry(), WAKER)?;
+        handles.push(Handle { waker, open: AtomicUsize::new(0), cut: AtomicBool::new(false) });
+        polls.push(poll);
+    }
+    Ok((handles, polls))
+}
+
+/// Starts loop `index` on its own thread.
+pub fn spawn(w: &Arc<Worker>, index: usize, poll: Poll) -> io::Result<()> {
+    let w2 = w.clone();
+    w.threads.fetch_add(1, Ordering::AcqRel);
+    let spawned = std::thread::Builder::new().name(format!("event-{index}")).spawn(move || {
+        EventLoop::new(w2, index, poll).run();
+    });
+    if let Err(e) = spawned {
+        w.threads.fetch_sub(1, Ordering::AcqRel);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Wakes the loop serving the fewest connections to take what was queued.
+pub fn notify(handles: &[Handle]) {
+    if let Some(h) = handles.iter().min_by_key(|h| h.open.load(Ordering::Relaxed)) {
+        let _ = h.waker.wake();
+    }
+}
+
+/// Wakes every loop (the queue closed: they finish and exit when empty).
+pub fn wake_all(handles: &[Handle]) {
+    for h in handles {
+        let _ = h.waker.wake();
+    }
+}
+
+/// Tells every loop to close all its connections; returns how many were
+/// open.
+pub fn cut_all(handles: &[Handle]) -> usize {
+    handles
+        .iter()
+        .map(|h| {
+            h.cut.store(true, Ordering::Release);
+            let _ = h.waker.wake();
+            h.open.load(Ordering::Relaxed)
+        })
+        .sum()
+}
+
+/// Loops that serve at least one connection (the "busy threads" gauge).
+pub fn busy_loops(handles: &[Handle]) -> usize {
+    handles.iter().filter(|h| h.open.load(Ordering::Relaxed) > 0).count()
+}
+
+/// One client connection in a loop.
+struct Conn {
+    stream: TcpStream,
+    /// Client-address bucket, discharged when the connection ends.
+    bucket: u16,
+    started: Instant,
+    /// Receiver tick of the client's last bytes (idle timeout).
+    last_active: u64,
+    /// Echo bytes the client has not taken yet, from `sent` on. Empty (no
+    /// allocation) except while a write is stalled.
+    unsent: Vec<u8>,
+    sent: usize,
+    /// When the current stall began, for the write timeout.
+    stalled_since: Option<Instant>,
+    /// The client's FIN (or an error) has been seen by the poll: its edge
+    /// is spent, so reads go on until they return 0 (or fail) rather than
+    /// trusting a short read to mean "nothing more".
+    read_closed: bool,
+}
+
+/// What a turn on one connection left to do.
+enum Turn {
+    /// Wait for the next readiness edge.
+    Wait,
+    /// Read budget used up with data possibly left: serve again soon.
+    More,
+    /// The connection is over.
+    Done(Ending),
+}
+
+struct EventLoop {
+    w: Arc<Worker>,
+    index: usize,
+    poll: Poll,
+    /// Connections by token; `free` lists the empty slots for reuse.
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    /// Connections whose read budget ran out, to serve again this turn.
+    ready: VecDeque<usize>,
+    /// Bytes echoed since the last flush into the worker's counters.
+    tally: Tally,
+    buf: Vec<u8>,
+    /// The queue closed: take no more; exit once every connection ended.
+    closing: bool,
+    /// A connection ended while the master waits for capacity.
+    freed: bool,
+}
+
+impl EventLoop {
+    fn new(w: Arc<Worker>, index: usize, poll: Poll) -> EventLoop {
+        let buf = vec![0u8; w.config.buffer_size];
+        EventLoop {
+            w,
+            index,
+            poll,
+            conns: Vec::new(),
+            free: Vec::new(),
+            ready: VecDeque::new(),
+            tally: Tally::default(),
+            buf,
+            closing: false,
+            freed: false,
+        }
+    }
+
+    fn handle(&self) -> &Handle {
+        &self.w.loops[self.index]
+    }
+
+    fn run(mut self) {
+        let mut events = Events::with_capacity(EVENTS);
+        let mut last_tick = self.w.ticks.load(Ordering::Relaxed);
+        let mut next_flush = last_tick + FLUSH_TICKS;
+        // A first look at the queue: connections may have been pushed
+        // before this thread ran.
+        self.take_new();
+        loop {
+            let timeout = if self.ready.is_empty() { TICK } else { Duration::ZERO };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != ErrorKind::Interrupted {
+                    log::error!("event loop {}: poll: {e}; closing its connections", self.index);
+                    self.cut_all();
+                    self.closing = true;
+                }
+            }
+            self.w.beat();
+            let mut woken = false;
+            for ev in events.iter() {
+                match ev.token() {
+                    WAKER => woken = true,
+                    Token(i) => self.serve(i, ev.is_read_closed() || ev.is_error()),
+                }
+            }
+            for _ in 0..self.ready.len() {
+                if let Some(i) = self.ready.pop_front() {
+                    self.serve(i, false);
+                }
+            }
+            if self.handle().cut.swap(false, Ordering::AcqRel) {
+                self.cut_all();
+            }
+            let now = self.w.ticks.load(Ordering::Relaxed);
+            if woken || now != last_tick {
+                // The queue is also checked on every tick, so a wake-up lost
+                // to a race costs at most a tick.
+                self.take_new();
+            }
+            if now != last_tick {
+                last_tick = now;
+                self.expire(now);
+                if now >= next_flush {
+                    self.w.counters.flush(&mut self.tally);
+                    next_flush = now + FLUSH_TICKS;
+                }
+            }
+            if self.freed {
+                self.freed = false;
+                if self.w.scoreboard.accept_paused() {
+                    let _ = self.w.channel.send_notice(Notice::SlotFreed);
+                }
+            }
+            if self.closing && self.handle().open.load(Ordering::Acquire) == 0 {
+                break;
+            }
+        }
+        self.w.counters.flush(&mut self.tally);
+        self.w.threads.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Takes this loop's share of the queue: all of it when it is the only
+    /// loop, else an even split, waking another loop for the rest.
+    fn take_new(&mut self) {
+        if self.closing {
+            return;
+        }
+        let loops = self.w.loops.len();
+        let mut share = usize::MAX;
+        let mut taken = 0;
+        while taken < share {
+            match self.w.queue.try_pop() {
+                Pop::Item((stream, bucket), depth) => {
+                    if taken == 0 && loops > 1 {
+                        share = (depth.queued + 1).div_ceil(loops);
+                    }
+                    taken += 1;
+                    self.register(stream, bucket);
+                }
+                Pop::TimedOut => return,
+                Pop::Closed => {
+                    self.closing = true;
+                    return;
+                }
+            }
+        }
+        notify(&self.w.loops);
+    }
+
+    fn register(&mut self, stream: StdStream, bucket: u16) {
+        let started = Instant::now();
+        self.handle().open.fetch_add(1, Ordering::AcqRel);
+        self.w.busy.fetch_add(1, Ordering::Relaxed);
+        let i = self.free.pop().unwrap_or_else(|| {
+            self.conns.push(None);
+            self.conns.len() - 1
+        });
+        let last_active = self.w.ticks.load(Ordering::Relaxed);
+        let registered = stream.set_nonblocking(true).and_then(|()| {
+            let mut stream = TcpStream::from_std(stream);
+            self.poll.registry().register(&mut stream, Token(i), Interest::READABLE | Interest::WRITABLE)?;
+            Ok(stream)
+        });
+        match registered {
+            Ok(stream) => {
+                self.conns[i] = Some(Conn {
+                    stream,
+                    bucket,
+                    started,
+                    last_active,
+                    unsent: Vec::new(),
+                    sent: 0,
+                    stalled_since: None,
+                    read_closed: false,
+                });
+                // Edge-triggered: bytes that arrived before registration
+                // raise no edge of their own, so look now.
+                self.ready.push_back(i);
+            }
+            Err(e) => {
+                log::warn!("cannot poll a connection: {e}");
+                self.free.push(i);
+                self.finish(bucket, started, Ending::Other);
+            }
+        }
+    }
+
+    /// One turn on connection `i`; `read_closed` when the poll reported the
+    /// client's FIN or an error.
+    fn serve(&mut self, i: usize, read_closed: bool) {
+        let now = self.w.ticks.load(Ordering::Relaxed);
+        let transform = self.w.config.transform;
+        let Some(conn) = self.conns.get_mut(i).and_then(Option::as_mut) else { return };
+        conn.read_closed |= read_closed;
+        match turn(conn, &mut self.buf, transform, &mut self.tally, now) {
+            Turn::Wait => {}
+            Turn::More => self.ready.push_back(i),
+            Turn::Done(ending) => self.close(i, ending),
+        }
+    }
+
+    /// Idle and write timeouts, checked once per receiver tick.
+    fn expire(&mut self, now: u64) {
+        let idle = self.w.config.idle_timeout.nonzero().map(|d| d.as_millis().div_ceil(TICK.as_millis()).max(1) as u64);
+        let stall = self.w.config.write_timeout.nonzero();
+        let mut cut = Vec::new();
+        for (i, c) in self.conns.iter().enumerate() {
+            let Some(c) = c else { continue };
+            let idle_out = idle.is_some_and(|t| now.saturating_sub(c.last_active) >= t);
+            let stall_out = stall.zip(c.stalled_since).is_some_and(|(t, since)| since.elapsed() >= t);
+            if idle_out || stall_out {
+                cut.push(i);
+            }
+        }
+        if !cut.is_empty() {
+            log::debug!("closed {} idle or stalled connection(s)", cut.len());
+        }
+        for i in cut {
+            self.close(i, Ending::Timeout);
+        }
+    }
+
+    fn cut_all(&mut self) {
+        for i in 0..self.conns.len() {
+            if self.conns[i].is_some() {
+                self.close(i, Ending::Clean);
+            }
+        }
+    }
+
+    fn close(&mut self, i: usize, ending: Ending) {
+        let Some(mut conn) = self.conns.get_mut(i).and_then(Option::take) else { return };
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        drop(conn.stream);
+        self.free.push(i);
+        self.finish(conn.bucket, conn.started, ending);
+        log::trace!("connection closed: {ending:?}");
+    }
+
+    /// Records a connection that ended. Its bytes are in the loop's tally,
+    /// flushed with it so totals are exact the moment it counts as finished.
+    fn finish(&mut self, bucket: u16, started: Instant, ending: Ending) {
+        self.w.counters.finish(&mut self.tally, ending, started.elapsed());
+        self.w.scoreboard.discharge_ip(self.w.id, bucket);
+        self.w.busy.fetch_sub(1, Ordering::Release);
+        self.handle().open.fetch_sub(1, Ordering::AcqRel);
+        self.freed = true;
+    }
+}
+
+/// Serves one connection as far as it can go without blocking: first what
+/// it still owes the client, then new bytes, up to the read budget.
+fn turn(c: &mut Conn, buf: &mut [u8], transform: Transform, tally: &mut Tally, now: u64) -> Turn {
+    if !c.unsent.is_empty() {
+        match write_some(&mut c.stream, &c.unsent[c.sent..]) {
+            Ok(n) => {
+                tally.bytes_out += n as u64;
+                c.sent += n;
+                if c.sent < c.unsent.len() {
+                    if n > 0 {
+                        c.stalled_since = Some(Instant::now());
+                    }
+                    return Turn::Wait;
+                }
+                c.unsent = Vec::new();
+                c.sent = 0;
+                c.stalled_since = None;
+            }
+            Err(e) => return Turn::Done(ending_of(e.kind())),
+        }
+    }
+    for _ in 0..READ_BUDGET {
+        let n = match c.stream.read(buf) {
+            Ok(0) => return Turn::Done(Ending::Clean),
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Turn::Wait,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Turn::Done(ending_of(e.kind())),
+        };
+        c.last_active = now;
+        tally.bytes_in += n as u64;
+        let data = &mut buf[..n];
+        if transform == Transform::Upper {
+            data.make_ascii_uppercase();
+        }
+        match write_some(&mut c.stream, data) {
+            Ok(w) => {
+                tally.bytes_out += w as u64;
+                if w < n {
+                    // The client is not taking it: keep the rest and read
+                    // nothing more until it is gone (see the module doc).
+                    c.unsent.extend_from_slice(&data[w..]);
+                    c.stalled_since = Some(Instant::now());
+                    return Turn::Wait;
+                }
+            }
+            Err(e) => return Turn::Done(ending_of(e.kind())),
+        }
+        if n < buf.len() && !c.read_closed {
+            // The socket is drained; its next bytes (or FIN) raise a new
+            // edge.
+            return Turn::Wait;
+        }
+    }
+    Turn::More
+}
+
+/// Writes as much of `data` as the socket takes now; Ok(0..len) when it
+/// would block.
+fn write_some<W: Write>(w: &mut W, data: &[u8]) -> io::Result<usize> {
+    let mut done = 0;
+    while done < data.len() {
+        match w.write(&data[done..]) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
