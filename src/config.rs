@@ -421,6 +421,16 @@ pub enum Handler {
     Event,
 }
 
+impl Handler {
+    /// The name the config file uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Handler::Thread => "thread",
+            Handler::Event => "event",
+        }
+    }
+}
+
 /// What the echo does to the bytes it returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -6,6 +6,7 @@
 //! DESIGN.md and README.md for the process model and its rules.
 //!
 //! Module map:
+//! - [`cli`]: both binaries' command lines (clap), and the version;
 //! - [`config`]: the file, its defaults and its errors (exit 78);
 //! - [`master`]: the master's loop, listeners, dispatch, supervisor,
 //!   signals and the /metrics endpoint;
@@ -19,6 +20,7 @@
 //! - [`sys`]: every `unsafe` call, each with its argument;
 //! - [`load`]: the engine of the `echo-load` harness.
 
+pub mod cli;
 pub mod config;
 pub mod ipc;
 pub mod limits;

@@ -29,7 +29,7 @@ pub fn render(snap: &Snapshot, info: &MasterInfo) -> String {
     let mut out = String::with_capacity(4096 + 1024 * snap.workers.len());
     let t = &snap.totals;
     let o = &mut out;
-    let version = format!("version=\"{}\"", env!("CARGO_PKG_VERSION"));
+    let version = format!("version=\"{}\",commit=\"{}\"", env!("CARGO_PKG_VERSION"), env!("ECHOD_GIT_COMMIT"));
     metric(o, "echod_build_info", "gauge", "Build information.", &[(&version, 1.0)]);
     // (name, type, help, value) of every unlabelled series.
     let scalars: [(&str, &str, &str, f64); 13] = [

@@ -290,7 +290,17 @@ fn check_config_prints_the_effective_config_and_version_help_exit_0() {
     assert!(out.contains("config/echod.toml"), "{out}");
     let (code, _, out) = run_to_exit(&["--version"], None);
     assert_eq!(code, 0);
-    assert!(out.contains(env!("CARGO_PKG_VERSION")));
+    assert!(out.contains(env!("CARGO_PKG_VERSION")), "{out}");
+    // And the commit it was built from, when built in a git checkout.
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output();
+    if let Ok(head) = head.as_ref().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()) {
+        if !head.is_empty() {
+            assert!(out.trim().ends_with(&format!("(git {head})")), "{out} should name commit {head}");
+        }
+    }
     let (code, _, out) = run_to_exit(&["--help"], None);
     assert_eq!(code, 0);
     for flag in ["--config", "--listen", "--workers", "--check-config", "--version"] {

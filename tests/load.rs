@@ -203,3 +203,12 @@ fn unreachable_server_is_reported_not_hung() {
     let bad = run_load(&["--addr", "nonsense", "-d", "1"]);
     assert_eq!(bad.status.code(), Some(2));
 }
+
+#[test]
+fn version_names_the_crate_version_and_commit() {
+    let out = run_load(&["--version"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with(&format!("echo-load {} (git ", env!("CARGO_PKG_VERSION"))), "{text}");
+    assert!(!text.contains("(git unknown)"), "built in a checkout, the commit is known: {text}");
+}

@@ -14,61 +14,8 @@ use std::time::Duration;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use echod::cli::EchoLoadCli as Cli;
 use echod::load::{self, Options, Shared, report};
-
-/// Load-test an echo server: throughput, latency percentiles, every byte
-/// verified.
-#[derive(Parser, Debug)]
-#[command(name = "echo-load", version, about, long_about = None)]
-struct Cli {
-    /// Server address, HOST:PORT
-    #[arg(short, long, value_name = "HOST:PORT")]
-    addr: String,
-    /// Concurrent connections
-    #[arg(short, long, default_value_t = 50, value_name = "N")]
-    connections: usize,
-    /// Seconds to measure (after --warmup)
-    #[arg(short, long, default_value_t = 10.0, value_name = "SECS")]
-    duration: f64,
-    /// Stop after this many responses instead of after --duration
-    #[arg(long, value_name = "N")]
-    count: Option<u64>,
-    /// Bytes per message
-    #[arg(short, long, default_value_t = 64, value_name = "BYTES")]
-    size: usize,
-    /// Messages in flight per connection (closed loop)
-    #[arg(short, long, default_value_t = 1, value_name = "K")]
-    pipeline: usize,
-    /// Open loop: total messages per second on a fixed schedule; latency is
-    /// measured from the scheduled send time
-    #[arg(short, long, value_name = "MSGS_PER_SEC")]
-    rate: Option<f64>,
-    /// Each connection: connect, one round trip, close, again
-    #[arg(long)]
-    churn: bool,
-    /// Payloads are lines ending in '\n' (for line-based servers such as
-    /// Apache mod_echo)
-    #[arg(long)]
-    lines: bool,
-    /// Event-loop threads [default: CPU count]
-    #[arg(short, long, value_name = "N")]
-    threads: Option<usize>,
-    /// Seconds of load before measuring starts
-    #[arg(short, long, default_value_t = 0.0, value_name = "SECS")]
-    warmup: f64,
-    /// Seconds over which connections are opened [default: 1 s per 5000]
-    #[arg(long, value_name = "SECS")]
-    ramp_up: Option<f64>,
-    /// A message not echoed within this many seconds is a timeout
-    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
-    timeout: f64,
-    /// Print one JSON object (stdout) instead of the summary table
-    #[arg(long)]
-    json: bool,
-    /// Plain client: send stdin lines, print the echoes
-    #[arg(short, long)]
-    interactive: bool,
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

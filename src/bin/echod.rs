@@ -9,28 +9,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+use echod::cli::EchodCli as Cli;
 use echod::config::{Config, ConfigError, DEFAULT_PATH, EX_CONFIG, Overrides};
 use echod::logging;
 use echod::master::{Master, StartError};
-
-/// TCP echo server daemon (RFC 862): a master process dispatching
-/// connections to a prefork pool of threaded workers.
-#[derive(Parser, Debug)]
-#[command(name = "echod", version, about, long_about = None)]
-struct Cli {
-    /// Config file [default: config/echod.toml if present, else built-in defaults]
-    #[arg(short, long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Address to listen on, IP:PORT (repeatable; replaces the file's `listen`)
-    #[arg(short, long = "listen", value_name = "ADDR")]
-    listen: Vec<String>,
-    /// Worker processes (replaces the file's `workers`)
-    #[arg(short, long, value_name = "N")]
-    workers: Option<String>,
-    /// Validate the config, print the effective config and exit (0 valid, 78 invalid)
-    #[arg(long)]
-    check_config: bool,
-}
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -50,7 +32,7 @@ fn main() -> ExitCode {
     };
     if cli.check_config {
         let from = source.as_deref().map_or("built-in defaults".into(), |p: &Path| p.display().to_string());
-        println!("# echod {}: configuration OK ({from})\n{}", env!("CARGO_PKG_VERSION"), config.to_toml());
+        println!("# echod {}: configuration OK ({from})\n{}", echod::cli::VERSION, config.to_toml());
         return ExitCode::SUCCESS;
     }
     logging::init(config.log_level.0);

@@ -240,9 +240,10 @@ impl Master {
         let mut events = Events::with_capacity(256);
         limits::check(&self.config, self.sup.target, self.capacity);
         log::info!(
-            "echod {} starting {} worker(s), up to {} connections each (pid {})",
-            env!("CARGO_PKG_VERSION"),
+            "echod {} starting {} worker(s) in {} mode, up to {} connections each (pid {})",
+            crate::cli::VERSION,
             self.sup.target,
+            self.config.handler.name(),
             self.capacity,
             std::process::id()
         );

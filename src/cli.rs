@@ -1,0 +1,86 @@
+//! The command lines of `echod` and `echo-load`, as clap definitions.
+//!
+//! They live in the library rather than in the binaries so that the man
+//! pages and shell completions (`examples/dist-assets.rs`, run when the
+//! Debian package is built) are generated from the very same definitions.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// The version both binaries print: the crate version and the git commit it
+/// was built from (see build.rs).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("ECHOD_GIT_COMMIT"), ")");
+
+/// TCP echo server daemon (RFC 862): a master process dispatching
+/// connections to a prefork pool of threaded workers.
+#[derive(Parser, Debug)]
+#[command(name = "echod", version = VERSION, about, long_about = None)]
+pub struct EchodCli {
+    /// Config file [default: config/echod.toml if present, else built-in defaults]
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on, IP:PORT (repeatable; replaces the file's `listen`)
+    #[arg(short, long = "listen", value_name = "ADDR")]
+    pub listen: Vec<String>,
+    /// Worker processes (replaces the file's `workers`)
+    #[arg(short, long, value_name = "N")]
+    pub workers: Option<String>,
+    /// Validate the config, print the effective config and exit (0 valid, 78 invalid)
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// Load-test an echo server: throughput, latency percentiles, every byte
+/// verified.
+#[derive(Parser, Debug)]
+#[command(name = "echo-load", version = VERSION, about, long_about = None)]
+pub struct EchoLoadCli {
+    /// Server address, HOST:PORT
+    #[arg(short, long, value_name = "HOST:PORT")]
+    pub addr: String,
+    /// Concurrent connections
+    #[arg(short, long, default_value_t = 50, value_name = "N")]
+    pub connections: usize,
+    /// Seconds to measure (after --warmup)
+    #[arg(short, long, default_value_t = 10.0, value_name = "SECS")]
+    pub duration: f64,
+    /// Stop after this many responses instead of after --duration
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+    /// Bytes per message
+    #[arg(short, long, default_value_t = 64, value_name = "BYTES")]
+    pub size: usize,
+    /// Messages in flight per connection (closed loop)
+    #[arg(short, long, default_value_t = 1, value_name = "K")]
+    pub pipeline: usize,
+    /// Open loop: total messages per second on a fixed schedule; latency is
+    /// measured from the scheduled send time
+    #[arg(short, long, value_name = "MSGS_PER_SEC")]
+    pub rate: Option<f64>,
+    /// Each connection: connect, one round trip, close, again
+    #[arg(long)]
+    pub churn: bool,
+    /// Payloads are lines ending in '\n' (for line-based servers such as
+    /// Apache mod_echo)
+    #[arg(long)]
+    pub lines: bool,
+    /// Event-loop threads [default: CPU count]
+    #[arg(short, long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Seconds of load before measuring starts
+    #[arg(short, long, default_value_t = 0.0, value_name = "SECS")]
+    pub warmup: f64,
+    /// Seconds over which connections are opened [default: 1 s per 5000]
+    #[arg(long, value_name = "SECS")]
+    pub ramp_up: Option<f64>,
+    /// A message not echoed within this many seconds is a timeout
+    #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+    pub timeout: f64,
+    /// Print one JSON object (stdout) instead of the summary table
+    #[arg(long)]
+    pub json: bool,
+    /// Plain client: send stdin lines, print the echoes
+    #[arg(short, long)]
+    pub interactive: bool,
+}
