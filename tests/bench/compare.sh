@@ -10,6 +10,9 @@
 #   thread-echo (std, one OS thread per connection), mio-echo (one thread, one epoll loop: the
 #   efficiency floor), all three in tests/bench/peers/; apache-worker, apache-event,
 #   apache-prefork (Apache httpd with mod_echo, apache-echo.sh; apt installs apache2-bin).
+# A/B variants: EXTRA="name=command;name2=command2" adds servers started by a command of your own,
+#   where the word PORT is replaced by a free port (the command must stay in the foreground),
+#   e.g. EXTRA="buf4k=target/release/echod --config /tmp/buf4k.toml --listen 127.0.0.1:PORT".
 # Clients (CLIENTS=...): echo-load (this repository's harness, one thread, every byte verified,
 #   '\n'-terminated payloads so mod_echo works; also measures connection churn) and teb
 #   (tcp-echo-benchmark from crates.io, installed under tests/bench/peers/target/tools on
@@ -28,6 +31,9 @@ DUR=${1:-3}
 CONNS=${CONNS:-"1 50 500"}; LENS=${LENS:-"64 4096"}; REPS=${REPS:-3}; CHURN=${CHURN:-50}
 SERVERS=${SERVERS:-"echod-thread echod-event tokio-echo thread-echo mio-echo apache-worker"}
 CLIENTS=${CLIENTS:-"echo-load teb"}
+declare -A EXTRA_CMD
+IFS=';' read -ra extras <<<"${EXTRA:-}"
+for e in "${extras[@]}"; do [[ -n $e ]] && EXTRA_CMD[${e%%=*}]=${e#*=} && SERVERS+=" ${e%%=*}"; done
 BENCH=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$BENCH/../.." && pwd)
 OUT=${OUT:-$(mktemp -d /tmp/echod-compare.XXXX)}
@@ -68,7 +74,8 @@ start() {  # start NAME: launch on a free port, set PORT[NAME] and ROOTPID[NAME]
             "${SPIN[@]}" "$BENCH/peers/target/release/$n" "127.0.0.1:$p" 2>>"$OUT/$n.log" & ROOTPID[$n]=$! ;;
         apache-*) "${SPIN[@]}" "$BENCH/apache-echo.sh" "$p" "${n#apache-}" start >>"$OUT/$n.log" 2>&1 \
                       && ROOTPID[$n]=$(cat "/tmp/lab-apache-$p/apache.pid") ;;
-        *) echo "unknown server $n" >&2; return 1 ;;
+        *) [[ -n ${EXTRA_CMD[$n]:-} ]] || { echo "unknown server $n" >&2; return 1; }
+           (cd "$ROOT" && exec "${SPIN[@]}" bash -c "exec ${EXTRA_CMD[$n]//PORT/$p}") >>"$OUT/$n.log" 2>&1 & ROOTPID[$n]=$! ;;
     esac
     for _ in $(seq 100); do ss -Hltn "sport = :$p" | grep -q . && break; sleep 0.1; done
     ss -Hltn "sport = :$p" | grep -q . || { echo "$n did not listen on $p (see $OUT/$n.log)" >&2; return 1; }

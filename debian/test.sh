@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# debian/test.sh: builds the Debian package, inspects it, installs it on this machine with dpkg,
+# checks what got installed, and removes it again. Run by .ci/run; needs root (or sudo), dpkg-dev,
+# lintian and systemd (for systemd-analyze).
+#
+# Checks: every expected path is in the package; lintian reports no error; after `dpkg -i`
+# the installed units pass `systemd-analyze verify`, the installed config passes
+# `echod --check-config` and listens on port 7 on all addresses, `echod --version` names this
+# checkout's commit, the man pages render, the completions are in place, and nothing was
+# enabled or started. Then `dpkg --purge` leaves no file behind.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+fail() { echo "debian/test.sh: $*" >&2; exit 1; }
+
+deb=$(bash debian/build.sh | tail -1)
+echo "== package: $deb"
+dpkg-deb --info "$deb" | sed -n '/Package:/,/Description:/p'
+contents=$(dpkg-deb --contents "$deb" | awk '{print $6}' | sed 's|^\./|/|')
+for path in /usr/bin/echod /usr/bin/echo-load /etc/echod/echod.toml \
+    /usr/lib/systemd/system/echod.service /usr/lib/systemd/system/echod.socket \
+    /usr/share/man/man8/echod.8.gz /usr/share/man/man1/echo-load.1.gz \
+    /usr/share/bash-completion/completions/echod /usr/share/bash-completion/completions/echo-load \
+    /usr/share/zsh/vendor-completions/_echod /usr/share/zsh/vendor-completions/_echo-load \
+    /usr/share/fish/vendor_completions.d/echod.fish /usr/share/fish/vendor_completions.d/echo-load.fish \
+    /usr/share/doc/echod/copyright /usr/share/doc/echod/changelog.Debian.gz /usr/share/doc/echod/README.md; do
+    grep -qx "$path" <<<"$contents" || fail "$path missing from the package"
+done
+[[ $(dpkg-deb -f "$deb" Package) == echod ]] || fail "wrong package name"
+dpkg-deb -I "$deb" conffiles | grep -qx /etc/echod/echod.toml || fail "/etc/echod/echod.toml is not a conffile"
+echo "== contents: $(grep -c . <<<"$contents") entries, all expected paths present"
+
+echo "== lintian"
+lintian --fail-on error --suppress-tags initial-upload-closes-no-bugs "$deb"
+
+echo "== install"
+as_root dpkg --purge echod >/dev/null 2>&1 || true
+as_root dpkg -i "$deb"
+trap 'as_root dpkg --purge echod >/dev/null 2>&1 || true' EXIT
+systemd-analyze verify /usr/lib/systemd/system/echod.service /usr/lib/systemd/system/echod.socket
+echo "systemd-analyze verify: ok"
+out=$(/usr/bin/echod --check-config --config /etc/echod/echod.toml) || fail "installed config rejected"
+grep -q '^listen = \["\[::\]:7", "0.0.0.0:7"\]$' <<<"$out" || fail "installed config does not listen on port 7: $out"
+echo "echod --check-config: ok ($(head -1 <<<"$out"))"
+commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+for bin in echod echo-load; do
+    v=$(/usr/bin/$bin --version)
+    [[ $v == "$bin $(dpkg-deb -f "$deb" Version | cut -d- -f1) (git $commit)" ]] || fail "$bin --version: $v"
+    echo "$v"
+done
+man -l /usr/share/man/man8/echod.8.gz 2>/dev/null | grep -q "graceful stop" || fail "echod(8) does not render"
+man -l /usr/share/man/man1/echo-load.1.gz 2>/dev/null | grep -q -- "--connections" || fail "echo-load(1) does not render"
+bash -c 'source /usr/share/bash-completion/completions/echod && complete -p echod' >/dev/null \
+    || fail "bash completion does not load"
+for unit in echod.service echod.socket; do
+    state=$(systemctl is-enabled "$unit" 2>&1 || true)
+    [[ $state == disabled ]] || fail "$unit is $state after the install, not disabled"
+    [[ ! -e /etc/systemd/system/multi-user.target.wants/$unit && ! -e /etc/systemd/system/sockets.target.wants/$unit ]] \
+        || fail "$unit enabled"
+done
+if [ -d /run/systemd/system ] && systemctl is-active --quiet echod.service; then fail "echod.service was started"; fi
+echo "installed, nothing enabled or started"
+
+echo "== purge"
+as_root dpkg --purge echod
+trap - EXIT
+for path in /usr/bin/echod /etc/echod/echod.toml /usr/lib/systemd/system/echod.service; do
+    [[ ! -e $path ]] || fail "$path left behind after purge"
+done
+echo "debian/test.sh: package ok"
