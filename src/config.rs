@@ -104,6 +104,12 @@ pub struct Config {
     /// "" = off.
     #[serde(with = "optional_addr")]
     pub metrics_listen: Option<SocketAddr>,
+    /// USR2 (binary upgrade) executes this file; "" = the path echod was
+    /// started from (a package upgrade replaces the file there).
+    pub upgrade_binary: String,
+    /// USR2: how long the new master may take to report ready before the
+    /// old one gives up on it, kills it and keeps serving.
+    pub upgrade_timeout: Seconds,
     /// When started as root: the user to become after binding, in master and
     /// workers. Ignored when not started as root (systemd's DynamicUser= or
     /// User= already chose). "" = stay root, refused unless `allow_root`.
@@ -142,6 +148,8 @@ impl Default for Config {
             max_connections_per_worker: 0,
             max_connections_per_worker_jitter: 0,
             metrics_listen: None,
+            upgrade_binary: String::new(),
+            upgrade_timeout: Seconds::from_secs(30),
             user: "nobody".to_string(),
             group: String::new(),
             allow_root: false,

@@ -2,8 +2,9 @@
 //!
 //! USR1, the periodic `stats_interval` line, systemd's STATUS= and /metrics
 //! all render the same [`Snapshot`], so they can never disagree. Counters are
-//! the sum of live workers' scoreboard slots and of the totals the master
-//! kept from workers that exited, so they never go backwards.
+//! the sum of live workers' scoreboard slots, of the totals the master
+//! kept from workers that exited, and of what earlier masters handed over in
+//! a binary upgrade, so they never go backwards.
 
 use crate::master::dispatch::Dispatcher;
 use crate::master::supervisor::{Phase, Supervisor};
@@ -42,6 +43,7 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn take(sup: &Supervisor, disp: &Dispatcher) -> Snapshot {
         let mut totals = sup.retired;
+        totals.add_counters(&sup.carried.totals);
         let mut workers: Vec<WorkerView> = sup
             .workers
             .iter()
@@ -63,14 +65,24 @@ impl Snapshot {
         workers.sort_by_key(|w| w.id);
         let active = workers.iter().map(|w| w.active).sum::<u64>() + disp.held(sup) as u64;
         Snapshot {
-            accepted: disp.accepted,
-            rejected: disp.rejected,
+            accepted: disp.accepted + sup.carried.accepted,
+            rejected: disp.rejected + sup.carried.rejected,
             active,
-            restarts: sup.restarts,
+            restarts: sup.restarts + sup.carried.restarts,
             generation: sup.generation,
             target: sup.target,
             totals,
             workers,
+        }
+    }
+
+    /// What a successor master carries on from this one.
+    pub fn carried(&self) -> crate::master::upgrade::Carried {
+        crate::master::upgrade::Carried {
+            accepted: self.accepted,
+            rejected: self.rejected,
+            restarts: self.restarts,
+            totals: self.totals,
         }
     }
 

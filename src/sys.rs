@@ -197,3 +197,57 @@ pub fn set_batch_scheduling() -> io::Result<()> {
     let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
     if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
+
+/// Replaces the process image with `path`, passing `fds` as 3, 4, ... (the
+/// LISTEN_FDS convention) and nothing else: every other fd of the master is
+/// CLOEXEC (rule 2). Returns only on failure.
+///
+/// Called in a freshly forked child of the single-threaded master (binary
+/// upgrade), which owns nothing it must keep: the fd numbers it overwrites
+/// belong to inherited copies of the master's objects, never used again.
+pub fn exec_with_fds(
+    path: &std::path::Path,
+    args: &[std::ffi::OsString],
+    env: &[std::ffi::OsString],
+    fds: &[RawFd],
+) -> io::Error {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let cstr =
+        |s: &std::ffi::OsStr| CString::new(s.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
+    let (path, args, env) = match (
+        cstr(path.as_os_str()),
+        args.iter().map(|a| cstr(a)).collect::<io::Result<Vec<_>>>(),
+        env.iter().map(|e| cstr(e)).collect::<io::Result<Vec<_>>>(),
+    ) {
+        (Ok(p), Ok(a), Ok(e)) => (p, a, e),
+        _ => return io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in path, argument or environment"),
+    };
+    let first = 3;
+    let above = first + fds.len() as RawFd;
+    // Two steps, so that moving one fd never overwrites another still to be
+    // moved: first copy each above the target range, then onto its place.
+    let mut staged = Vec::with_capacity(fds.len());
+    for &fd in fds {
+        // SAFETY: F_DUPFD_CLOEXEC creates a new descriptor and touches no
+        // existing one.
+        let rc = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, above) };
+        if rc < 0 {
+            return io::Error::last_os_error();
+        }
+        staged.push(rc);
+    }
+    for (i, &fd) in staged.iter().enumerate() {
+        // SAFETY: dup2 onto 3 + i closes whatever held that number: in this
+        // child, an inherited copy of a master object that is never used
+        // again (see the function doc). The new number is not CLOEXEC, so it
+        // survives the exec; the staged copy is, so it does not.
+        if unsafe { libc::dup2(fd, first + i as RawFd) } < 0 {
+            return io::Error::last_os_error();
+        }
+    }
+    match nix::unistd::execve(&path, &args, &env) {
+        Err(e) => io::Error::from(e),
+        Ok(never) => match never {},
+    }
+}

@@ -16,6 +16,9 @@ use crate::sys;
 /// The master's link to the service manager.
 pub struct Notifier {
     enabled: bool,
+    /// Say MAINPID= with READY=1: this master replaced another one (binary
+    /// upgrade) and becomes the unit's main process.
+    pub announce_pid: bool,
     /// Ping interval: half of WATCHDOG_USEC, as sd_watchdog_enabled(3) advises.
     watchdog_every: Option<Duration>,
     next_ping: Option<Instant>,
@@ -28,6 +31,7 @@ impl Notifier {
         let watchdog_every = sd_notify::watchdog_enabled().filter(|_| enabled).map(|d| d / 2);
         Notifier {
             enabled,
+            announce_pid: false,
             watchdog_every,
             next_ping: watchdog_every.map(|_| Instant::now()),
             last_status: String::new(),
@@ -44,7 +48,41 @@ impl Notifier {
 
     /// Every worker is up and serving.
     pub fn ready(&self, status: &str) {
-        self.send(&[NotifyState::Ready, NotifyState::Status(status)]);
+        if self.announce_pid {
+            self.send(&[NotifyState::MainPid(std::process::id()), NotifyState::Ready, NotifyState::Status(status)]);
+        } else {
+            self.send(&[NotifyState::Ready, NotifyState::Status(status)]);
+        }
+    }
+
+    /// A binary upgrade handed over: `pid` is the unit's main process now.
+    /// This master says nothing more (no STOPPING=1, no watchdog pings)
+    /// while it drains.
+    pub fn hand_over(&mut self, pid: u32) {
+        self.send(&[NotifyState::MainPid(pid)]);
+        self.enabled = false;
+        self.next_ping = None;
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Puts `fds` into the service's fd store under `name`, replacing what
+    /// was stored there, so that a restart gets them back (LISTEN_FDS) and
+    /// no connect is refused while the service restarts.
+    pub fn store_fds(&self, name: &str, fds: &[std::os::fd::BorrowedFd<'_>]) {
+        if !self.enabled {
+            return;
+        }
+        if let Err(e) = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]) {
+            log::warn!("sd_notify FDSTOREREMOVE: {e}");
+        }
+        if !fds.is_empty() {
+            if let Err(e) = sd_notify::notify_with_fds(&[NotifyState::FdStore, NotifyState::FdName(name)], fds) {
+                log::warn!("sd_notify FDSTORE: {e}");
+            }
+        }
     }
 
     /// A reload starts (systemd's Type=notify-reload protocol wants the

@@ -77,6 +77,18 @@ impl HttpServer {
     }
 
     /// Closes the listener and every connection.
+    /// The listening socket, for a binary upgrade to pass on.
+    pub fn listener_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.listener.as_raw_fd()
+    }
+
+    /// The listening socket, borrowed (for systemd's fd store).
+    pub fn listener_borrowed(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd()
+    }
+
     pub fn close(mut self, registry: &Registry) {
         let _ = registry.deregister(&mut self.listener);
         for (_, mut c) in self.conns.drain() {

@@ -55,6 +55,58 @@ impl Listeners {
         Ok(listeners)
     }
 
+    /// Uses the sockets an earlier master passed on (binary upgrade, or
+    /// systemd's fd store across a restart) for the addresses `config` still
+    /// lists, each matched by the address it was configured with or bound
+    /// to; binds the others. Inherited sockets no longer listed are closed.
+    pub fn inherit(
+        inherited: Vec<(OwnedFd, Option<SocketAddr>)>,
+        config: &Config,
+    ) -> Result<Listeners, (SocketAddr, io::Error)> {
+        let mut pool: Vec<(Socket, Option<SocketAddr>, SocketAddr)> = inherited
+            .into_iter()
+            .filter_map(|(fd, configured)| {
+                let socket = Socket::from(fd);
+                let local = socket.local_addr().ok()?.as_socket()?;
+                Some((socket, configured, local))
+            })
+            .collect();
+        let mut listeners = Listeners::default();
+        for &addr in &config.listen {
+            let socket = match pool.iter().position(|(_, conf, local)| *conf == Some(addr) || *local == addr) {
+                Some(i) => {
+                    let (socket, _, _) = pool.swap_remove(i);
+                    let adopt = |s: &Socket| {
+                        s.set_nonblocking(true)?;
+                        configure(s, config)?;
+                        s.listen(config.backlog as i32)
+                    };
+                    adopt(&socket).map_err(|e| (addr, e))?;
+                    socket
+                }
+                None => bind(addr, config).map_err(|e| (addr, e))?,
+            };
+            listeners.push(Some(addr), socket).map_err(|e| (addr, e))?;
+        }
+        for (_, _, local) in pool {
+            log::info!("inherited socket {local} is no longer in `listen`; closing it");
+        }
+        Ok(listeners)
+    }
+
+    /// What a binary upgrade passes on: each socket and the address it was
+    /// configured with (None: from systemd).
+    pub fn handover(&self) -> Vec<(std::os::fd::RawFd, Option<SocketAddr>)> {
+        self.list.iter().map(|l| (l.socket.as_raw_fd(), l.configured)).collect()
+    }
+
+    /// The sockets this master bound (not systemd's socket unit's), for
+    /// systemd's fd store.
+    pub fn own_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.list.iter().filter(|l| l.configured.is_some()).map(|l| l.socket.as_fd()).collect()
+    }
+
     /// Uses sockets passed by systemd instead of binding.
     pub fn adopt(fds: Vec<OwnedFd>, config: &Config) -> io::Result<Listeners> {
         let mut listeners = Listeners::default();

@@ -22,6 +22,7 @@ pub mod http;
 pub mod listeners;
 pub mod signals;
 pub mod supervisor;
+pub mod upgrade;
 
 use std::io;
 use std::path::PathBuf;
@@ -137,6 +138,24 @@ pub struct Master {
     http_activated: bool,
     /// Reported in /metrics.
     info: MasterInfo,
+    /// How this master was started, for USR2.
+    invocation: upgrade::Invocation,
+    /// The new master a USR2 started, until it takes over or fails.
+    successor: Option<upgrade::Successor>,
+    /// The old master that started this one, while it drains.
+    predecessor: Option<upgrade::Predecessor>,
+    /// The inherited metrics socket, served once the old master's totals
+    /// arrived, so scraped counters never go backwards.
+    pending_metrics: Option<std::net::TcpListener>,
+}
+
+/// The sockets found in LISTEN_FDS at start, by kind.
+#[derive(Default)]
+struct Passed {
+    activated: Vec<systemd::Activated>,
+    activated_metrics: Vec<std::os::fd::OwnedFd>,
+    inherited: Vec<std::os::fd::OwnedFd>,
+    inherited_metrics: Vec<std::os::fd::OwnedFd>,
 }
 
 /// What the HTTP endpoint answers with: a view of the master's state.
@@ -172,16 +191,30 @@ impl Master {
         let mut signals = Signals::new(signals::HANDLED)?;
         poll.registry().register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
 
-        // Sockets from systemd win over the config: the one named "metrics"
-        // (FileDescriptorName=metrics) serves /metrics, the rest echo.
-        let (metrics_fds, echo_fds): (Vec<_>, Vec<_>) =
-            systemd::listen_fds()?.into_iter().partition(|a| a.name == METRICS_FD_NAME);
-        let listeners = if echo_fds.is_empty() {
-            Listeners::bind(&config).map_err(|(addr, e)| StartError::Listen(format!("cannot listen on {addr}: {e}")))?
-        } else {
-            let names: Vec<&str> = echo_fds.iter().map(|a| a.name.as_str()).collect();
+        // Sockets passed in at exec: systemd's socket unit (they win over
+        // `listen`; the one named "metrics" serves /metrics), or an earlier
+        // master's (binary upgrade, or systemd's fd store across a restart),
+        // matched against the config.
+        let mut passed = Passed::default();
+        for a in systemd::listen_fds()? {
+            match a.name.as_str() {
+                METRICS_FD_NAME => passed.activated_metrics.push(a.fd),
+                upgrade::FD_METRICS => passed.inherited_metrics.push(a.fd),
+                upgrade::FD_LISTEN => passed.inherited.push(a.fd),
+                _ => passed.activated.push(a),
+            }
+        }
+        let predecessor = upgrade::Predecessor::from_env(poll.registry())?;
+        let listeners = if !passed.activated.is_empty() {
+            let names: Vec<&str> = passed.activated.iter().map(|a| a.name.as_str()).collect();
             log::info!("using {} echo socket(s) passed by systemd ({})", names.len(), names.join(", "));
-            Listeners::adopt(echo_fds.into_iter().map(|a| a.fd).collect(), &config)?
+            Listeners::adopt(passed.activated.into_iter().map(|a| a.fd).collect(), &config)?
+        } else if !passed.inherited.is_empty() {
+            log::info!("taking over {} listening socket(s) from the previous master", passed.inherited.len());
+            Listeners::inherit(upgrade::inherited_listeners(passed.inherited), &config)
+                .map_err(|(addr, e)| StartError::Listen(format!("cannot listen on {addr}: {e}")))?
+        } else {
+            Listeners::bind(&config).map_err(|(addr, e)| StartError::Listen(format!("cannot listen on {addr}: {e}")))?
         };
         if listeners.is_empty() {
             return Err(StartError::Listen("nothing to listen on: `listen` is empty".into()));
@@ -190,14 +223,26 @@ impl Master {
         for addr in listeners.addrs() {
             log::info!("listening on {addr}");
         }
-        let http_activated = !metrics_fds.is_empty();
-        let http = match (metrics_fds.into_iter().next(), config.metrics_listen) {
-            (Some(a), _) => Some(HttpServer::adopt(std::net::TcpListener::from(a.fd), poll.registry())?),
-            (None, Some(addr)) => Some(
+        let http_activated = !passed.activated_metrics.is_empty();
+        // An inherited metrics socket still named by `metrics_listen`.
+        let inherited_metrics = passed.inherited_metrics.into_iter().map(std::net::TcpListener::from).find(|l| {
+            l.local_addr()
+                .is_ok_and(|a| config.metrics_listen.is_some_and(|m| m == a || (m.port() == 0 && m.ip() == a.ip())))
+        });
+        let mut pending_metrics = None;
+        let http = match (passed.activated_metrics.into_iter().next(), inherited_metrics, config.metrics_listen) {
+            (Some(fd), _, _) => Some(HttpServer::adopt(std::net::TcpListener::from(fd), poll.registry())?),
+            // Served once the old master's totals arrived (see upgrade.rs).
+            (None, Some(l), _) if predecessor.is_some() => {
+                pending_metrics = Some(l);
+                None
+            }
+            (None, Some(l), _) => Some(HttpServer::adopt(l, poll.registry())?),
+            (None, None, Some(addr)) => Some(
                 HttpServer::bind(addr, poll.registry())
                     .map_err(|e| StartError::Listen(format!("cannot serve metrics on {addr}: {e}")))?,
             ),
-            (None, None) => None,
+            (None, None, None) => None,
         };
         if let Some(h) = &http {
             log::info!("metrics on http://{}/metrics", h.addr);
@@ -212,7 +257,9 @@ impl Master {
         let sup = Supervisor::new(config.worker_count())?;
         let now = Instant::now();
         let started = unix_now();
-        Ok(Master {
+        let mut notify = Notifier::from_env();
+        notify.announce_pid = predecessor.is_some();
+        let master = Master {
             file_workers: config.worker_count(),
             next_stats: config.stats_interval.nonzero().map(|d| now + d),
             config,
@@ -224,7 +271,7 @@ impl Master {
             listeners,
             sup,
             disp: Dispatcher::default(),
-            notify: Notifier::from_env(),
+            notify,
             stopping: None,
             ready_owed: true,
             next_heartbeat_check: now + HEARTBEAT_CHECK,
@@ -232,7 +279,13 @@ impl Master {
             http,
             http_activated,
             info: MasterInfo { start_time: started, last_reload_ok: true, last_reload_time: started },
-        })
+            invocation: upgrade::Invocation::current(),
+            successor: None,
+            predecessor,
+            pending_metrics,
+        };
+        master.store_fds();
+        Ok(master)
     }
 
     /// Runs until stopped; returns the process exit code.
@@ -262,6 +315,8 @@ impl Master {
                         let pending: Vec<i32> = self.signals.pending().collect();
                         pending.into_iter().filter_map(Signal::from_raw).for_each(|s| self.on_signal(s));
                     }
+                    _ if token == upgrade::SUCCESSOR_TOKEN => self.on_successor_channel(),
+                    _ if token == upgrade::PREDECESSOR_TOKEN => self.on_predecessor_channel(),
                     _ if token == http::LISTENER_TOKEN => {
                         if let Some(h) = &mut self.http {
                             h.on_listener(self.poll.registry(), Instant::now());
@@ -281,9 +336,12 @@ impl Master {
                 self.sup.reconcile(&self.config, self.capacity, self.poll.registry(), now);
                 self.disp.run(&mut self.listeners, &mut self.sup, dispatch::Limits::of(&self.config), now);
                 self.announce_ready();
-            } else if self.sup.workers.is_empty() {
-                log::info!("all workers exited; bye");
-                return Ok(0);
+            } else {
+                self.send_totals_to_successor();
+                if self.sup.workers.is_empty() {
+                    log::info!("all workers exited; bye");
+                    return Ok(0);
+                }
             }
         }
     }
@@ -298,6 +356,7 @@ impl Master {
             Some(self.next_heartbeat_check),
             Some(self.next_status),
             self.http.as_ref().and_then(|h| h.next_deadline()),
+            self.successor.as_ref().filter(|s| !s.ready).map(|s| s.deadline),
         ]
         .into_iter()
         .flatten()
@@ -313,6 +372,7 @@ impl Master {
             Signal::MoreWorkers => self.scale(1),
             Signal::FewerWorkers => self.scale(-1),
             Signal::Stats => self.log_stats(true),
+            Signal::Upgrade => self.begin_upgrade(),
             Signal::Child => self.on_child_exit(),
         }
     }
@@ -322,6 +382,9 @@ impl Master {
         loop {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => return,
+                Ok(status) if self.successor.as_ref().is_some_and(|s| Some(s.pid) == status.pid()) => {
+                    self.on_successor_exit(status);
+                }
                 Ok(status) => {
                     let stopping = self.stopping.is_some();
                     self.sup.on_exit(status, self.poll.registry(), stopping, Instant::now());
@@ -356,6 +419,7 @@ impl Master {
     /// Everything driven by the clock.
     fn on_timers(&mut self, now: Instant) {
         self.sup.kill_overdue(now);
+        self.check_upgrade_deadline(now);
         if let Some(h) = &mut self.http {
             h.expire(now, self.poll.registry());
         }
@@ -384,6 +448,9 @@ impl Master {
             let snap = Snapshot::take(&self.sup, &self.disp);
             log::info!("ready: {} worker(s) serving on {:?}", snap.serving(), self.listeners.addrs());
             self.notify.ready(&snap.status());
+            if let Some(p) = &mut self.predecessor {
+                p.announce_ready();
+            }
         }
     }
 
@@ -402,7 +469,7 @@ impl Master {
         } else {
             log::info!("fast stop: closing everything now");
         }
-        self.notify.stopping();
+        self.notify.stopping(); // a no-op after a binary upgrade handed over
         self.listeners.close_all(self.poll.registry());
         let dropped = self.disp.discard_held(&mut self.sup);
         if dropped > 0 {
@@ -460,6 +527,7 @@ impl Master {
                 old.close(self.poll.registry());
             }
         }
+        self.store_fds();
         self.info.last_reload_ok = true;
         self.info.last_reload_time = unix_now();
         self.notify.reloading();

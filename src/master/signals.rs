@@ -6,7 +6,7 @@
 use signal_hook::consts::signal::*;
 
 /// Registered with signal-hook at start.
-pub const HANDLED: [i32; 8] = [SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGCHLD];
+pub const HANDLED: [i32; 9] = [SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2, SIGCHLD];
 
 /// What a signal asks of the master.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +23,8 @@ pub enum Signal {
     FewerWorkers,
     /// USR1: log a stats snapshot.
     Stats,
+    /// USR2: binary upgrade (a new master takes over the listeners).
+    Upgrade,
     /// CHLD: reap exited workers.
     Child,
 }
@@ -36,6 +38,7 @@ impl Signal {
             SIGTTIN => Signal::MoreWorkers,
             SIGTTOU => Signal::FewerWorkers,
             SIGUSR1 => Signal::Stats,
+            SIGUSR2 => Signal::Upgrade,
             SIGCHLD => Signal::Child,
             _ => return None,
         })

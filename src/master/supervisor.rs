@@ -136,6 +136,9 @@ pub struct Supervisor {
     pub target: usize,
     /// Workers that exited without being asked to (each one respawned).
     pub restarts: u64,
+    /// Totals of the generations before a binary upgrade (see
+    /// `master::upgrade`), added to every snapshot.
+    pub carried: crate::master::upgrade::Carried,
     /// Consecutive start-up failures (reset by a worker that lives past the
     /// start-up window).
     failures: u32,
@@ -154,6 +157,7 @@ impl Supervisor {
             generation: 1,
             target,
             restarts: 0,
+            carried: Default::default(),
             failures: 0,
             not_before: None,
             master_pid: nix::unistd::getpid(),

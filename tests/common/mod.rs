@@ -173,6 +173,26 @@ impl Echod {
         self.note_workers();
     }
 
+    /// Kills `pid` (by PID) when this handle drops: processes the test
+    /// learns about later, such as masters started by a binary upgrade.
+    pub fn track(&self, pid: i32) {
+        self.seen_workers.lock().unwrap().push(pid);
+    }
+
+    /// Waits until the master `pid` (not necessarily ours) has `n` workers;
+    /// tracks them for cleanup and returns them.
+    pub fn wait_children(&self, pid: i32, n: usize) -> Vec<i32> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let w = children_of(pid);
+            w.iter().for_each(|&p| self.track(p));
+            if w.len() == n || Instant::now() >= deadline {
+                return w;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Replaces the config file (for a reload), in the test's mode.
     pub fn write_config(&self, text: &str) {
         std::fs::write(&self.config, in_test_mode(text)).unwrap();
@@ -315,6 +335,7 @@ pub mod libc_sig {
     pub const QUIT: i32 = 3;
     pub const KILL: i32 = 9;
     pub const USR1: i32 = 10;
+    pub const USR2: i32 = 12;
     pub const TERM: i32 = 15;
     pub const CONT: i32 = 18;
     pub const STOP: i32 = 19;
@@ -758,4 +779,62 @@ pub fn raise_own_nofile(want: u64) {
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         let _ = setrlimit(Resource::RLIMIT_NOFILE, want.min(hard), hard);
     }
+}
+
+/// Runs a closure on drop (kills processes even when an assert fails).
+pub struct Defer<F: FnMut()>(pub F);
+impl<F: FnMut()> Drop for Defer<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+/// A NOTIFY_SOCKET the test owns: collects every datagram with its arrival
+/// time.
+pub struct Notifications {
+    pub path: std::path::PathBuf,
+    got: Arc<Mutex<Vec<(Instant, String)>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Notifications {
+    pub fn new() -> Notifications {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        // echod drops root to `nobody` after binding; it must still reach us.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let sink = got.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = sock.recv(&mut buf) {
+                sink.lock().unwrap().push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned()));
+            }
+        });
+        Notifications { path, got, _dir: dir }
+    }
+
+    pub fn all(&self) -> Vec<(Instant, String)> {
+        self.got.lock().unwrap().clone()
+    }
+
+    /// Waits for a message containing `pat` after index `skip`; returns its index.
+    pub fn wait(&self, skip: usize, pat: &str, timeout: Duration) -> Option<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.all().iter().skip(skip).position(|(_, m)| m.contains(pat)) {
+                return Some(skip + i);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+pub fn fields(msg: &str) -> HashMap<&str, &str> {
+    msg.lines().filter_map(|l| l.split_once('=')).collect()
 }

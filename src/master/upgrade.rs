@@ -1,0 +1,511 @@
+//! Binary upgrade (USR2), as nginx does it: the old master starts the new
+//! binary as a new master that inherits every listening socket; the old one
+//! stops accepting only once the new one serves, then drains and exits.
+//!
+//! ```text
+//! old master --USR2--> fork + exec(upgrade_binary or own path)
+//!     listeners, metrics socket  -> fds 3.. (LISTEN_FDS, LISTEN_FDNAMES)
+//!     upgrade channel (socketpair) -> ECHOD_UPGRADE_CHANNEL
+//! new master: validates its config, adopts the sockets, starts workers
+//!     all workers ready -> "ready PID" on the channel; sd_notify MAINPID=, READY=1
+//! old master: closes its listeners (the sockets live on in the new master:
+//!     no connect is refused), drains its workers, and sends its totals on
+//!     the channel as they grow; EOF when it exits.
+//! new master: serves /metrics once it has the old totals: counters go on
+//! ```
+//!
+//! If the new master exits, closes the channel or is not ready within
+//! `upgrade_timeout`, the old master kills it (its workers die with it),
+//! logs why and keeps serving: the listening sockets were never closed, so
+//! clients notice nothing.
+//!
+//! The channel carries lines of text: `ready PID` one way, `totals ...` the
+//! other ([`Carried`]). Both ends are non-blocking in their master's poll.
+
+use std::ffi::OsString;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use mio::net::UnixStream;
+use mio::{Interest, Registry, Token};
+use nix::unistd::Pid;
+
+use crate::master::Master;
+use crate::master::http::HttpServer;
+use crate::scoreboard::SlotStats;
+use crate::stats::Snapshot;
+use crate::sys::{self, Forked};
+
+/// Poll tokens of the upgrade channels: to the new master this one started,
+/// and to the old master that started this one (both can be open at once:
+/// a master may be upgraded again while its predecessor still drains).
+pub const SUCCESSOR_TOKEN: Token = Token(2);
+pub const PREDECESSOR_TOKEN: Token = Token(3);
+
+/// Environment variables the old master sets for the new one.
+pub const ENV_CHANNEL: &str = "ECHOD_UPGRADE_CHANNEL";
+/// How each passed echo socket was configured (`-` for one from systemd),
+/// space-separated in LISTEN_FDS order, so reloads keep matching them.
+pub const ENV_CONFIGURED: &str = "ECHOD_UPGRADE_CONFIGURED";
+
+/// LISTEN_FDNAMES of inherited sockets that the new master matches against
+/// its `listen` and `metrics_listen` (systemd's own names pass unchanged).
+pub const FD_LISTEN: &str = "echod-listen";
+pub const FD_METRICS: &str = "echod-metrics";
+
+/// How the master was started, so USR2 can start the same again.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub exe: PathBuf,
+    pub args: Vec<OsString>,
+}
+
+impl Invocation {
+    /// Records the running binary and its arguments. Called at start, while
+    /// the path still names this binary (a package upgrade replaces it).
+    pub fn current() -> Invocation {
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+        Invocation { exe, args: std::env::args_os().collect() }
+    }
+}
+
+/// Counters the old generation hands to the new one so totals never go
+/// backwards: the old master's snapshot totals.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Carried {
+    pub accepted: u64,
+    pub rejected: u64,
+    pub restarts: u64,
+    pub totals: SlotStats,
+}
+
+impl Carried {
+    fn encode(&self) -> String {
+        let t = &self.totals;
+        let mut line = format!(
+            "totals {} {} {} {} {} {} {} {} {} {} {}",
+            self.accepted,
+            self.rejected,
+            self.restarts,
+            t.received,
+            t.finished,
+            t.bytes_in,
+            t.bytes_out,
+            t.err_reset,
+            t.err_timeout,
+            t.err_other,
+            t.duration_sum_us
+        );
+        for d in t.duration {
+            line.push_str(&format!(" {d}"));
+        }
+        line.push('\n');
+        line
+    }
+
+    fn decode(line: &str) -> Option<Carried> {
+        let mut words = line.strip_prefix("totals ")?.split(' ').map(|w| w.parse::<u64>().ok());
+        let mut next = || words.next().flatten();
+        let mut c = Carried { accepted: next()?, rejected: next()?, restarts: next()?, ..Carried::default() };
+        let t = &mut c.totals;
+        (t.received, t.finished, t.bytes_in, t.bytes_out) = (next()?, next()?, next()?, next()?);
+        (t.err_reset, t.err_timeout, t.err_other, t.duration_sum_us) = (next()?, next()?, next()?, next()?);
+        for d in t.duration.iter_mut() {
+            *d = next()?;
+        }
+        Some(c)
+    }
+}
+
+/// What the old master passes to the new one besides the environment.
+pub struct Handover {
+    /// Echo listeners with the address each was configured with (None:
+    /// from systemd).
+    pub listeners: Vec<(RawFd, Option<SocketAddr>)>,
+    /// The metrics listener, if any, and whether systemd passed it.
+    pub metrics: Option<(RawFd, bool)>,
+}
+
+/// LISTEN_FDNAMES given to echo sockets that came from systemd's socket
+/// unit: any name but ours and "metrics" means that.
+const ACTIVATED_NAME: &str = "echo";
+
+/// The old master's side: a new master that is starting.
+pub struct Successor {
+    pub pid: Pid,
+    channel: UnixStream,
+    inbox: Vec<u8>,
+    /// Given up on past this.
+    pub deadline: Instant,
+    /// It reported ready: the old generation is handing over.
+    pub ready: bool,
+    /// Last totals sent, so only changes are sent.
+    sent: Option<Carried>,
+}
+
+/// What the successor's channel said.
+#[derive(Debug, PartialEq)]
+pub enum Heard {
+    Nothing,
+    Ready,
+    /// Closed: the new master exited (or never started).
+    Gone,
+}
+
+/// Forks and execs the new master. In the child this never returns.
+pub fn spawn(
+    inv: &Invocation,
+    binary: Option<PathBuf>,
+    handover: &Handover,
+    registry: &Registry,
+    deadline: Instant,
+) -> io::Result<Successor> {
+    let (ours, theirs) = StdUnixStream::pair()?; // both CLOEXEC
+    let exe = binary.unwrap_or_else(|| inv.exe.clone());
+    match sys::fork()? {
+        Forked::Child => {
+            let err = exec_new_master(&exe, inv, handover, theirs.as_raw_fd());
+            // The child holds the master's state; write and leave at once.
+            let _ = writeln!(io::stderr(), "echod: cannot start {}: {err}", exe.display());
+            std::process::exit(127);
+        }
+        Forked::Parent(pid) => {
+            drop(theirs);
+            ours.set_nonblocking(true)?;
+            let mut channel = UnixStream::from_std(ours);
+            registry.register(&mut channel, SUCCESSOR_TOKEN, Interest::READABLE)?;
+            Ok(Successor { pid, channel, inbox: Vec::new(), deadline, ready: false, sent: None })
+        }
+    }
+}
+
+/// In the forked child: puts the sockets at 3.., the channel after them,
+/// and execs with the environment that tells the new master what they are.
+fn exec_new_master(exe: &std::path::Path, inv: &Invocation, h: &Handover, channel: RawFd) -> io::Error {
+    let mut fds: Vec<RawFd> = h.listeners.iter().map(|(fd, _)| *fd).collect();
+    let mut names: Vec<&str> =
+        h.listeners.iter().map(|(_, conf)| if conf.is_some() { FD_LISTEN } else { ACTIVATED_NAME }).collect();
+    if let Some((fd, activated)) = h.metrics {
+        fds.push(fd);
+        names.push(if activated { crate::master::METRICS_FD_NAME } else { FD_METRICS });
+    }
+    let configured: Vec<String> =
+        h.listeners.iter().map(|(_, c)| c.map_or_else(|| "-".to_string(), |a| a.to_string())).collect();
+    let pid = std::process::id();
+    let n = fds.len();
+    fds.push(channel);
+    let skip = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_PID", ENV_CHANNEL, ENV_CONFIGURED];
+    let mut env: Vec<OsString> = std::env::vars_os()
+        .filter(|(k, _)| !skip.iter().any(|s| k == s))
+        .map(|(k, v)| {
+            let mut kv = k;
+            kv.push("=");
+            kv.push(v);
+            kv
+        })
+        .collect();
+    let mut set = |k: &str, v: String| env.push(format!("{k}={v}").into());
+    set("LISTEN_PID", pid.to_string());
+    set("LISTEN_FDS", n.to_string());
+    set("LISTEN_FDNAMES", names.join(":"));
+    set(ENV_CONFIGURED, configured.join(" "));
+    set(ENV_CHANNEL, (3 + n).to_string());
+    if std::env::var_os("WATCHDOG_USEC").is_some() {
+        // The watchdog is for the main process, which the new master
+        // becomes.
+        set("WATCHDOG_PID", pid.to_string());
+    }
+    sys::exec_with_fds(exe, &inv.args, &env, &fds)
+}
+
+impl Successor {
+    /// Reads what the new master said.
+    pub fn on_readable(&mut self) -> Heard {
+        match read_lines(&mut self.channel, &mut self.inbox) {
+            Ok((lines, eof)) => {
+                if lines.iter().any(|l| l.starts_with("ready ")) && !self.ready {
+                    self.ready = true;
+                    return Heard::Ready;
+                }
+                if eof { Heard::Gone } else { Heard::Nothing }
+            }
+            Err(_) => Heard::Gone,
+        }
+    }
+
+    /// Sends the old generation's totals if they changed. Best effort: the
+    /// lines are short and the new master reads them at once; a full
+    /// buffer only delays the figures.
+    pub fn send_totals(&mut self, c: Carried) {
+        if self.sent == Some(c) {
+            return;
+        }
+        if self.channel.write_all(c.encode().as_bytes()).is_ok() {
+            self.sent = Some(c);
+        }
+    }
+
+    pub fn deregister(&mut self, registry: &Registry) {
+        let _ = registry.deregister(&mut self.channel);
+    }
+}
+
+/// The new master's side: the old master that started it, while it drains.
+pub struct Predecessor {
+    channel: UnixStream,
+    inbox: Vec<u8>,
+    /// "ready" was sent (once: later READY=1s follow reloads).
+    announced: bool,
+    /// The old generation's totals, as last reported.
+    pub carried: Option<Carried>,
+}
+
+impl Predecessor {
+    /// The channel from the old master, if this process was started by a
+    /// binary upgrade.
+    pub fn from_env(registry: &Registry) -> io::Result<Option<Predecessor>> {
+        let Some(fd) = std::env::var(ENV_CHANNEL).ok().and_then(|v| v.parse::<RawFd>().ok()) else {
+            return Ok(None);
+        };
+        let Some(fd) = sys::adopt_fd(fd) else { return Ok(None) };
+        // Not for our own workers or successors.
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+        let std = StdUnixStream::from(fd);
+        std.set_nonblocking(true)?;
+        let mut channel = UnixStream::from_std(std);
+        registry.register(&mut channel, PREDECESSOR_TOKEN, Interest::READABLE)?;
+        Ok(Some(Predecessor { channel, inbox: Vec::new(), announced: false, carried: None }))
+    }
+
+    /// Tells the old master that this one serves.
+    pub fn announce_ready(&mut self) {
+        if std::mem::replace(&mut self.announced, true) {
+            return;
+        }
+        if let Err(e) = writeln!(self.channel, "ready {}", std::process::id()) {
+            log::warn!("upgrade: cannot tell the old master we are ready: {e}");
+        }
+    }
+
+    /// Reads totals; true when the old master is gone (EOF).
+    pub fn on_readable(&mut self) -> bool {
+        match read_lines(&mut self.channel, &mut self.inbox) {
+            Ok((lines, eof)) => {
+                if let Some(c) = lines.iter().rev().find_map(|l| Carried::decode(l)) {
+                    self.carried = Some(c);
+                }
+                eof
+            }
+            Err(_) => true,
+        }
+    }
+
+    pub fn deregister(&mut self, registry: &Registry) {
+        let _ = registry.deregister(&mut self.channel);
+    }
+}
+
+impl Master {
+    /// USR2: start the new binary as a new master.
+    pub(super) fn begin_upgrade(&mut self) {
+        let refuse = if self.stopping.is_some() {
+            Some("stopping")
+        } else if self.successor.is_some() {
+            Some("an upgrade is already in progress")
+        } else {
+            None
+        };
+        if let Some(why) = refuse {
+            log::warn!("upgrade refused: {why}");
+            return;
+        }
+        let binary = Some(&self.config.upgrade_binary).filter(|b| !b.is_empty()).map(PathBuf::from);
+        let handover = Handover {
+            listeners: self.listeners.handover(),
+            metrics: self.http.as_ref().map(|h| (h.listener_fd(), self.http_activated)),
+        };
+        let deadline = Instant::now() + self.config.upgrade_timeout.0;
+        let exe = binary.clone().unwrap_or_else(|| self.invocation.exe.clone());
+        match spawn(&self.invocation, binary, &handover, self.poll.registry(), deadline) {
+            Ok(s) => {
+                log::info!(
+                    "upgrade: started new master (pid {}) from {}; waiting up to {:.0}s for it to serve",
+                    s.pid,
+                    exe.display(),
+                    self.config.upgrade_timeout.0.as_secs_f64()
+                );
+                self.successor = Some(s);
+            }
+            Err(e) => log::error!("upgrade failed: cannot start {}: {e}; this master keeps serving", exe.display()),
+        }
+    }
+
+    /// The channel to the new master is readable.
+    pub(super) fn on_successor_channel(&mut self) {
+        if let Some(s) = &mut self.successor {
+            match s.on_readable() {
+                Heard::Ready => self.hand_over(),
+                Heard::Gone if !s.ready => self.upgrade_failed("the new master closed its channel".into()),
+                Heard::Gone => {
+                    s.deregister(self.poll.registry());
+                }
+                Heard::Nothing => {}
+            }
+        }
+    }
+
+    /// The channel from the old master is readable: its totals, or EOF.
+    pub(super) fn on_predecessor_channel(&mut self) {
+        if let Some(p) = &mut self.predecessor {
+            let gone = p.on_readable();
+            if let Some(c) = p.carried {
+                self.sup.carried = c;
+                self.serve_pending_metrics();
+            }
+            if gone {
+                log::info!("upgrade: the previous generation has exited");
+                if let Some(mut p) = self.predecessor.take() {
+                    p.deregister(self.poll.registry());
+                }
+                self.serve_pending_metrics();
+            }
+        }
+    }
+
+    /// The inherited metrics socket goes live once the old totals are in.
+    fn serve_pending_metrics(&mut self) {
+        if let Some(l) = self.pending_metrics.take() {
+            match HttpServer::adopt(l, self.poll.registry()) {
+                Ok(h) => {
+                    log::info!("metrics on http://{}/metrics", h.addr);
+                    self.http = Some(h);
+                }
+                Err(e) => log::error!("cannot serve the inherited metrics socket: {e}"),
+            }
+        }
+    }
+
+    /// The new master serves: stop accepting (the sockets live on in it),
+    /// make it systemd's main process, and drain this generation.
+    fn hand_over(&mut self) {
+        let Some(pid) = self.successor.as_ref().map(|s| s.pid) else { return };
+        log::info!("upgrade: new master (pid {pid}) serves; this master stops accepting and drains");
+        self.notify.hand_over(pid.as_raw() as u32);
+        if let Some(h) = self.http.take() {
+            h.close(self.poll.registry());
+        }
+        self.send_totals_to_successor();
+        self.begin_stop(true);
+    }
+
+    /// While draining after a hand-over: the new master carries our totals.
+    pub(super) fn send_totals_to_successor(&mut self) {
+        if let Some(s) = self.successor.as_mut().filter(|s| s.ready) {
+            s.send_totals(Snapshot::take(&self.sup, &self.disp).carried());
+        }
+    }
+
+    /// The new master exited (reaped by SIGCHLD).
+    pub(super) fn on_successor_exit(&mut self, status: nix::sys::wait::WaitStatus) {
+        match &self.successor {
+            Some(s) if !s.ready => self.upgrade_failed(format!("the new master exited ({status:?})")),
+            Some(_) => {
+                log::warn!("upgrade: the new master (which took over) exited: {status:?}");
+                if let Some(mut s) = self.successor.take() {
+                    s.deregister(self.poll.registry());
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Gives up on a new master that did not become ready in time.
+    pub(super) fn check_upgrade_deadline(&mut self, now: Instant) {
+        if self.successor.as_ref().is_some_and(|s| !s.ready && now >= s.deadline) {
+            let secs = self.config.upgrade_timeout.0.as_secs_f64();
+            self.upgrade_failed(format!("the new master did not become ready within {secs:.0}s"));
+        }
+    }
+
+    /// Ends a failed upgrade: the new master (and with it its workers, by
+    /// PR_SET_PDEATHSIG) is killed; this master never stopped serving.
+    fn upgrade_failed(&mut self, why: String) {
+        let Some(mut s) = self.successor.take() else { return };
+        s.deregister(self.poll.registry());
+        let _ = nix::sys::signal::kill(s.pid, nix::sys::signal::Signal::SIGKILL);
+        log::error!("upgrade failed: {why}; this master keeps serving");
+    }
+
+    /// Keeps systemd's fd store holding our listening sockets (when it is
+    /// there to hold them and they are not the socket unit's), so that a
+    /// plain restart refuses no connection: the new process gets them back
+    /// as LISTEN_FDS named [`FD_LISTEN`] / [`FD_METRICS`].
+    pub(super) fn store_fds(&self) {
+        if !self.notify.enabled() {
+            return;
+        }
+        self.notify.store_fds(FD_LISTEN, &self.listeners.own_fds());
+        if !self.http_activated {
+            let metrics: Vec<_> = self.http.iter().map(|h| h.listener_borrowed()).collect();
+            self.notify.store_fds(FD_METRICS, &metrics);
+        }
+    }
+}
+
+/// Reads everything available; returns the complete lines and whether the
+/// peer closed.
+fn read_lines(stream: &mut UnixStream, inbox: &mut Vec<u8>) -> io::Result<(Vec<String>, bool)> {
+    let mut buf = [0u8; 4096];
+    let mut eof = false;
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => {
+                eof = true;
+                break;
+            }
+            Ok(n) => inbox.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        if inbox.len() > 1 << 20 {
+            return Err(io::Error::new(ErrorKind::InvalidData, "upgrade channel: line too long"));
+        }
+    }
+    let mut lines = Vec::new();
+    while let Some(end) = inbox.iter().position(|&b| b == b'\n') {
+        lines.push(String::from_utf8_lossy(&inbox[..end]).into_owned());
+        inbox.drain(..=end);
+    }
+    Ok((lines, eof))
+}
+
+/// The echo sockets and configured addresses a binary upgrade passed in,
+/// from LISTEN_FDS entries named [`FD_LISTEN`] and [`ENV_CONFIGURED`].
+pub fn inherited_listeners(fds: Vec<OwnedFd>) -> Vec<(OwnedFd, Option<SocketAddr>)> {
+    let configured = std::env::var(ENV_CONFIGURED).unwrap_or_default();
+    let mut conf = configured.split(' ').map(|c| c.parse::<SocketAddr>().ok());
+    fds.into_iter().map(|fd| (fd, conf.next().flatten())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_round_trip_through_a_line() {
+        let mut c = Carried { accepted: 7, rejected: 1, restarts: 2, ..Carried::default() };
+        c.totals.bytes_in = u64::MAX;
+        c.totals.duration[3] = 42;
+        c.totals.err_timeout = 5;
+        let line = c.encode();
+        assert!(line.ends_with('\n'));
+        assert_eq!(Carried::decode(line.trim_end()), Some(c));
+        assert_eq!(Carried::decode("totals 1 2"), None, "short lines are refused");
+        assert_eq!(Carried::decode("ready 12"), None);
+    }
+}

@@ -1,0 +1,373 @@
+//! Zero-downtime binary upgrade (USR2) and systemd's fd store, end to end:
+//! the real binary, a second copy of it as the "new" binary, echo-load
+//! traffic with long-lived and churning connections, a NOTIFY_SOCKET the
+//! test owns. Loopback only, bounded in time; every process is killed by PID.
+
+mod common;
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const LOAD: &str = env!("CARGO_BIN_EXE_echo-load");
+
+/// A copy of the echod binary: the "new version" an upgrade switches to.
+fn second_binary(dir: &Path) -> PathBuf {
+    let copy = dir.join("echod-next");
+    std::fs::copy(ECHOD, &copy).unwrap();
+    copy
+}
+
+/// An executable shell script (a broken "new binary").
+fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// echo-load in the background: long-lived connections or churn.
+fn load(addr: std::net::SocketAddr, args: &[&str]) -> Child {
+    Command::new(LOAD)
+        .args(["--addr", &addr.to_string(), "--json", "-t", "1", "--timeout", "5"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run echo-load")
+}
+
+fn finish(child: Child) -> serde_json::Value {
+    let out: Output = child.wait_with_output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("echo-load output: {e}"))
+}
+
+/// Sends USR2 to `master`; waits for the hand-over and returns the new
+/// master's pid.
+fn upgrade(e: &Echod, master: i32) -> i32 {
+    let skip = e.log_len();
+    kill(master, libc_sig::USR2);
+    let line = e
+        .wait_log_after(skip, "upgrade: new master (pid ", Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("no hand-over:\n{}", e.log_text()));
+    let pid: i32 = line.split("(pid ").nth(1).and_then(|r| r.split(')').next()).and_then(|p| p.parse().ok()).unwrap();
+    e.track(pid);
+    pid
+}
+
+/// Waits until `pid` and its workers are gone.
+fn wait_gone(pid: i32, workers: &[i32], timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if !alive(pid) && workers.iter().all(|&w| !alive(w)) {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Scrapes /metrics every few ms until stopped; returns how often a counter
+/// went backwards (with the first such pair) and how many scrapes there were.
+fn watch_counters(addr: std::net::SocketAddr, stop: Arc<AtomicBool>) -> thread::JoinHandle<(Vec<String>, usize)> {
+    thread::spawn(move || {
+        let names = ["echod_connections_accepted_total", "echod_bytes_received_total", "echod_bytes_sent_total"];
+        let mut last = [0f64; 3];
+        let (mut backwards, mut scrapes) = (Vec::new(), 0);
+        while !stop.load(Ordering::Relaxed) {
+            let (code, body) = http_get(addr, "/metrics");
+            if code == 200 {
+                scrapes += 1;
+                let m = parse_metrics(&body);
+                for (i, n) in names.iter().enumerate() {
+                    let v = m.get(*n).copied().unwrap_or(0.0);
+                    if v < last[i] {
+                        backwards.push(format!("{n}: {} then {v}", last[i]));
+                    }
+                    last[i] = v;
+                }
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        (backwards, scrapes)
+    })
+}
+
+both_modes! {
+    fn two_upgrades_under_load_lose_nothing_and_counters_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let next = second_binary(dir.path());
+        // shutdown_timeout is longer than the run: the long-lived connections
+        // stay with the generation that accepted them until their clients
+        // close, so none is cut.
+        let e = start(&format!(
+            "workers = 2\nshutdown_timeout = 30\nmetrics_listen = \"127.0.0.1:0\"\nupgrade_binary = \"{}\"\n",
+            next.display()
+        ));
+        let metrics = e.metrics_addr();
+        let stop = Arc::new(AtomicBool::new(false));
+        let watcher = watch_counters(metrics, stop.clone());
+        let long = load(e.addr, &["-c", "16", "-d", "7"]);
+        let churn = load(e.addr, &["-c", "8", "-d", "7", "--churn"]);
+        thread::sleep(Duration::from_millis(1500));
+
+        // First upgrade: the original master hands over to the copy.
+        let first = e.pid();
+        let first_workers = e.workers();
+        let second = upgrade(&e, first);
+        let exe = std::fs::read_link(format!("/proc/{second}/exe")).unwrap();
+        assert_eq!(exe, next, "the new master runs the new binary");
+        let second_workers = e.wait_children(second, 2);
+        thread::sleep(Duration::from_millis(1500));
+
+        // Second upgrade, from the new master (no longer our child), while the
+        // first generation still drains its long-lived connections.
+        let third = upgrade(&e, second);
+        e.wait_children(third, 2);
+
+        let long = finish(long);
+        let churn = finish(churn);
+        // Their clients gone, the old generations finish draining and exit.
+        assert!(wait_gone(first, &first_workers, Duration::from_secs(10)), "first generation still there");
+        assert!(wait_gone(second, &second_workers, Duration::from_secs(10)), "second generation still there");
+        stop.store(true, Ordering::Relaxed);
+        let (backwards, scrapes) = watcher.join().unwrap();
+        for (what, j) in [("long-lived", &long), ("churn", &churn)] {
+            eprintln!(
+                "{what}: {} responses, {} errors, {} mismatches, p99 {} us, max {} us",
+                j["responses"], j["errors"], j["mismatches"], j["latency_us"]["p99"], j["latency_us"]["max"]
+            );
+            assert!(j["responses"].as_u64().unwrap() > 1000, "{what}: {j}");
+            assert_eq!(j["errors"], 0, "{what}: failed or refused connections: {j}");
+            assert_eq!(j["mismatches"], 0, "{what}: {j}");
+        }
+        eprintln!("{scrapes} scrapes across both upgrades");
+        assert!(scrapes > 50, "the metrics endpoint kept answering: {scrapes} scrapes");
+        assert!(backwards.is_empty(), "counters went backwards: {backwards:?}");
+
+        // The third master serves and stops like any other.
+        let mut s = connect(e.addr);
+        assert_eq!(round_trip(&mut s, b"third").unwrap(), b"third");
+        drop(s);
+        kill(third, libc_sig::TERM);
+        assert!(wait_gone(third, &children_of(third), Duration::from_secs(10)));
+    }
+
+    fn a_broken_or_hung_new_binary_leaves_the_old_generation_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let broken = script(dir.path(), "exits", "exit 3");
+        let e = start(&format!(
+            "workers = 2\nupgrade_timeout = 1\nupgrade_binary = \"{}\"\n",
+            broken.display()
+        ));
+        let master = e.pid();
+        let workers = e.workers();
+        let traffic = load(e.addr, &["-c", "8", "-d", "4"]);
+        let churn = load(e.addr, &["-c", "4", "-d", "4", "--churn"]);
+        thread::sleep(Duration::from_millis(500));
+
+        let skip = e.log_len();
+        e.signal(libc_sig::USR2);
+        let failed = e.wait_log_after(skip, "upgrade failed", Duration::from_secs(5)).expect("failure logged");
+        assert!(failed.contains("exited") || failed.contains("closed"), "{failed}");
+
+        // A binary that starts but never serves is given up after upgrade_timeout.
+        let hung = script(dir.path(), "hangs", "exec sleep 30");
+        e.write_config(&format!(
+            "listen = [\"{}\"]\nworkers = 2\nupgrade_timeout = 1\nupgrade_binary = \"{}\"\n",
+            e.addr,
+            hung.display()
+        ));
+        e.signal(libc_sig::HUP);
+        e.wait_log_after(skip, "reloaded", Duration::from_secs(5)).expect("reloaded");
+        let skip = e.log_len();
+        e.signal(libc_sig::USR2);
+        let started = e.wait_log_after(skip, "upgrade: started new master (pid ", Duration::from_secs(5)).unwrap();
+        let hung_pid: i32 = started.split("(pid ").nth(1).and_then(|r| r.split(')').next()).unwrap().parse().unwrap();
+        e.track(hung_pid);
+        let failed = e.wait_log_after(skip, "upgrade failed", Duration::from_secs(5)).expect("timeout logged");
+        assert!(failed.contains("did not become ready within 1s"), "{failed}");
+        assert!(wait_gone(hung_pid, &[], Duration::from_secs(5)), "the hung binary was killed");
+
+        for (what, j) in [("traffic", finish(traffic)), ("churn", finish(churn))] {
+            assert_eq!(j["errors"], 0, "{what}: {j}");
+            assert_eq!(j["mismatches"], 0, "{what}: {j}");
+            assert!(j["responses"].as_u64().unwrap() > 100, "{what}: {j}");
+        }
+        assert!(alive(master), "the old master keeps running");
+        let mut s = connect(e.addr);
+        assert_eq!(round_trip(&mut s, b"still here").unwrap(), b"still here");
+        // Reload replaced the workers; none was lost to the failed upgrades.
+        assert_eq!(e.wait_workers(2, Duration::from_secs(10)).len(), 2, "{workers:?}");
+    }
+
+    fn under_systemd_the_new_master_becomes_the_main_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let next = second_binary(dir.path());
+        let n = Notifications::new();
+        let path = n.path.to_str().unwrap().to_string();
+        let e = start_with(
+            &format!("workers = 2\nshutdown_timeout = 2\nupgrade_binary = \"{}\"\n", next.display()),
+            &[],
+            &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "400000")],
+        );
+        n.wait(0, "READY=1", Duration::from_secs(5)).expect("READY=1");
+        let mut s = connect(e.addr);
+        assert_eq!(round_trip(&mut s, b"before").unwrap(), b"before");
+
+        let before = n.all().len();
+        let new = upgrade(&e, e.pid());
+        // The new master names itself the main process when it is ready.
+        let i = n.wait(before, &format!("MAINPID={new}"), Duration::from_secs(5)).expect("MAINPID= from the new master");
+        let msgs: Vec<String> = n.all().into_iter().skip(before).map(|(_, m)| m).collect();
+        let mainpid_ready = msgs.iter().find(|m| fields(m).get("MAINPID") == Some(&new.to_string().as_str()));
+        assert!(mainpid_ready.is_some_and(|m| m.contains("READY=1")), "{msgs:?}");
+        assert!(n.all().len() > i);
+        // The old master says nothing that would stop the unit.
+        let old = e.pid();
+        children_of(new).iter().for_each(|&w| e.track(w));
+        assert!(wait_gone(old, &[], Duration::from_secs(10)), "old master gone after its drain");
+        let msgs: Vec<String> = n.all().into_iter().skip(before).map(|(_, m)| m).collect();
+        assert!(!msgs.iter().any(|m| m.contains("STOPPING=1")), "STOPPING=1 during an upgrade: {msgs:?}");
+        // The watchdog is the new master's now (WATCHDOG_PID moved with it).
+        let pings = n.all().len();
+        thread::sleep(Duration::from_millis(700));
+        let later = n.all().into_iter().skip(pings).filter(|(_, m)| m.contains("WATCHDOG=1")).count();
+        assert!(later >= 2, "{later} watchdog pings from the new master in 0.7 s");
+        // The long-lived connection from before the upgrade was drained by the
+        // old generation; new ones go to the new master.
+        let mut s2 = connect(e.addr);
+        assert_eq!(round_trip(&mut s2, b"after").unwrap(), b"after");
+        drop((s, s2));
+        let before = n.all().len();
+        kill(new, libc_sig::TERM);
+        n.wait(before, "STOPPING=1", Duration::from_secs(5)).expect("STOPPING=1 from the new master");
+        assert!(wait_gone(new, &[], Duration::from_secs(10)));
+    }
+
+    fn the_fd_store_keeps_the_port_through_a_restart() {
+        // The listening socket echod puts into "systemd's" fd store (our
+        // NOTIFY_SOCKET) keeps accepting into its backlog while echod is
+        // down; a second echod started with it (LISTEN_FDS, as systemd does
+        // on restart) serves everyone who connected meanwhile.
+        let store = FdStore::new();
+        let e = start_with("workers = 1\nshutdown_timeout = 1\n", &[], &[("NOTIFY_SOCKET", &store.path())]);
+        let stored = store.wait_for("echod-listen", Duration::from_secs(5)).expect("FDSTORE=1 with FDNAME=echod-listen");
+        let local = socket2::SockRef::from(&stored).local_addr().unwrap().as_socket().unwrap();
+        assert_eq!(local, e.addr, "the stored socket is the listener");
+        let addr = e.addr;
+        let config = e.dir.path().join("restart.toml");
+        std::fs::write(&config, in_test_mode(&format!("listen = [\"{addr}\"]\nworkers = 1\n"))).unwrap();
+
+        // Stop echod: the port stays open (we hold the stored socket).
+        e.signal(libc_sig::TERM);
+        let mut e = e;
+        assert_eq!(e.wait_exit(Duration::from_secs(10)), Some(0));
+        let waiting: Vec<_> = (0..5).map(|_| std::net::TcpStream::connect(addr).expect("connect while down")).collect();
+
+        // "Restart": a new echod gets the stored socket as fd 3.
+        let log = e.dir.path().join("restart.log");
+        let mut child = Command::new("python3")
+            .args([
+                "-c",
+                "import os, sys\nfd = int(sys.argv[1])\nif fd != 3: os.dup2(fd, 3); os.close(fd)\n\
+                 os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1', LISTEN_FDNAMES='echod-listen')\n\
+                 os.execv(sys.argv[2], sys.argv[2:])",
+                &stored.as_raw_fd().to_string(),
+                ECHOD,
+                "--config",
+                config.to_str().unwrap(),
+            ])
+            .env_remove("NOTIFY_SOCKET")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let _cleanup = Defer(move || kill(pid, 9));
+        drop(stored);
+        for (i, mut s) in waiting.into_iter().enumerate() {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let msg = format!("waited {i}");
+            assert_eq!(round_trip(&mut s, msg.as_bytes()).unwrap(), msg.as_bytes(), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+        }
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("taking over 1 listening socket(s)"), "{text}");
+        kill(pid, libc_sig::TERM);
+        let _ = child.wait();
+    }
+}
+
+/// A NOTIFY_SOCKET that keeps the fds sent with FDSTORE=1, as systemd does.
+struct FdStore {
+    dir: tempfile::TempDir,
+    stored: Arc<std::sync::Mutex<Vec<(String, OwnedFd)>>>,
+}
+
+impl FdStore {
+    fn new() -> FdStore {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let stored = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = stored.clone();
+        thread::spawn(move || {
+            loop {
+                let mut buf = [0u8; 4096];
+                let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 8]);
+                let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+                let Ok(msg) = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty()) else {
+                    return;
+                };
+                let fds: Vec<OwnedFd> = msg
+                    .cmsgs()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|c| match c {
+                        ControlMessageOwned::ScmRights(fds) => fds,
+                        _ => Vec::new(),
+                    })
+                    // Received just now: nothing else owns these numbers.
+                    .filter_map(echod::sys::adopt_fd)
+                    .collect();
+                let n = msg.bytes;
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if text.contains("FDSTORE=1") {
+                    let name = fields(&text).get("FDNAME").map(|s| s.to_string()).unwrap_or_default();
+                    let mut s = sink.lock().unwrap();
+                    s.extend(fds.into_iter().map(|fd| (name.clone(), fd)));
+                }
+            }
+        });
+        FdStore { dir, stored }
+    }
+
+    fn path(&self) -> String {
+        self.dir.path().join("notify.sock").to_str().unwrap().to_string()
+    }
+
+    /// Takes the first fd stored under `name`.
+    fn wait_for(&self, name: &str, timeout: Duration) -> Option<OwnedFd> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let mut s = self.stored.lock().unwrap();
+            if let Some(i) = s.iter().position(|(n, _)| n == name) {
+                return Some(s.swap_remove(i).1);
+            }
+            drop(s);
+            thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
