@@ -251,3 +251,56 @@ pub fn exec_with_fds(
         Ok(never) => match never {},
     }
 }
+
+/// A handler thread's echo buffer in its own anonymous mapping.
+///
+/// Why not a `Vec`: glibc serves a 16 KiB allocation from a heap arena, and
+/// `calloc` clears memory that a retired thread's buffer used before, so
+/// every buffer ends up fully resident, 16 KiB per connection even when
+/// clients send 64 bytes. A fresh mapping costs a page only once the kernel
+/// writes into it: a connection that echoes small messages holds one page.
+pub struct PageBuffer {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value alone (never shared or
+// aliased), so moving it to another thread is as safe as moving a Vec.
+unsafe impl Send for PageBuffer {}
+
+impl PageBuffer {
+    pub fn new(len: usize) -> io::Result<PageBuffer> {
+        let size = NonZeroUsize::new(len).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty buffer"))?;
+        // SAFETY: an anonymous private mapping has no file behind it and
+        // aliases nothing; the kernel returns zero-filled, page-aligned
+        // memory of `len` bytes or an error.
+        let ptr =
+            unsafe { mmap_anonymous(None, size, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_PRIVATE) }?;
+        Ok(PageBuffer { ptr: ptr.cast(), len })
+    }
+}
+
+impl std::ops::Deref for PageBuffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` is a live mapping of `len` readable bytes owned by
+        // self; the shared borrow of self prevents a concurrent `&mut`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for PageBuffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and the exclusive borrow of self makes this
+        // the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for PageBuffer {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created in `new` with this address and
+        // length and no reference to it outlives self.
+        let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len) };
+    }
+}

@@ -8,8 +8,9 @@
 //! pops; a thread idle for `thread_idle_timeout` exits while more than
 //! `min_spare_threads` remain, as Apache's MaxSpareThreads.
 //!
-//! Stacks are small (the echo buffer is on the heap, one per thread, reused)
-//! so thousands of connections cost little memory.
+//! Stacks are small, and the echo buffer (one per thread, reused) is a
+//! mapping of its own whose pages become resident only when written
+//! (`sys::PageBuffer`), so thousands of connections cost little memory.
 
 use std::io;
 use std::net::TcpStream;
@@ -65,7 +66,14 @@ fn handler(w: Arc<Worker>) {
     if let Err(e) = crate::sys::set_batch_scheduling() {
         log::debug!("SCHED_BATCH: {e}");
     }
-    let mut buf = vec![0u8; w.config.buffer_size];
+    let mut buf = match crate::sys::PageBuffer::new(w.config.buffer_size) {
+        Ok(b) => b,
+        Err(e) => {
+            log::error!("cannot map an echo buffer: {e}");
+            w.threads.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+    };
     let retire_after = w.config.thread_idle_timeout.nonzero();
     let slot = w.open.register();
     loop {

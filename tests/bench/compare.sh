@@ -162,11 +162,13 @@ for line in open(f"{out}/raw.tsv").read().splitlines()[1:]:
     runs[cl, int(c), int(l), s].append(int(rps)); cpu[cl, int(c), int(l), s].append(float(us))
     if flag != "ok": flags[cl, int(c), int(l), s].append(f"round {r}: {flag}")
 def table(title, data, base, fmt):
+    base = base if base in servers else servers[0]
+    title = title.replace("BASE", base)
     print(f"\n{title}\n")
     print("| client | conns | len | " + " | ".join(servers) + " |")
     print("|---|---:|---:|" + "---:|" * len(servers))
     for cl, c, l in sorted({k[:3] for k in data}, key=lambda k: (k[0], k[1], k[2])):
-        ref = st.mean(data[cl, c, l, base]) if base in servers else 0
+        ref = st.mean(data[cl, c, l, base])
         cells = [fmt(data[cl, c, l, s], ref) + (" !" if (cl, c, l, s) in flags else "") for s in servers]
         print(f"| {cl} | {c} | {l} | " + " | ".join(cells) + " |")
 def rate(v, ref):
@@ -175,8 +177,8 @@ def rate(v, ref):
 def micro(v, ref):
     m = st.mean(v)
     return f"{m:.1f} ({m / (ref or 1):.2f}x)"
-table("responses/s (ratio to tokio-echo; higher is better):", runs, "tokio-echo", rate)
-table("server CPU µs per response (ratio to mio-echo, the one-thread epoll floor; lower is better):", cpu, "mio-echo", micro)
+table("responses/s (ratio to BASE; higher is better):", runs, "tokio-echo", rate)
+table("server CPU µs per response (ratio to BASE, lower is better; mio-echo is the one-thread epoll floor):", cpu, "mio-echo", micro)
 mem = {s: list(map(int, m)) for _, s, *m in (x.split("\t") for x in open(f"{out}/mem.tsv"))}
 print("\n| memory | " + " | ".join(servers) + " |")
 print("|---|" + "---:|" * len(servers))
