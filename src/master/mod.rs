@@ -559,7 +559,10 @@ impl Master {
             return Ok(None);
         }
         let Some(addr) = new.metrics_listen else { return Ok(None) };
-        let same = self.http.as_ref().is_some_and(|h| Some(addr) == self.config.metrics_listen || h.addr == addr);
+        let unchanged = Some(addr) == self.config.metrics_listen;
+        let same = self.http.as_ref().is_some_and(|h| unchanged || h.addr == addr)
+            // Inherited in an upgrade and not served yet (see upgrade.rs).
+            || self.pending_metrics.as_ref().is_some_and(|l| unchanged || l.local_addr().is_ok_and(|a| a == addr));
         if same {
             return Ok(None);
         }

@@ -12,10 +12,13 @@
 //!   the receiver wakes the least-loaded one.
 //!
 //! Both count into the same [`counters`], obey the same limits and timeouts,
-//! and stop by the same drain. Every 250 ms it also ticks: a heartbeat in the scoreboard (so the
-//! master notices a hung worker; busy handlers refresh it too), idle
-//! timeouts, the gauges (threads, busy, queued), and the coarse clock that
-//! paces counter flushes of long connections.
+//! and stop by the same drain.
+//!
+//! Every 250 ms the receiver also ticks: a heartbeat in the scoreboard (so
+//! the master notices a hung worker; busy handlers refresh it too), idle
+//! timeouts (thread mode; event loops check their own), the gauges (threads,
+//! busy, queued), and the coarse clock that paces counter flushes of long
+//! connections.
 //!
 //! A worker acts on no signal of its own (they are ignored); it stops when the
 //! master says so, or when the master disappears (EOF on the channel, or
@@ -359,8 +362,7 @@ fn quit(w: &Worker) -> i32 {
     for (_, bucket) in unserved {
         w.scoreboard.discharge_ip(w.id, bucket);
     }
-    event::wake_all(&w.loops);
-    w.cut_all();
+    w.cut_all(); // also wakes the event loops, which then see the queue closed
     // Give handlers a moment to record the connections they just lost, so
     // the master's totals stay close; never long.
     wait_for_handlers(w, Duration::from_millis(200));
