@@ -53,9 +53,10 @@ pub struct EchodCli {
 #[derive(Parser, Debug)]
 #[command(name = "echo-load", version = VERSION, about, long_about = None)]
 pub struct EchoLoadCli {
-    /// Server address, HOST:PORT
-    #[arg(short, long, value_name = "HOST:PORT")]
-    pub addr: String,
+    /// Server address, HOST:PORT; repeat it to load a fleet (connections are
+    /// spread over the addresses, figures reported per address)
+    #[arg(short, long, value_name = "HOST:PORT", required = true)]
+    pub addr: Vec<String>,
     /// Concurrent connections
     #[arg(short, long, default_value_t = 50, value_name = "N")]
     pub connections: usize,

@@ -212,3 +212,33 @@ fn version_names_the_crate_version_and_commit() {
     assert!(text.starts_with(&format!("echo-load {} (git ", env!("CARGO_PKG_VERSION"))), "{text}");
     assert!(!text.contains("(git unknown)"), "built in a checkout, the commit is known: {text}");
 }
+
+#[test]
+fn a_fleet_of_addresses_shares_the_connections_and_is_reported_per_address() {
+    let (a, b) = (start("workers = 1\n"), start("workers = 1\n"));
+    let (aa, ba) = (a.addr.to_string(), b.addr.to_string());
+    let out = run_load(&["--addr", &aa, "--addr", &ba, "-c", "4", "-d", "1", "-t", "1", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j = json_of(&out);
+    assert_eq!(j["addr"], format!("{aa},{ba}"));
+    let per = j["per_addr"].as_array().expect("per_addr");
+    assert_eq!(per.len(), 2);
+    let mut sum = 0;
+    for (p, addr) in per.iter().zip([&aa, &ba]) {
+        assert_eq!(p["addr"], addr.as_str());
+        assert_eq!(p["connections"], 2, "{p}");
+        assert!(p["responses"].as_u64().unwrap() > 100, "{p}");
+        assert_eq!(p["errors"], 0, "{p}");
+        assert_eq!(p["mismatches"], 0, "{p}");
+        sum += p["responses"].as_u64().unwrap();
+    }
+    assert_eq!(sum, j["responses"].as_u64().unwrap(), "per-address responses add up to the total");
+    // Both servers saw connections: their own counters say so.
+    for e in [&a, &b] {
+        let s = e.stats_until(Duration::from_secs(5), |s| s["accepted"] >= 2);
+        assert!(s["accepted"] >= 2, "{s:?}");
+    }
+    let human = run_load(&["--addr", &aa, "--addr", &ba, "-c", "2", "-d", "0.3", "-t", "1"]);
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(text.contains(&aa) && text.contains(&ba) && text.contains("1 conns"), "{text}");
+}

@@ -19,11 +19,15 @@ use echod::load::{self, Options, Shared, report};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let addr = match resolve(&cli.addr) {
-        Ok(a) => a,
-        Err(e) => return usage(&format!("--addr {}: {e}", cli.addr)),
-    };
+    let mut addrs = Vec::with_capacity(cli.addr.len());
+    for a in &cli.addr {
+        match resolve(a) {
+            Ok(r) => addrs.push(r),
+            Err(e) => return usage(&format!("--addr {a}: {e}")),
+        }
+    }
     if cli.interactive {
+        let addr = addrs[0];
         return match interactive(addr) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -32,7 +36,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    let opts = match options(&cli, addr) {
+    let opts = match options(&cli, addrs) {
         Ok(o) => o,
         Err(e) => return usage(&e),
     };
@@ -75,7 +79,7 @@ fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
     addr.to_socket_addrs()?.next().ok_or_else(|| std::io::Error::other("no address"))
 }
 
-fn options(cli: &Cli, addr: SocketAddr) -> Result<Options, String> {
+fn options(cli: &Cli, addrs: Vec<SocketAddr>) -> Result<Options, String> {
     let secs = |name: &str, v: f64| {
         if v.is_finite() && v >= 0.0 { Ok(Duration::from_secs_f64(v)) } else { Err(format!("{name} must be >= 0")) }
     };
@@ -89,8 +93,11 @@ fn options(cli: &Cli, addr: SocketAddr) -> Result<Options, String> {
         return Err("--churn and --rate do not combine".into());
     }
     let threads = cli.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    if addrs.is_empty() {
+        return Err("--addr is required".into());
+    }
     Ok(Options {
-        addr,
+        addrs,
         connections: cli.connections,
         duration: if cli.count.is_some() { None } else { Some(secs("--duration", cli.duration)?) },
         count: cli.count,

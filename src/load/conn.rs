@@ -11,11 +11,10 @@ use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
-use super::{Counts, Options};
+use super::{Counts, Options, Tally};
 
 /// How far message windows move inside the pool: payloads start at one of
 /// this many offsets, so consecutive messages differ.
@@ -82,15 +81,17 @@ impl Pool {
 
 /// Where a thread records what happens (only while measuring).
 pub struct Sink<'a> {
-    pub counts: &'a mut Counts,
-    pub latency: &'a mut Histogram<u64>,
+    /// One tally per server address (`--addr` may repeat).
+    pub tallies: &'a mut [Tally],
+    /// The address of the connection being handled.
+    pub addr: usize,
     pub measuring: bool,
 }
 
 impl Sink<'_> {
     pub fn count(&mut self, f: impl FnOnce(&mut Counts)) {
         if self.measuring {
-            f(self.counts);
+            f(&mut self.tallies[self.addr].counts);
         }
     }
 }
@@ -113,6 +114,8 @@ enum State {
 
 pub struct Conn {
     token: Token,
+    /// Index of its server address in `Options::addrs`.
+    pub addr: usize,
     id: u64,
     stream: Option<TcpStream>,
     state: State,
@@ -129,9 +132,17 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(index: usize, id: u64, connect_at: Instant, phase: Option<Duration>, rate: Option<f64>) -> Conn {
+    pub fn new(
+        index: usize,
+        addr: usize,
+        id: u64,
+        connect_at: Instant,
+        phase: Option<Duration>,
+        rate: Option<f64>,
+    ) -> Conn {
         Conn {
             token: Token(index),
+            addr,
             id,
             stream: None,
             state: State::Waiting { at: connect_at },
@@ -181,7 +192,7 @@ impl Conn {
     }
 
     fn connect(&mut self, opts: &Options, registry: &Registry, now: Instant, sink: &mut Sink) {
-        if let Ok(mut s) = TcpStream::connect(opts.addr) {
+        if let Ok(mut s) = TcpStream::connect(opts.addrs[self.addr]) {
             if registry.register(&mut s, self.token, Interest::READABLE | Interest::WRITABLE).is_ok() {
                 self.stream = Some(s);
                 self.state = State::Connecting { since: now };
@@ -323,11 +334,12 @@ impl Conn {
         self.write_idx = self.write_idx.saturating_sub(1);
         let us = now.saturating_duration_since(m.t).as_micros() as u64;
         if sink.measuring {
-            sink.counts.responses += 1;
+            let t = &mut sink.tallies[sink.addr];
+            t.counts.responses += 1;
             if m.bad {
-                sink.counts.mismatches += 1;
+                t.counts.mismatches += 1;
             }
-            let _ = sink.latency.record(us.max(1));
+            let _ = t.latency.record(us.max(1));
         }
         if opts.churn {
             self.close(registry);

@@ -16,6 +16,9 @@
 //! be compared byte for byte without generating data per message. A mismatch
 //! is counted, never ignored.
 //!
+//! With several server addresses (a fleet), connection `g` goes to address
+//! `g % addrs.len()`, and everything is counted per address as well.
+//!
 //! Only what happens between the end of the warm-up and the end of the run
 //! is counted. Connections are opened gradually (`ramp_up`) so the harness
 //! does not SYN-flood its own target.
@@ -35,7 +38,8 @@ use conn::Conn;
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Options {
-    pub addr: SocketAddr,
+    /// Server addresses; connections are spread over them round-robin.
+    pub addrs: Vec<SocketAddr>,
     pub connections: usize,
     /// Measured time (after warm-up); None with `count`.
     pub duration: Option<Duration>,
@@ -91,7 +95,7 @@ impl Counts {
         self.connect_errors + self.resets + self.timeouts + self.other_errors
     }
 
-    fn add(&mut self, o: &Counts) {
+    pub fn add(&mut self, o: &Counts) {
         self.requests += o.requests;
         self.responses += o.responses;
         self.bytes_sent += o.bytes_sent;
@@ -118,17 +122,41 @@ pub struct Shared {
     pub mismatches: AtomicU64,
 }
 
-/// What one thread hands back.
-pub struct ThreadResult {
+/// What was counted for one server address (or for the whole run).
+pub struct Tally {
     pub counts: Counts,
     /// Latency in microseconds.
     pub latency: Histogram<u64>,
+}
+
+impl Tally {
+    pub fn new() -> Tally {
+        Tally { counts: Counts::default(), latency: histogram() }
+    }
+
+    pub fn add(&mut self, o: &Tally) {
+        self.counts.add(&o.counts);
+        let _ = self.latency.add(&o.latency);
+    }
+}
+
+impl Default for Tally {
+    fn default() -> Tally {
+        Tally::new()
+    }
+}
+
+/// What one thread hands back: a tally per server address.
+pub struct ThreadResult {
+    pub per_addr: Vec<Tally>,
 }
 
 /// The whole run.
 pub struct Outcome {
     pub counts: Counts,
     pub latency: Histogram<u64>,
+    /// The same, per server address, in `Options::addrs` order.
+    pub per_addr: Vec<Tally>,
     /// Measured time.
     pub elapsed: Duration,
     /// Stopped early (Ctrl-C).
@@ -185,26 +213,26 @@ pub fn run(opts: &Options, shared: &Arc<Shared>, mut tick: impl FnMut(Duration) 
     }
     let end = Instant::now();
     shared.stop.store(true, Ordering::Release);
-    let mut counts = Counts::default();
-    let mut latency = histogram();
+    let mut per_addr: Vec<Tally> = opts.addrs.iter().map(|_| Tally::new()).collect();
     for h in handles {
         if let Ok(r) = h.join() {
-            counts.add(&r.counts);
-            let _ = latency.add(&r.latency);
+            per_addr.iter_mut().zip(&r.per_addr).for_each(|(a, b)| a.add(b));
         }
     }
+    let mut total = Tally::new();
+    per_addr.iter().for_each(|t| total.add(t));
     let elapsed = measure_start.map_or(Duration::ZERO, |m| end - m);
-    Outcome { counts, latency, elapsed, interrupted }
+    Outcome { counts: total.counts, latency: total.latency, per_addr, elapsed, interrupted }
 }
 
 /// One thread's loop over its connections.
 fn event_loop(opts: &Options, shared: &Shared, thread: usize, threads: usize, start: Instant) -> ThreadResult {
-    let mut result = ThreadResult { counts: Counts::default(), latency: histogram() };
+    let mut result = ThreadResult { per_addr: opts.addrs.iter().map(|_| Tally::new()).collect() };
     let mut poll = match mio::Poll::new() {
         Ok(p) => p,
         Err(e) => {
             eprintln!("echo-load: poll: {e}");
-            result.counts.other_errors += 1;
+            result.per_addr[0].counts.other_errors += 1;
             return result;
         }
     };
@@ -219,7 +247,7 @@ fn event_loop(opts: &Options, shared: &Shared, thread: usize, threads: usize, st
             let ramp = opts.ramp_up.mul_f64(g as f64 / opts.connections.max(1) as f64);
             // Spread each connection's schedule across the period.
             let phase = per_conn_rate.map(|r| Duration::from_secs_f64(g as f64 / opts.connections as f64 / r));
-            Conn::new(i, g as u64, start + ramp, phase, per_conn_rate)
+            Conn::new(i, g % opts.addrs.len(), g as u64, start + ramp, phase, per_conn_rate)
         })
         .collect();
     let mut events = mio::Events::with_capacity(1024);
@@ -228,10 +256,11 @@ fn event_loop(opts: &Options, shared: &Shared, thread: usize, threads: usize, st
     while !shared.stop.load(Ordering::Acquire) {
         let now = Instant::now();
         let measuring = shared.measuring.load(Ordering::Relaxed);
-        let before = (result.counts.responses, result.counts.errors(), result.counts.mismatches);
-        let mut sink = conn::Sink { counts: &mut result.counts, latency: &mut result.latency, measuring };
+        let before = totals(&result.per_addr);
+        let mut sink = conn::Sink { tallies: &mut result.per_addr, addr: 0, measuring };
         let mut wake = now + Duration::from_millis(50);
         for c in conns.iter_mut() {
+            sink.addr = c.addr;
             if let Some(at) = c.due(opts, &pool, poll.registry(), now, &mut sink) {
                 wake = wake.min(at);
             }
@@ -245,6 +274,7 @@ fn event_loop(opts: &Options, shared: &Shared, thread: usize, threads: usize, st
         };
         if let Err(e) = poll.poll(&mut events, Some(timeout)) {
             if e.kind() != std::io::ErrorKind::Interrupted {
+                sink.addr = 0;
                 sink.count(|c| c.other_errors += 1);
                 break;
             }
@@ -252,24 +282,34 @@ fn event_loop(opts: &Options, shared: &Shared, thread: usize, threads: usize, st
         let now = Instant::now();
         for ev in events.iter() {
             if let Some(c) = conns.get_mut(ev.token().0) {
+                sink.addr = c.addr;
                 c.on_event(opts, &pool, poll.registry(), &mut buf, now, &mut sink);
             }
         }
         if now >= next_timeout_check {
             for c in conns.iter_mut() {
+                sink.addr = c.addr;
                 c.check_timeout(opts, poll.registry(), now, &mut sink);
             }
             next_timeout_check = now + Duration::from_millis(100);
         }
         if measuring {
-            let total = shared.responses.fetch_add(result.counts.responses - before.0, Ordering::Relaxed)
-                + (result.counts.responses - before.0);
-            shared.errors.fetch_add(result.counts.errors() - before.1, Ordering::Relaxed);
-            shared.mismatches.fetch_add(result.counts.mismatches - before.2, Ordering::Relaxed);
+            let after = totals(&result.per_addr);
+            let total = shared.responses.fetch_add(after.responses - before.responses, Ordering::Relaxed)
+                + (after.responses - before.responses);
+            shared.errors.fetch_add(after.errors() - before.errors(), Ordering::Relaxed);
+            shared.mismatches.fetch_add(after.mismatches - before.mismatches, Ordering::Relaxed);
             if opts.count.is_some_and(|c| total >= c) {
                 shared.stop.store(true, Ordering::Release);
             }
         }
     }
     result
+}
+
+/// The counts of all addresses together.
+fn totals(per_addr: &[Tally]) -> Counts {
+    let mut c = Counts::default();
+    per_addr.iter().for_each(|t| c.add(&t.counts));
+    c
 }

@@ -17,7 +17,10 @@ pub struct Latency {
 
 impl Latency {
     pub fn of(o: &Outcome) -> Latency {
-        let h = &o.latency;
+        Latency::of_histogram(&o.latency)
+    }
+
+    fn of_histogram(h: &hdrhistogram::Histogram<u64>) -> Latency {
         let empty = h.is_empty();
         let q = |p: f64| if empty { 0 } else { h.value_at_quantile(p) };
         Latency {
@@ -41,13 +44,48 @@ pub fn rates(o: &Outcome, opts: &Options) -> (f64, f64) {
     (rps, rps * opts.size as f64 / 1e6)
 }
 
+/// The addresses as one string ("a" or "a,b,c").
+fn addr_list(opts: &Options) -> String {
+    opts.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// Per-address figures, in `--addr` order.
+fn per_addr_json(o: &Outcome, opts: &Options) -> Vec<Value> {
+    let secs = o.elapsed.as_secs_f64();
+    opts.addrs
+        .iter()
+        .zip(&o.per_addr)
+        .enumerate()
+        .map(|(i, (addr, t))| {
+            let c = &t.counts;
+            let l = Latency::of_histogram(&t.latency);
+            let rps = if secs > 0.0 { c.responses as f64 / secs } else { 0.0 };
+            json!({
+                "addr": addr.to_string(),
+                "connections": (i..opts.connections).step_by(opts.addrs.len()).count(),
+                "requests": c.requests,
+                "responses": c.responses,
+                "errors": c.errors(),
+                "connect_errors": c.connect_errors,
+                "resets": c.resets,
+                "timeouts": c.timeouts,
+                "mismatches": c.mismatches,
+                "connects": c.connects,
+                "rps": rps,
+                "latency_us": { "p50": l.p50, "p90": l.p90, "p99": l.p99, "p999": l.p999, "max": l.max, "mean": l.mean },
+            })
+        })
+        .collect()
+}
+
 /// The `--json` object.
 pub fn json(o: &Outcome, opts: &Options) -> Value {
     let c = &o.counts;
     let l = Latency::of(o);
     let (rps, mbps) = rates(o, opts);
     json!({
-        "addr": opts.addr.to_string(),
+        "addr": addr_list(opts),
+        "per_addr": per_addr_json(o, opts),
         "mode": opts.mode(),
         "connections": opts.connections,
         "size": opts.size,
@@ -88,7 +126,10 @@ pub fn summary(o: &Outcome, opts: &Options) -> String {
     let mut out = String::new();
     out.push_str(&format!(
         "echo-load {}: {} connections, {} B messages, {mode}, {} threads\n",
-        opts.addr, opts.connections, opts.size, opts.threads
+        addr_list(opts),
+        opts.connections,
+        opts.size,
+        opts.threads
     ));
     out.push_str(&format!(
         "  measured     {:.2} s{}{}\n",
@@ -131,6 +172,20 @@ pub fn summary(o: &Outcome, opts: &Options) -> String {
         group(l.max),
         l.mean
     ));
+    if opts.addrs.len() > 1 {
+        for p in per_addr_json(o, opts) {
+            out.push_str(&format!(
+                "  {:<22} {:>4} conns  responses {:>12}   {}/s   errors {}   mismatches {}   p99 {} µs\n",
+                p["addr"].as_str().unwrap_or_default(),
+                p["connections"],
+                group(p["responses"].as_u64().unwrap_or(0)),
+                group(p["rps"].as_f64().unwrap_or(0.0) as u64),
+                p["errors"],
+                p["mismatches"],
+                group(p["latency_us"]["p99"].as_u64().unwrap_or(0)),
+            ));
+        }
+    }
     out
 }
 
@@ -150,7 +205,7 @@ pub fn group(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::load::{Counts, histogram};
+    use crate::load::{Counts, Tally, histogram};
     use std::time::Duration;
 
     #[test]
@@ -162,11 +217,12 @@ mod tests {
         let o = Outcome {
             counts: Counts { requests: 4, responses: 4, mismatches: 1, ..Counts::default() },
             latency,
+            per_addr: vec![Tally::new()],
             elapsed: Duration::from_secs(2),
             interrupted: false,
         };
         let opts = crate::load::Options {
-            addr: "127.0.0.1:7".parse().unwrap(),
+            addrs: vec!["127.0.0.1:7".parse().unwrap()],
             connections: 1,
             duration: Some(Duration::from_secs(2)),
             count: None,
