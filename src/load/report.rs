@@ -1,9 +1,9 @@
 //! What echo-load prints: a summary table for people, one JSON object for
 //! programs (`--json`; its keys are a contract, DESIGN.md section 5).
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
-use super::{Options, Outcome};
+use super::{Counts, Options, Outcome};
 
 /// Latency percentiles in microseconds.
 pub struct Latency {
@@ -49,53 +49,12 @@ fn addr_list(opts: &Options) -> String {
     opts.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",")
 }
 
-/// Per-address figures, in `--addr` order.
-fn per_addr_json(o: &Outcome, opts: &Options) -> Vec<Value> {
-    let secs = o.elapsed.as_secs_f64();
-    opts.addrs
-        .iter()
-        .zip(&o.per_addr)
-        .enumerate()
-        .map(|(i, (addr, t))| {
-            let c = &t.counts;
-            let l = Latency::of_histogram(&t.latency);
-            let rps = if secs > 0.0 { c.responses as f64 / secs } else { 0.0 };
-            json!({
-                "addr": addr.to_string(),
-                "connections": (i..opts.connections).step_by(opts.addrs.len()).count(),
-                "requests": c.requests,
-                "responses": c.responses,
-                "errors": c.errors(),
-                "connect_errors": c.connect_errors,
-                "resets": c.resets,
-                "timeouts": c.timeouts,
-                "mismatches": c.mismatches,
-                "connects": c.connects,
-                "rps": rps,
-                "latency_us": { "p50": l.p50, "p90": l.p90, "p99": l.p99, "p999": l.p999, "max": l.max, "mean": l.mean },
-            })
-        })
-        .collect()
-}
-
-/// The `--json` object.
-pub fn json(o: &Outcome, opts: &Options) -> Value {
-    let c = &o.counts;
-    let l = Latency::of(o);
-    let (rps, mbps) = rates(o, opts);
-    json!({
-        "addr": addr_list(opts),
-        "per_addr": per_addr_json(o, opts),
-        "mode": opts.mode(),
-        "connections": opts.connections,
-        "size": opts.size,
-        "pipeline": opts.pipeline,
-        "lines": opts.lines,
-        "rate": opts.rate,
-        "threads": opts.threads,
-        "duration_s": o.elapsed.as_secs_f64(),
-        "warmup_s": opts.warmup.as_secs_f64(),
-        "interrupted": o.interrupted,
+/// The counted figures of a run or of one address: counts, errors by kind,
+/// rate and latency.
+fn figures(c: &Counts, latency: &hdrhistogram::Histogram<u64>, secs: f64) -> Map<String, Value> {
+    let l = Latency::of_histogram(latency);
+    let rps = if secs > 0.0 { c.responses as f64 / secs } else { 0.0 };
+    let v = json!({
         "requests": c.requests,
         "responses": c.responses,
         "errors": c.errors(),
@@ -108,9 +67,53 @@ pub fn json(o: &Outcome, opts: &Options) -> Value {
         "bytes_sent": c.bytes_sent,
         "bytes_received": c.bytes_received,
         "rps": rps,
-        "mbps": mbps,
         "latency_us": { "p50": l.p50, "p90": l.p90, "p99": l.p99, "p999": l.p999, "max": l.max, "mean": l.mean },
-    })
+    });
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+/// Per-address figures, in `--addr` order.
+fn per_addr_json(o: &Outcome, opts: &Options) -> Vec<Value> {
+    let secs = o.elapsed.as_secs_f64();
+    opts.addrs
+        .iter()
+        .zip(&o.per_addr)
+        .enumerate()
+        .map(|(i, (addr, t))| {
+            let mut m = figures(&t.counts, &t.latency, secs);
+            m.insert("addr".into(), addr.to_string().into());
+            m.insert("connections".into(), (i..opts.connections).step_by(opts.addrs.len()).count().into());
+            Value::Object(m)
+        })
+        .collect()
+}
+
+/// The `--json` object.
+pub fn json(o: &Outcome, opts: &Options) -> Value {
+    let (_, mbps) = rates(o, opts);
+    let mut m = figures(&o.counts, &o.latency, o.elapsed.as_secs_f64());
+    let run = json!({
+        "addr": addr_list(opts),
+        "per_addr": per_addr_json(o, opts),
+        "mode": opts.mode(),
+        "connections": opts.connections,
+        "size": opts.size,
+        "pipeline": opts.pipeline,
+        "lines": opts.lines,
+        "rate": opts.rate,
+        "threads": opts.threads,
+        "duration_s": o.elapsed.as_secs_f64(),
+        "warmup_s": opts.warmup.as_secs_f64(),
+        "interrupted": o.interrupted,
+        "mbps": mbps,
+    });
+    if let Value::Object(r) = run {
+        m.extend(r);
+    }
+    Value::Object(m)
 }
 
 /// The human summary.
