@@ -164,17 +164,31 @@ both_modes! {
 
     fn a_broken_or_hung_new_binary_leaves_the_old_generation_serving() {
         let dir = tempfile::tempdir().unwrap();
-        let broken = script(dir.path(), "exits", "exit 3");
-        let e = start(&format!(
-            "workers = 2\nupgrade_timeout = 1\nupgrade_binary = \"{}\"\n",
-            broken.display()
-        ));
+        let e = start("workers = 2\nupgrade_timeout = 1\n");
         let master = e.pid();
         let workers = e.workers();
-        let traffic = load(e.addr, &["-c", "8", "-d", "4"]);
-        let churn = load(e.addr, &["-c", "4", "-d", "4", "--churn"]);
+        let traffic = load(e.addr, &["-c", "8", "-d", "5"]);
+        let churn = load(e.addr, &["-c", "4", "-d", "5", "--churn"]);
         thread::sleep(Duration::from_millis(500));
 
+        // The same binary, but the file it reads was broken since: the new
+        // master refuses it (exit 78) and the old one serves on.
+        e.write_config(&format!("listen = [\"{}\"]\nworkers = 2\nupgrade_timeout = 1\nworkers = 3\n", e.addr));
+        let skip = e.log_len();
+        e.signal(libc_sig::USR2);
+        let failed = e.wait_log_after(skip, "upgrade failed", Duration::from_secs(5)).expect("failure logged");
+        assert!(failed.contains("exited") || failed.contains("closed"), "{failed}");
+        assert!(e.log_lines()[skip..].iter().any(|l| l.contains("config error")), "{}", e.log_text());
+
+        // A new binary that exits at once.
+        let broken = script(dir.path(), "exits", "exit 3");
+        e.write_config(&format!(
+            "listen = [\"{}\"]\nworkers = 2\nupgrade_timeout = 1\nupgrade_binary = \"{}\"\n",
+            e.addr,
+            broken.display()
+        ));
+        e.signal(libc_sig::HUP);
+        e.wait_log_after(skip, "reloaded", Duration::from_secs(5)).expect("reloaded");
         let skip = e.log_len();
         e.signal(libc_sig::USR2);
         let failed = e.wait_log_after(skip, "upgrade failed", Duration::from_secs(5)).expect("failure logged");
