@@ -75,6 +75,11 @@ pub struct Config {
     /// Graceful stop and reload: how long open connections may continue
     /// before they are closed.
     pub shutdown_timeout: Seconds,
+    /// Graceful stop: how long /healthz answers 503 while the listeners
+    /// still accept, before they close, so a load balancer's health check
+    /// takes this backend out of rotation before connects are refused.
+    /// 0 = close at once.
+    pub shutdown_delay: Seconds,
     /// Default log level when RUST_LOG is not set.
     pub log_level: LogLevel,
     /// Seconds between the master's summary log lines; 0 turns them off.
@@ -139,6 +144,7 @@ impl Default for Config {
             tcp_nodelay: true,
             transform: Transform::None,
             shutdown_timeout: Seconds::from_secs(30),
+            shutdown_delay: Seconds::from_secs(0),
             log_level: LogLevel(log::LevelFilter::Info),
             stats_interval: Seconds::from_secs(60),
             idle_timeout: Seconds::from_secs(300),

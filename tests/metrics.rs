@@ -153,6 +153,24 @@ both_modes! {
         assert_eq!(e.wait_exit(Duration::from_secs(8)), Some(0));
     }
 
+    fn with_a_shutdown_delay_healthz_fails_before_the_listeners_close() {
+        // As a load balancer sees it: TERM, then /healthz 503 at once while
+        // new connects are still served, and only after shutdown_delay are
+        // the listeners closed.
+        let mut e = start(&format!("{M}workers = 1\nshutdown_delay = 3\nshutdown_timeout = 3\n"));
+        let maddr = e.metrics_addr();
+        assert_eq!(http_get(maddr, "/healthz").0, 200);
+        e.signal(libc_sig::TERM);
+        e.wait_log("/healthz answers 503", Duration::from_secs(2)).expect("delay announced");
+        assert_eq!(http_get(maddr, "/healthz").0, 503);
+        let mut s = connect(e.addr);
+        assert_eq!(round_trip(&mut s, b"still served").unwrap(), b"still served", "a connect during the delay is served");
+        drop(s);
+        e.wait_log("graceful stop: closing listeners", Duration::from_secs(5)).expect("listeners closed after the delay");
+        assert!(std::net::TcpStream::connect(e.addr).is_err(), "refused once the listeners are closed");
+        assert_eq!(e.wait_exit(Duration::from_secs(8)), Some(0));
+    }
+
     fn an_oversized_request_is_refused_and_the_endpoint_stays_up() {
         let e = start(&format!("{M}workers = 1\n"));
         let maddr = e.metrics_addr();

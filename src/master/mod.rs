@@ -126,6 +126,9 @@ pub struct Master {
     disp: Dispatcher,
     notify: Notifier,
     stopping: Option<Stopping>,
+    /// A graceful stop waits for this moment (`shutdown_delay`) before it
+    /// closes the listeners; /healthz answers 503 meanwhile.
+    stop_at: Option<Instant>,
     /// READY=1 is owed to systemd once the current generation serves
     /// (at start-up and after each reload).
     ready_owed: bool,
@@ -273,6 +276,7 @@ impl Master {
             disp: Dispatcher::default(),
             notify,
             stopping: None,
+            stop_at: None,
             ready_owed: true,
             next_heartbeat_check: now + HEARTBEAT_CHECK,
             next_status: now,
@@ -357,6 +361,7 @@ impl Master {
             Some(self.next_status),
             self.http.as_ref().and_then(|h| h.next_deadline()),
             self.successor.as_ref().filter(|s| !s.ready).map(|s| s.deadline),
+            self.stop_at,
         ]
         .into_iter()
         .flatten()
@@ -366,7 +371,7 @@ impl Master {
     /// Signal handler (run in the loop, not in signal context).
     fn on_signal(&mut self, sig: Signal) {
         match sig {
-            Signal::Stop => self.begin_stop(true),
+            Signal::Stop => self.announce_stop(),
             Signal::Quit => self.begin_stop(false),
             Signal::Reload => self.reload(),
             Signal::MoreWorkers => self.scale(1),
@@ -410,7 +415,7 @@ impl Master {
 
     /// A scrape connection is readable or writable.
     fn on_scrape(&mut self, token: Token) {
-        let app = Endpoint { sup: &self.sup, disp: &self.disp, info: self.info, stopping: self.stopping.is_some() };
+        let app = Endpoint { sup: &self.sup, disp: &self.disp, info: self.info, stopping: self.is_stopping() };
         if let Some(h) = &mut self.http {
             h.on_conn(token, self.poll.registry(), &app);
         }
@@ -418,6 +423,9 @@ impl Master {
 
     /// Everything driven by the clock.
     fn on_timers(&mut self, now: Instant) {
+        if self.stop_at.is_some_and(|at| now >= at) {
+            self.begin_stop(true);
+        }
         self.sup.kill_overdue(now);
         self.check_upgrade_deadline(now);
         if let Some(h) = &mut self.http {
@@ -454,8 +462,31 @@ impl Master {
         }
     }
 
+    /// A stop was asked for (it may still be in its `shutdown_delay`).
+    fn is_stopping(&self) -> bool {
+        self.stopping.is_some() || self.stop_at.is_some()
+    }
+
+    /// TERM/INT: a graceful stop, after `shutdown_delay` during which
+    /// /healthz says 503 and the listeners still accept (see the config).
+    fn announce_stop(&mut self) {
+        let delay = self.config.shutdown_delay.0;
+        if delay.is_zero() || self.stopping.is_some() {
+            return self.begin_stop(true);
+        }
+        if self.stop_at.is_none() {
+            log::info!(
+                "graceful stop: /healthz answers 503; listeners close in {:.1}s (shutdown_delay)",
+                delay.as_secs_f64()
+            );
+            self.notify.stopping();
+            self.stop_at = Some(Instant::now() + delay);
+        }
+    }
+
     /// TERM/INT (graceful) or QUIT (fast).
     fn begin_stop(&mut self, graceful: bool) {
+        self.stop_at = None;
         match self.stopping {
             Some(s) if graceful || !s.graceful => return, // already stopping at least this fast
             _ => {}
@@ -483,7 +514,7 @@ impl Master {
     /// HUP: re-read the config; apply it if valid, otherwise keep running as
     /// before.
     fn reload(&mut self) {
-        if self.stopping.is_some() {
+        if self.is_stopping() {
             return;
         }
         let loaded = match &self.source {
@@ -573,7 +604,7 @@ impl Master {
 
     /// TTIN (+1) / TTOU (-1): one worker more or fewer, never below one.
     fn scale(&mut self, delta: isize) {
-        if self.stopping.is_some() {
+        if self.is_stopping() {
             return;
         }
         let target = self.sup.target.saturating_add_signed(delta).clamp(1, crate::config::MAX_WORKERS);

@@ -312,7 +312,7 @@ impl Predecessor {
 impl Master {
     /// USR2: start the new binary as a new master.
     pub(super) fn begin_upgrade(&mut self) {
-        let refuse = if self.stopping.is_some() {
+        let refuse = if self.is_stopping() {
             Some("stopping")
         } else if self.successor.is_some() {
             Some("an upgrade is already in progress")
