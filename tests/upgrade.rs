@@ -51,6 +51,11 @@ fn finish(child: Child) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("echo-load output: {e}"))
 }
 
+/// The pid in a log line's "(pid N)".
+fn pid_in(line: &str) -> i32 {
+    line.split("(pid ").nth(1).and_then(|r| r.split(')').next()).and_then(|p| p.parse().ok()).unwrap()
+}
+
 /// Sends USR2 to `master`; waits for the hand-over and returns the new
 /// master's pid.
 fn upgrade(e: &Echod, master: i32) -> i32 {
@@ -59,9 +64,21 @@ fn upgrade(e: &Echod, master: i32) -> i32 {
     let line = e
         .wait_log_after(skip, "upgrade: new master (pid ", Duration::from_secs(20))
         .unwrap_or_else(|| panic!("no hand-over:\n{}", e.log_text()));
-    let pid: i32 = line.split("(pid ").nth(1).and_then(|r| r.split(')').next()).and_then(|p| p.parse().ok()).unwrap();
+    let pid = pid_in(&line);
     e.track(pid);
     pid
+}
+
+/// Reloads `e` with `upgrade_binary = binary` (and upgrade_timeout = 1).
+fn use_upgrade_binary(e: &Echod, binary: &Path) {
+    let skip = e.log_len();
+    e.write_config(&format!(
+        "listen = [\"{}\"]\nworkers = 2\nupgrade_timeout = 1\nupgrade_binary = \"{}\"\n",
+        e.addr,
+        binary.display()
+    ));
+    e.signal(libc_sig::HUP);
+    e.wait_log_after(skip, "reloaded", Duration::from_secs(5)).expect("reloaded");
 }
 
 /// Waits until `pid` and its workers are gone.
@@ -181,32 +198,18 @@ both_modes! {
         assert!(e.log_lines()[skip..].iter().any(|l| l.contains("config error")), "{}", e.log_text());
 
         // A new binary that exits at once.
-        let broken = script(dir.path(), "exits", "exit 3");
-        e.write_config(&format!(
-            "listen = [\"{}\"]\nworkers = 2\nupgrade_timeout = 1\nupgrade_binary = \"{}\"\n",
-            e.addr,
-            broken.display()
-        ));
-        e.signal(libc_sig::HUP);
-        e.wait_log_after(skip, "reloaded", Duration::from_secs(5)).expect("reloaded");
+        use_upgrade_binary(&e, &script(dir.path(), "exits", "exit 3"));
         let skip = e.log_len();
         e.signal(libc_sig::USR2);
         let failed = e.wait_log_after(skip, "upgrade failed", Duration::from_secs(5)).expect("failure logged");
         assert!(failed.contains("exited") || failed.contains("closed"), "{failed}");
 
         // A binary that starts but never serves is given up after upgrade_timeout.
-        let hung = script(dir.path(), "hangs", "exec sleep 30");
-        e.write_config(&format!(
-            "listen = [\"{}\"]\nworkers = 2\nupgrade_timeout = 1\nupgrade_binary = \"{}\"\n",
-            e.addr,
-            hung.display()
-        ));
-        e.signal(libc_sig::HUP);
-        e.wait_log_after(skip, "reloaded", Duration::from_secs(5)).expect("reloaded");
+        use_upgrade_binary(&e, &script(dir.path(), "hangs", "exec sleep 30"));
         let skip = e.log_len();
         e.signal(libc_sig::USR2);
         let started = e.wait_log_after(skip, "upgrade: started new master (pid ", Duration::from_secs(5)).unwrap();
-        let hung_pid: i32 = started.split("(pid ").nth(1).and_then(|r| r.split(')').next()).unwrap().parse().unwrap();
+        let hung_pid = pid_in(&started);
         e.track(hung_pid);
         let failed = e.wait_log_after(skip, "upgrade failed", Duration::from_secs(5)).expect("timeout logged");
         assert!(failed.contains("did not become ready within 1s"), "{failed}");
