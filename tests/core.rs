@@ -337,3 +337,43 @@ both_modes! {
         assert_eq!((s["timeout"], s["closed"]), (1, 1), "{s:?}");
     }
 }
+
+/// Event mode with several loops per worker: connections are shared out
+/// between the loops (each takes its share of the queue) and every byte and
+/// connection is still counted exactly.
+#[test]
+fn several_event_loops_per_worker_share_the_connections() {
+    const CLIENTS: usize = 60;
+    let e = start("handler = \"event\"\nevent_threads = 3\nworkers = 1\n");
+    let worker = e.workers()[0];
+    let threads = |name: &str| {
+        std::fs::read_dir(format!("/proc/{worker}/task"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(name)))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(threads("event-"), 3, "three event loops in the worker");
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let addr = e.addr;
+            thread::spawn(move || {
+                let mut rng = Rng::new(c as u64 + 100);
+                let mut s = connect(addr);
+                let mut n = 0u64;
+                for _ in 0..50 {
+                    let data = rng.payload(4096);
+                    assert_eq!(round_trip(&mut s, &data).expect("round trip"), data, "client {c}");
+                    n += data.len() as u64;
+                }
+                n
+            })
+        })
+        .collect();
+    let total: u64 = clients.into_iter().map(|c| c.join().expect("a client failed")).sum();
+    let s = e.stats_until(Duration::from_secs(10), |s| s["closed"] == CLIENTS as u64);
+    assert_eq!((s["accepted"], s["closed"], s["errors"]), (CLIENTS as u64, CLIENTS as u64, 0), "{s:?}");
+    assert_eq!((s["bytes_in"], s["bytes_out"]), (total, total), "{s:?}");
+}
