@@ -105,6 +105,20 @@ pub struct Config {
     /// Each worker's limit is raised by a random amount up to this, so
     /// workers started together do not all recycle at once.
     pub max_connections_per_worker_jitter: u64,
+    /// Listeners whose clients arrive through a load balancer that sends
+    /// the PROXY protocol header (v1 or v2): `true` (all), `false`, or a
+    /// list of `listen` addresses and, under socket activation, systemd
+    /// socket names (FileDescriptorName=). On those listeners the header's
+    /// client address is the one limits, logs and counters see.
+    pub proxy_protocol: ProxyProtocol,
+    /// Sources (CIDR blocks or addresses) allowed to send a PROXY header:
+    /// the balancers. A header is believed only from them; anyone else on a
+    /// PROXY listener is refused unread, since their header could claim
+    /// any address.
+    pub proxy_trusted: Vec<CidrSetting>,
+    /// How long a PROXY listener's connection may take to deliver its
+    /// header before it is closed (counted as a `timeout` header error).
+    pub proxy_timeout: Seconds,
     /// Where the master serves `GET /metrics` (Prometheus) and `GET /healthz`;
     /// "" = off.
     #[serde(with = "optional_addr")]
@@ -153,6 +167,9 @@ impl Default for Config {
             max_connections_per_ip: 0,
             max_connections_per_worker: 0,
             max_connections_per_worker_jitter: 0,
+            proxy_protocol: ProxyProtocol::Off,
+            proxy_trusted: Vec::new(),
+            proxy_timeout: Seconds::from_secs(5),
             metrics_listen: None,
             upgrade_binary: String::new(),
             upgrade_timeout: Seconds::from_secs(30),
@@ -278,6 +295,7 @@ impl Config {
                 return Err(("group", format!("no such group `{}`", self.group)));
             }
         }
+        self.validate_proxy()?;
         if self.max_connections_per_worker == 0 && self.max_connections_per_worker_jitter > 0 {
             return Err((
                 "max_connections_per_worker_jitter",
@@ -285,6 +303,49 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    fn validate_proxy(&self) -> Result<(), (&'static str, String)> {
+        if let ProxyProtocol::Listeners(names) = &self.proxy_protocol {
+            for (i, name) in names.iter().enumerate() {
+                if names[..i].contains(name) {
+                    return Err(("proxy_protocol", format!("`{name}` is listed twice")));
+                }
+                if name.is_empty() {
+                    return Err(("proxy_protocol", "an empty name matches no listener".to_string()));
+                }
+                // An address must be one we listen on: a typo would
+                // otherwise leave that listener without PROXY, echoing the
+                // header and counting the balancer as the client.
+                if let Ok(addr) = name.parse::<SocketAddr>() {
+                    if !self.listen.contains(&addr) {
+                        return Err(("proxy_protocol", format!("{addr} is not in `listen`")));
+                    }
+                }
+            }
+        }
+        if self.proxy_protocol != ProxyProtocol::Off && self.proxy_trusted.is_empty() {
+            return Err((
+                "proxy_protocol",
+                "is on but `proxy_trusted` is empty: list the balancers' addresses there (e.g. \
+                 [\"10.0.0.0/8\"]); with none trusted every connection would be refused"
+                    .to_string(),
+            ));
+        }
+        if self.proxy_protocol != ProxyProtocol::Off && self.proxy_timeout.nonzero().is_none() {
+            return Err(("proxy_timeout", "must be above 0: a header that never comes would hold a slot".to_string()));
+        }
+        Ok(())
+    }
+
+    /// `proxy_trusted` for a log line.
+    pub fn proxy_trusted_list(&self) -> String {
+        self.proxy_trusted.iter().map(|c| c.0.to_string()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Whether a PROXY header is trusted from `source`.
+    pub fn proxy_trusts(&self, source: std::net::IpAddr) -> bool {
+        self.proxy_trusted.iter().any(|c| c.0.contains(source))
     }
 
     /// Connections one worker may serve at once in the configured mode.
@@ -442,6 +503,81 @@ impl Handler {
             Handler::Thread => "thread",
             Handler::Event => "event",
         }
+    }
+}
+
+/// `proxy_protocol = true | false | ["ADDRESS or socket name", ...]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    Off,
+    All,
+    /// Listeners named by configured or bound address, or by systemd name.
+    Listeners(Vec<String>),
+}
+
+impl ProxyProtocol {
+    /// Whether a listener expects the header. `configured`: the address in
+    /// `listen` it was bound for; `bound`: its address; `name`: systemd's
+    /// FileDescriptorName for activated sockets.
+    pub fn covers(&self, configured: Option<SocketAddr>, bound: SocketAddr, name: Option<&str>) -> bool {
+        match self {
+            ProxyProtocol::Off => false,
+            ProxyProtocol::All => true,
+            ProxyProtocol::Listeners(list) => list.iter().any(|entry| match entry.parse::<SocketAddr>() {
+                Ok(a) => configured == Some(a) || bound == a,
+                Err(_) => name == Some(entry.as_str()),
+            }),
+        }
+    }
+}
+
+impl Serialize for ProxyProtocol {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ProxyProtocol::Off => s.serialize_bool(false),
+            ProxyProtocol::All => s.serialize_bool(true),
+            ProxyProtocol::Listeners(l) => l.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ProxyProtocol {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ProxyProtocol;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(f, "true, false, or a list of listen addresses and socket names")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<ProxyProtocol, E> {
+                Ok(if v { ProxyProtocol::All } else { ProxyProtocol::Off })
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<ProxyProtocol, A::Error> {
+                let mut list = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    list.push(s);
+                }
+                Ok(if list.is_empty() { ProxyProtocol::Off } else { ProxyProtocol::Listeners(list) })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One `proxy_trusted` entry: `"10.0.0.0/8"`, `"::1/128"` or an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CidrSetting(pub crate::proxy::Cidr);
+
+impl Serialize for CidrSetting {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for CidrSetting {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map(CidrSetting).map_err(de::Error::custom)
     }
 }
 
@@ -607,6 +743,34 @@ mod tests {
         let bad = Overrides { workers: Some(0), ..Overrides::default() };
         let e = Config::builtin(&bad).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("--workers"));
+    }
+
+    #[test]
+    fn proxy_protocol_settings() {
+        let c = parse("proxy_protocol = true\nproxy_trusted = [\"10.0.0.0/8\", \"::1\"]").unwrap();
+        assert_eq!(c.proxy_protocol, ProxyProtocol::All);
+        assert!(c.proxy_trusts("10.9.9.9".parse().unwrap()) && c.proxy_trusts("::1".parse().unwrap()));
+        assert!(!c.proxy_trusts("127.0.0.1".parse().unwrap()));
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
+
+        let text = "listen = [\"127.0.0.1:7\", \"127.0.0.1:8\"]\nproxy_protocol = [\"127.0.0.1:8\", \"lb\"]\nproxy_trusted = [\"127.0.0.1\"]";
+        let c = parse(text).unwrap();
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(c.proxy_protocol.covers(Some(a("127.0.0.1:8")), a("127.0.0.1:8"), None));
+        assert!(!c.proxy_protocol.covers(Some(a("127.0.0.1:7")), a("127.0.0.1:7"), None));
+        assert!(c.proxy_protocol.covers(None, a("0.0.0.0:9"), Some("lb")));
+        assert!(!c.proxy_protocol.covers(None, a("0.0.0.0:9"), Some("echo")));
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
+
+        let e = parse("workers = 1\nproxy_protocol = true\n").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("proxy_protocol")), "{e}");
+        let e = parse("proxy_trusted = [\"1.2.3.4\"]\nproxy_protocol = [\"127.0.0.1:9\"]").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("proxy_protocol")), "{e}");
+        assert!(e.message.contains("not in `listen`"), "{e}");
+        let e = parse("workers = 1\nproxy_trusted = [\"10.0.0.0/40\"]").unwrap_err();
+        assert_eq!((e.line, e.key.as_deref()), (Some(2), Some("proxy_trusted")), "{e}");
+        let e = parse("proxy_protocol = \"yes\"").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("proxy_protocol"), "{e}");
     }
 
     #[test]

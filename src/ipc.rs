@@ -31,14 +31,43 @@ pub const MAX_FDS_PER_MESSAGE: usize = 128;
 /// the channel in that direction, as nginx's channel commands.
 #[derive(Debug)]
 pub enum Command {
-    /// Serve these accepted client connections (each with the hash bucket
-    /// of its client address, for per-address accounting).
-    Serve(Vec<(OwnedFd, u16)>),
+    /// Serve these accepted client connections, each with where its client
+    /// address comes from (for per-address accounting).
+    Serve(Vec<(OwnedFd, Origin)>),
     /// Stop taking connections; let open ones finish for `timeout`, then
     /// close them and exit. Sent on graceful stop, reload and scale-down.
     Drain { timeout: Duration },
     /// Close everything now and exit (fast stop).
     Quit,
+}
+
+/// Who a connection's client is, as far as the master knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The peer itself; the master checked `max_connections_per_ip` and
+    /// charged this address bucket (scoreboard::ip_bucket) to the worker.
+    Direct(u16),
+    /// From a PROXY protocol listener: the peer is a balancer, the client is
+    /// in a header the worker reads first. Nothing is charged yet; the
+    /// worker checks and charges the real address (worker::proxied).
+    Proxied,
+}
+
+/// `Origin::Proxied` on the wire, where buckets (below IP_BUCKETS) go.
+const WIRE_PROXIED: u16 = u16::MAX;
+const _: () = assert!(crate::scoreboard::IP_BUCKETS < WIRE_PROXIED as usize);
+
+impl Origin {
+    fn to_wire(self) -> u16 {
+        match self {
+            Origin::Direct(bucket) => bucket,
+            Origin::Proxied => WIRE_PROXIED,
+        }
+    }
+
+    fn from_wire(v: u16) -> Origin {
+        if v == WIRE_PROXIED { Origin::Proxied } else { Origin::Direct(v) }
+    }
 }
 
 /// What a worker tells the master.
@@ -102,13 +131,13 @@ impl Channel {
     /// On success the worker holds its own copies and the caller should drop
     /// (close) its ones. `WouldBlock` means the worker's socket is full and
     /// nothing was sent: the caller still owns every fd.
-    pub fn send_serve(&self, conns: &[(BorrowedFd<'_>, u16)]) -> io::Result<()> {
+    pub fn send_serve(&self, conns: &[(BorrowedFd<'_>, Origin)]) -> io::Result<()> {
         debug_assert!(!conns.is_empty() && conns.len() <= MAX_FDS_PER_MESSAGE);
         let raw: Vec<RawFd> = conns.iter().map(|(f, _)| f.as_raw_fd()).collect();
         let mut payload = Vec::with_capacity(1 + 2 * conns.len());
         payload.push(TAG_SERVE);
-        for (_, bucket) in conns {
-            payload.extend_from_slice(&bucket.to_le_bytes());
+        for (_, origin) in conns {
+            payload.extend_from_slice(&origin.to_wire().to_le_bytes());
         }
         let cmsg = [ControlMessage::ScmRights(&raw)];
         self.send(&payload, &cmsg)
@@ -118,7 +147,7 @@ impl Channel {
     pub fn send_command(&self, cmd: &Command) -> io::Result<()> {
         match cmd {
             Command::Serve(conns) => {
-                let borrowed: Vec<(BorrowedFd, u16)> = conns.iter().map(|(f, b)| (f.as_fd(), *b)).collect();
+                let borrowed: Vec<(BorrowedFd, Origin)> = conns.iter().map(|(f, o)| (f.as_fd(), *o)).collect();
                 self.send_serve(&borrowed)
             }
             Command::Drain { timeout } => {
@@ -187,8 +216,9 @@ impl Channel {
         }
         let command = match payload[0] {
             TAG_SERVE => {
-                let buckets = payload[1..len].chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-                Command::Serve(fds.into_iter().zip(buckets.chain(std::iter::repeat(0))).collect())
+                let origins =
+                    payload[1..len].chunks_exact(2).map(|b| Origin::from_wire(u16::from_le_bytes([b[0], b[1]])));
+                Command::Serve(fds.into_iter().zip(origins.chain(std::iter::repeat(Origin::Direct(0)))).collect())
             }
             TAG_DRAIN if len >= 9 => {
                 let ms = u64::from_le_bytes(payload[1..9].try_into().unwrap_or_default());
@@ -247,12 +277,12 @@ mod tests {
         let (master, worker) = Channel::pair().unwrap();
         worker.set_receive_timeout(Duration::from_millis(50)).unwrap();
         let (mut a, b) = UnixStream::pair().unwrap();
-        master.send_serve(&[(b.as_fd(), 4242)]).unwrap();
+        let (_c, d) = UnixStream::pair().unwrap();
+        master.send_serve(&[(b.as_fd(), Origin::Direct(4242)), (d.as_fd(), Origin::Proxied)]).unwrap();
         drop(b); // the master closes its copy after sending
         let Received::Command(Command::Serve(conns)) = worker.recv_command().unwrap() else { panic!("no Serve") };
-        assert_eq!(conns.len(), 1);
-        let (fd, bucket) = conns.into_iter().next().unwrap();
-        assert_eq!(bucket, 4242);
+        assert_eq!(conns.iter().map(|(_, o)| *o).collect::<Vec<_>>(), [Origin::Direct(4242), Origin::Proxied]);
+        let (fd, _) = conns.into_iter().next().unwrap();
         let mut passed = UnixStream::from(fd);
         passed.write_all(b"hi").unwrap();
         let mut got = [0u8; 2];
@@ -281,7 +311,7 @@ mod tests {
         let (_a, b) = UnixStream::pair().unwrap();
         let mut sent = 0;
         let err = loop {
-            match master.send_serve(&[(b.as_fd(), 0)]) {
+            match master.send_serve(&[(b.as_fd(), Origin::Direct(0))]) {
                 Ok(()) => sent += 1,
                 Err(e) => break e,
             }

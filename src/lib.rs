@@ -16,6 +16,7 @@
 //! - [`scoreboard`]: per-worker numbers in shared memory;
 //! - [`stats`] and [`metrics`]: one snapshot, rendered for logs and
 //!   Prometheus;
+//! - [`proxy`]: the PROXY protocol header (v1, v2) and the trust list;
 //! - [`systemd`], [`logging`], [`limits`], [`privileges`], [`ratelimit`];
 //! - [`sys`]: every `unsafe` call, each with its argument;
 //! - [`load`]: the engine of the `echo-load` harness.
@@ -29,6 +30,7 @@ pub mod logging;
 pub mod master;
 pub mod metrics;
 pub mod privileges;
+pub mod proxy;
 pub mod ratelimit;
 pub mod scoreboard;
 pub mod stats;

@@ -10,6 +10,8 @@
 
 use std::fmt::Write;
 
+use crate::proxy::HeaderError;
+
 use crate::scoreboard::DURATION_BUCKETS;
 use crate::stats::Snapshot;
 
@@ -95,6 +97,26 @@ pub fn render(snap: &Snapshot, info: &MasterInfo) -> String {
             ("kind=\"timeout\"", t.err_timeout as f64),
             ("kind=\"other\"", t.err_other as f64),
         ],
+    );
+
+    metric(
+        o,
+        "echod_proxy_headers_total",
+        "counter",
+        "Connections on PROXY protocol listeners whose header was accepted.",
+        &[("", t.proxied as f64)],
+    );
+    let kinds: Vec<(String, f64)> = HeaderError::ALL
+        .iter()
+        .zip(t.proxy_errors)
+        .map(|(k, v)| (format!("kind=\"{}\"", k.name()), v as f64))
+        .collect();
+    metric_owned(
+        o,
+        "echod_proxy_header_errors_total",
+        "counter",
+        "Connections on PROXY protocol listeners closed for their header, by kind.",
+        kinds,
     );
 
     let per_worker = |f: &dyn Fn(&crate::stats::WorkerView) -> f64| -> Vec<(String, f64)> {

@@ -58,10 +58,21 @@ pub enum Field {
     Busy,
     /// T: connections waiting in the worker's queue.
     Queued,
+    /// C: connections whose PROXY protocol header was accepted.
+    Proxied,
+    /// C: connections the worker turned away for `max_connections_per_ip`
+    /// (those from PROXY listeners, whose client only the worker knows).
+    Rejected,
+    /// C: PROXY header errors, one word per kind of
+    /// [`HeaderError::ALL`](crate::proxy::HeaderError::ALL).
+    ProxyErr0,
     /// C: connection-duration histogram, one (non-cumulative) count per
     /// bucket of [`DURATION_BUCKETS`].
-    Duration0,
+    Duration0 = Field::ProxyErr0 as usize + PROXY_KINDS,
 }
+
+/// Kinds of PROXY header error, each with a slot word.
+const PROXY_KINDS: usize = crate::proxy::HeaderError::ALL.len();
 
 const _: () = assert!(Field::Duration0 as usize + DURATION_BUCKETS.len() <= STRIDE);
 
@@ -109,6 +120,13 @@ impl Scoreboard {
     /// Worker: it closed a connection from `bucket`.
     pub fn discharge_ip(&self, slot: usize, bucket: u16) {
         let _ = self.ip_cell(slot, bucket).fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// Connections every worker holds from addresses in `bucket`: what a
+    /// worker checks `max_connections_per_ip` against for clients only it
+    /// knows (PROXY listeners).
+    pub fn ip_total(&self, bucket: u16) -> u64 {
+        (0..self.slots).map(|slot| self.ip_count(slot, bucket) as u64).sum()
     }
 
     /// Master: forgets every address count of a slot (its worker is gone,
@@ -179,6 +197,11 @@ impl Slot {
         self.words[Field::Duration0 as usize + i].store(v, Ordering::Relaxed);
     }
 
+    /// Publishes the count of PROXY header errors of kind `i`.
+    pub fn set_proxy_error(&self, i: usize, v: u64) {
+        self.words[Field::ProxyErr0 as usize + i].store(v, Ordering::Relaxed);
+    }
+
     /// Master: zeroes the slot before a new worker gets it.
     pub fn reset(&self) {
         for w in self.words {
@@ -192,6 +215,10 @@ impl Slot {
         for (i, d) in duration.iter_mut().enumerate() {
             *d = self.duration_bucket(i);
         }
+        let mut proxy_errors = [0; PROXY_KINDS];
+        for (i, e) in proxy_errors.iter_mut().enumerate() {
+            *e = self.words[Field::ProxyErr0 as usize + i].load(Ordering::Relaxed);
+        }
         SlotStats {
             received: self.get(Field::Received),
             finished: self.finished(),
@@ -202,6 +229,9 @@ impl Slot {
             err_other: self.get(Field::ErrOther),
             duration_sum_us: self.get(Field::DurationSumUs),
             duration,
+            proxied: self.get(Field::Proxied),
+            rejected: self.get(Field::Rejected),
+            proxy_errors,
             threads: self.get(Field::Threads),
             busy: self.get(Field::Busy),
             queued: self.get(Field::Queued),
@@ -222,6 +252,10 @@ pub struct SlotStats {
     pub err_other: u64,
     pub duration_sum_us: u64,
     pub duration: [u64; DURATION_BUCKETS.len()],
+    pub proxied: u64,
+    pub rejected: u64,
+    /// By kind, in the order of `proxy::HeaderError::ALL`.
+    pub proxy_errors: [u64; PROXY_KINDS],
     // Gauges (not summed into retired totals).
     pub threads: u64,
     pub busy: u64,
@@ -240,6 +274,11 @@ impl SlotStats {
         self.err_other += other.err_other;
         self.duration_sum_us += other.duration_sum_us;
         for (a, b) in self.duration.iter_mut().zip(other.duration) {
+            *a += b;
+        }
+        self.proxied += other.proxied;
+        self.rejected += other.rejected;
+        for (a, b) in self.proxy_errors.iter_mut().zip(other.proxy_errors) {
             *a += b;
         }
     }

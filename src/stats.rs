@@ -66,7 +66,8 @@ impl Snapshot {
         let active = workers.iter().map(|w| w.active).sum::<u64>() + disp.held(sup) as u64;
         Snapshot {
             accepted: disp.accepted + sup.carried.accepted,
-            rejected: disp.rejected + sup.carried.rejected,
+            // The master's rejections, and the workers' (PROXY listeners).
+            rejected: disp.rejected + sup.carried.rejected + totals.rejected,
             active,
             restarts: sup.restarts + sup.carried.restarts,
             generation: sup.generation,
@@ -80,7 +81,8 @@ impl Snapshot {
     pub fn carried(&self) -> crate::master::upgrade::Carried {
         crate::master::upgrade::Carried {
             accepted: self.accepted,
-            rejected: self.rejected,
+            // The workers' share travels in `totals`.
+            rejected: self.rejected - self.totals.rejected,
             restarts: self.restarts,
             totals: self.totals,
         }

@@ -17,7 +17,10 @@
 //! closed right after accept (counted as rejected, logged at most once per
 //! five seconds) instead of taking a thread. Per-address counts live in the
 //! scoreboard: the master charges a worker's row when it sends it a
-//! connection, the worker discharges it when the connection ends.
+//! connection, the worker discharges it when the connection ends. On a
+//! PROXY protocol listener the peer is the balancer, so the master applies
+//! only `max_connections`; the worker applies the per-address limit once
+//! the header has named the client (`worker::proxied`).
 //!
 //! Out of file descriptors (EMFILE/ENFILE) the master does not spin on a
 //! readable listener it cannot accept from: it sends what it holds (freeing
@@ -31,7 +34,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::ipc::MAX_FDS_PER_MESSAGE;
+use crate::ipc::{MAX_FDS_PER_MESSAGE, Origin};
 use crate::master::listeners::Listeners;
 use crate::master::supervisor::{Pending, Phase, Supervisor, WorkerHandle};
 use crate::ratelimit::RateLimited;
@@ -151,15 +154,21 @@ impl Dispatcher {
                 match listener.socket.accept() {
                     Ok((socket, peer)) => {
                         self.fd_backoff = None;
-                        let ip = peer.as_socket().map(|a| a.ip());
-                        let bucket = ip.map_or(0, ip_bucket);
-                        if let Some(why) = self.over_limit(sup, limits, bucket) {
+                        // Behind a PROXY listener the peer is the balancer:
+                        // the worker learns the client and applies the
+                        // per-address limit to it.
+                        let origin = match peer.as_socket() {
+                            _ if listener.proxy => Origin::Proxied,
+                            Some(a) => Origin::Direct(ip_bucket(a.ip())),
+                            None => Origin::Direct(0),
+                        };
+                        if let Some(why) = self.over_limit(sup, limits, origin) {
                             self.reject(why, peer.as_socket(), now);
                             continue; // dropping `socket` closes it
                         }
                         self.accepted += 1;
                         let w = &mut sup.workers[i];
-                        w.outbox.push(Pending { fd: OwnedFd::from(socket), bucket });
+                        w.outbox.push(Pending { fd: OwnedFd::from(socket), origin });
                         if w.outbox.len() >= MAX_FDS_PER_MESSAGE {
                             send_outbox(w, &mut self.stash, &mut self.send_log, sup.scoreboard);
                         }
@@ -186,8 +195,8 @@ impl Dispatcher {
         }
     }
 
-    /// Whether one more connection from `bucket` would break a limit.
-    fn over_limit(&self, sup: &Supervisor, limits: Limits, bucket: u16) -> Option<Rejection> {
+    /// Whether one more connection from `origin` would break a limit.
+    fn over_limit(&self, sup: &Supervisor, limits: Limits, origin: Origin) -> Option<Rejection> {
         if limits.max_connections > 0 {
             // load_of counts each worker's outbox; add only the stash.
             let held = self.stash.len() as u64 + sup.workers.iter().map(|w| load_of(w, sup)).sum::<u64>();
@@ -195,10 +204,10 @@ impl Dispatcher {
                 return Some(Rejection::Total(limits.max_connections));
             }
         }
-        if limits.max_per_ip > 0 {
+        if let (Origin::Direct(bucket), true) = (origin, limits.max_per_ip > 0) {
             let in_workers: u64 = sup.workers.iter().map(|w| sup.scoreboard.ip_count(w.id, bucket) as u64).sum();
             let unsent = self.stash.iter().chain(sup.workers.iter().flat_map(|w| &w.outbox));
-            let held = unsent.filter(|p| p.bucket == bucket).count() as u64;
+            let held = unsent.filter(|p| p.origin == origin).count() as u64;
             if in_workers + held >= limits.max_per_ip as u64 {
                 return Some(Rejection::PerIp(limits.max_per_ip));
             }
@@ -331,17 +340,18 @@ fn send_outbox(
     let mut rest = &outbox[..];
     while !rest.is_empty() {
         let n = rest.len().min(MAX_FDS_PER_MESSAGE);
-        let batch: Vec<(BorrowedFd, u16)> = rest[..n].iter().map(|p| (p.fd.as_fd(), p.bucket)).collect();
+        let batch: Vec<(BorrowedFd, Origin)> = rest[..n].iter().map(|p| (p.fd.as_fd(), p.origin)).collect();
+        let buckets = || rest[..n].iter().filter_map(|p| if let Origin::Direct(b) = p.origin { Some(b) } else { None });
         // Charge first: once sent, the worker may close (and discharge) a
         // connection before this process runs again.
-        rest[..n].iter().for_each(|p| scoreboard.charge_ip(w.id, p.bucket));
+        buckets().for_each(|b| scoreboard.charge_ip(w.id, b));
         match w.channel.send_serve(&batch) {
             Ok(()) => {
                 w.dispatched += n as u64;
                 rest = &rest[n..];
             }
             Err(e) => {
-                rest[..n].iter().for_each(|p| scoreboard.discharge_ip(w.id, p.bucket));
+                buckets().for_each(|b| scoreboard.discharge_ip(w.id, b));
                 if e.kind() == ErrorKind::WouldBlock {
                     w.congested = true;
                 } else if let Some(s) = log_limit.allow(Instant::now()) {

@@ -33,6 +33,10 @@ pub struct Listener {
     /// The address actually bound.
     pub addr: SocketAddr,
     pub socket: Socket,
+    /// systemd's name for it (FileDescriptorName=), if systemd passed it.
+    pub name: Option<String>,
+    /// Its clients send a PROXY protocol header first (`proxy_protocol`).
+    pub proxy: bool,
     /// Readable and not yet drained to WouldBlock (edge-triggered poll).
     pub ready: bool,
 }
@@ -50,7 +54,7 @@ impl Listeners {
         let mut listeners = Listeners::default();
         for &addr in &config.listen {
             let socket = bind(addr, config).map_err(|e| (addr, e))?;
-            listeners.push(Some(addr), socket).map_err(|e| (addr, e))?;
+            listeners.push(Some(addr), None, socket, config).map_err(|e| (addr, e))?;
         }
         Ok(listeners)
     }
@@ -86,7 +90,7 @@ impl Listeners {
                 }
                 None => bind(addr, config).map_err(|e| (addr, e))?,
             };
-            listeners.push(Some(addr), socket).map_err(|e| (addr, e))?;
+            listeners.push(Some(addr), None, socket, config).map_err(|e| (addr, e))?;
         }
         for (_, _, local) in pool {
             log::info!("inherited socket {local} is no longer in `listen`; closing it");
@@ -94,10 +98,10 @@ impl Listeners {
         Ok(listeners)
     }
 
-    /// What a binary upgrade passes on: each socket and the address it was
-    /// configured with (None: from systemd).
-    pub fn handover(&self) -> Vec<(std::os::fd::RawFd, Option<SocketAddr>)> {
-        self.list.iter().map(|l| (l.socket.as_raw_fd(), l.configured)).collect()
+    /// What a binary upgrade passes on: each socket, the address it was
+    /// configured with (None: from systemd) and systemd's name for it.
+    pub fn handover(&self) -> Vec<(std::os::fd::RawFd, Option<SocketAddr>, Option<String>)> {
+        self.list.iter().map(|l| (l.socket.as_raw_fd(), l.configured, l.name.clone())).collect()
     }
 
     /// The sockets this master bound (not systemd's socket unit's), for
@@ -107,26 +111,47 @@ impl Listeners {
         self.list.iter().filter(|l| l.configured.is_some()).map(|l| l.socket.as_fd()).collect()
     }
 
-    /// Uses sockets passed by systemd instead of binding.
-    pub fn adopt(fds: Vec<OwnedFd>, config: &Config) -> io::Result<Listeners> {
+    /// Uses sockets passed by systemd (with their FileDescriptorName=)
+    /// instead of binding.
+    pub fn adopt(fds: Vec<(OwnedFd, String)>, config: &Config) -> io::Result<Listeners> {
         let mut listeners = Listeners::default();
-        for fd in fds {
+        for (fd, name) in fds {
             let socket = Socket::from(fd);
             socket.set_nonblocking(true)?;
             configure(&socket, config)?;
-            listeners.push(None, socket)?;
+            listeners.push(None, Some(name), socket, config)?;
         }
         Ok(listeners)
     }
 
-    fn push(&mut self, configured: Option<SocketAddr>, socket: Socket) -> io::Result<()> {
+    fn push(
+        &mut self,
+        configured: Option<SocketAddr>,
+        name: Option<String>,
+        socket: Socket,
+        config: &Config,
+    ) -> io::Result<()> {
         let addr = socket
             .local_addr()?
             .as_socket()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an IP socket"))?;
-        self.list.push(Listener { id: self.next_id, configured, addr, socket, ready: true });
+        let proxy = config.proxy_protocol.covers(configured, addr, name.as_deref());
+        self.list.push(Listener { id: self.next_id, configured, addr, socket, name, proxy, ready: true });
         self.next_id += 1;
         Ok(())
+    }
+
+    /// The listeners that expect a PROXY header, for the start-up log.
+    pub fn proxied(&self) -> Vec<SocketAddr> {
+        self.list.iter().filter(|l| l.proxy).map(|l| l.addr).collect()
+    }
+
+    /// Applies `proxy_protocol` of a reloaded config: connections accepted
+    /// from now on follow it.
+    fn set_proxy(&mut self, config: &Config) {
+        for l in &mut self.list {
+            l.proxy = config.proxy_protocol.covers(l.configured, l.addr, l.name.as_deref());
+        }
     }
 
     pub fn token(l: &Listener) -> Token {
@@ -178,6 +203,7 @@ impl Listeners {
             for l in &self.list {
                 configure(&l.socket, config).map_err(|e| (l.addr, e))?;
             }
+            self.set_proxy(config);
             return Ok(());
         }
         // An address names an existing listener if it is what that listener
@@ -201,12 +227,13 @@ impl Listeners {
             let _ = registry.deregister(&mut SourceFd(&l.socket.as_raw_fd()));
         }
         for (addr, socket) in fresh {
-            self.push(Some(addr), socket).map_err(|e| (addr, e))?;
+            self.push(Some(addr), None, socket, config).map_err(|e| (addr, e))?;
             if let Some(l) = self.list.last() {
                 register(l, registry).map_err(|e| (addr, e))?;
                 log::info!("listening on {}", l.addr);
             }
         }
+        self.set_proxy(config);
         Ok(())
     }
 }

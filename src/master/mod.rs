@@ -211,7 +211,7 @@ impl Master {
         let listeners = if !passed.activated.is_empty() {
             let names: Vec<&str> = passed.activated.iter().map(|a| a.name.as_str()).collect();
             log::info!("using {} echo socket(s) passed by systemd ({})", names.len(), names.join(", "));
-            Listeners::adopt(passed.activated.into_iter().map(|a| a.fd).collect(), &config)?
+            Listeners::adopt(passed.activated.into_iter().map(|a| (a.fd, a.name)).collect(), &config)?
         } else if !passed.inherited.is_empty() {
             log::info!("taking over {} listening socket(s) from the previous master", passed.inherited.len());
             Listeners::inherit(upgrade::inherited_listeners(passed.inherited), &config)
@@ -225,6 +225,9 @@ impl Master {
         listeners.register(poll.registry())?;
         for addr in listeners.addrs() {
             log::info!("listening on {addr}");
+        }
+        for addr in listeners.proxied() {
+            log::info!("{addr} expects a PROXY protocol header (trusted: {})", config.proxy_trusted_list());
         }
         let http_activated = !passed.activated_metrics.is_empty();
         // An inherited metrics socket still named by `metrics_listen`.

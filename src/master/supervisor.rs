@@ -21,8 +21,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 #[derive(Debug)]
 pub struct Pending {
     pub fd: OwnedFd,
-    /// Hash bucket of the client address (scoreboard::ip_bucket).
-    pub bucket: u16,
+    /// Its client address's bucket, or that a PROXY header will tell.
+    pub origin: crate::ipc::Origin,
 }
 use std::time::{Duration, Instant};
 

@@ -103,6 +103,9 @@ impl Carried {
         for d in t.duration {
             line.push_str(&format!(" {d}"));
         }
+        for v in [t.proxied, t.rejected].iter().chain(&t.proxy_errors) {
+            line.push_str(&format!(" {v}"));
+        }
         line.push('\n');
         line
     }
@@ -117,6 +120,11 @@ impl Carried {
         for d in t.duration.iter_mut() {
             *d = next()?;
         }
+        // Added with the PROXY protocol: a predecessor built before it
+        // sends none of these, which then start from zero.
+        for v in [&mut t.proxied, &mut t.rejected].into_iter().chain(t.proxy_errors.iter_mut()) {
+            *v = next().unwrap_or(0);
+        }
         Some(c)
     }
 }
@@ -124,14 +132,15 @@ impl Carried {
 /// What the old master passes to the new one besides the environment.
 pub struct Handover {
     /// Echo listeners with the address each was configured with (None:
-    /// from systemd).
-    pub listeners: Vec<(RawFd, Option<SocketAddr>)>,
+    /// from systemd) and systemd's name for it.
+    pub listeners: Vec<(RawFd, Option<SocketAddr>, Option<String>)>,
     /// The metrics listener, if any, and whether systemd passed it.
     pub metrics: Option<(RawFd, bool)>,
 }
 
 /// LISTEN_FDNAMES given to echo sockets that came from systemd's socket
-/// unit: any name but ours and "metrics" means that.
+/// unit when systemd gave them no name: any name but ours and "metrics"
+/// means that. Named ones keep their name (`proxy_protocol` may use it).
 const ACTIVATED_NAME: &str = "echo";
 
 /// The old master's side: a new master that is starting.
@@ -186,15 +195,22 @@ pub fn spawn(
 /// In the forked child: puts the sockets at 3.., the channel after them,
 /// and execs with the environment that tells the new master what they are.
 fn exec_new_master(exe: &std::path::Path, inv: &Invocation, h: &Handover, channel: RawFd) -> io::Error {
-    let mut fds: Vec<RawFd> = h.listeners.iter().map(|(fd, _)| *fd).collect();
-    let mut names: Vec<&str> =
-        h.listeners.iter().map(|(_, conf)| if conf.is_some() { FD_LISTEN } else { ACTIVATED_NAME }).collect();
+    let mut fds: Vec<RawFd> = h.listeners.iter().map(|(fd, _, _)| *fd).collect();
+    let mut names: Vec<&str> = h
+        .listeners
+        .iter()
+        .map(|(_, conf, name)| match (conf, name.as_deref()) {
+            (Some(_), _) => FD_LISTEN,
+            (None, Some(n)) if !n.is_empty() && n != FD_LISTEN && n != FD_METRICS => n,
+            (None, _) => ACTIVATED_NAME,
+        })
+        .collect();
     if let Some((fd, activated)) = h.metrics {
         fds.push(fd);
         names.push(if activated { crate::master::METRICS_FD_NAME } else { FD_METRICS });
     }
     let configured: Vec<String> =
-        h.listeners.iter().map(|(_, c)| c.map_or_else(|| "-".to_string(), |a| a.to_string())).collect();
+        h.listeners.iter().map(|(_, c, _)| c.map_or_else(|| "-".to_string(), |a| a.to_string())).collect();
     let pid = std::process::id();
     let n = fds.len();
     fds.push(channel);

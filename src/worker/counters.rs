@@ -11,6 +11,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::proxy::HeaderError;
 use crate::scoreboard::{DURATION_BUCKETS, Field, Slot};
 
 /// What one handler counted since its last flush.
@@ -33,6 +34,15 @@ pub enum Ending {
     Other,
 }
 
+/// Why the worker turned a connection away before echoing anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Its PROXY header was bad, late, or from an untrusted source.
+    Header(HeaderError),
+    /// The client the header named is at `max_connections_per_ip`.
+    PerIp,
+}
+
 #[derive(Debug, Default)]
 struct Totals {
     bytes_in: u64,
@@ -43,6 +53,9 @@ struct Totals {
     err_other: u64,
     duration_sum_us: u64,
     duration: [u64; DURATION_BUCKETS.len()],
+    proxied: u64,
+    rejected: u64,
+    proxy_errors: [u64; HeaderError::ALL.len()],
 }
 
 /// The worker-wide counters, shared by all its handler threads.
@@ -86,6 +99,29 @@ impl Counters {
         t.finished
     }
 
+    /// A PROXY header was accepted.
+    pub fn proxied(&self) {
+        let mut t = self.lock();
+        t.proxied += 1;
+        self.slot.set(Field::Proxied, t.proxied);
+    }
+
+    /// Records a connection turned away before its echo began. It counts
+    /// as finished (the master's load is dispatched - finished) but not in
+    /// the duration histogram, which is about echo connections.
+    pub fn refuse(&self, why: Refusal) {
+        let mut t = self.lock();
+        t.finished += 1;
+        match why {
+            Refusal::PerIp => t.rejected += 1,
+            Refusal::Header(kind) => {
+                let i = HeaderError::ALL.iter().position(|&k| k == kind).unwrap_or(0);
+                t.proxy_errors[i] += 1;
+            }
+        }
+        self.mirror(&t);
+    }
+
     /// Connections dropped unserved (fast stop): counted as finished so the
     /// accounting still balances.
     pub fn abandon(&self, n: u64) {
@@ -105,6 +141,10 @@ impl Counters {
         s.set(Field::DurationSumUs, t.duration_sum_us);
         for (i, &d) in t.duration.iter().enumerate() {
             s.set_duration_bucket(i, d);
+        }
+        s.set(Field::Rejected, t.rejected);
+        for (i, &e) in t.proxy_errors.iter().enumerate() {
+            s.set_proxy_error(i, e);
         }
         // Last, and SeqCst: the master's dispatcher reads it (see Scoreboard).
         s.set_finished(t.finished);

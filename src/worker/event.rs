@@ -35,9 +35,12 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::config::Transform;
-use crate::ipc::Notice;
+use crate::ipc::{Notice, Origin};
+use crate::proxy::{Handshake, HeaderError, Step};
+use crate::worker::counters::Refusal;
 use crate::worker::counters::{Ending, Tally};
 use crate::worker::echo::ending_of;
+use crate::worker::proxied;
 use crate::worker::queue::Pop;
 use crate::worker::{TICK, Worker};
 
@@ -127,8 +130,12 @@ pub fn busy_loops(handles: &[Handle]) -> usize {
 /// One client connection in a loop.
 struct Conn {
     stream: TcpStream,
-    /// Client-address bucket, discharged when the connection ends.
-    bucket: u16,
+    /// Client-address bucket, discharged when the connection ends (None
+    /// while a PROXY header is awaited: nothing is charged yet).
+    bucket: Option<u16>,
+    /// The PROXY header being read, with the balancer's address; None once
+    /// admitted (or on a plain listener).
+    header: Option<Box<(Handshake, std::net::SocketAddr)>>,
     started: Instant,
     /// Receiver tick of the client's last bytes (idle timeout).
     last_active: u64,
@@ -264,12 +271,12 @@ impl EventLoop {
         let mut taken = 0;
         while taken < share {
             match self.w.queue.try_pop() {
-                Pop::Item((stream, bucket), depth) => {
+                Pop::Item((stream, origin), depth) => {
                     if taken == 0 && loops > 1 {
                         share = (depth.queued + 1).div_ceil(loops);
                     }
                     taken += 1;
-                    self.register(stream, bucket);
+                    self.register(stream, origin);
                 }
                 Pop::TimedOut => return,
                 Pop::Closed => {
@@ -281,7 +288,20 @@ impl EventLoop {
         notify(&self.w.loops);
     }
 
-    fn register(&mut self, stream: StdStream, bucket: u16) {
+    fn register(&mut self, stream: StdStream, origin: Origin) {
+        let (bucket, header) = match origin {
+            Origin::Direct(bucket) => (Some(bucket), None),
+            Origin::Proxied => {
+                let Ok(peer) = stream.peer_addr() else {
+                    self.w.counters.refuse(Refusal::Header(HeaderError::Truncated));
+                    return;
+                };
+                if proxied::check_trusted(&self.w, peer).is_err() {
+                    return; // counted; dropping `stream` closes it
+                }
+                (None, Some(Box::new((Handshake::default(), peer))))
+            }
+        };
         let started = Instant::now();
         self.handle().open.fetch_add(1, Ordering::AcqRel);
         self.w.busy.fetch_add(1, Ordering::Relaxed);
@@ -300,6 +320,7 @@ impl EventLoop {
                 self.conns[i] = Some(Conn {
                     stream,
                     bucket,
+                    header,
                     started,
                     last_active,
                     unsent: Vec::new(),
@@ -326,6 +347,13 @@ impl EventLoop {
         let transform = self.w.config.transform;
         let Some(conn) = self.conns.get_mut(i).and_then(Option::as_mut) else { return };
         conn.read_closed |= read_closed;
+        if conn.header.is_some() {
+            match read_header(&self.w, conn, transform, &mut self.tally) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(_) => return self.drop_refused(i),
+            }
+        }
         match turn(conn, &mut self.buf, transform, &mut self.tally, now) {
             Turn::Wait => {}
             Turn::More => self.ready.push_back(i),
@@ -338,8 +366,15 @@ impl EventLoop {
         let idle = self.w.config.idle_timeout.nonzero().map(|d| d.as_millis().div_ceil(TICK.as_millis()).max(1) as u64);
         let stall = self.w.config.write_timeout.nonzero();
         let mut cut = Vec::new();
+        let mut late = Vec::new();
         for (i, c) in self.conns.iter().enumerate() {
             let Some(c) = c else { continue };
+            if let Some((_, peer)) = c.header.as_deref() {
+                if c.started.elapsed() >= self.w.config.proxy_timeout.0 {
+                    late.push((i, *peer));
+                }
+                continue;
+            }
             let idle_out = idle.is_some_and(|t| now.saturating_sub(c.last_active) >= t);
             let stall_out = stall.zip(c.stalled_since).is_some_and(|(t, since)| since.elapsed() >= t);
             if idle_out || stall_out {
@@ -351,6 +386,10 @@ impl EventLoop {
         }
         for i in cut {
             self.close(i, Ending::Timeout);
+        }
+        for (i, peer) in late {
+            proxied::refused(&self.w, peer, None, Refusal::Header(HeaderError::Timeout));
+            self.drop_refused(i);
         }
     }
 
@@ -373,13 +412,61 @@ impl EventLoop {
 
     /// Records a connection that ended. Its bytes are in the loop's tally,
     /// flushed with it so totals are exact the moment it counts as finished.
-    fn finish(&mut self, bucket: u16, started: Instant, ending: Ending) {
+    fn finish(&mut self, bucket: Option<u16>, started: Instant, ending: Ending) {
         self.w.counters.finish(&mut self.tally, ending, started.elapsed());
-        self.w.scoreboard.discharge_ip(self.w.id, bucket);
+        if let Some(bucket) = bucket {
+            self.w.scoreboard.discharge_ip(self.w.id, bucket);
+        }
+        self.forget();
+    }
+
+    /// Closes a connection refused before its echo began (already counted
+    /// by `proxied::refused`).
+    fn drop_refused(&mut self, i: usize) {
+        let Some(mut conn) = self.conns.get_mut(i).and_then(Option::take) else { return };
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        self.free.push(i);
+        self.forget();
+    }
+
+    /// A connection of this loop is gone.
+    fn forget(&mut self) {
         self.w.busy.fetch_sub(1, Ordering::Release);
         self.handle().open.fetch_sub(1, Ordering::AcqRel);
         self.freed = true;
     }
+}
+
+/// Reads as much of a connection's PROXY header as has arrived. Ok(true):
+/// admitted, the echo may start (bytes sent after the header are queued to
+/// be echoed first); Ok(false): wait for more; Err: refused and counted.
+fn read_header(w: &Worker, c: &mut Conn, transform: Transform, tally: &mut Tally) -> Result<bool, Refusal> {
+    let Some((hs, peer)) = c.header.as_deref_mut() else { return Ok(true) };
+    let peer = *peer;
+    // Edge-triggered: read until the header is whole or the socket is
+    // empty. Each pass either reads a byte or more, or stops.
+    let step = loop {
+        let before = hs.received();
+        match hs.advance(&mut c.stream) {
+            Ok(Step::Pending) if hs.received() == before => return Ok(false),
+            Ok(Step::Pending) => {}
+            Ok(done @ Step::Done { .. }) => break done,
+            Err(kind) => return Err(proxied::refused(w, peer, None, Refusal::Header(kind))),
+        }
+    };
+    let Step::Done { header, mut early } = step else { return Ok(false) };
+    let admitted = proxied::admit(w, peer, header, Vec::new())?;
+    c.bucket = Some(admitted.bucket);
+    c.header = None;
+    if !early.is_empty() {
+        if transform == Transform::Upper {
+            early.make_ascii_uppercase();
+        }
+        tally.bytes_in += early.len() as u64;
+        c.unsent = early;
+        c.sent = 0;
+    }
+    Ok(true)
 }
 
 /// Serves one connection as far as it can go without blocking: first what

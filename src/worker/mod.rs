@@ -28,6 +28,7 @@ pub mod counters;
 pub mod echo;
 pub mod event;
 pub mod pool;
+pub mod proxied;
 pub mod queue;
 
 use std::net::TcpStream;
@@ -40,7 +41,8 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use crate::config::{Config, Handler};
-use crate::ipc::{Channel, Command, Notice, Received};
+use crate::ipc::{Channel, Command, Notice, Origin, Received};
+use crate::ratelimit::RateLimited;
 use crate::scoreboard::{Field, Scoreboard, Slot, monotonic_ms};
 use crate::{logging, sys};
 use counters::Counters;
@@ -81,8 +83,9 @@ pub struct Worker {
     pub slot: Slot,
     pub scoreboard: Scoreboard,
     pub channel: Channel,
-    /// Connections waiting for a thread, with their client-address bucket.
-    pub queue: Queue<(TcpStream, u16)>,
+    /// Connections waiting for a thread, with where their client address
+    /// comes from.
+    pub queue: Queue<(TcpStream, Origin)>,
     pub counters: Counters,
     pub open: OpenConnections,
     /// The event loops (event mode; empty in thread mode).
@@ -94,6 +97,8 @@ pub struct Worker {
     /// Receiver ticks so far: a clock handlers can read for the price of a
     /// relaxed load.
     pub ticks: AtomicU64,
+    /// Paces the log lines of refused PROXY connections (`proxied`).
+    pub refusal_log: std::sync::Mutex<RateLimited>,
 }
 
 /// The worker process's entry point, called in the child right after fork.
@@ -160,6 +165,7 @@ fn serve(id: usize, config: Config, channel: Channel, scoreboard: Scoreboard, ca
         threads: AtomicUsize::new(0),
         busy: AtomicUsize::new(0),
         ticks: AtomicU64::new(0),
+        refusal_log: std::sync::Mutex::new(RateLimited::default()),
         config,
     });
     if let Err(e) = start_handlers(&w, polls) {
@@ -231,10 +237,10 @@ fn receive(w: &Arc<Worker>) -> i32 {
 
 /// Queues newly received connections, starting threads (thread mode) or
 /// waking a loop (event mode) as needed.
-fn take(w: &Arc<Worker>, conns: Vec<(std::os::fd::OwnedFd, u16)>, last_tick: &mut Instant) {
+fn take(w: &Arc<Worker>, conns: Vec<(std::os::fd::OwnedFd, Origin)>, last_tick: &mut Instant) {
     w.slot.set(Field::Received, w.slot.get(Field::Received) + conns.len() as u64);
-    for (fd, bucket) in conns {
-        let mut stream = (TcpStream::from(fd), bucket);
+    for (fd, origin) in conns {
+        let mut stream = (TcpStream::from(fd), origin);
         loop {
             match w.queue.push(stream, Some(TICK)) {
                 Ok(_) if !w.loops.is_empty() => break,
@@ -255,8 +261,8 @@ fn take(w: &Arc<Worker>, conns: Vec<(std::os::fd::OwnedFd, u16)>, last_tick: &mu
                     tick(w);
                     *last_tick = Instant::now();
                 }
-                Err(PushError::Closed((_, bucket))) => {
-                    w.scoreboard.discharge_ip(w.id, bucket);
+                Err(PushError::Closed((_, origin))) => {
+                    w.release(origin);
                     break;
                 }
             }
@@ -280,6 +286,14 @@ impl Worker {
     fn close_queue(&self) {
         self.queue.close();
         event::wake_all(&self.loops);
+    }
+
+    /// Gives back what the master charged for a connection that is gone
+    /// (a proxied one is charged only once its header is read).
+    pub fn release(&self, origin: Origin) {
+        if let Origin::Direct(bucket) = origin {
+            self.scoreboard.discharge_ip(self.id, bucket);
+        }
     }
 
     /// Closes every connection being served, in either mode; returns how
@@ -359,8 +373,8 @@ fn drain(w: &Arc<Worker>, timeout: Duration) -> i32 {
 fn quit(w: &Worker) -> i32 {
     let unserved = w.queue.close_and_take();
     w.counters.abandon(unserved.len() as u64);
-    for (_, bucket) in unserved {
-        w.scoreboard.discharge_ip(w.id, bucket);
+    for (_, origin) in unserved {
+        w.release(origin);
     }
     w.cut_all(); // also wakes the event loops, which then see the queue closed
     // Give handlers a moment to record the connections they just lost, so

@@ -21,11 +21,12 @@ use std::time::Instant;
 
 use nix::sys::socket::{Shutdown, shutdown};
 
-use crate::ipc::Notice;
-use crate::worker::Worker;
+use crate::config::Transform;
+use crate::ipc::{Notice, Origin};
 use crate::worker::counters::{Ending, Tally};
 use crate::worker::echo::echo;
 use crate::worker::queue::Pop;
+use crate::worker::{Worker, proxied};
 
 /// Handler thread stack. The echo loop needs a few KiB (log formatting a few
 /// more); only touched pages cost memory, but a small reservation keeps
@@ -78,7 +79,7 @@ fn handler(w: Arc<Worker>) {
     let slot = w.open.register();
     loop {
         match w.queue.pop(retire_after) {
-            Pop::Item((stream, bucket), depth) => {
+            Pop::Item((stream, origin), depth) => {
                 if depth.needs_thread() {
                     // More waiting than idle threads: start a helper before
                     // serving. The receiver does this too, but under load it
@@ -86,8 +87,9 @@ fn handler(w: Arc<Worker>) {
                     // over the handlers lets the pool grow with demand.
                     let _ = spawn_handler(&w);
                 }
-                serve(&w, &slot, stream, &mut buf);
-                w.scoreboard.discharge_ip(w.id, bucket);
+                if let Some(bucket) = serve(&w, &slot, stream, origin, &mut buf) {
+                    w.scoreboard.discharge_ip(w.id, bucket);
+                }
             }
             Pop::TimedOut => {
                 if retire_if_spare(&w) {
@@ -110,13 +112,35 @@ fn retire_if_spare(w: &Worker) -> bool {
         .is_ok()
 }
 
-/// Serves one connection to its end and records it.
-fn serve(w: &Worker, slot: &ConnSlot, mut stream: TcpStream, buf: &mut [u8]) {
+/// Serves one connection to its end and records it. Returns the client
+/// address bucket charged for it (None if it was refused before that).
+fn serve(w: &Worker, slot: &ConnSlot, mut stream: TcpStream, origin: Origin, buf: &mut [u8]) -> Option<u16> {
     let started = Instant::now();
     w.busy.fetch_add(1, Ordering::Relaxed);
     let mut seen = w.ticks.load(Ordering::Relaxed);
+    // Open first, so a drain deadline or fast stop can cut a connection
+    // still sending its PROXY header.
     slot.open(stream.as_raw_fd(), seen);
     let mut tally = Tally::default();
+    let (bucket, mut early) = match origin {
+        Origin::Direct(bucket) => (bucket, Vec::new()),
+        Origin::Proxied => match proxied::handshake_blocking(w, &mut stream) {
+            Ok(a) => (a.bucket, a.early),
+            Err(_) => {
+                slot.close();
+                drop(stream);
+                w.busy.fetch_sub(1, Ordering::Release);
+                slot_freed(w);
+                return None;
+            }
+        },
+    };
+    if !early.is_empty() {
+        tally.bytes_in += early.len() as u64;
+        if proxied::echo_early(&mut stream, &mut early, w.config.transform == Transform::Upper).is_ok() {
+            tally.bytes_out += early.len() as u64;
+        }
+    }
     let mut next_flush = seen + FLUSH_TICKS;
     let mut echoes = 0u32;
     let ending = echo(&mut stream, buf, w.config.transform, &mut tally, |t| {
@@ -143,6 +167,12 @@ fn serve(w: &Worker, slot: &ConnSlot, mut stream: TcpStream, buf: &mut [u8]) {
     w.counters.finish(&mut tally, ending, started.elapsed());
     w.busy.fetch_sub(1, Ordering::Release);
     log::trace!("connection closed: {ending:?}");
+    slot_freed(w);
+    Some(bucket)
+}
+
+/// Tells the master a slot is free, if it is waiting for one.
+fn slot_freed(w: &Worker) {
     if w.scoreboard.accept_paused() {
         // The master waits for capacity; a full channel means it will wake
         // anyway, so a failed notice loses nothing.

@@ -1,0 +1,136 @@
+//! Connections from PROXY protocol listeners (`proxy_protocol`): what a
+//! worker does before the echo begins.
+//!
+//! 1. The peer must be in `proxy_trusted`; anyone else is refused unread.
+//! 2. The header (v1 or v2, parsed by [`crate::proxy`]) must arrive whole
+//!    within `proxy_timeout`.
+//! 3. The client it names must be under `max_connections_per_ip`.
+//!
+//! Each refusal closes the connection and is counted by kind
+//! (`echod_proxy_header_errors_total`, or `echod_connections_rejected_total`
+//! for the limit), with one log line per five seconds per worker.
+//!
+//! Why here and not in the master: reading a header is waiting on a client,
+//! for up to `proxy_timeout`, and the master's loop must never wait on a
+//! client (its accepts, signals and health answers would stall behind the
+//! slowest one). The handlers already own per-connection waiting: a thread
+//! blocks with a deadline, an event loop keeps per-connection state and a
+//! tick. Parsing is spread over the workers, and a header that crashes
+//! something takes down one worker, not the master.
+//!
+//! The cost is that the per-address limit for these clients is checked here,
+//! against every worker's row of the scoreboard, instead of in the master.
+//! The worker charges its own row first and then reads the total, so two
+//! workers admitting the same client at once both see each other: at worst
+//! both refuse, never both admit past the limit.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::time::Instant;
+
+use crate::proxy::{Handshake, Header, HeaderError, Step};
+use crate::ratelimit::RateLimited;
+use crate::scoreboard::ip_bucket;
+use crate::worker::Worker;
+use crate::worker::counters::Refusal;
+
+/// A connection whose header was accepted.
+#[derive(Debug)]
+pub struct Admitted {
+    /// The client's address bucket, charged to this worker: discharge it
+    /// when the connection ends.
+    pub bucket: u16,
+    /// Bytes the client sent right after the header, read with it: the
+    /// first bytes to echo.
+    pub early: Vec<u8>,
+}
+
+/// Step 1: refuses a peer that may not send headers.
+pub fn check_trusted(w: &Worker, peer: SocketAddr) -> Result<(), Refusal> {
+    if w.config.proxy_trusts(peer.ip()) {
+        Ok(())
+    } else {
+        Err(refused(w, peer, None, Refusal::Header(HeaderError::Untrusted)))
+    }
+}
+
+/// Thread mode: all three steps, blocking, the deadline enforced with
+/// SO_RCVTIMEO for the header only (the echo itself runs without one; see
+/// `pool::ConnSlot`).
+pub fn handshake_blocking(w: &Worker, stream: &mut TcpStream) -> Result<Admitted, Refusal> {
+    let peer = stream.peer_addr().map_err(|_| Refusal::Header(HeaderError::Truncated))?;
+    check_trusted(w, peer)?;
+    let deadline = Instant::now() + w.config.proxy_timeout.0;
+    let mut hs = Handshake::default();
+    let read = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break Err(HeaderError::Timeout);
+        }
+        if stream.set_read_timeout(Some(left)).is_err() {
+            break Err(HeaderError::Truncated);
+        }
+        match hs.advance(stream) {
+            Ok(Step::Pending) => {}
+            Ok(Step::Done { header, early }) => break Ok((header, early)),
+            Err(e) => break Err(e),
+        }
+    };
+    let _ = stream.set_read_timeout(None);
+    match read {
+        Ok((header, early)) => admit(w, peer, header, early),
+        Err(kind) => Err(refused(w, peer, None, Refusal::Header(kind))),
+    }
+}
+
+/// Step 3, once a header is complete: charges the client it names and
+/// checks `max_connections_per_ip` across all workers.
+pub fn admit(w: &Worker, peer: SocketAddr, header: Header, early: Vec<u8>) -> Result<Admitted, Refusal> {
+    // LOCAL / UNKNOWN: the balancer speaks for itself (a health check).
+    let client = header.source.unwrap_or(peer);
+    let bucket = ip_bucket(client.ip());
+    w.scoreboard.charge_ip(w.id, bucket);
+    let max = w.config.max_connections_per_ip;
+    if max > 0 && w.scoreboard.ip_total(bucket) > u64::from(max) {
+        w.scoreboard.discharge_ip(w.id, bucket);
+        return Err(refused(w, peer, Some(client), Refusal::PerIp));
+    }
+    w.counters.proxied();
+    log::trace!("connection from {client} via {peer}");
+    Ok(Admitted { bucket, early })
+}
+
+/// Counts a refusal and logs it (rate-limited); the caller closes.
+pub fn refused(w: &Worker, peer: SocketAddr, client: Option<SocketAddr>, why: Refusal) -> Refusal {
+    w.counters.refuse(why);
+    let now = Instant::now();
+    let allowed = w.refusal_log.lock().map(|mut l| l.allow(now)).unwrap_or(None);
+    if let Some(suppressed) = allowed {
+        let more = RateLimited::suffix(suppressed);
+        match (why, client) {
+            (Refusal::PerIp, Some(c)) => log::warn!(
+                "rejected a connection from {} (via {peer}): max_connections_per_ip ({}) reached{more}",
+                c.ip(),
+                w.config.max_connections_per_ip
+            ),
+            (Refusal::Header(HeaderError::Untrusted), _) => {
+                log::warn!(
+                    "refused a connection from {peer}: not in proxy_trusted, so its PROXY header is not believed{more}"
+                )
+            }
+            (Refusal::Header(kind), _) => {
+                log::warn!("refused a connection from {peer}: PROXY protocol header {kind}{more}")
+            }
+            (Refusal::PerIp, None) => log::warn!("rejected a connection from {peer}: max_connections_per_ip{more}"),
+        }
+    }
+    why
+}
+
+/// Thread mode: echoes the bytes that came with the header.
+pub fn echo_early(stream: &mut TcpStream, early: &mut [u8], upper: bool) -> std::io::Result<()> {
+    if upper {
+        early.make_ascii_uppercase();
+    }
+    stream.write_all(early)
+}
