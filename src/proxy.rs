@@ -126,19 +126,28 @@ fn parse_v1(buf: &[u8]) -> Result<Parsed, HeaderError> {
     if buf[..n] != V1_PREFIX[..n] {
         return Err(HeaderError::Missing);
     }
-    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+    // Scan byte by byte so that the verdict depends only on the bytes
+    // before it: more bytes arriving never change a decision.
+    let mut end = None;
+    for (i, &b) in buf.iter().enumerate().take(V1_MAX) {
+        match b {
+            b'\r' if i + 1 >= V1_MAX => return Err(HeaderError::Oversized),
+            b'\r' if i + 1 == buf.len() => break,
+            b'\r' if buf[i + 1] == b'\n' => {
+                end = Some(i);
+                break;
+            }
+            b' '..=b'~' => {}
+            // A lone CR or LF, or any other control or non-ASCII byte.
+            _ => return Err(HeaderError::Malformed),
+        }
+    }
+    let Some(end) = end else {
         if buf.len() >= V1_MAX {
             return Err(HeaderError::Oversized);
         }
-        // A lone LF or any other control byte can never become valid.
-        if buf.iter().any(|&b| b == b'\n' || (b < b' ' && b != b'\r') || b > b'~') {
-            return Err(HeaderError::Malformed);
-        }
         return Ok(Parsed::Incomplete { want: V1_MAX - buf.len() });
     };
-    if end + 2 > V1_MAX {
-        return Err(HeaderError::Oversized);
-    }
     let line = std::str::from_utf8(&buf[V1_PREFIX.len()..end]).map_err(|_| HeaderError::Malformed)?;
     let source = v1_source(line).ok_or(HeaderError::Malformed)?;
     Ok(Parsed::Complete(Header { len: end + 2, source }))

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Stdio};
 use std::thread;
@@ -222,4 +223,51 @@ both_modes! {
         assert_eq!(code, 78, "{err}");
         assert!(err.contains("root.toml:3: key `user`"), "{err}");
     }
+}
+
+#[test]
+fn proxy_protocol_picks_activated_sockets_by_their_name() {
+    let (plain, proxied) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("echod.toml");
+    std::fs::write(
+        &config,
+        in_test_mode("workers = 1\nproxy_protocol = [\"behind-lb\"]\nproxy_trusted = [\"127.0.0.1\"]\n"),
+    )
+    .unwrap();
+    let log = dir.path().join("stderr.log");
+    let child = Command::new("systemd-socket-activate")
+        .args(["-l", &format!("127.0.0.1:{plain}"), "-l", &format!("127.0.0.1:{proxied}"), "--fdname=echo:behind-lb"])
+        .arg(ECHOD)
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("systemd-socket-activate (Debian package systemd)");
+    let pid = child.id() as i32;
+    let _cleanup = Defer(move || {
+        let workers = children_of(pid);
+        kill(pid, libc_sig::KILL);
+        workers.into_iter().for_each(|w| kill(w, libc_sig::KILL));
+    });
+    let header = b"PROXY TCP4 192.0.2.7 127.0.0.1 4000 7\r\n";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", proxied)) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("connect: {e}"),
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(header).unwrap();
+    assert_eq!(round_trip(&mut s, b"via lb").unwrap(), b"via lb", "the header was not consumed");
+    // The other socket is plain: a header there is just bytes to echo.
+    let mut p = connect(format!("127.0.0.1:{plain}").parse().unwrap());
+    assert_eq!(round_trip(&mut p, header).unwrap(), header);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains(&format!("127.0.0.1:{proxied} expects a PROXY protocol header")), "{text}");
+    assert!(!text.contains(&format!("127.0.0.1:{plain} expects")), "{text}");
 }
