@@ -236,7 +236,7 @@ fn proxy_protocol_picks_activated_sockets_by_their_name() {
     )
     .unwrap();
     let log = dir.path().join("stderr.log");
-    let child = Command::new("systemd-socket-activate")
+    let mut child = Command::new("systemd-socket-activate")
         .args(["-l", &format!("127.0.0.1:{plain}"), "-l", &format!("127.0.0.1:{proxied}"), "--fdname=echo:behind-lb"])
         .arg(ECHOD)
         .arg("--config")
@@ -270,4 +270,11 @@ fn proxy_protocol_picks_activated_sockets_by_their_name() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains(&format!("127.0.0.1:{proxied} expects a PROXY protocol header")), "{text}");
     assert!(!text.contains(&format!("127.0.0.1:{plain} expects")), "{text}");
+    drop((s, p));
+    kill(pid, libc_sig::TERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(child.try_wait().unwrap().is_some_and(|s| s.success()));
 }
