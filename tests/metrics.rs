@@ -163,6 +163,7 @@ both_modes! {
         e.signal(libc_sig::TERM);
         e.wait_log("/healthz answers 503", Duration::from_secs(2)).expect("delay announced");
         assert_eq!(http_get(maddr, "/healthz").0, 503);
+        assert_eq!(http_get(maddr, "/livez").0, 200, "draining is alive (a livenessProbe must not kill it)");
         let mut s = connect(e.addr);
         assert_eq!(round_trip(&mut s, b"still served").unwrap(), b"still served", "a connect during the delay is served");
         drop(s);

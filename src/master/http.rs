@@ -1,4 +1,11 @@
-//! The master's tiny HTTP endpoint: `GET /metrics` and `GET /healthz`.
+//! The master's tiny HTTP endpoint: `GET /metrics`, `GET /healthz` and
+//! `GET /livez`.
+//!
+//! `/healthz` is readiness: 503 while no worker serves and from the first
+//! moment of a graceful stop, so a load balancer (HAProxy's httpchk, a
+//! Kubernetes readinessProbe) stops sending clients. `/livez` is liveness:
+//! 200 whenever the master's loop answers at all, stopping or not, so a
+//! Kubernetes livenessProbe never kills a pod for draining.
 //!
 //! Served from the master's own poll loop, non-blocking, so the master stays
 //! single-threaded (rule 1 of DESIGN.md). A scraper can never stall accept
@@ -223,7 +230,8 @@ fn respond(head: &[u8], app: &dyn Responder) -> Vec<u8> {
         "/metrics" => response(200, "OK", "text/plain; version=0.0.4; charset=utf-8", &app.metrics(), head_only),
         "/healthz" if app.healthy() => response(200, "OK", "text/plain", "ok\n", head_only),
         "/healthz" => response(503, "Service Unavailable", "text/plain", "stopping or no worker serving\n", head_only),
-        _ => response(404, "Not Found", "text/plain", "try /metrics or /healthz\n", head_only),
+        "/livez" => response(200, "OK", "text/plain", "alive\n", head_only),
+        _ => response(404, "Not Found", "text/plain", "try /metrics, /healthz or /livez\n", head_only),
     }
 }
 
@@ -263,6 +271,7 @@ mod tests {
         assert!(text("GET /metrics HTTP/1.1\r\n\r\n", true).ends_with("\r\n\r\nm 1\n"));
         assert!(text("GET /healthz HTTP/1.0\r\n\r\n", true).starts_with("HTTP/1.1 200"));
         assert!(text("GET /healthz HTTP/1.0\r\n\r\n", false).starts_with("HTTP/1.1 503"));
+        assert!(text("GET /livez HTTP/1.0\r\n\r\n", false).starts_with("HTTP/1.1 200"), "alive while stopping");
         assert!(text("GET /nope HTTP/1.0\r\n\r\n", true).starts_with("HTTP/1.1 404"));
         assert!(text("POST /metrics HTTP/1.0\r\n\r\n", true).starts_with("HTTP/1.1 405"));
         let head = text("HEAD /metrics HTTP/1.1\r\n\r\n", true);

@@ -1,0 +1,279 @@
+//! echod as an HAProxy backend, with the real HAProxy (Debian package
+//! `haproxy`) running the configuration shipped in `deploy/haproxy/`:
+//! two echod (one per handler mode) on distinct loopback addresses behind
+//! it, sent PROXY v2 headers, health-checked on /healthz.
+//!
+//! One test, in phases that share the fleet: load spreads over both
+//! backends; the per-address limit sees the client HAProxy names, not
+//! HAProxy; a SIGKILLed backend costs only its own connections; a backend
+//! stopped gracefully mid-run loses no echo. Loopback only, bounded in time
+//! (about 30 s), every process killed by PID at the end.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const LOAD: &str = env!("CARGO_BIN_EXE_echo-load");
+
+fn deploy_file(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/haproxy").join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `text` with each `(from, to)` replaced; each `from` must occur exactly
+/// once, so an edit of the shipped file cannot silently leave the test
+/// running something else.
+fn swap(mut text: String, pairs: &[(&str, String)]) -> String {
+    for (from, to) in pairs {
+        assert_eq!(text.matches(from).count(), 1, "`{from}` should occur once in the shipped file");
+        text = text.replace(from, to);
+    }
+    text
+}
+
+/// The shipped backend config for one loopback backend.
+fn backend_config(listen: &str, metrics: &str, handler: &str, per_ip: u32) -> String {
+    swap(
+        deploy_file("echod-backend.toml"),
+        &[
+            ("\"0.0.0.0:7007\"", format!("\"{listen}\"")),
+            ("\"0.0.0.0:9107\"", format!("\"{metrics}\"")),
+            ("[\"10.0.0.5\", \"10.0.0.6\"]", "[\"127.0.0.1\"]".to_string()),
+            ("handler = \"event\"", format!("handler = \"{handler}\"")),
+            ("max_connections_per_ip = 100", format!("max_connections_per_ip = {per_ip}")),
+        ],
+    )
+}
+
+struct HaProxy {
+    child: Child,
+    stats: PathBuf,
+    log: PathBuf,
+}
+
+impl Drop for HaProxy {
+    fn drop(&mut self) {
+        kill(self.child.id() as i32, libc_sig::KILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl HaProxy {
+    fn start(dir: &Path, front: SocketAddr, servers: [SocketAddr; 2], check_port: u16) -> HaProxy {
+        let stats = dir.join("haproxy.sock");
+        let cfg = swap(
+            deploy_file("haproxy.cfg"),
+            &[
+                ("bind :7   # ADDR frontend", format!("bind {front}")),
+                ("10.0.0.11:7007", servers[0].to_string()),
+                ("10.0.0.12:7007", servers[1].to_string()),
+                ("check port 9107", format!("check port {check_port}")),
+                ("/run/haproxy/echod.sock", stats.display().to_string()),
+            ],
+        );
+        let path = dir.join("haproxy.cfg");
+        std::fs::write(&path, cfg).unwrap();
+        let check =
+            Command::new("haproxy").arg("-c").arg("-f").arg(&path).output().expect(
+                "haproxy is not installed: `apt-get install haproxy` (the Debian package; .ci/run installs it)",
+            );
+        assert!(check.status.success(), "haproxy -c: {}", String::from_utf8_lossy(&check.stderr));
+        let log = dir.join("haproxy.log");
+        let child = Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::from(std::fs::File::options().append(true).open(&log).unwrap()))
+            .spawn()
+            .expect("start haproxy");
+        HaProxy { child, stats, log }
+    }
+
+    /// Server name -> (status, current sessions), from `show stat`.
+    fn servers(&self) -> Vec<(String, String, u64)> {
+        let Ok(mut s) = UnixStream::connect(&self.stats) else { return Vec::new() };
+        let _ = s.write_all(b"show stat\n");
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        let mut lines = text.lines();
+        let header: Vec<&str> = lines.next().unwrap_or("").trim_start_matches("# ").split(',').collect();
+        let col = |name: &str| header.iter().position(|h| *h == name);
+        let (Some(sv), Some(st), Some(cur)) = (col("svname"), col("status"), col("scur")) else { return Vec::new() };
+        lines
+            .map(|l| l.split(',').collect::<Vec<_>>())
+            .filter(|f| f.len() > st && f[0] == "echod" && f[sv].starts_with("echod"))
+            .map(|f| (f[sv].to_string(), f[st].to_string(), f[cur].parse().unwrap_or(0)))
+            .collect()
+    }
+
+    fn status(&self, server: &str) -> String {
+        self.servers().into_iter().find(|(n, _, _)| n == server).map(|(_, s, _)| s).unwrap_or_default()
+    }
+
+    /// Waits until `server`'s status starts with `want` ("UP", "DOWN").
+    fn wait_status(&self, server: &str, want: &str, within: Duration) -> Duration {
+        let start = Instant::now();
+        while !self.status(server).starts_with(want) {
+            assert!(
+                start.elapsed() < within,
+                "{server} not {want} after {within:?}: {:?}\n{}",
+                self.servers(),
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        start.elapsed()
+    }
+}
+
+/// Starts one backend from the shipped config.
+fn backend(listen: &str, metrics: &str, handler: &str, per_ip: u32) -> Echod {
+    start(&backend_config(listen, metrics, handler, per_ip))
+}
+
+fn echo_load(front: SocketAddr, args: &[&str]) -> Child {
+    Command::new(LOAD)
+        .args(["--addr", &front.to_string(), "--json", "--timeout", "5"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("echo-load")
+}
+
+fn finish_load(child: Child) -> serde_json::Value {
+    let out: Output = child.wait_with_output().unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "echo-load JSON: {e}\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn n(v: &serde_json::Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("no `{key}` in {v}"))
+}
+
+/// A client connection from loopback address `from` through HAProxy.
+fn client(from: &str, front: SocketAddr) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&format!("{from}:0").parse::<SocketAddr>().unwrap().into()).unwrap();
+    sock.connect_timeout(&front.into(), Duration::from_secs(5)).unwrap();
+    let s = TcpStream::from(sock);
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s
+}
+
+fn served(s: &mut TcpStream, what: &[u8]) -> bool {
+    matches!(round_trip(s, what), Ok(got) if got == what)
+}
+
+fn metric(e: &Echod, name: &str) -> f64 {
+    e.scrape().get(name).copied().unwrap_or(0.0)
+}
+
+#[test]
+fn two_echod_behind_haproxy_with_proxy_v2() {
+    let dir = tempfile::tempdir().unwrap();
+    // Backend 1 picks free ports; backend 2 takes the same ports on its own
+    // address, so HAProxy's single `check port` fits both, as in production.
+    let a = backend("127.0.0.2:0", "127.0.0.2:0", "thread", PER_IP);
+    let (port, mport) = (a.addr.port(), a.metrics_addr().port());
+    let b1_listen = format!("127.0.0.3:{port}");
+    let b1_metrics = format!("127.0.0.3:{mport}");
+    let mut b = backend(&b1_listen, &b1_metrics, "event", PER_IP);
+    let front: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let hap = HaProxy::start(dir.path(), front, [a.addr, b.addr], mport);
+    hap.wait_status("echod1", "UP", Duration::from_secs(10));
+    hap.wait_status("echod2", "UP", Duration::from_secs(10));
+
+    // 1. Load spreads over both, every byte verified.
+    let r = finish_load(echo_load(front, &["-c", "20", "-d", "2", "-s", "512"]));
+    assert_eq!(n(&r, "errors"), 0, "{r}");
+    assert_eq!(n(&r, "mismatches"), 0, "{r}");
+    let (ha, hb) = (metric(&a, "echod_proxy_headers_total"), metric(&b, "echod_proxy_headers_total"));
+    assert!(ha >= 5.0 && hb >= 5.0, "20 connections split {ha} / {hb}");
+    println!("through haproxy: {} responses/s, 20 connections split {ha} / {hb}", r["rps"]);
+
+    // 2. The per-address limit counts the client HAProxy names. Every
+    // connection reaches echod from HAProxy's one address; were that what
+    // counted, the 21st would be refused whoever sent it.
+    let mut held = Vec::new();
+    for i in 0..2 * PER_IP {
+        let mut c = client("127.0.0.10", front);
+        assert!(served(&mut c, format!("c{i}").as_bytes()), "connection {i} from 127.0.0.10 refused");
+        held.push(c);
+    }
+    let mut over = client("127.0.0.10", front);
+    assert!(!served(&mut over, b"over"), "127.0.0.10 is at the limit on both hosts");
+    let mut other = client("127.0.0.11", front);
+    assert!(served(&mut other, b"other client"));
+    let rejected = metric(&a, "echod_connections_rejected_total") + metric(&b, "echod_connections_rejected_total");
+    assert_eq!(rejected, 1.0);
+    let logs = a.log_text() + &b.log_text();
+    assert!(logs.contains("rejected a connection from 127.0.0.10 (via 127.0.0.1:"), "{logs}");
+    drop((held, over, other));
+
+    // 3. SIGKILL backend 2 under load: only the connections it held fail;
+    // HAProxy's check takes it out and new connections go to backend 1.
+    let load = echo_load(front, &["-c", "12", "-d", "5"]);
+    thread::sleep(Duration::from_millis(1500));
+    let held = hap.servers().iter().find(|(n, _, _)| n == "echod2").map_or(0, |s| s.2);
+    let errors_before = metric(&a, "echod_connection_errors_total{kind=\"reset\"}");
+    b.signal(libc_sig::KILL);
+    let down = hap.wait_status("echod2", "DOWN", Duration::from_secs(5));
+    let r = finish_load(load);
+    let failed = n(&r, "errors");
+    println!("SIGKILL: backend 2 held {held} connections, {failed} failed, down after {down:?}; {r}");
+    assert!(held > 0, "backend 2 held no connections");
+    assert!(failed <= held, "{failed} errors but backend 2 held only {held} connections: {r}");
+    assert_eq!(n(&r, "mismatches"), 0);
+    assert_eq!(metric(&a, "echod_connection_errors_total{kind=\"reset\"}"), errors_before, "backend 1 was hit");
+    let _ = b.wait_exit(Duration::from_secs(5));
+    drop(b);
+
+    // Backend 2 again, on the same address; HAProxy brings it back.
+    let b = backend(&b1_listen, &b1_metrics, "event", PER_IP);
+    hap.wait_status("echod2", "UP", Duration::from_secs(10));
+
+    // 4. Stop backend 1 gracefully mid-run: /healthz fails first, HAProxy
+    // takes it out while it still accepts, its open connections finish.
+    // Long-lived and churning clients: not one echo may be lost.
+    let long = echo_load(front, &["-c", "12", "-d", "7"]);
+    let churn = echo_load(front, &["-c", "4", "-d", "7", "--churn"]);
+    thread::sleep(Duration::from_millis(1500));
+    let mut a = a;
+    a.signal(libc_sig::TERM);
+    let down = hap.wait_status("echod1", "DOWN", Duration::from_secs(5));
+    let (long, churn) = (finish_load(long), finish_load(churn));
+    println!("graceful stop: down after {down:?}; long-lived {long}; churn {churn}");
+    for r in [&long, &churn] {
+        assert_eq!(n(r, "errors"), 0, "{r}");
+        assert_eq!(n(r, "mismatches"), 0, "{r}");
+        assert!(n(r, "responses") > 0, "{r}");
+    }
+    assert!(n(&churn, "connects") > 100, "churn did not churn: {churn}");
+    assert_eq!(a.wait_exit(Duration::from_secs(10)), Some(0), "{}", a.log_text());
+    assert!(a.log_text().contains("graceful stop: /healthz answers 503"));
+    drop(b);
+}
+
+/// `max_connections_per_ip` on each backend. echo-load's connections all
+/// come from 127.0.0.1, so every phase stays below it on one host.
+const PER_IP: u32 = 20;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
