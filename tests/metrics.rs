@@ -167,7 +167,7 @@ both_modes! {
         let mut s = connect(e.addr);
         assert_eq!(round_trip(&mut s, b"still served").unwrap(), b"still served", "a connect during the delay is served");
         drop(s);
-        e.wait_log("graceful stop: closing listeners", Duration::from_secs(5)).expect("listeners closed after the delay");
+        e.wait_log("graceful stop: listeners closed", Duration::from_secs(5)).expect("listeners closed after the delay");
         assert!(std::net::TcpStream::connect(e.addr).is_err(), "refused once the listeners are closed");
         assert_eq!(e.wait_exit(Duration::from_secs(8)), Some(0));
     }

@@ -495,16 +495,17 @@ impl Master {
             _ => {}
         }
         let timeout = self.config.shutdown_timeout.0;
+        self.notify.stopping(); // a no-op after a binary upgrade handed over
+        // Closed before it is said: whoever reads the line may rely on it.
+        self.listeners.close_all(self.poll.registry());
         if graceful {
             log::info!(
-                "graceful stop: closing listeners; connections may finish for up to {:.1}s",
+                "graceful stop: listeners closed; connections may finish for up to {:.1}s",
                 timeout.as_secs_f64()
             );
         } else {
             log::info!("fast stop: closing everything now");
         }
-        self.notify.stopping(); // a no-op after a binary upgrade handed over
-        self.listeners.close_all(self.poll.registry());
         let dropped = self.disp.discard_held(&mut self.sup);
         if dropped > 0 {
             log::warn!("{dropped} accepted connection(s) not yet handed to a worker were closed");
