@@ -87,7 +87,7 @@ impl HaProxy {
             );
         assert!(check.status.success(), "haproxy -c: {}", String::from_utf8_lossy(&check.stderr));
         let log = dir.join("haproxy.log");
-        let child = Command::new("haproxy")
+        let child = Command::new(haproxy_bin())
             .arg("-db")
             .arg("-f")
             .arg(&path)
@@ -268,6 +268,11 @@ fn two_echod_behind_haproxy_with_proxy_v2() {
     assert_eq!(a.wait_exit(Duration::from_secs(10)), Some(0), "{}", a.log_text());
     assert!(a.log_text().contains("graceful stop: /healthz answers 503"));
     drop(b);
+}
+
+/// Debian installs it in /usr/sbin, which a non-root PATH may lack.
+fn haproxy_bin() -> &'static str {
+    if Path::new("/usr/sbin/haproxy").exists() { "/usr/sbin/haproxy" } else { "haproxy" }
 }
 
 /// `max_connections_per_ip` on each backend. echo-load's connections all
