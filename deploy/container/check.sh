@@ -4,6 +4,7 @@
 # build (cargo build --release). PyPI packages go to target/ci-venv.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+cargo build --release --bins --quiet
 venv=target/ci-venv
 if ! "$venv/bin/python" -c 'import dockerfile, kubernetes_validate' 2>/dev/null; then
     python3 -m venv "$venv"
