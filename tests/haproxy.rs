@@ -116,6 +116,25 @@ impl HaProxy {
             .collect()
     }
 
+    /// Sessions on `server` that ended on the server's side: aborted by it
+    /// (reset), or never connected (refused, retries used up). HAProxy's
+    /// own counters, from `show stat`.
+    fn server_failures(&self, server: &str) -> u64 {
+        let Ok(mut s) = UnixStream::connect(&self.stats) else { return 0 };
+        let _ = s.write_all(b"show stat\n");
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        let mut lines = text.lines();
+        let header: Vec<&str> = lines.next().unwrap_or("").trim_start_matches("# ").split(',').collect();
+        let col = |name: &str| header.iter().position(|h| *h == name).unwrap_or(usize::MAX);
+        lines
+            .map(|l| l.split(',').collect::<Vec<_>>())
+            .find(|f| f.len() > 1 && f[0] == "echod" && f[1] == server)
+            .map_or(0, |f| {
+                ["srv_abrt", "econ", "eresp"].iter().filter_map(|c| f.get(col(c))?.parse::<u64>().ok()).sum()
+            })
+    }
+
     fn status(&self, server: &str) -> String {
         self.servers().into_iter().find(|(n, _, _)| n == server).map(|(_, s, _)| s).unwrap_or_default()
     }
@@ -226,12 +245,18 @@ fn two_echod_behind_haproxy_with_proxy_v2() {
     assert!(logs.contains("rejected a connection from 127.0.0.10 (via 127.0.0.1:"), "{logs}");
     drop((held, over, other));
 
-    // 3. SIGKILL backend 2 under load: only the connections it held fail;
-    // HAProxy's check takes it out and new connections go to backend 1.
+    // 3. SIGKILL backend 2 under load: only connections HAProxy sent to it
+    // fail, none of backend 1's; HAProxy's check takes it out and new
+    // connections go to backend 1. "Sent to it" is those it held, plus any
+    // of their clients' reconnects that HAProxy placed on it in the instant
+    // its workers were already gone but the kernel still completed
+    // handshakes on its listener (seen: 7 held, 10 failed, in 1 run of 8):
+    // at most one more per held connection.
+    let before = (hap.server_failures("echod1"),);
     // 8 s: past the kill (1.5 s) and the longest wait for DOWN (5 s).
     let load = echo_load(front, &["-c", "12", "-d", "8"]);
     thread::sleep(Duration::from_millis(1500));
-    let held = hap.servers().iter().find(|(n, _, _)| n == "echod2").map_or(0, |s| s.2);
+    let held = metric(&b, "echod_connections_active") as u64;
     let errors_before = metric(&a, "echod_connection_errors_total{kind=\"reset\"}");
     b.signal(libc_sig::KILL);
     let down = hap.wait_status("echod2", "DOWN", Duration::from_secs(5));
@@ -241,9 +266,13 @@ fn two_echod_behind_haproxy_with_proxy_v2() {
     let errors_after = metric(&a, "echod_connection_errors_total{kind=\"reset\"}");
     let r = finish_load(load);
     let failed = n(&r, "errors");
-    println!("SIGKILL: backend 2 held {held} connections, {failed} failed, down after {down:?}; {r}");
+    thread::sleep(Duration::from_millis(200));
+    let lost1 = hap.server_failures("echod1") - before.0;
+    println!("SIGKILL: backend 2 held {held}; {failed} client connections failed; DOWN after {down:?}; {r}");
     assert!(held > 0, "backend 2 held no connections");
-    assert!(failed <= held, "{failed} errors but backend 2 held only {held} connections: {r}");
+    assert!(failed >= held, "backend 2 held {held} connections but only {failed} failed: {r}");
+    assert!(failed <= 2 * held, "{failed} failures: more than backend 2's {held} connections could explain: {r}");
+    assert_eq!(lost1, 0, "HAProxy counted sessions on backend 1 failing on its side");
     assert_eq!(n(&r, "mismatches"), 0);
     assert_eq!(errors_after, errors_before, "backend 1 lost connections when backend 2 died");
     let _ = b.wait_exit(Duration::from_secs(5));
