@@ -165,11 +165,12 @@ both_modes! {
 
     fn only_the_listed_listeners_expect_a_header_and_a_reload_changes_that() {
         let base = "listen = [\"127.0.0.1:0\", \"127.0.0.2:0\"]\nproxy_trusted = [\"127.0.0.0/8\"]\n";
-        let e = start(&format!("{base}proxy_protocol = [\"127.0.0.2:0\"]\n"));
+        let e = start(&format!("{base}proxy_protocol = [\"127.0.0.2:0\", \"not-a-socket\"]\n"));
         let addrs = listening(&e);
         assert_eq!(addrs.len(), 2, "{addrs:?}");
         let (plain, proxied) = (addrs[0], addrs[1]);
         assert!(e.log_text().contains(&format!("{proxied} expects a PROXY protocol header")));
+        assert!(e.log_text().contains("proxy_protocol entry `not-a-socket` matches no listener"), "{}", e.log_text());
         let header = v1("192.0.2.7", 1);
         // The plain listener echoes a header like any bytes (RFC 862).
         let mut s = connect(plain);
@@ -182,6 +183,9 @@ both_modes! {
         e.write_config(&in_test_mode(&format!("workers = 2\n{base}proxy_protocol = [\"127.0.0.1:0\"]\n")));
         e.signal(libc_sig::HUP);
         e.wait_log_after(skip, "reloaded", Duration::from_secs(10)).expect("reload");
+        let log = e.log_text();
+        assert!(log.contains(&format!("{proxied} no longer expects a PROXY protocol header")), "{log}");
+        assert!(log.contains(&format!("{plain} now expects a PROXY protocol header")), "{log}");
         let mut s = send(plain, &header);
         assert_eq!(round_trip(&mut s, b"y").unwrap(), b"y");
         let mut s = connect(proxied);

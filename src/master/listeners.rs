@@ -150,7 +150,27 @@ impl Listeners {
     /// from now on follow it.
     fn set_proxy(&mut self, config: &Config) {
         for l in &mut self.list {
-            l.proxy = config.proxy_protocol.covers(l.configured, l.addr, l.name.as_deref());
+            let proxy = config.proxy_protocol.covers(l.configured, l.addr, l.name.as_deref());
+            if proxy != l.proxy {
+                let now = if proxy { "now expects" } else { "no longer expects" };
+                log::info!("{} {now} a PROXY protocol header", l.addr);
+            }
+            l.proxy = proxy;
+        }
+        self.warn_unmatched_proxy(config);
+    }
+
+    /// Says so when a `proxy_protocol` entry names no listener (a socket
+    /// name without socket activation, or a typo in one): its clients'
+    /// headers would be echoed as data.
+    pub fn warn_unmatched_proxy(&self, config: &Config) {
+        if let crate::config::ProxyProtocol::Listeners(entries) = &config.proxy_protocol {
+            for entry in entries {
+                let one = crate::config::ProxyProtocol::Listeners(vec![entry.clone()]);
+                if !self.list.iter().any(|l| one.covers(l.configured, l.addr, l.name.as_deref())) {
+                    log::warn!("proxy_protocol entry `{entry}` matches no listener");
+                }
+            }
         }
     }
 

@@ -229,6 +229,7 @@ impl Master {
         for addr in listeners.proxied() {
             log::info!("{addr} expects a PROXY protocol header (trusted: {})", config.proxy_trusted_list());
         }
+        listeners.warn_unmatched_proxy(&config);
         let http_activated = !passed.activated_metrics.is_empty();
         // An inherited metrics socket still named by `metrics_listen`.
         let inherited_metrics = passed.inherited_metrics.into_iter().map(std::net::TcpListener::from).find(|l| {

@@ -37,8 +37,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::config::Transform;
 use crate::ipc::{Notice, Origin};
 use crate::proxy::{Handshake, HeaderError, Step};
-use crate::worker::counters::Refusal;
-use crate::worker::counters::{Ending, Tally};
+use crate::worker::counters::{Ending, Refusal, Tally};
 use crate::worker::echo::ending_of;
 use crate::worker::proxied;
 use crate::worker::queue::Pop;
@@ -445,16 +444,15 @@ fn read_header(w: &Worker, c: &mut Conn, transform: Transform, tally: &mut Tally
     let peer = *peer;
     // Edge-triggered: read until the header is whole or the socket is
     // empty. Each pass either reads a byte or more, or stops.
-    let step = loop {
+    let (header, mut early) = loop {
         let before = hs.received();
         match hs.advance(&mut c.stream) {
             Ok(Step::Pending) if hs.received() == before => return Ok(false),
             Ok(Step::Pending) => {}
-            Ok(done @ Step::Done { .. }) => break done,
+            Ok(Step::Done { header, early }) => break (header, early),
             Err(kind) => return Err(proxied::refused(w, peer, None, Refusal::Header(kind))),
         }
     };
-    let Step::Done { header, mut early } = step else { return Ok(false) };
     let admitted = proxied::admit(w, peer, header, Vec::new())?;
     c.bucket = Some(admitted.bucket);
     c.header = None;

@@ -135,29 +135,37 @@ fn serve(w: &Worker, slot: &ConnSlot, mut stream: TcpStream, origin: Origin, buf
             }
         },
     };
-    if !early.is_empty() {
-        tally.bytes_in += early.len() as u64;
-        if proxied::echo_early(&mut stream, &mut early, w.config.transform == Transform::Upper).is_ok() {
+    // Bytes that came with a PROXY header are the client's first message.
+    let early_end = match proxied::echo_early(&mut stream, &mut early, w.config.transform == Transform::Upper) {
+        Ok(()) => {
+            tally.bytes_in += early.len() as u64;
             tally.bytes_out += early.len() as u64;
+            None
         }
-    }
+        Err(e) => {
+            tally.bytes_in += early.len() as u64;
+            Some(crate::worker::echo::ending_of(e.kind()))
+        }
+    };
     let mut next_flush = seen + FLUSH_TICKS;
     let mut echoes = 0u32;
-    let ending = echo(&mut stream, buf, w.config.transform, &mut tally, |t| {
-        echoes = echoes.wrapping_add(1);
-        if echoes % BEAT_EVERY == 0 {
-            w.beat();
-        }
-        // One relaxed load per echo; a store only when the tick moved.
-        let now = w.ticks.load(Ordering::Relaxed);
-        if now != seen {
-            seen = now;
-            slot.last_active.store(now, Ordering::Relaxed);
-            if now >= next_flush {
-                w.counters.flush(t);
-                next_flush = now + FLUSH_TICKS;
+    let ending = early_end.unwrap_or_else(|| {
+        echo(&mut stream, buf, w.config.transform, &mut tally, |t| {
+            echoes = echoes.wrapping_add(1);
+            if echoes % BEAT_EVERY == 0 {
+                w.beat();
             }
-        }
+            // One relaxed load per echo; a store only when the tick moved.
+            let now = w.ticks.load(Ordering::Relaxed);
+            if now != seen {
+                seen = now;
+                slot.last_active.store(now, Ordering::Relaxed);
+                if now >= next_flush {
+                    w.counters.flush(t);
+                    next_flush = now + FLUSH_TICKS;
+                }
+            }
+        })
     });
     // Unregister before closing, so a cut never hits a reused fd number.
     let ending = slot.close().unwrap_or(ending);

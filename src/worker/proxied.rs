@@ -127,8 +127,12 @@ pub fn refused(w: &Worker, peer: SocketAddr, client: Option<SocketAddr>, why: Re
     why
 }
 
-/// Thread mode: echoes the bytes that came with the header.
+/// Thread mode: echoes the bytes that came with the header (none: nothing
+/// to do).
 pub fn echo_early(stream: &mut TcpStream, early: &mut [u8], upper: bool) -> std::io::Result<()> {
+    if early.is_empty() {
+        return Ok(());
+    }
     if upper {
         early.make_ascii_uppercase();
     }
