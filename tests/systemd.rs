@@ -13,6 +13,54 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// Runs echod under systemd-socket-activate on 127.0.0.1 `ports`, named
+/// `fdnames` (colon-separated, as `--fdname`), its stderr in `log`. The guard
+/// kills echod and its workers by PID.
+fn socket_activated(
+    ports: &[u16],
+    fdnames: &str,
+    config: &std::path::Path,
+    log: &std::path::Path,
+) -> (std::process::Child, Defer<impl FnMut() + use<>>) {
+    let mut cmd = Command::new("systemd-socket-activate");
+    for port in ports {
+        cmd.arg("-l").arg(format!("127.0.0.1:{port}"));
+    }
+    let child = cmd
+        .arg(format!("--fdname={fdnames}"))
+        .arg(ECHOD)
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("systemd-socket-activate (Debian package systemd)");
+    let pid = child.id() as i32;
+    let guard = Defer(move || {
+        let workers = children_of(pid);
+        kill(pid, libc_sig::KILL);
+        workers.into_iter().for_each(|w| kill(w, libc_sig::KILL));
+    });
+    (child, guard)
+}
+
+/// Connects to a socket-activated port. systemd-socket-activate holds the
+/// socket and execs echod on the first connection, which waits in the
+/// backlog until echod accepts it.
+fn connect_activated(port: u16) -> std::net::TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let s = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("connect to 127.0.0.1:{port}: {e}"),
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -53,37 +101,10 @@ both_modes! {
         // The file's own listen address must be ignored while activated.
         std::fs::write(&config, in_test_mode("listen = [\"127.0.0.1:0\"]\nworkers = 2\n")).unwrap();
         let log = dir.path().join("stderr.log");
-        let mut child = Command::new("systemd-socket-activate")
-            .args(["-l", &format!("127.0.0.1:{port}"), "-l", &format!("127.0.0.1:{mport}"), "--fdname=echo:metrics"])
-            .arg(ECHOD)
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("systemd-socket-activate (Debian package systemd)");
+        let (mut child, cleanup) = socket_activated(&[port, mport], "echo:metrics", &config, &log);
         let pid = child.id() as i32;
-        let cleanup = Defer(move || {
-            let workers = children_of(pid);
-            kill(pid, libc_sig::KILL);
-            workers.into_iter().for_each(|w| kill(w, libc_sig::KILL));
-        });
         let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        // systemd-socket-activate holds the socket and execs echod on the first
-        // connection, which waits in the backlog until echod accepts it.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut s = loop {
-            match std::net::TcpStream::connect(addr) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => panic!("connect: {e}"),
-            }
-        };
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut s = connect_activated(port);
         assert_eq!(round_trip(&mut s, b"activated").unwrap(), b"activated");
         let text = std::fs::read_to_string(&log).unwrap();
         assert!(text.contains("using 1 echo socket(s) passed by systemd (echo)"), "{text}");
@@ -236,32 +257,10 @@ fn proxy_protocol_picks_activated_sockets_by_their_name() {
     )
     .unwrap();
     let log = dir.path().join("stderr.log");
-    let mut child = Command::new("systemd-socket-activate")
-        .args(["-l", &format!("127.0.0.1:{plain}"), "-l", &format!("127.0.0.1:{proxied}"), "--fdname=echo:behind-lb"])
-        .arg(ECHOD)
-        .arg("--config")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("systemd-socket-activate (Debian package systemd)");
+    let (mut child, _cleanup) = socket_activated(&[plain, proxied], "echo:behind-lb", &config, &log);
     let pid = child.id() as i32;
-    let _cleanup = Defer(move || {
-        let workers = children_of(pid);
-        kill(pid, libc_sig::KILL);
-        workers.into_iter().for_each(|w| kill(w, libc_sig::KILL));
-    });
     let header = b"PROXY TCP4 192.0.2.7 127.0.0.1 4000 7\r\n";
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut s = loop {
-        match std::net::TcpStream::connect(("127.0.0.1", proxied)) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(50)),
-            Err(e) => panic!("connect: {e}"),
-        }
-    };
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut s = connect_activated(proxied);
     s.write_all(header).unwrap();
     assert_eq!(round_trip(&mut s, b"via lb").unwrap(), b"via lb", "the header was not consumed");
     // The other socket is plain: a header there is just bytes to echo.
