@@ -11,6 +11,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
@@ -99,40 +100,39 @@ impl HaProxy {
         HaProxy { child, stats, log }
     }
 
-    /// Server name -> (status, current sessions), from `show stat`.
-    fn servers(&self) -> Vec<(String, String, u64)> {
+    /// The rows of `show stat` for the echod backend's servers, each a map
+    /// from column name (svname, status, scur, srv_abrt, ...) to value.
+    fn stat(&self) -> Vec<HashMap<String, String>> {
         let Ok(mut s) = UnixStream::connect(&self.stats) else { return Vec::new() };
         let _ = s.write_all(b"show stat\n");
         let mut text = String::new();
         let _ = s.read_to_string(&mut text);
         let mut lines = text.lines();
-        let header: Vec<&str> = lines.next().unwrap_or("").trim_start_matches("# ").split(',').collect();
-        let col = |name: &str| header.iter().position(|h| *h == name);
-        let (Some(sv), Some(st), Some(cur)) = (col("svname"), col("status"), col("scur")) else { return Vec::new() };
+        let header: Vec<String> =
+            lines.next().unwrap_or("").trim_start_matches("# ").split(',').map(String::from).collect();
         lines
-            .map(|l| l.split(',').collect::<Vec<_>>())
-            .filter(|f| f.len() > st && f[0] == "echod" && f[sv].starts_with("echod"))
-            .map(|f| (f[sv].to_string(), f[st].to_string(), f[cur].parse().unwrap_or(0)))
+            .map(|l| header.iter().cloned().zip(l.split(',').map(String::from)).collect::<HashMap<_, _>>())
+            .filter(|row| row.get("pxname").is_some_and(|p| p == "echod"))
+            .filter(|row| row.get("svname").is_some_and(|s| s.starts_with("echod")))
+            .collect()
+    }
+
+    /// (server, status, current sessions).
+    fn servers(&self) -> Vec<(String, String, u64)> {
+        let field = |row: &HashMap<String, String>, k: &str| row.get(k).cloned().unwrap_or_default();
+        self.stat()
+            .iter()
+            .map(|row| (field(row, "svname"), field(row, "status"), field(row, "scur").parse().unwrap_or(0)))
             .collect()
     }
 
     /// Sessions on `server` that ended on the server's side: aborted by it
     /// (reset), or never connected (refused, retries used up). HAProxy's
-    /// own counters, from `show stat`.
+    /// own counters.
     fn server_failures(&self, server: &str) -> u64 {
-        let Ok(mut s) = UnixStream::connect(&self.stats) else { return 0 };
-        let _ = s.write_all(b"show stat\n");
-        let mut text = String::new();
-        let _ = s.read_to_string(&mut text);
-        let mut lines = text.lines();
-        let header: Vec<&str> = lines.next().unwrap_or("").trim_start_matches("# ").split(',').collect();
-        let col = |name: &str| header.iter().position(|h| *h == name).unwrap_or(usize::MAX);
-        lines
-            .map(|l| l.split(',').collect::<Vec<_>>())
-            .find(|f| f.len() > 1 && f[0] == "echod" && f[1] == server)
-            .map_or(0, |f| {
-                ["srv_abrt", "econ", "eresp"].iter().filter_map(|c| f.get(col(c))?.parse::<u64>().ok()).sum()
-            })
+        let rows = self.stat();
+        let Some(row) = rows.iter().find(|r| r.get("svname").is_some_and(|s| s == server)) else { return 0 };
+        ["srv_abrt", "econ", "eresp"].iter().filter_map(|c| row.get(*c)?.parse::<u64>().ok()).sum()
     }
 
     fn status(&self, server: &str) -> String {
@@ -252,7 +252,7 @@ fn two_echod_behind_haproxy_with_proxy_v2() {
     // its workers were already gone but the kernel still completed
     // handshakes on its listener (seen: 7 held, 10 failed, in 1 run of 8):
     // at most one more per held connection.
-    let before = (hap.server_failures("echod1"),);
+    let failures_before = hap.server_failures("echod1");
     // 8 s: past the kill (1.5 s) and the longest wait for DOWN (5 s).
     let load = echo_load(front, &["-c", "12", "-d", "8"]);
     thread::sleep(Duration::from_millis(1500));
@@ -267,7 +267,7 @@ fn two_echod_behind_haproxy_with_proxy_v2() {
     let r = finish_load(load);
     let failed = n(&r, "errors");
     thread::sleep(Duration::from_millis(200));
-    let lost1 = hap.server_failures("echod1") - before.0;
+    let lost1 = hap.server_failures("echod1") - failures_before;
     println!("SIGKILL: backend 2 held {held}; {failed} client connections failed; DOWN after {down:?}; {r}");
     assert!(held > 0, "backend 2 held no connections");
     assert!(failed >= held, "backend 2 held {held} connections but only {failed} failed: {r}");
@@ -288,11 +288,13 @@ fn two_echod_behind_haproxy_with_proxy_v2() {
     let long = echo_load(front, &["-c", "12", "-d", "7"]);
     let churn = echo_load(front, &["-c", "4", "-d", "7", "--churn"]);
     thread::sleep(Duration::from_millis(1500));
+    let draining = metric(&a, "echod_connections_active");
+    assert!(draining > 0.0, "backend 1 held nothing to drain");
     let mut a = a;
     a.signal(libc_sig::TERM);
     let down = hap.wait_status("echod1", "DOWN", Duration::from_secs(5));
     let (long, churn) = (finish_load(long), finish_load(churn));
-    println!("graceful stop: down after {down:?}; long-lived {long}; churn {churn}");
+    println!("graceful stop: backend 1 held {draining}, DOWN after {down:?}; long-lived {long}; churn {churn}");
     for r in [&long, &churn] {
         assert_eq!(n(r, "errors"), 0, "{r}");
         assert_eq!(n(r, "mismatches"), 0, "{r}");
