@@ -83,6 +83,11 @@ pub struct EchoLoadCli {
     /// Apache mod_echo)
     #[arg(long)]
     pub lines: bool,
+    /// Start every connection with a PROXY protocol header (v1 or v2)
+    /// naming the connection's own address, as HAProxy's send-proxy would:
+    /// to load an echod `proxy_protocol` listener without a balancer
+    #[arg(long, value_name = "VERSION", value_parser = ["v1", "v2"])]
+    pub proxy: Option<String>,
     /// Event-loop threads [default: CPU count]
     #[arg(short, long, value_name = "N")]
     pub threads: Option<usize>,

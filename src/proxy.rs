@@ -237,6 +237,49 @@ fn v2_source(fam: u8, body: &[u8]) -> Result<Option<SocketAddr>, HeaderError> {
     }
 }
 
+/// Which header a client sends (echo-load's `--proxy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V1,
+    V2,
+}
+
+/// The header a balancer would send for a client at `src` connected to
+/// `dst` (a PROXY command; UNKNOWN / UNSPEC when the families differ).
+pub fn encode(version: Version, src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    match (version, src, dst) {
+        (Version::V1, SocketAddr::V4(s), SocketAddr::V4(d)) => {
+            format!("PROXY TCP4 {} {} {} {}\r\n", s.ip(), d.ip(), s.port(), d.port()).into_bytes()
+        }
+        (Version::V1, SocketAddr::V6(s), SocketAddr::V6(d)) => {
+            format!("PROXY TCP6 {} {} {} {}\r\n", s.ip(), d.ip(), s.port(), d.port()).into_bytes()
+        }
+        (Version::V1, _, _) => b"PROXY UNKNOWN\r\n".to_vec(),
+        (Version::V2, src, dst) => {
+            let mut h = V2_SIGNATURE.to_vec();
+            let body = match (src, dst) {
+                (SocketAddr::V4(s), SocketAddr::V4(d)) => {
+                    h.extend_from_slice(&[0x21, 0x11]);
+                    [&s.ip().octets()[..], &d.ip().octets()[..], &s.port().to_be_bytes(), &d.port().to_be_bytes()]
+                        .concat()
+                }
+                (SocketAddr::V6(s), SocketAddr::V6(d)) => {
+                    h.extend_from_slice(&[0x21, 0x21]);
+                    [&s.ip().octets()[..], &d.ip().octets()[..], &s.port().to_be_bytes(), &d.port().to_be_bytes()]
+                        .concat()
+                }
+                _ => {
+                    h.extend_from_slice(&[0x21, 0x00]);
+                    Vec::new()
+                }
+            };
+            h.extend_from_slice(&(body.len() as u16).to_be_bytes());
+            h.extend_from_slice(&body);
+            h
+        }
+    }
+}
+
 /// A header being read from one connection.
 #[derive(Debug, Default)]
 pub struct Handshake {
@@ -533,6 +576,19 @@ mod tests {
         assert_eq!(run(b"hello".to_vec(), 4, true), Err(HeaderError::Missing));
         assert_eq!(run(b"PRO".to_vec(), 4, true), Err(HeaderError::Truncated));
         assert_eq!(run(Vec::new(), 4, true), Err(HeaderError::Truncated));
+    }
+
+    #[test]
+    fn encoded_headers_parse_back() {
+        let pairs = [("192.0.2.7:4000", "127.0.0.1:7"), ("[2001:db8::1]:5", "[::1]:7"), ("192.0.2.7:1", "[::1]:7")];
+        for (src, dst) in pairs {
+            let (src, dst): (SocketAddr, SocketAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+            for v in [Version::V1, Version::V2] {
+                let h = encode(v, src, dst);
+                let same_family = src.is_ipv4() == dst.is_ipv4();
+                assert_eq!(complete(&h), Header { len: h.len(), source: same_family.then_some(src) }, "{v:?}");
+            }
+        }
     }
 
     #[test]

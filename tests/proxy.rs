@@ -204,3 +204,26 @@ fn a_proxy_listener_without_trusted_sources_is_a_config_error() {
     assert!(err.contains("echod.toml:2: key `proxy_protocol`: is on but `proxy_trusted` is empty"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+both_modes! {
+    fn echo_load_sends_proxy_headers_v1_and_v2() {
+        let e = start(PROXIED);
+        let mut headers = 0.0;
+        for version in ["v1", "v2"] {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_echo-load"))
+                .args(["--addr", &e.addr.to_string(), "-c", "4", "--count", "400", "--churn", "--json", "--proxy", version])
+                .output()
+                .unwrap();
+            let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|err| {
+                panic!("{err}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+            });
+            assert_eq!((r["errors"].as_u64(), r["mismatches"].as_u64()), (Some(0), Some(0)), "{r}");
+            assert_eq!(r["proxy"], version);
+            headers += r["connects"].as_u64().unwrap() as f64;
+        }
+        let m = e.scrape_until(Duration::from_secs(5), |m| m.get("echod_proxy_headers_total") == Some(&headers));
+        assert_eq!(m["echod_proxy_headers_total"], headers, "one header per connection echo-load made");
+        let errors: f64 = m.iter().filter(|(k, _)| k.starts_with("echod_proxy_header_errors_total")).map(|(_, v)| v).sum();
+        assert_eq!(errors, 0.0);
+    }
+}

@@ -106,6 +106,11 @@ fn options(cli: &Cli, addrs: Vec<SocketAddr>) -> Result<Options, String> {
         rate: cli.rate,
         churn: cli.churn,
         lines: cli.lines,
+        proxy: match cli.proxy.as_deref() {
+            Some("v1") => Some(echod::proxy::Version::V1),
+            Some(_) => Some(echod::proxy::Version::V2),
+            None => None,
+        },
         threads: threads.min(cli.connections),
         warmup: secs("--warmup", cli.warmup)?,
         ramp_up: match cli.ramp_up {

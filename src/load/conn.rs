@@ -216,7 +216,11 @@ impl Conn {
         if let State::Connecting { .. } = self.state {
             let Some(s) = &self.stream else { return };
             match (s.take_error(), s.peer_addr()) {
-                (Ok(None), Ok(_)) => self.opened(opts, pool, now, sink),
+                (Ok(None), Ok(_)) => {
+                    if let Err(e) = self.opened(opts, pool, now, sink) {
+                        return self.fail(e.kind(), registry, now, sink);
+                    }
+                }
                 (Ok(None), Err(e)) if e.kind() == ErrorKind::NotConnected => return, // not yet
                 _ => {
                     sink.count(|c| c.connect_errors += 1);
@@ -240,11 +244,19 @@ impl Conn {
         }
     }
 
-    fn opened(&mut self, opts: &Options, pool: &Pool, now: Instant, sink: &mut Sink) {
+    fn opened(&mut self, opts: &Options, pool: &Pool, now: Instant, sink: &mut Sink) -> std::io::Result<()> {
         self.state = State::Open;
         sink.count(|c| c.connects += 1);
-        if let Some(s) = &self.stream {
+        if let Some(s) = &mut self.stream {
             let _ = s.set_nodelay(true);
+            if let Some(version) = opts.proxy {
+                // A few dozen bytes into a fresh socket's empty send buffer:
+                // written whole at once, or the connection is broken.
+                let header = crate::proxy::encode(version, s.local_addr()?, s.peer_addr()?);
+                if s.write(&header)? != header.len() {
+                    return Err(ErrorKind::WriteZero.into());
+                }
+            }
         }
         if self.period.is_some() {
             // Keep the schedule across reconnects; start it on first connect.
@@ -254,6 +266,7 @@ impl Conn {
             let n = if opts.churn { 1 } else { opts.pipeline.max(1) };
             (0..n).for_each(|_| self.push(pool, now));
         }
+        Ok(())
     }
 
     fn push(&mut self, pool: &Pool, t: Instant) {

@@ -52,6 +52,8 @@ pub struct Options {
     pub churn: bool,
     /// Payloads are newline-terminated lines (for line-based servers).
     pub lines: bool,
+    /// Each connection first sends this PROXY protocol header.
+    pub proxy: Option<crate::proxy::Version>,
     pub threads: usize,
     pub warmup: Duration,
     pub ramp_up: Duration,

@@ -7,13 +7,15 @@
 #   CONNS="50" REPS=2 bash tests/bench/fleet.sh 3      # a quick look
 #
 # Both echod run deploy/haproxy/echod-backend.toml with two listeners each: the PROXY one
-# HAProxy sends to, and a plain one for the direct runs, so both paths hit the same
-# processes. Direct: echo-load --addr A --addr B (connections alternate over the two).
-# Through HAProxy: echo-load --addr FRONTEND. Matrix: CONNS="50 500" x LEN=64 B, plus
+# HAProxy sends to, and a plain one for the direct runs, so every path hits the same
+# processes. Three paths: direct (echo-load --addr A --addr B on the plain listeners;
+# connections alternate over the two), direct with a PROXY v2 header (the same on the PROXY
+# listeners, echo-load --proxy v2: what parsing the header costs echod) and through HAProxy
+# (echo-load --addr FRONTEND). Matrix: CONNS="50 500" x LEN=64 B, plus
 # connection churn (--churn) at CHURN=50; REPS rounds, paths alternating in each. Everything
 # shares the machine's CPUs (no pinning: HAProxy is the extra hop being measured).
-# Reported: responses/s (mean over rounds, ± half the min-max range), the ratio through/direct,
-# p50 and p99 latency of the last round, and errors (must be 0). Every process started is
+# Reported: responses/s (mean over rounds, ± half the min-max range), each path's ratio to
+# direct, p50 and p99 latency of the last round, and errors (must be 0). Every process started is
 # stopped by PID on exit.
 set -uo pipefail
 DUR=${1:-5}
@@ -83,15 +85,23 @@ print(sys.argv[1], r["rps"], r["latency_us"]["p50"], r["latency_us"]["p99"], r["
 EOF
 }
 direct=(--addr "127.0.0.2:$Q" --addr "127.0.0.3:$Q")
+proxied=(--addr "127.0.0.2:$P" --addr "127.0.0.3:$P" --proxy v2)
 through=(--addr "127.0.0.1:$F")
+# paths LOAD-ARGS...: each path once, in an order that flips every round.
+paths() {
+    local order=(direct proxied haproxy); (( rep % 2 )) || order=(haproxy proxied direct)
+    for p in "${order[@]}"; do
+        case $p in
+            direct) run "direct-$case" "${direct[@]}" "$@" ;;
+            proxied) run "proxied-$case" "${proxied[@]}" "$@" ;;
+            haproxy) run "haproxy-$case" "${through[@]}" "$@" ;;
+        esac
+    done
+}
 : > "$OUT/raw.tsv"
 for rep in $(seq "$REPS"); do
-    for c in $CONNS; do
-        if (( rep % 2 )); then run "direct-$c" "${direct[@]}" -c "$c"; run "haproxy-$c" "${through[@]}" -c "$c"
-        else run "haproxy-$c" "${through[@]}" -c "$c"; run "direct-$c" "${direct[@]}" -c "$c"; fi
-    done
-    run "direct-churn" "${direct[@]}" -c "$CHURN" --churn
-    run "haproxy-churn" "${through[@]}" -c "$CHURN" --churn
+    for c in $CONNS; do case=$c; paths -c "$c"; done
+    case=churn; paths -c "$CHURN" --churn
     echo "round $rep of $REPS done" >&2
 done
 
@@ -105,14 +115,15 @@ def fig(label):
     v = rows[label]; rps = [r[0] for r in v]
     mean = sum(rps) / len(rps); half = (max(rps) - min(rps)) / 2
     return mean, half, v[-1][1], v[-1][2], sum(r[3] for r in v)
-print(f"\nTwo echod (event, 1 worker each) direct vs through HAProxy (PROXY v2); {sys.argv[2]} B messages, "
-      f"{sys.argv[3]} s x {sys.argv[4]} rounds\n")
-print("| load | direct resp/s | via HAProxy resp/s | ratio | p50 / p99 µs direct | p50 / p99 µs via HAProxy | errors |")
-print("|---|---:|---:|---:|---:|---:|---:|")
+print(f"\nTwo echod (event, 1 worker each): direct, direct with a PROXY v2 header, through HAProxy; "
+      f"{sys.argv[2]} B messages, {sys.argv[3]} s x {sys.argv[4]} rounds\n")
+print("| load | direct resp/s | + PROXY v2 header | through HAProxy | p50 / p99 µs: direct, + header, HAProxy | errors |")
+print("|---|---:|---:|---:|---|---:|")
 for case in dict.fromkeys(l.split("-", 1)[1] for l in rows):
-    d, h = fig(f"direct-{case}"), fig(f"haproxy-{case}")
+    d, p, h = fig(f"direct-{case}"), fig(f"proxied-{case}"), fig(f"haproxy-{case}")
     name = f"{case} connections" if case != "churn" else "churn (connect, 1 echo, close)"
-    print(f"| {name} | {d[0]:,.0f} ± {d[1]:,.0f} | {h[0]:,.0f} ± {h[1]:,.0f} | {h[0]/d[0]:.2f}x | "
-          f"{d[2]} / {d[3]} | {h[2]} / {h[3]} | {d[4] + h[4]} |")
+    print(f"| {name} | {d[0]:,.0f} ± {d[1]:,.0f} | {p[0]:,.0f} ± {p[1]:,.0f} ({p[0]/d[0]:.2f}x) | "
+          f"{h[0]:,.0f} ± {h[1]:,.0f} ({h[0]/d[0]:.2f}x) | {d[2]} / {d[3]}, {p[2]} / {p[3]}, {h[2]} / {h[3]} | "
+          f"{d[4] + p[4] + h[4]} |")
 EOF
 echo "raw rows: $OUT/raw.tsv"
