@@ -90,7 +90,10 @@ pub struct Scoreboard {
     words: &'static [AtomicU64],
     /// Per worker, per client-address bucket: connections the worker holds.
     /// The master adds when it sends a connection, the worker subtracts when
-    /// it closes one; a dead worker's row is cleared with its slot.
+    /// it closes one; a dead worker's row is cleared with its slot. One more
+    /// row after the workers' holds the sum over all of them, kept with
+    /// every change, so the per-address total is one load rather than one
+    /// per slot (there are 2 x MAX_WORKERS + 8 slots, most of them empty).
     ip_counts: &'static [AtomicU32],
     slots: usize,
 }
@@ -99,7 +102,7 @@ impl Scoreboard {
     /// Maps room for `slots` workers. Call before forking.
     pub fn new(slots: usize) -> io::Result<Scoreboard> {
         let words = sys::shared_zeroed::<AtomicU64>((slots + 1) * STRIDE)?;
-        let ip_counts = sys::shared_zeroed::<AtomicU32>(slots * IP_BUCKETS)?;
+        let ip_counts = sys::shared_zeroed::<AtomicU32>((slots + 1) * IP_BUCKETS)?;
         Ok(Scoreboard { words, ip_counts, slots })
     }
 
@@ -108,33 +111,47 @@ impl Scoreboard {
     }
 
     /// Connections worker `slot` holds from addresses in `bucket`.
+    #[cfg(test)]
     pub fn ip_count(&self, slot: usize, bucket: u16) -> u32 {
         self.ip_cell(slot, bucket).load(Ordering::Relaxed)
     }
 
-    /// Master: worker `slot` was sent a connection from `bucket`.
+    /// The all-workers cell of `bucket`.
+    fn ip_total_cell(&self, bucket: u16) -> &AtomicU32 {
+        self.ip_cell(self.slots, bucket)
+    }
+
+    /// Master (or a worker, for a client a PROXY header named): worker
+    /// `slot` holds one more connection from `bucket`.
     pub fn charge_ip(&self, slot: usize, bucket: u16) {
         self.ip_cell(slot, bucket).fetch_add(1, Ordering::Relaxed);
+        self.ip_total_cell(bucket).fetch_add(1, Ordering::Relaxed);
     }
 
     /// Worker: it closed a connection from `bucket`.
     pub fn discharge_ip(&self, slot: usize, bucket: u16) {
-        let _ = self.ip_cell(slot, bucket).fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        let sub = |n: u32| n.checked_sub(1);
+        if self.ip_cell(slot, bucket).fetch_update(Ordering::Relaxed, Ordering::Relaxed, sub).is_ok() {
+            let _ = self.ip_total_cell(bucket).fetch_update(Ordering::Relaxed, Ordering::Relaxed, sub);
+        }
     }
 
-    /// Connections every worker holds from addresses in `bucket`: what a
-    /// worker checks `max_connections_per_ip` against for clients only it
-    /// knows (PROXY listeners).
+    /// Connections all workers hold from addresses in `bucket`: what
+    /// `max_connections_per_ip` is checked against, by the master for plain
+    /// listeners and by a worker for clients only it knows (PROXY).
     pub fn ip_total(&self, bucket: u16) -> u64 {
-        (0..self.slots).map(|slot| self.ip_count(slot, bucket) as u64).sum()
+        self.ip_total_cell(bucket).load(Ordering::Relaxed) as u64
     }
 
     /// Master: forgets every address count of a slot (its worker is gone,
     /// and its connections with it).
     pub fn clear_ips(&self, slot: usize) {
-        for cell in &self.ip_counts[slot * IP_BUCKETS..(slot + 1) * IP_BUCKETS] {
+        let row = &self.ip_counts[slot * IP_BUCKETS..(slot + 1) * IP_BUCKETS];
+        for (bucket, cell) in row.iter().enumerate() {
             if cell.load(Ordering::Relaxed) != 0 {
-                cell.store(0, Ordering::Relaxed);
+                let held = cell.swap(0, Ordering::Relaxed);
+                let total = self.ip_total_cell(bucket as u16);
+                let _ = total.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(held)));
             }
         }
     }
@@ -344,9 +361,12 @@ mod tests {
         sb.charge_ip(1, b);
         sb.discharge_ip(0, b);
         assert_eq!((sb.ip_count(0, b), sb.ip_count(1, b)), (1, 1));
+        assert_eq!(sb.ip_total(b), 2);
         sb.clear_ips(0);
         sb.discharge_ip(0, b); // never below zero
         assert_eq!((sb.ip_count(0, b), sb.ip_count(1, b)), (0, 1));
+        assert_eq!(sb.ip_total(b), 1, "the total follows charges, discharges and a cleared row");
+        assert_eq!(sb.ip_total(ip_bucket("192.0.2.8".parse().unwrap())), 0);
     }
 
     #[test]

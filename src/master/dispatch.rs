@@ -205,7 +205,7 @@ impl Dispatcher {
             }
         }
         if let (Origin::Direct(bucket), true) = (origin, limits.max_per_ip > 0) {
-            let in_workers: u64 = sup.workers.iter().map(|w| sup.scoreboard.ip_count(w.id, bucket) as u64).sum();
+            let in_workers = sup.scoreboard.ip_total(bucket);
             let unsent = self.stash.iter().chain(sup.workers.iter().flat_map(|w| &w.outbox));
             let held = unsent.filter(|p| p.origin == origin).count() as u64;
             if in_workers + held >= limits.max_per_ip as u64 {
