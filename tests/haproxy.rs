@@ -16,13 +16,11 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-const LOAD: &str = env!("CARGO_BIN_EXE_echo-load");
 
 fn deploy_file(name: &str) -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/haproxy").join(name);
@@ -160,27 +158,6 @@ fn backend(listen: &str, metrics: &str, handler: &str, per_ip: u32) -> Echod {
     start(&backend_config(listen, metrics, handler, per_ip))
 }
 
-fn echo_load(front: SocketAddr, args: &[&str]) -> Child {
-    Command::new(LOAD)
-        .args(["--addr", &front.to_string(), "--json", "--timeout", "5"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("echo-load")
-}
-
-fn finish_load(child: Child) -> serde_json::Value {
-    let out: Output = child.wait_with_output().unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "echo-load JSON: {e}\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
 fn n(v: &serde_json::Value, key: &str) -> u64 {
     v[key].as_u64().unwrap_or_else(|| panic!("no `{key}` in {v}"))
 }
@@ -219,7 +196,7 @@ fn two_echod_behind_haproxy_with_proxy_v2() {
     hap.wait_status("echod2", "UP", Duration::from_secs(10));
 
     // 1. Load spreads over both, every byte verified.
-    let r = finish_load(echo_load(front, &["-c", "20", "-d", "2", "-s", "512"]));
+    let r = load_json(spawn_load(front, &["-c", "20", "-d", "2", "-s", "512"]));
     assert_eq!(n(&r, "errors"), 0, "{r}");
     assert_eq!(n(&r, "mismatches"), 0, "{r}");
     let (ha, hb) = (metric(&a, "echod_proxy_headers_total"), metric(&b, "echod_proxy_headers_total"));
@@ -254,7 +231,7 @@ fn two_echod_behind_haproxy_with_proxy_v2() {
     // at most one more per held connection.
     let failures_before = hap.server_failures("echod1");
     // 8 s: past the kill (1.5 s) and the longest wait for DOWN (5 s).
-    let load = echo_load(front, &["-c", "12", "-d", "8"]);
+    let load = spawn_load(front, &["-c", "12", "-d", "8"]);
     thread::sleep(Duration::from_millis(1500));
     let held = metric(&b, "echod_connections_active") as u64;
     let errors_before = metric(&a, "echod_connection_errors_total{kind=\"reset\"}");
@@ -264,7 +241,7 @@ fn two_echod_behind_haproxy_with_proxy_v2() {
     // Read while the load still runs: its end closes every connection,
     // which backend 1 may count as resets of its own.
     let errors_after = metric(&a, "echod_connection_errors_total{kind=\"reset\"}");
-    let r = finish_load(load);
+    let r = load_json(load);
     let failed = n(&r, "errors");
     thread::sleep(Duration::from_millis(200));
     let lost1 = hap.server_failures("echod1") - failures_before;
@@ -285,15 +262,15 @@ fn two_echod_behind_haproxy_with_proxy_v2() {
     // 4. Stop backend 1 gracefully mid-run: /healthz fails first, HAProxy
     // takes it out while it still accepts, its open connections finish.
     // Long-lived and churning clients: not one echo may be lost.
-    let long = echo_load(front, &["-c", "12", "-d", "7"]);
-    let churn = echo_load(front, &["-c", "4", "-d", "7", "--churn"]);
+    let long = spawn_load(front, &["-c", "12", "-d", "7"]);
+    let churn = spawn_load(front, &["-c", "4", "-d", "7", "--churn"]);
     thread::sleep(Duration::from_millis(1500));
     let draining = metric(&a, "echod_connections_active");
     assert!(draining > 0.0, "backend 1 held nothing to drain");
     let mut a = a;
     a.signal(libc_sig::TERM);
     let down = hap.wait_status("echod1", "DOWN", Duration::from_secs(5));
-    let (long, churn) = (finish_load(long), finish_load(churn));
+    let (long, churn) = (load_json(long), load_json(churn));
     println!("graceful stop: backend 1 held {draining}, DOWN after {down:?}; long-lived {long}; churn {churn}");
     for r in [&long, &churn] {
         assert_eq!(n(r, "errors"), 0, "{r}");

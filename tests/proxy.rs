@@ -210,13 +210,7 @@ both_modes! {
         let e = start(PROXIED);
         let mut headers = 0.0;
         for version in ["v1", "v2"] {
-            let out = std::process::Command::new(env!("CARGO_BIN_EXE_echo-load"))
-                .args(["--addr", &e.addr.to_string(), "-c", "4", "--count", "400", "--churn", "--json", "--proxy", version])
-                .output()
-                .unwrap();
-            let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|err| {
-                panic!("{err}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-            });
+            let r = load_json(spawn_load(e.addr, &["-c", "4", "--count", "400", "--churn", "--proxy", version]));
             assert_eq!((r["errors"].as_u64(), r["mismatches"].as_u64()), (Some(0), Some(0)), "{r}");
             assert_eq!(r["proxy"], version);
             headers += r["connects"].as_u64().unwrap() as f64;

@@ -9,15 +9,13 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-const LOAD: &str = env!("CARGO_BIN_EXE_echo-load");
 
 /// A copy of the echod binary: the "new version" an upgrade switches to.
 fn second_binary(dir: &Path) -> PathBuf {
@@ -32,23 +30,6 @@ fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
     std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     path
-}
-
-/// echo-load in the background: long-lived connections or churn.
-fn load(addr: std::net::SocketAddr, args: &[&str]) -> Child {
-    Command::new(LOAD)
-        .args(["--addr", &addr.to_string(), "--json", "-t", "1", "--timeout", "5"])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run echo-load")
-}
-
-fn finish(child: Child) -> serde_json::Value {
-    let out: Output = child.wait_with_output().unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("echo-load output: {e}"))
 }
 
 /// The pid in a log line's "(pid N)".
@@ -133,8 +114,8 @@ both_modes! {
         let metrics = e.metrics_addr();
         let stop = Arc::new(AtomicBool::new(false));
         let watcher = watch_counters(metrics, stop.clone());
-        let long = load(e.addr, &["-c", "16", "-d", "7"]);
-        let churn = load(e.addr, &["-c", "8", "-d", "7", "--churn"]);
+        let long = spawn_load(e.addr, &["-t", "1", "-c", "16", "-d", "7"]);
+        let churn = spawn_load(e.addr, &["-t", "1", "-c", "8", "-d", "7", "--churn"]);
         thread::sleep(Duration::from_millis(1500));
 
         // First upgrade: the original master hands over to the copy.
@@ -151,8 +132,8 @@ both_modes! {
         let third = upgrade(&e, second);
         e.wait_children(third, 2);
 
-        let long = finish(long);
-        let churn = finish(churn);
+        let long = load_json(long);
+        let churn = load_json(churn);
         // Their clients gone, the old generations finish draining and exit.
         assert!(wait_gone(first, &first_workers, Duration::from_secs(10)), "first generation still there");
         assert!(wait_gone(second, &second_workers, Duration::from_secs(10)), "second generation still there");
@@ -184,8 +165,8 @@ both_modes! {
         let e = start("workers = 2\nupgrade_timeout = 1\n");
         let master = e.pid();
         let workers = e.workers();
-        let traffic = load(e.addr, &["-c", "8", "-d", "5"]);
-        let churn = load(e.addr, &["-c", "4", "-d", "5", "--churn"]);
+        let traffic = spawn_load(e.addr, &["-t", "1", "-c", "8", "-d", "5"]);
+        let churn = spawn_load(e.addr, &["-t", "1", "-c", "4", "-d", "5", "--churn"]);
         thread::sleep(Duration::from_millis(500));
 
         // The same binary, but the file it reads was broken since: the new
@@ -215,7 +196,7 @@ both_modes! {
         assert!(failed.contains("did not become ready within 1s"), "{failed}");
         assert!(wait_gone(hung_pid, &[], Duration::from_secs(5)), "the hung binary was killed");
 
-        for (what, j) in [("traffic", finish(traffic)), ("churn", finish(churn))] {
+        for (what, j) in [("traffic", load_json(traffic)), ("churn", load_json(churn))] {
             assert_eq!(j["errors"], 0, "{what}: {j}");
             assert_eq!(j["mismatches"], 0, "{what}: {j}");
             assert!(j["responses"].as_u64().unwrap() > 100, "{what}: {j}");

@@ -12,6 +12,33 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub const ECHOD: &str = env!("CARGO_BIN_EXE_echod");
+pub const ECHO_LOAD: &str = env!("CARGO_BIN_EXE_echo-load");
+
+/// echo-load in the background against `addr`, with `--json` (read it with
+/// [`load_json`]) and a 5 s echo timeout; `args` add to or override that.
+pub fn spawn_load(addr: SocketAddr, args: &[&str]) -> Child {
+    Command::new(ECHO_LOAD)
+        .args(["--addr", &addr.to_string(), "--json", "--timeout", "5"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run echo-load")
+}
+
+/// Waits for a [`spawn_load`] run and parses its JSON; a run that printed
+/// none fails the test with what it printed.
+pub fn load_json(child: Child) -> serde_json::Value {
+    let out = child.wait_with_output().expect("echo-load");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "echo-load JSON: {e}\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
 
 /// Runs each test fn twice, once per handler mode (`handler = "thread"` and
 /// `"event"`), as `name::thread` and `name::event`: the same suite proves
