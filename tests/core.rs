@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::Shutdown;
+use std::io::Read;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -65,17 +64,8 @@ both_modes! {
 
     fn a_half_closed_client_gets_every_byte() {
         let e = start("");
-        let mut s = connect(e.addr);
         let data = Rng::new(3).bytes(300_000);
-        let mut w = s.try_clone().unwrap();
-        let d2 = data.clone();
-        let t = thread::spawn(move || {
-            w.write_all(&d2).unwrap();
-            w.shutdown(Shutdown::Write).unwrap();
-        });
-        let mut got = Vec::new();
-        s.read_to_end(&mut got).unwrap();
-        t.join().unwrap();
+        let got = echo_half_closed(e.addr, &data);
         assert_eq!(got.len(), data.len());
         assert!(got == data, "echo differs");
     }

@@ -301,18 +301,8 @@ both_modes! {
         let t = traffic.stop();
         assert!(t.failures.is_empty() && t.mismatches == 0, "{:?}", t.failures);
         // And a client that half-closes right after sending gets everything.
-        let mut s = connect(e.addr);
         let data = Rng::new(5).bytes(1 << 20);
-        let mut w = s.try_clone().unwrap();
-        let d = data.clone();
-        let sender = thread::spawn(move || {
-            w.write_all(&d).unwrap();
-            w.shutdown(Shutdown::Write).unwrap();
-        });
-        let mut back = Vec::new();
-        s.read_to_end(&mut back).unwrap();
-        sender.join().unwrap();
-        assert!(back == data);
+        assert!(echo_half_closed(e.addr, &data) == data);
     }
 
     /// Overload: with every worker full the master stops accepting; new clients

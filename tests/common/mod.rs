@@ -682,6 +682,23 @@ fn client_loop(
     t
 }
 
+/// Sends `data` on a new connection while reading, half-closes (SHUT_WR)
+/// after the last byte, and returns everything echoed until the server
+/// closes: what a half-closed client must get back.
+pub fn echo_half_closed(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
+    let mut s = connect(addr);
+    let mut w = s.try_clone().unwrap();
+    let d = data.to_vec();
+    let sender = std::thread::spawn(move || {
+        w.write_all(&d).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).unwrap();
+    sender.join().unwrap();
+    back
+}
+
 /// One HTTP/1.1 GET; returns (status code, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = connect(addr);
