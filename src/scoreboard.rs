@@ -78,6 +78,11 @@ const _: () = assert!(Field::Duration0 as usize + DURATION_BUCKETS.len() <= STRI
 
 /// Header words (block 0, written by the master).
 const ACCEPT_PAUSED: usize = 0;
+/// First word of the bitmap of occupied slots (one bit per slot), after the
+/// accept-paused flag.
+const OCCUPIED: usize = 1;
+/// Slots the header's bitmap can name.
+const MAX_SLOTS: usize = (STRIDE - OCCUPIED) * 64;
 
 /// Client addresses are counted per hash bucket: two addresses that share a
 /// bucket (rarely) share a `max_connections_per_ip` budget. Per worker that
@@ -90,10 +95,15 @@ pub struct Scoreboard {
     words: &'static [AtomicU64],
     /// Per worker, per client-address bucket: connections the worker holds.
     /// The master adds when it sends a connection, the worker subtracts when
-    /// it closes one; a dead worker's row is cleared with its slot. One more
-    /// row after the workers' holds the sum over all of them, kept with
-    /// every change, so the per-address total is one load rather than one
-    /// per slot (there are 2 x MAX_WORKERS + 8 slots, most of them empty).
+    /// it closes one.
+    ///
+    /// The per-address total is the sum over *occupied* slots (the header's
+    /// bitmap, one bit per slot the master has handed to a live worker), not
+    /// a row of its own: a charge or discharge is then one atomic, so a
+    /// worker killed at any instant leaves nothing half-counted, and a dead
+    /// worker's connections stop counting the moment the master vacates its
+    /// slot. Summing costs one load per live worker, not one per slot
+    /// (there are 2 x MAX_WORKERS + 8 slots, most of them empty).
     ip_counts: &'static [AtomicU32],
     slots: usize,
 }
@@ -101,8 +111,11 @@ pub struct Scoreboard {
 impl Scoreboard {
     /// Maps room for `slots` workers. Call before forking.
     pub fn new(slots: usize) -> io::Result<Scoreboard> {
+        if slots > MAX_SLOTS {
+            return Err(io::Error::other(format!("at most {MAX_SLOTS} scoreboard slots")));
+        }
         let words = sys::shared_zeroed::<AtomicU64>((slots + 1) * STRIDE)?;
-        let ip_counts = sys::shared_zeroed::<AtomicU32>((slots + 1) * IP_BUCKETS)?;
+        let ip_counts = sys::shared_zeroed::<AtomicU32>(slots * IP_BUCKETS)?;
         Ok(Scoreboard { words, ip_counts, slots })
     }
 
@@ -116,42 +129,52 @@ impl Scoreboard {
         self.ip_cell(slot, bucket).load(Ordering::Relaxed)
     }
 
-    /// The all-workers cell of `bucket`.
-    fn ip_total_cell(&self, bucket: u16) -> &AtomicU32 {
-        self.ip_cell(self.slots, bucket)
-    }
-
     /// Master (or a worker, for a client a PROXY header named): worker
     /// `slot` holds one more connection from `bucket`.
     pub fn charge_ip(&self, slot: usize, bucket: u16) {
         self.ip_cell(slot, bucket).fetch_add(1, Ordering::Relaxed);
-        self.ip_total_cell(bucket).fetch_add(1, Ordering::Relaxed);
     }
 
     /// Worker: it closed a connection from `bucket`.
     pub fn discharge_ip(&self, slot: usize, bucket: u16) {
-        let sub = |n: u32| n.checked_sub(1);
-        if self.ip_cell(slot, bucket).fetch_update(Ordering::Relaxed, Ordering::Relaxed, sub).is_ok() {
-            let _ = self.ip_total_cell(bucket).fetch_update(Ordering::Relaxed, Ordering::Relaxed, sub);
-        }
+        let _ = self.ip_cell(slot, bucket).fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
-    /// Connections all workers hold from addresses in `bucket`: what
+    /// Connections all live workers hold from addresses in `bucket`: what
     /// `max_connections_per_ip` is checked against, by the master for plain
     /// listeners and by a worker for clients only it knows (PROXY).
     pub fn ip_total(&self, bucket: u16) -> u64 {
-        self.ip_total_cell(bucket).load(Ordering::Relaxed) as u64
+        let mut total = 0;
+        for (w, word) in self.words[OCCUPIED..STRIDE].iter().enumerate() {
+            let mut bits = word.load(Ordering::Acquire);
+            while bits != 0 {
+                let slot = w * 64 + bits.trailing_zeros() as usize;
+                total += self.ip_cell(slot, bucket).load(Ordering::Relaxed) as u64;
+                bits &= bits - 1;
+            }
+        }
+        total
     }
 
-    /// Master: forgets every address count of a slot (its worker is gone,
-    /// and its connections with it).
-    pub fn clear_ips(&self, slot: usize) {
-        let row = &self.ip_counts[slot * IP_BUCKETS..(slot + 1) * IP_BUCKETS];
-        for (bucket, cell) in row.iter().enumerate() {
+    /// Master, before forking a worker into `slot`: zeroes its address
+    /// counts and makes them count.
+    pub fn occupy(&self, slot: usize) {
+        self.clear_ips(slot);
+        self.words[OCCUPIED + slot / 64].fetch_or(1 << (slot % 64), Ordering::Release);
+    }
+
+    /// Master, once the worker of `slot` is reaped: its connections died
+    /// with it, so its address counts stop counting (whatever it was doing
+    /// when it died) and are zeroed.
+    pub fn vacate(&self, slot: usize) {
+        self.words[OCCUPIED + slot / 64].fetch_and(!(1 << (slot % 64)), Ordering::Release);
+        self.clear_ips(slot);
+    }
+
+    fn clear_ips(&self, slot: usize) {
+        for cell in &self.ip_counts[slot * IP_BUCKETS..(slot + 1) * IP_BUCKETS] {
             if cell.load(Ordering::Relaxed) != 0 {
-                let held = cell.swap(0, Ordering::Relaxed);
-                let total = self.ip_total_cell(bucket as u16);
-                let _ = total.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(held)));
+                cell.store(0, Ordering::Relaxed);
             }
         }
     }
@@ -356,17 +379,41 @@ mod tests {
         let b = ip_bucket("192.0.2.7".parse().unwrap());
         assert_eq!(b, ip_bucket("::ffff:192.0.2.7".parse().unwrap()), "mapped v4 is v4");
         assert_ne!(b, ip_bucket("192.0.2.8".parse().unwrap()));
+        sb.occupy(0);
+        sb.occupy(1);
         sb.charge_ip(0, b);
         sb.charge_ip(0, b);
         sb.charge_ip(1, b);
         sb.discharge_ip(0, b);
         assert_eq!((sb.ip_count(0, b), sb.ip_count(1, b)), (1, 1));
         assert_eq!(sb.ip_total(b), 2);
-        sb.clear_ips(0);
+        sb.vacate(0);
         sb.discharge_ip(0, b); // never below zero
         assert_eq!((sb.ip_count(0, b), sb.ip_count(1, b)), (0, 1));
-        assert_eq!(sb.ip_total(b), 1, "the total follows charges, discharges and a cleared row");
+        assert_eq!(sb.ip_total(b), 1, "the total follows charges, discharges and a vacated slot");
         assert_eq!(sb.ip_total(ip_bucket("192.0.2.8".parse().unwrap())), 0);
+    }
+
+    #[test]
+    fn a_dead_workers_counts_stop_counting_whatever_it_was_doing() {
+        // A worker killed mid-charge (or mid-discharge) leaves its own row
+        // at whatever it reached; vacating the slot must take the row out
+        // of every total, and a new worker in the slot starts from zero.
+        let sb = Scoreboard::new(300).unwrap();
+        let b = ip_bucket("198.51.100.1".parse().unwrap());
+        sb.occupy(3);
+        sb.occupy(299);
+        for _ in 0..5 {
+            sb.charge_ip(299, b);
+        }
+        sb.charge_ip(3, b);
+        assert_eq!(sb.ip_total(b), 6);
+        sb.vacate(299);
+        assert_eq!(sb.ip_total(b), 1, "the dead slot's five are gone");
+        sb.charge_ip(299, b); // a straggler write after the reap
+        assert_eq!(sb.ip_total(b), 1, "a vacated slot does not count");
+        sb.occupy(299);
+        assert_eq!((sb.ip_count(299, b), sb.ip_total(b)), (0, 1), "a reused slot starts empty");
     }
 
     #[test]

@@ -238,7 +238,7 @@ impl Supervisor {
             .ok_or_else(|| std::io::Error::other("no free scoreboard slot"))?;
         let (ours, theirs) = Channel::pair()?;
         self.scoreboard.slot(id).reset();
-        self.scoreboard.clear_ips(id);
+        self.scoreboard.occupy(id);
         match sys::fork()? {
             Forked::Child => worker::run(worker::Args {
                 id,
@@ -357,6 +357,9 @@ impl Supervisor {
         let _ = registry.deregister(&mut SourceFd(&w.channel.as_raw_fd()));
         let stats = self.scoreboard.slot(w.id).snapshot();
         self.retired.add_counters(&stats);
+        // Its connections are gone: their clients no longer count against
+        // max_connections_per_ip.
+        self.scoreboard.vacate(w.id);
         let how = describe(status);
         let expected = matches!(w.phase, Phase::Draining { .. }) || stopping;
         let lost = w.dispatched.saturating_sub(stats.finished);
