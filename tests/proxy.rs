@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -33,19 +33,6 @@ fn send(addr: SocketAddr, first: &[u8]) -> TcpStream {
     let mut s = connect(addr);
     s.write_all(first).unwrap();
     s
-}
-
-/// Whether the server closed `s` (EOF or reset) within `within`, having
-/// sent nothing: a refused connection must not get its bytes back.
-fn closed_unechoed(s: &mut TcpStream, within: Duration) -> Result<(), String> {
-    s.set_read_timeout(Some(within)).unwrap();
-    let mut buf = [0u8; 64];
-    match s.read(&mut buf) {
-        Ok(0) => Ok(()),
-        Ok(n) => Err(format!("got {n} bytes back: {:?}", String::from_utf8_lossy(&buf[..n]))),
-        Err(e) if e.kind() == ErrorKind::ConnectionReset => Ok(()),
-        Err(e) => Err(format!("still open: {e}")),
-    }
 }
 
 /// Every "listening on" address, in order.

@@ -40,12 +40,29 @@ pub fn echo<S: Read + Write>(
         if transform == Transform::Upper {
             data.make_ascii_uppercase();
         }
-        if let Err(e) = stream.write_all(data) {
+        if let Err(e) = write_counted(stream, data, tally) {
             return ending_of(e.kind());
         }
-        tally.bytes_out += n as u64;
         flush_due(tally);
     }
+}
+
+/// `write_all` that counts every byte the kernel took, also when a later
+/// write fails: a client that resets mid-echo did receive (or at least was
+/// sent) the first part, and `echod_bytes_sent_total` must say so.
+pub(crate) fn write_counted<W: Write>(w: &mut W, mut data: &[u8], tally: &mut Tally) -> std::io::Result<()> {
+    while !data.is_empty() {
+        match w.write(data) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                tally.bytes_out += n as u64;
+                data = &data[n..];
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// How an I/O error ends a connection, for the error counters.
@@ -69,6 +86,8 @@ mod tests {
         output: Vec<u8>,
         chunk: usize,
         fail_write: Option<ErrorKind>,
+        /// Writes fail (with `fail_write`) once this many bytes went out.
+        fail_after: usize,
     }
     impl Read for Script {
         fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
@@ -78,7 +97,7 @@ mod tests {
     }
     impl Write for Script {
         fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-            if let Some(k) = self.fail_write {
+            if let Some(k) = self.fail_write.filter(|_| self.output.len() >= self.fail_after) {
                 return Err(k.into());
             }
             let n = b.len().min(3); // short writes: write_all must loop
@@ -93,7 +112,8 @@ mod tests {
     #[test]
     fn echoes_every_byte_and_counts_them() {
         let data: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
-        let mut s = Script { input: Cursor::new(data.clone()), output: vec![], chunk: 700, fail_write: None };
+        let mut s =
+            Script { input: Cursor::new(data.clone()), output: vec![], chunk: 700, fail_write: None, fail_after: 0 };
         let mut tally = Tally::default();
         let mut flushes = 0;
         let end = echo(&mut s, &mut [0u8; 512], Transform::None, &mut tally, |_| flushes += 1);
@@ -105,8 +125,13 @@ mod tests {
 
     #[test]
     fn upper_changes_only_ascii_letters() {
-        let mut s =
-            Script { input: Cursor::new(b"abc\xffz-\x00q".to_vec()), output: vec![], chunk: 64, fail_write: None };
+        let mut s = Script {
+            input: Cursor::new(b"abc\xffz-\x00q".to_vec()),
+            output: vec![],
+            chunk: 64,
+            fail_write: None,
+            fail_after: 0,
+        };
         echo(&mut s, &mut [0u8; 64], Transform::Upper, &mut Tally::default(), |_| {});
         assert_eq!(s.output, b"ABC\xffZ-\x00Q");
     }
@@ -118,6 +143,7 @@ mod tests {
             output: vec![],
             chunk: 64,
             fail_write: Some(ErrorKind::BrokenPipe),
+            fail_after: 0,
         };
         assert_eq!(echo(&mut s, &mut [0u8; 8], Transform::None, &mut Tally::default(), |_| {}), Ending::Reset);
         s = Script {
@@ -125,7 +151,24 @@ mod tests {
             output: vec![],
             chunk: 64,
             fail_write: Some(ErrorKind::WouldBlock),
+            fail_after: 0,
         };
         assert_eq!(echo(&mut s, &mut [0u8; 8], Transform::None, &mut Tally::default(), |_| {}), Ending::Timeout);
+    }
+
+    #[test]
+    fn bytes_written_before_a_failed_write_are_counted() {
+        // Short writes of 3 bytes: 6 go out, then the client resets.
+        let mut s = Script {
+            input: Cursor::new(b"0123456789".to_vec()),
+            output: vec![],
+            chunk: 64,
+            fail_write: Some(ErrorKind::ConnectionReset),
+            fail_after: 6,
+        };
+        let mut tally = Tally::default();
+        assert_eq!(echo(&mut s, &mut [0u8; 64], Transform::None, &mut tally, |_| {}), Ending::Reset);
+        assert_eq!(s.output, b"012345");
+        assert_eq!((tally.bytes_in, tally.bytes_out), (10, 6), "what went out before the reset counts");
     }
 }

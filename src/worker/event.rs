@@ -144,10 +144,12 @@ struct Conn {
     sent: usize,
     /// When the current stall began, for the write timeout.
     stalled_since: Option<Instant>,
-    /// The client's FIN (or an error) has been seen by the poll: its edge
-    /// is spent, so reads go on until they return 0 (or fail) rather than
-    /// trusting a short read to mean "nothing more".
-    read_closed: bool,
+    /// A short read may not mean "nothing more": the poll reported the
+    /// client's FIN or an error (its edge is spent), or TCP urgent data
+    /// (EPOLLPRI: the kernel stops a read short at the urgent mark with
+    /// in-band bytes still queued behind it, and raises no new edge for
+    /// them). Reads then go on until they would block, return 0 or fail.
+    read_to_block: bool,
 }
 
 /// What a turn on one connection left to do.
@@ -220,7 +222,7 @@ impl EventLoop {
             for ev in events.iter() {
                 match ev.token() {
                     WAKER => woken = true,
-                    Token(i) => self.serve(i, ev.is_read_closed() || ev.is_error()),
+                    Token(i) => self.serve(i, ev.is_read_closed() || ev.is_error() || ev.is_priority()),
                 }
             }
             for _ in 0..self.ready.len() {
@@ -291,13 +293,16 @@ impl EventLoop {
         let (bucket, header) = match origin {
             Origin::Direct(bucket) => (Some(bucket), None),
             Origin::Proxied => {
-                let Ok(peer) = stream.peer_addr() else {
-                    self.w.counters.refuse(Refusal::Header(HeaderError::Truncated));
+                let trusted = proxied::peer_of(&self.w, &stream).and_then(|peer| {
+                    proxied::check_trusted(&self.w, peer)?;
+                    Ok(peer)
+                });
+                let Ok(peer) = trusted else {
+                    // Counted as finished; dropping `stream` closes it, and a
+                    // master waiting for room hears of it.
+                    self.freed = true;
                     return;
                 };
-                if proxied::check_trusted(&self.w, peer).is_err() {
-                    return; // counted; dropping `stream` closes it
-                }
                 (None, Some(Box::new((Handshake::default(), peer))))
             }
         };
@@ -311,7 +316,8 @@ impl EventLoop {
         let last_active = self.w.ticks.load(Ordering::Relaxed);
         let registered = stream.set_nonblocking(true).and_then(|()| {
             let mut stream = TcpStream::from_std(stream);
-            self.poll.registry().register(&mut stream, Token(i), Interest::READABLE | Interest::WRITABLE)?;
+            let interest = Interest::READABLE | Interest::WRITABLE | Interest::PRIORITY;
+            self.poll.registry().register(&mut stream, Token(i), interest)?;
             Ok(stream)
         });
         match registered {
@@ -325,7 +331,7 @@ impl EventLoop {
                     unsent: Vec::new(),
                     sent: 0,
                     stalled_since: None,
-                    read_closed: false,
+                    read_to_block: false,
                 });
                 // Edge-triggered: bytes that arrived before registration
                 // raise no edge of their own, so look now.
@@ -339,13 +345,13 @@ impl EventLoop {
         }
     }
 
-    /// One turn on connection `i`; `read_closed` when the poll reported the
+    /// One turn on connection `i`; `read_to_block` when the poll reported the
     /// client's FIN or an error.
-    fn serve(&mut self, i: usize, read_closed: bool) {
+    fn serve(&mut self, i: usize, read_to_block: bool) {
         let now = self.w.ticks.load(Ordering::Relaxed);
         let transform = self.w.config.transform;
         let Some(conn) = self.conns.get_mut(i).and_then(Option::as_mut) else { return };
-        conn.read_closed |= read_closed;
+        conn.read_to_block |= read_to_block;
         if conn.header.is_some() {
             match read_header(&self.w, conn, transform, &mut self.tally) {
                 Ok(true) => {}
@@ -392,10 +398,18 @@ impl EventLoop {
         }
     }
 
+    /// Closes everything (drain deadline, fast stop). A connection still
+    /// sending its PROXY header is a truncated header, as in thread mode,
+    /// not an echo connection that ended cleanly.
     fn cut_all(&mut self) {
         for i in 0..self.conns.len() {
-            if self.conns[i].is_some() {
-                self.close(i, Ending::Clean);
+            match self.conns[i].as_ref().map(|c| c.header.as_deref().map(|(_, peer)| *peer)) {
+                None => {}
+                Some(None) => self.close(i, Ending::Clean),
+                Some(Some(peer)) => {
+                    proxied::refused(&self.w, peer, None, Refusal::Header(HeaderError::Truncated));
+                    self.drop_refused(i);
+                }
             }
         }
     }
@@ -454,7 +468,7 @@ fn read_header(w: &Worker, c: &mut Conn, transform: Transform, tally: &mut Tally
         }
     };
     let admitted = proxied::admit(w, peer, header, Vec::new())?;
-    c.bucket = Some(admitted.bucket);
+    c.bucket = admitted.bucket;
     c.header = None;
     if !early.is_empty() {
         if transform == Transform::Upper {
@@ -492,7 +506,12 @@ fn turn(c: &mut Conn, buf: &mut [u8], transform: Transform, tally: &mut Tally, n
         let n = match c.stream.read(buf) {
             Ok(0) => return Turn::Done(Ending::Clean),
             Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return Turn::Wait,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                // Drained for sure: short reads can be trusted again (an
+                // urgent mark raises EPOLLPRI anew; a FIN reads as 0).
+                c.read_to_block = false;
+                return Turn::Wait;
+            }
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Turn::Done(ending_of(e.kind())),
         };
@@ -515,7 +534,7 @@ fn turn(c: &mut Conn, buf: &mut [u8], transform: Transform, tally: &mut Tally, n
             }
             Err(e) => return Turn::Done(ending_of(e.kind())),
         }
-        if n < buf.len() && !c.read_closed {
+        if n < buf.len() && !c.read_to_block {
             // The socket is drained; its next bytes (or FIN) raise a new
             // edge.
             return Turn::Wait;

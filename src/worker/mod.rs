@@ -349,7 +349,11 @@ fn drain(w: &Arc<Worker>, timeout: Duration) -> i32 {
         w.busy.load(Ordering::Relaxed) + w.queue.stats().0,
         timeout.as_secs_f64()
     );
+    // Poll the channel (and the handlers) every 50 ms so the exit is
+    // prompt, but tick on the 250 ms clock: the tick is what idle timeouts
+    // and flushes count in, and it must not run fast during a drain.
     let _ = w.channel.set_receive_timeout(Duration::from_millis(50));
+    let mut last_tick = Instant::now();
     while w.threads.load(Ordering::Acquire) > 0 {
         if Instant::now() >= deadline {
             let cut = w.cut_all();
@@ -362,7 +366,10 @@ fn drain(w: &Arc<Worker>, timeout: Duration) -> i32 {
             Ok(Received::Closed) | Err(_) => return quit(w),
             Ok(_) => {}
         }
-        tick(w);
+        if last_tick.elapsed() >= TICK {
+            tick(w);
+            last_tick = Instant::now();
+        }
     }
     tick(w);
     log::info!("drained; exiting");

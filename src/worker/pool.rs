@@ -24,7 +24,7 @@ use nix::sys::socket::{Shutdown, shutdown};
 use crate::config::Transform;
 use crate::ipc::{Notice, Origin};
 use crate::worker::counters::{Ending, Tally};
-use crate::worker::echo::echo;
+use crate::worker::echo::{echo, ending_of};
 use crate::worker::queue::Pop;
 use crate::worker::{Worker, proxied};
 
@@ -87,9 +87,7 @@ fn handler(w: Arc<Worker>) {
                     // over the handlers lets the pool grow with demand.
                     let _ = spawn_handler(&w);
                 }
-                if let Some(bucket) = serve(&w, &slot, stream, origin, &mut buf) {
-                    w.scoreboard.discharge_ip(w.id, bucket);
-                }
+                serve(&w, &slot, stream, origin, &mut buf);
             }
             Pop::TimedOut => {
                 if retire_if_spare(&w) {
@@ -112,9 +110,9 @@ fn retire_if_spare(w: &Worker) -> bool {
         .is_ok()
 }
 
-/// Serves one connection to its end and records it. Returns the client
-/// address bucket charged for it (None if it was refused before that).
-fn serve(w: &Worker, slot: &ConnSlot, mut stream: TcpStream, origin: Origin, buf: &mut [u8]) -> Option<u16> {
+/// Serves one connection to its end and records it, giving back its
+/// client's per-address charge.
+fn serve(w: &Worker, slot: &ConnSlot, mut stream: TcpStream, origin: Origin, buf: &mut [u8]) {
     let started = Instant::now();
     w.busy.fetch_add(1, Ordering::Relaxed);
     let mut seen = w.ticks.load(Ordering::Relaxed);
@@ -123,30 +121,22 @@ fn serve(w: &Worker, slot: &ConnSlot, mut stream: TcpStream, origin: Origin, buf
     slot.open(stream.as_raw_fd(), seen);
     let mut tally = Tally::default();
     let (bucket, mut early) = match origin {
-        Origin::Direct(bucket) => (bucket, Vec::new()),
+        Origin::Direct(bucket) => (Some(bucket), Vec::new()),
         Origin::Proxied => match proxied::handshake_blocking(w, &mut stream) {
             Ok(a) => (a.bucket, a.early),
             Err(_) => {
+                // Counted (as finished) by `proxied`; nothing was charged.
                 slot.close();
                 drop(stream);
                 w.busy.fetch_sub(1, Ordering::Release);
                 slot_freed(w);
-                return None;
+                return;
             }
         },
     };
     // Bytes that came with a PROXY header are the client's first message.
-    let early_end = match proxied::echo_early(&mut stream, &mut early, w.config.transform == Transform::Upper) {
-        Ok(()) => {
-            tally.bytes_in += early.len() as u64;
-            tally.bytes_out += early.len() as u64;
-            None
-        }
-        Err(e) => {
-            tally.bytes_in += early.len() as u64;
-            Some(crate::worker::echo::ending_of(e.kind()))
-        }
-    };
+    let upper = w.config.transform == Transform::Upper;
+    let early_end = proxied::echo_early(&mut stream, &mut early, upper, &mut tally).err().map(|e| ending_of(e.kind()));
     let mut next_flush = seen + FLUSH_TICKS;
     let mut echoes = 0u32;
     let ending = early_end.unwrap_or_else(|| {
@@ -170,13 +160,16 @@ fn serve(w: &Worker, slot: &ConnSlot, mut stream: TcpStream, origin: Origin, buf
     // Unregister before closing, so a cut never hits a reused fd number.
     let ending = slot.close().unwrap_or(ending);
     drop(stream);
-    // Count before leaving `busy`: a draining worker exits once nothing is
-    // busy, and must not lose this connection's last bytes.
+    // Count and discharge before leaving `busy`: a draining worker exits
+    // once nothing is busy, and must neither lose this connection's last
+    // bytes nor leave its client charged in the scoreboard.
     w.counters.finish(&mut tally, ending, started.elapsed());
+    if let Some(bucket) = bucket {
+        w.scoreboard.discharge_ip(w.id, bucket);
+    }
     w.busy.fetch_sub(1, Ordering::Release);
     log::trace!("connection closed: {ending:?}");
     slot_freed(w);
-    Some(bucket)
 }
 
 /// Tells the master a slot is free, if it is waiting for one.

@@ -24,7 +24,6 @@
 //! workers admitting the same client at once both see each other: at worst
 //! both refuse, never both admit past the limit.
 
-use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Instant;
 
@@ -32,14 +31,17 @@ use crate::proxy::{Handshake, Header, HeaderError, Step};
 use crate::ratelimit::RateLimited;
 use crate::scoreboard::ip_bucket;
 use crate::worker::Worker;
-use crate::worker::counters::Refusal;
+use crate::worker::counters::{Refusal, Tally};
+use crate::worker::echo::write_counted;
 
 /// A connection whose header was accepted.
 #[derive(Debug)]
 pub struct Admitted {
     /// The client's address bucket, charged to this worker: discharge it
-    /// when the connection ends.
-    pub bucket: u16,
+    /// when the connection ends. None for a LOCAL (or UNKNOWN, UNSPEC,
+    /// AF_UNIX) header: the balancer speaking for itself names no client,
+    /// and its health checks must not eat a client's per-address budget.
+    pub bucket: Option<u16>,
     /// Bytes the client sent right after the header, read with it: the
     /// first bytes to echo.
     pub early: Vec<u8>,
@@ -54,11 +56,24 @@ pub fn check_trusted(w: &Worker, peer: SocketAddr) -> Result<(), Refusal> {
     }
 }
 
+/// The balancer's address, before anything is read. A peer that connected
+/// and reset before the worker looked has none (ENOTCONN): that is a header
+/// cut short, counted like any refusal, because every connection the master
+/// dispatched must count as finished exactly once or its worker looks
+/// loaded for ever.
+pub fn peer_of(w: &Worker, stream: &TcpStream) -> Result<SocketAddr, Refusal> {
+    stream.peer_addr().map_err(|_| {
+        let why = Refusal::Header(HeaderError::Truncated);
+        w.counters.refuse(why);
+        why
+    })
+}
+
 /// Thread mode: all three steps, blocking, the deadline enforced with
 /// SO_RCVTIMEO for the header only (the echo itself runs without one; see
 /// `pool::ConnSlot`).
 pub fn handshake_blocking(w: &Worker, stream: &mut TcpStream) -> Result<Admitted, Refusal> {
-    let peer = stream.peer_addr().map_err(|_| Refusal::Header(HeaderError::Truncated))?;
+    let peer = peer_of(w, stream)?;
     check_trusted(w, peer)?;
     let deadline = Instant::now() + w.config.proxy_timeout.0;
     let mut hs = Handshake::default();
@@ -86,8 +101,13 @@ pub fn handshake_blocking(w: &Worker, stream: &mut TcpStream) -> Result<Admitted
 /// Step 3, once a header is complete: charges the client it names and
 /// checks `max_connections_per_ip` across all workers.
 pub fn admit(w: &Worker, peer: SocketAddr, header: Header, early: Vec<u8>) -> Result<Admitted, Refusal> {
-    // LOCAL / UNKNOWN: the balancer speaks for itself (a health check).
-    let client = header.source.unwrap_or(peer);
+    let Some(client) = header.source else {
+        // LOCAL / UNKNOWN: the balancer speaks for itself (a health check),
+        // trusted already; no client to charge.
+        w.counters.proxied();
+        log::trace!("connection from {peer} (the balancer itself)");
+        return Ok(Admitted { bucket: None, early });
+    };
     let bucket = ip_bucket(client.ip());
     w.scoreboard.charge_ip(w.id, bucket);
     let max = w.config.max_connections_per_ip;
@@ -97,7 +117,7 @@ pub fn admit(w: &Worker, peer: SocketAddr, header: Header, early: Vec<u8>) -> Re
     }
     w.counters.proxied();
     log::trace!("connection from {client} via {peer}");
-    Ok(Admitted { bucket, early })
+    Ok(Admitted { bucket: Some(bucket), early })
 }
 
 /// Counts a refusal and logs it (rate-limited); the caller closes.
@@ -128,13 +148,11 @@ pub fn refused(w: &Worker, peer: SocketAddr, client: Option<SocketAddr>, why: Re
 }
 
 /// Thread mode: echoes the bytes that came with the header (none: nothing
-/// to do).
-pub fn echo_early(stream: &mut TcpStream, early: &mut [u8], upper: bool) -> std::io::Result<()> {
-    if early.is_empty() {
-        return Ok(());
-    }
+/// to do), counting them as the echo loop does.
+pub fn echo_early(stream: &mut TcpStream, early: &mut [u8], upper: bool, tally: &mut Tally) -> std::io::Result<()> {
+    tally.bytes_in += early.len() as u64;
     if upper {
         early.make_ascii_uppercase();
     }
-    stream.write_all(early)
+    write_counted(stream, early, tally)
 }

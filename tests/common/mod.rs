@@ -385,6 +385,29 @@ pub fn alive(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
+/// SIGSTOPs `pid` and waits until every one of its threads is stopped
+/// (signal delivery is asynchronous: a thread may still run for a moment
+/// after `kill` returns). Fails the test after 5 s.
+pub fn stop_process(pid: i32) {
+    kill(pid, libc_sig::STOP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let states: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+                    .filter_map(|s| Some(s.rsplit(')').next()?.split_whitespace().next()?.to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !states.is_empty() && states.iter().all(|s| s == "T") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "pid {pid} did not stop: thread states {states:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Direct children of `pid` whose name starts with `echod`.
 pub fn children_of(pid: i32) -> Vec<i32> {
     let mut out = Vec::new();
@@ -458,6 +481,20 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
     s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
     s.set_nodelay(true).unwrap();
     s
+}
+
+/// Whether the server closed `s` (EOF or reset) within `within`, having
+/// sent nothing: a refused connection must not get its bytes back. A
+/// connection still open after `within` is an error, not a pass.
+pub fn closed_unechoed(s: &mut TcpStream, within: Duration) -> Result<(), String> {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => Ok(()),
+        Ok(n) => Err(format!("got {n} bytes back: {:?}", String::from_utf8_lossy(&buf[..n]))),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
+        Err(e) => Err(format!("still open: {e}")),
+    }
 }
 
 /// One round trip: sends `data`, reads the same number of bytes back.

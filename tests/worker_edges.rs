@@ -1,0 +1,185 @@
+//! Regression tests for worker bugs that lived between two events: a reset
+//! before the worker looks, a drain while connections idle, a worker killed
+//! while it holds clients, urgent data in the middle of a message, a drain
+//! deadline while a PROXY header is still arriving, a balancer's own health
+//! checks. Each failed before its fix (see the commit that added it). Both
+//! handler modes; loopback only.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const PROXIED: &str = "proxy_protocol = true\nproxy_trusted = [\"127.0.0.1\"]\nmetrics_listen = \"127.0.0.1:0\"\n";
+
+fn v1(client: &str, port: u16) -> Vec<u8> {
+    format!("PROXY TCP4 {client} 127.0.0.1 {port} 7\r\n").into_bytes()
+}
+
+/// A v2 LOCAL header: the balancer's own connection (a health check).
+fn v2_local() -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x20, 0x00, 0, 0]);
+    h
+}
+
+fn send(addr: SocketAddr, first: &[u8]) -> TcpStream {
+    let mut s = connect(addr);
+    s.write_all(first).unwrap();
+    s
+}
+
+/// Connects and resets at once (SO_LINGER 0), before any worker can look.
+fn connect_and_reset(addr: SocketAddr) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.connect(&addr.into()).unwrap();
+    s.set_linger(Some(Duration::ZERO)).unwrap();
+}
+
+fn metric(m: &std::collections::HashMap<String, f64>, name: &str) -> f64 {
+    m.get(name).copied().unwrap_or_else(|| panic!("no {name} in {m:?}"))
+}
+
+both_modes! {
+    /// #18.1: a client that resets before the worker reads its peer address
+    /// (ENOTCONN) must still count as finished, or its worker looks loaded
+    /// for ever and later clients wait in the backlog.
+    fn a_reset_before_the_proxy_header_frees_its_slot() {
+        let e = start(&format!("{PROXIED}workers = 1\nthreads_per_worker = 4\nmin_spare_threads = 1\nworker_connections = 4\n"));
+        for _ in 0..200 {
+            connect_and_reset(e.addr);
+        }
+        let m = e.scrape_until(Duration::from_secs(10), |m| {
+            m.get("echod_connections_accepted_total") == Some(&200.0) && m.get("echod_connections_active") == Some(&0.0)
+        });
+        assert_eq!(metric(&m, "echod_connections_accepted_total"), 200.0, "{m:?}");
+        assert_eq!(metric(&m, "echod_connections_active"), 0.0, "every reset connection counted as finished: {m:?}");
+        assert_eq!(metric(&m, "echod_connections_closed_total"), 200.0, "{m:?}");
+        // And the worker still has all its room: four clients at once.
+        let mut held: Vec<TcpStream> = (0..4).map(|i| send(e.addr, &v1("192.0.2.7", 1000 + i))).collect();
+        for (i, s) in held.iter_mut().enumerate() {
+            let msg = format!("client {i}");
+            assert_eq!(round_trip(s, msg.as_bytes()).unwrap(), msg.as_bytes());
+        }
+    }
+
+    /// #18.2: the idle timeout counts real time during a drain too (the
+    /// drain loop wakes every 50 ms; it used to tick on each wake-up, 5x
+    /// fast).
+    fn the_idle_timeout_keeps_its_length_during_a_drain() {
+        let mut e = start("workers = 1\nidle_timeout = 2\nshutdown_timeout = 20\n");
+        let mut s = connect(e.addr);
+        assert_eq!(round_trip(&mut s, b"last words").unwrap(), b"last words");
+        let idle_since = Instant::now();
+        let skip = e.log_len();
+        e.signal(libc_sig::TERM);
+        e.wait_log_after(skip, "draining", Duration::from_secs(5)).expect("the worker drains");
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut buf = [0u8; 16];
+        let end = s.read(&mut buf);
+        let idle_for = idle_since.elapsed();
+        assert!(matches!(end, Ok(0)) || end.is_err(), "closed by the server: {end:?}");
+        assert!(end.as_ref().map_or(true, |n| *n == 0), "{end:?}");
+        assert!(
+            idle_for >= Duration::from_millis(1750),
+            "idle_timeout = 2 closed an idle connection after {idle_for:?} during a drain"
+        );
+        assert!(idle_for < Duration::from_secs(15), "the idle timeout, not the drain deadline, closed it");
+        assert_eq!(e.wait_exit(Duration::from_secs(10)), Some(0));
+    }
+
+    /// #18.3: a worker killed while it holds clients takes their per-address
+    /// counts with it; the address may connect again at once.
+    fn a_killed_draining_worker_leaves_no_per_address_count_behind() {
+        let e = start("workers = 1\nmax_connections_per_ip = 2\nshutdown_timeout = 30\n");
+        let old = e.wait_workers(1, Duration::from_secs(5));
+        let mut a = connect(e.addr);
+        let mut b = connect(e.addr);
+        assert_eq!(round_trip(&mut a, b"a").unwrap(), b"a");
+        assert_eq!(round_trip(&mut b, b"b").unwrap(), b"b");
+        let skip = e.log_len();
+        e.signal(libc_sig::HUP);
+        e.wait_log_after(skip, &format!("(pid {}) draining", old[0]), Duration::from_secs(10)).expect("old worker drains");
+        kill(old[0], libc_sig::KILL);
+        e.wait_log_after(skip, &format!("(pid {}) exited", old[0]), Duration::from_secs(10)).expect("reaped");
+        closed_unechoed(&mut a, Duration::from_secs(5)).unwrap();
+        closed_unechoed(&mut b, Duration::from_secs(5)).unwrap();
+        let mut c = connect(e.addr);
+        let mut d = connect(e.addr);
+        assert_eq!(round_trip(&mut c, b"c").unwrap(), b"c", "{}", e.log_text());
+        assert_eq!(round_trip(&mut d, b"d").unwrap(), b"d", "{}", e.log_text());
+        assert!(!e.log_text().contains("max_connections_per_ip (2) reached"), "{}", e.log_text());
+    }
+
+    /// #18.4: urgent data in the middle of a message: every in-band byte
+    /// comes back without the client sending more (the kernel stops a read
+    /// at the urgent mark and raises no new edge for what follows).
+    fn in_band_bytes_around_tcp_urgent_data_are_all_echoed() {
+        let e = start("workers = 1\n");
+        let worker = e.wait_workers(1, Duration::from_secs(5))[0];
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.connect(&e.addr.into()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.set_tcp_nodelay(true).unwrap();
+        // A first echo: the connection is registered and its first edges
+        // are spent.
+        (&s).write_all(b"hello").unwrap();
+        let mut hello = [0u8; 5];
+        (&s).read_exact(&mut hello).unwrap();
+        // A*100 + urgent B, then C*100, both queued at the worker before it
+        // runs again (loopback delivers within send): it wakes once for all
+        // of it, and its first read stops at the urgent mark.
+        stop_process(worker);
+        let _cont = Defer(|| kill(worker, libc_sig::CONT));
+        (&s).write_all(&[b'A'; 100]).unwrap();
+        s.send_out_of_band(b"B").unwrap();
+        (&s).write_all(&[b'C'; 100]).unwrap();
+        kill(worker, libc_sig::CONT);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 512];
+        while got.len() < 200 {
+            match (&s).read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => panic!("after {} of 200 in-band bytes: {e}", got.len()),
+            }
+        }
+        let want = [vec![b'A'; 100], vec![b'C'; 100]].concat();
+        assert_eq!(got, want, "the urgent byte is out of band; the rest is echoed");
+    }
+
+    /// #18.5: a drain deadline that cuts a connection still sending its
+    /// PROXY header counts a truncated header, in both modes, not a clean
+    /// echo connection.
+    fn a_drain_deadline_during_a_proxy_header_counts_it_truncated() {
+        let e = start(&format!("{PROXIED}workers = 1\nproxy_timeout = 60\nshutdown_timeout = 1\n"));
+        let mut s = send(e.addr, b"PROXY TCP4 ");
+        e.scrape_until(Duration::from_secs(5), |m| m.get("echod_connections_accepted_total") == Some(&1.0));
+        let skip = e.log_len();
+        e.signal(libc_sig::HUP);
+        e.wait_log_after(skip, "reloaded", Duration::from_secs(10)).expect("reload");
+        closed_unechoed(&mut s, Duration::from_secs(10)).unwrap();
+        let m = e.scrape_until(Duration::from_secs(10), |m| m.get("echod_connections_closed_total") == Some(&1.0));
+        assert_eq!(metric(&m, "echod_connections_closed_total"), 1.0, "{m:?}");
+        assert_eq!(metric(&m, "echod_proxy_header_errors_total{kind=\"truncated\"}"), 1.0, "{m:?}");
+        assert_eq!(metric(&m, "echod_proxy_headers_total"), 0.0, "{m:?}");
+    }
+
+    /// #18.5: LOCAL headers (a balancer's health checks) name no client and
+    /// are not charged to the balancer's address; real clients still are.
+    fn local_headers_do_not_use_the_balancers_per_address_budget() {
+        let e = start(&format!("{PROXIED}max_connections_per_ip = 1\n"));
+        let mut checks: Vec<TcpStream> = (0..3).map(|_| send(e.addr, &v2_local())).collect();
+        for (i, s) in checks.iter_mut().enumerate() {
+            let msg = format!("check {i}");
+            assert_eq!(round_trip(s, msg.as_bytes()).unwrap(), msg.as_bytes(), "{}", e.log_text());
+        }
+        let mut a = send(e.addr, &v1("127.0.0.1", 1));
+        assert_eq!(round_trip(&mut a, b"a").unwrap(), b"a", "the balancer's address as a client has its budget");
+        let mut b = send(e.addr, &v1("127.0.0.1", 2));
+        closed_unechoed(&mut b, Duration::from_secs(5)).unwrap();
+    }
+}
