@@ -296,6 +296,7 @@ impl Config {
             }
         }
         self.validate_proxy()?;
+        self.validate_upgrade_binary()?;
         if self.max_connections_per_worker == 0 && self.max_connections_per_worker_jitter > 0 {
             return Err((
                 "max_connections_per_worker_jitter",
@@ -303,6 +304,27 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// `upgrade_binary` is exec'd by the master on USR2, from whatever its
+    /// working directory is then (`/` under systemd): a relative path would
+    /// name another file than the operator meant, so it must be absolute,
+    /// and it must be an executable file now, so `--check-config` and a
+    /// reload catch a typo before the upgrade does.
+    fn validate_upgrade_binary(&self) -> Result<(), (&'static str, String)> {
+        use std::os::unix::fs::PermissionsExt;
+        let b = &self.upgrade_binary;
+        if b.is_empty() {
+            return Ok(());
+        }
+        if !Path::new(b).is_absolute() {
+            return Err(("upgrade_binary", format!("must be an absolute path, got `{b}`")));
+        }
+        match std::fs::metadata(b) {
+            Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
+            Ok(_) => Err(("upgrade_binary", format!("`{b}` is not an executable file"))),
+            Err(e) => Err(("upgrade_binary", format!("`{b}`: {e}"))),
+        }
     }
 
     fn validate_proxy(&self) -> Result<(), (&'static str, String)> {

@@ -29,7 +29,8 @@ fn rust_log_set() -> bool {
 
 /// Installs the logger. `level` applies unless RUST_LOG is set.
 pub fn init(level: LevelFilter) {
-    set_role("master");
+    // With the pid: during a binary upgrade two masters write to one log.
+    set_role(&format!("master {}", std::process::id()));
     let journal = stderr_is_journal();
     let mut builder = env_logger::Builder::new();
     if rust_log_set() {

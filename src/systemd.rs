@@ -64,6 +64,14 @@ impl Notifier {
         self.next_ping = None;
     }
 
+    /// A binary upgrade was rolled back: this master is the main process
+    /// again (READY=1 will carry MAINPID=), with its watchdog.
+    pub fn take_back(&mut self) {
+        self.enabled = std::env::var_os("NOTIFY_SOCKET").is_some();
+        self.announce_pid = true;
+        self.next_ping = self.watchdog_every.filter(|_| self.enabled).map(|_| Instant::now());
+    }
+
     pub fn enabled(&self) -> bool {
         self.enabled
     }
@@ -132,9 +140,16 @@ pub struct Activated {
 /// The sockets systemd passed us (LISTEN_FDS, checked against LISTEN_PID),
 /// empty when not socket-activated.
 pub fn listen_fds() -> io::Result<Vec<Activated>> {
-    Ok(sd_notify::listen_fds_with_names()?
+    sd_notify::listen_fds_with_names()?
         // LISTEN_PID named us, so these fds were opened for us at exec and no
         // Rust object owns them yet.
         .filter_map(|(fd, name)| sys::adopt_fd(fd).map(|fd| Activated { fd, name }))
-        .collect())
+        .map(|a| {
+            // Passed without close-on-exec (they had to survive the exec);
+            // set it, or every later exec (a binary upgrade's new master)
+            // carries them along whether it is passed them or not.
+            nix::fcntl::fcntl(&a.fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+            Ok(a)
+        })
+        .collect()
 }

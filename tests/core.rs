@@ -105,7 +105,8 @@ both_modes! {
             assert!(fds <= allowed, "worker {w} has {fds} fds open");
         }
         let log = e.log_text();
-        assert!(log.contains("[master] worker 0 started (pid "), "{log}");
+        let tag = format!("[master {}] worker 0 started (pid ", e.pid());
+        assert!(log.contains(&tag), "the master's lines carry its pid: {log}");
         let mut s = connect(e.addr);
         round_trip(&mut s, b"x").unwrap();
         drop(s);

@@ -214,8 +214,8 @@ both_modes! {
         let _ = child.wait();
         workers.into_iter().for_each(|w| kill(w, libc_sig::KILL));
         let text = std::fs::read_to_string(&log).unwrap();
-        assert!(text.lines().any(|l| l.starts_with("<6>[master] ready:")), "{text}");
-        assert!(text.lines().any(|l| l.starts_with("<4>[master] RLIMIT_NOFILE 200")), "{text}");
+        assert!(text.lines().any(|l| l.starts_with(&format!("<6>[master {pid}] ready:"))), "{text}");
+        assert!(text.lines().any(|l| l.starts_with(&format!("<4>[master {pid}] RLIMIT_NOFILE 200"))), "{text}");
         assert!(text.lines().all(|l| l.starts_with('<') && !l.contains("Z INFO")), "{text}");
     }
 

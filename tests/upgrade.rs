@@ -114,8 +114,8 @@ both_modes! {
         let metrics = e.metrics_addr();
         let stop = Arc::new(AtomicBool::new(false));
         let watcher = watch_counters(metrics, stop.clone());
-        let long = spawn_load(e.addr, &["-t", "1", "-c", "16", "-d", "7"]);
-        let churn = spawn_load(e.addr, &["-t", "1", "-c", "8", "-d", "7", "--churn"]);
+        let long1 = spawn_load(e.addr, &["-t", "1", "-c", "16", "-d", "4"]);
+        let churn = spawn_load(e.addr, &["-t", "1", "-c", "8", "-d", "10", "--churn"]);
         thread::sleep(Duration::from_millis(1500));
 
         // First upgrade: the original master hands over to the copy.
@@ -125,21 +125,30 @@ both_modes! {
         let exe = std::fs::read_link(format!("/proc/{second}/exe")).unwrap();
         assert_eq!(exe, next, "the new master runs the new binary");
         let second_workers = e.wait_children(second, 2);
-        thread::sleep(Duration::from_millis(1500));
 
-        // Second upgrade, from the new master (no longer our child), while the
-        // first generation still drains its long-lived connections.
+        // A second upgrade while the first generation still drains its
+        // long-lived connections is refused (a failure then would leave two
+        // masters serving the same sockets).
+        let skip = e.log_len();
+        kill(second, libc_sig::USR2);
+        let refused = e.wait_log_after(skip, "upgrade refused", Duration::from_secs(5)).expect("refused");
+        assert!(refused.contains(&format!("the previous master (pid {first}) is still draining")), "{refused}");
+        assert!(refused.contains(&format!("[master {second}]")), "said by the new master: {refused}");
+
+        // Once the first generation is gone (its clients closed), it is not.
+        let long1 = load_json(long1);
+        assert!(wait_gone(first, &first_workers, Duration::from_secs(10)), "first generation still there");
+        let long2 = spawn_load(e.addr, &["-t", "1", "-c", "16", "-d", "4"]);
+        thread::sleep(Duration::from_millis(1000));
         let third = upgrade(&e, second);
         e.wait_children(third, 2);
 
-        let long = load_json(long);
+        let long2 = load_json(long2);
         let churn = load_json(churn);
-        // Their clients gone, the old generations finish draining and exit.
-        assert!(wait_gone(first, &first_workers, Duration::from_secs(10)), "first generation still there");
         assert!(wait_gone(second, &second_workers, Duration::from_secs(10)), "second generation still there");
         stop.store(true, Ordering::Relaxed);
         let (backwards, scrapes) = watcher.join().unwrap();
-        for (what, j) in [("long-lived", &long), ("churn", &churn)] {
+        for (what, j) in [("long-lived 1", &long1), ("long-lived 2", &long2), ("churn", &churn)] {
             eprintln!(
                 "{what}: {} responses, {} errors, {} mismatches, p99 {} us, max {} us",
                 j["responses"], j["errors"], j["mismatches"], j["latency_us"]["p99"], j["latency_us"]["max"]
@@ -227,8 +236,9 @@ both_modes! {
         // The new master names itself the main process when it is ready.
         let i = n.wait(before, &format!("MAINPID={new}"), Duration::from_secs(5)).expect("MAINPID= from the new master");
         let msgs: Vec<String> = n.all().into_iter().skip(before).map(|(_, m)| m).collect();
-        let mainpid_ready = msgs.iter().find(|m| fields(m).get("MAINPID") == Some(&new.to_string().as_str()));
-        assert!(mainpid_ready.is_some_and(|m| m.contains("READY=1")), "{msgs:?}");
+        let new_pid = new.to_string();
+        let mainpid_ready = msgs.iter().any(|m| fields(m).get("MAINPID") == Some(&new_pid.as_str()) && m.contains("READY=1"));
+        assert!(mainpid_ready, "{msgs:?}");
         assert!(n.all().len() > i);
         // The old master says nothing that would stop the unit.
         let old = e.pid();

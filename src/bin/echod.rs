@@ -23,6 +23,14 @@ fn main() -> ExitCode {
             return if matches!(e.kind(), DisplayHelp | DisplayVersion) { ExitCode::SUCCESS } else { exit(EX_CONFIG) };
         }
     };
+    // Before the config is read: see signals::install.
+    let signals = match echod::master::signals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("echod: cannot install signal handlers: {e}");
+            return exit(71);
+        }
+    };
     let (config, source) = match load(&cli) {
         Ok(loaded) => loaded,
         Err(e) => {
@@ -36,7 +44,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     logging::init(config.log_level.0);
-    let master = match Master::new(config, source, overrides(&cli).unwrap_or_default()) {
+    let master = match Master::new(config, source, overrides(&cli).unwrap_or_default(), signals) {
         Ok(m) => m,
         Err(e) => {
             log::error!("cannot start: {e}");

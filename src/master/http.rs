@@ -96,6 +96,18 @@ impl HttpServer {
         self.listener.as_fd()
     }
 
+    /// Stops serving (scrapes in progress are dropped) but keeps the
+    /// listening socket, unpolled: after a binary upgrade the new master
+    /// serves it, and this one may have to again if the new one dies.
+    pub fn into_listener(mut self, registry: &Registry) -> Option<std::net::TcpListener> {
+        let _ = registry.deregister(&mut self.listener);
+        for (_, mut c) in self.conns.drain() {
+            let _ = registry.deregister(&mut c.stream);
+        }
+        let fd: std::os::fd::OwnedFd = self.listener.into();
+        Some(std::net::TcpListener::from(fd))
+    }
+
     pub fn close(mut self, registry: &Registry) {
         let _ = registry.deregister(&mut self.listener);
         for (_, mut c) in self.conns.drain() {

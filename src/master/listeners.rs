@@ -131,10 +131,7 @@ impl Listeners {
         socket: Socket,
         config: &Config,
     ) -> io::Result<()> {
-        let addr = socket
-            .local_addr()?
-            .as_socket()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an IP socket"))?;
+        let addr = bound_addr(&socket)?;
         let proxy = config.proxy_protocol.covers(configured, addr, name.as_deref());
         self.list.push(Listener { id: self.next_id, configured, addr, socket, name, proxy, ready: true });
         self.next_id += 1;
@@ -204,6 +201,26 @@ impl Listeners {
         self.list.is_empty()
     }
 
+    /// Stops accepting but keeps every socket open, so connects still
+    /// queue in the backlog (a binary upgrade's new master takes them) and
+    /// [`Listeners::resume`] can start again.
+    pub fn pause(&mut self, registry: &Registry) {
+        for l in &mut self.list {
+            let _ = registry.deregister(&mut SourceFd(&l.socket.as_raw_fd()));
+            l.ready = false;
+        }
+    }
+
+    /// Accepts again after [`Listeners::pause`]. Marked ready: connections
+    /// queued meanwhile raise no new edge.
+    pub fn resume(&mut self, registry: &Registry) -> io::Result<()> {
+        for l in &mut self.list {
+            register(l, registry)?;
+            l.ready = true;
+        }
+        Ok(())
+    }
+
     /// Closes every listener (stopping): new clients are refused by the
     /// kernel from now on.
     pub fn close_all(&mut self, registry: &Registry) {
@@ -229,16 +246,48 @@ impl Listeners {
         // An address names an existing listener if it is what that listener
         // was configured with or what it is bound to (`:0` became a port).
         let names = |l: &Listener, a: &SocketAddr| l.configured == Some(*a) || l.addr == *a;
-        let mut fresh = Vec::new();
+        // Everything that can fail comes first, and nothing that serves
+        // changes until all of it succeeded: bind and register the new
+        // sockets (undone on failure), then re-apply options.
+        let mut fresh: Vec<Listener> = Vec::new();
+        let undo = |fresh: &[Listener]| {
+            for l in fresh {
+                let _ = registry.deregister(&mut SourceFd(&l.socket.as_raw_fd()));
+            }
+        };
         for &addr in config.listen.iter().filter(|a| !self.list.iter().any(|l| names(l, a))) {
-            fresh.push((addr, bind(addr, config).map_err(|e| (addr, e))?));
-        }
-        for l in &self.list {
-            configure(&l.socket, config).map_err(|e| (l.addr, e))?;
-            if l.configured.is_some() {
-                l.socket.listen(config.backlog as i32).map_err(|e| (l.addr, e))?;
+            let l = bind(addr, config).and_then(|socket| {
+                let bound = bound_addr(&socket)?;
+                let l = Listener {
+                    id: self.next_id + fresh.len(),
+                    configured: Some(addr),
+                    addr: bound,
+                    socket,
+                    name: None,
+                    proxy: config.proxy_protocol.covers(Some(addr), bound, None),
+                    ready: true,
+                };
+                register(&l, registry)?;
+                Ok(l)
+            });
+            match l {
+                Ok(l) => fresh.push(l),
+                Err(e) => {
+                    undo(&fresh);
+                    return Err((addr, e));
+                }
             }
         }
+        for l in &self.list {
+            let applied = configure(&l.socket, config)
+                .and_then(|()| if l.configured.is_some() { l.socket.listen(config.backlog as i32) } else { Ok(()) });
+            if let Err(e) = applied {
+                undo(&fresh);
+                return Err((l.addr, e));
+            }
+        }
+        // Nothing fails from here.
+        self.next_id += fresh.len();
         let (keep, gone): (Vec<Listener>, Vec<Listener>) =
             std::mem::take(&mut self.list).into_iter().partition(|l| config.listen.iter().any(|a| names(l, a)));
         self.list = keep;
@@ -246,16 +295,18 @@ impl Listeners {
             log::info!("no longer listening on {}", l.addr);
             let _ = registry.deregister(&mut SourceFd(&l.socket.as_raw_fd()));
         }
-        for (addr, socket) in fresh {
-            self.push(Some(addr), None, socket, config).map_err(|e| (addr, e))?;
-            if let Some(l) = self.list.last() {
-                register(l, registry).map_err(|e| (addr, e))?;
-                log::info!("listening on {}", l.addr);
-            }
+        for l in fresh {
+            log::info!("listening on {}", l.addr);
+            self.list.push(l);
         }
         self.set_proxy(config);
         Ok(())
     }
+}
+
+/// The address a socket is bound to.
+fn bound_addr(socket: &Socket) -> io::Result<SocketAddr> {
+    socket.local_addr()?.as_socket().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an IP socket"))
 }
 
 fn register(l: &Listener, registry: &Registry) -> io::Result<()> {

@@ -104,6 +104,10 @@ fn read_notices(id: usize, channel: &crate::ipc::Channel) -> bool {
 #[derive(Debug, Clone, Copy)]
 struct Stopping {
     graceful: bool,
+    /// The stop is a binary upgrade's hand-over, not the operator's: if the
+    /// new master dies before this one has drained, this one takes over
+    /// again (see `upgrade.rs`).
+    handed_over: bool,
 }
 
 /// The master's state.
@@ -150,6 +154,14 @@ pub struct Master {
     /// The inherited metrics socket, served once the old master's totals
     /// arrived, so scraped counters never go backwards.
     pending_metrics: Option<std::net::TcpListener>,
+    /// Our metrics socket after a hand-over: the new master serves it; kept
+    /// (unpolled) to serve again if the new master dies.
+    held_metrics: Option<std::net::TcpListener>,
+    /// A HUP arrived while a new master was starting. The new master reads
+    /// the config file itself, and the sockets it inherits were fixed at
+    /// fork, so the reload waits: applied here if the upgrade fails, passed
+    /// on to the new master if it takes over.
+    reload_pending: bool,
 }
 
 /// The sockets found in LISTEN_FDS at start, by kind.
@@ -187,11 +199,17 @@ fn unix_now() -> f64 {
 impl Master {
     /// Binds (or adopts) the listeners and sets up the loop. Starts no worker
     /// yet: that is the loop's first step.
-    pub fn new(config: Config, source: Option<PathBuf>, overrides: Overrides) -> Result<Master, StartError> {
+    /// `signals` are the handlers `main` installed before it read the
+    /// config ([`signals::install`]).
+    pub fn new(
+        config: Config,
+        source: Option<PathBuf>,
+        overrides: Overrides,
+        mut signals: Signals,
+    ) -> Result<Master, StartError> {
         let fd_limit = limits::raise_nofile();
         let capacity = limits::worker_capacity(&config, fd_limit);
         let poll = Poll::new()?;
-        let mut signals = Signals::new(signals::HANDLED)?;
         poll.registry().register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
 
         // Sockets passed in at exec: systemd's socket unit (they win over
@@ -211,6 +229,17 @@ impl Master {
         let listeners = if !passed.activated.is_empty() {
             let names: Vec<&str> = passed.activated.iter().map(|a| a.name.as_str()).collect();
             log::info!("using {} echo socket(s) passed by systemd ({})", names.len(), names.join(", "));
+            // Any name but ours means socket activation, which overrides
+            // `listen`: say so, in case the names were not meant for us.
+            let listed: Vec<String> = config.listen.iter().map(|a| a.to_string()).collect();
+            log::info!(
+                "`listen` ({}) is ignored: LISTEN_FDS passed socket(s) named {}, which echod takes as socket \
+                 activation (it names its own `{}`/`{}`)",
+                listed.join(", "),
+                names.join(", "),
+                upgrade::FD_LISTEN,
+                upgrade::FD_METRICS
+            );
             Listeners::adopt(passed.activated.into_iter().map(|a| (a.fd, a.name)).collect(), &config)?
         } else if !passed.inherited.is_empty() {
             log::info!("taking over {} listening socket(s) from the previous master", passed.inherited.len());
@@ -238,8 +267,15 @@ impl Master {
         });
         let mut pending_metrics = None;
         let http = match (passed.activated_metrics.into_iter().next(), inherited_metrics, config.metrics_listen) {
+            // Served once the old master's totals arrived (see upgrade.rs):
+            // until then the old master answers on the same socket, and two
+            // masters answering with different totals look like counters
+            // going backwards.
+            (Some(fd), _, _) if predecessor.is_some() => {
+                pending_metrics = Some(std::net::TcpListener::from(fd));
+                None
+            }
             (Some(fd), _, _) => Some(HttpServer::adopt(std::net::TcpListener::from(fd), poll.registry())?),
-            // Served once the old master's totals arrived (see upgrade.rs).
             (None, Some(l), _) if predecessor.is_some() => {
                 pending_metrics = Some(l);
                 None
@@ -291,6 +327,8 @@ impl Master {
             successor: None,
             predecessor,
             pending_metrics,
+            held_metrics: None,
+            reload_pending: false,
         };
         master.store_fds();
         Ok(master)
@@ -342,7 +380,12 @@ impl Master {
             self.on_timers(now);
             if self.stopping.is_none() {
                 self.sup.reconcile(&self.config, self.capacity, self.poll.registry(), now);
-                self.disp.run(&mut self.listeners, &mut self.sup, dispatch::Limits::of(&self.config), now);
+                // A new master accepts only once the old one stopped: a
+                // connection it took and then lost to a failed upgrade
+                // would be cut.
+                if self.is_main() {
+                    self.disp.run(&mut self.listeners, &mut self.sup, dispatch::Limits::of(&self.config), now);
+                }
                 self.announce_ready();
             } else {
                 self.send_totals_to_successor();
@@ -375,9 +418,9 @@ impl Master {
     /// Signal handler (run in the loop, not in signal context).
     fn on_signal(&mut self, sig: Signal) {
         match sig {
-            Signal::Stop => self.announce_stop(),
-            Signal::Quit => self.begin_stop(false),
-            Signal::Reload => self.reload(),
+            Signal::Stop => self.on_stop_signal(true),
+            Signal::Quit => self.on_stop_signal(false),
+            Signal::Reload => self.on_reload_signal(),
             Signal::MoreWorkers => self.scale(1),
             Signal::FewerWorkers => self.scale(-1),
             Signal::Stats => self.log_stats(true),
@@ -446,7 +489,9 @@ impl Master {
             }
         }
         self.notify.watchdog(now);
-        if now >= self.next_status {
+        // A new master waiting for "go" is not the unit's main process yet:
+        // its status would overwrite the serving one's.
+        if now >= self.next_status && self.is_main() {
             let status = Snapshot::take(&self.sup, &self.disp).status();
             self.notify.status(&status);
             self.next_status = now + STATUS_EVERY;
@@ -454,15 +499,57 @@ impl Master {
     }
 
     /// Tells systemd READY=1 once the current generation is fully serving.
+    /// A new master tells its predecessor first, and systemd only once the
+    /// predecessor said "go": MAINPID must never name a master that may
+    /// still be killed for a failed upgrade.
     fn announce_ready(&mut self) {
         if self.ready_owed && self.sup.all_ready() {
+            if let Some(p) = self.predecessor.as_mut().filter(|p| !p.go) {
+                p.announce_ready();
+                return;
+            }
             self.ready_owed = false;
             let snap = Snapshot::take(&self.sup, &self.disp);
             log::info!("ready: {} worker(s) serving on {:?}", snap.serving(), self.listeners.addrs());
             self.notify.ready(&snap.status());
-            if let Some(p) = &mut self.predecessor {
-                p.announce_ready();
+        }
+    }
+
+    /// TERM/INT (graceful) or QUIT (fast) from the operator. During a binary
+    /// upgrade: before the new master took over, the upgrade is abandoned
+    /// (it is killed; it never accepted) and this master stops; after, only
+    /// this old generation stops, and the new master, which is the
+    /// service's main process by then, serves on.
+    fn on_stop_signal(&mut self, graceful: bool) {
+        match &self.successor {
+            Some(s) if s.ready => log::info!(
+                "stop asked after the hand-over: this old generation stops; the new master (pid {}) serves on",
+                s.pid
+            ),
+            Some(_) => self.upgrade_failed("abandoned: this master is stopping".into()),
+            None => {}
+        }
+        if graceful {
+            self.announce_stop();
+        } else {
+            self.begin_stop(false);
+        }
+        if let Some(st) = &mut self.stopping {
+            st.handed_over = false; // the operator's stop now: no taking over again
+        }
+    }
+
+    /// HUP: reload, unless a new master is starting (see `reload_pending`).
+    fn on_reload_signal(&mut self) {
+        match &self.successor {
+            Some(s) if !s.ready => {
+                log::info!(
+                    "reload deferred: the new master (pid {}) is starting; applied when the upgrade ends",
+                    s.pid
+                );
+                self.reload_pending = true;
             }
+            _ => self.reload(),
         }
     }
 
@@ -498,7 +585,10 @@ impl Master {
         let timeout = self.config.shutdown_timeout.0;
         self.notify.stopping(); // a no-op after a binary upgrade handed over
         // Closed before it is said: whoever reads the line may rely on it.
-        self.listeners.close_all(self.poll.registry());
+        // After a hand-over they stay open, unpolled (`hand_over`).
+        if self.successor.as_ref().is_none_or(|s| !s.ready) {
+            self.listeners.close_all(self.poll.registry());
+        }
         if graceful {
             log::info!(
                 "graceful stop: listeners closed; connections may finish for up to {:.1}s",
@@ -513,7 +603,7 @@ impl Master {
         }
         self.sup.scoreboard.set_accept_paused(false);
         self.sup.stop_all(graceful, timeout, Instant::now());
-        self.stopping = Some(Stopping { graceful });
+        self.stopping = Some(Stopping { graceful, handed_over: false });
     }
 
     /// HUP: re-read the config; apply it if valid, otherwise keep running as

@@ -4,6 +4,15 @@
 //! watches, so the real work happens in the loop, never in signal context.
 
 use signal_hook::consts::signal::*;
+use signal_hook_mio::v1_0::Signals;
+
+/// Installs the handlers. Called first thing in `main`, before the config is
+/// read: a HUP (or TERM) that arrives while a new master loads its config,
+/// e.g. a reload forwarded in a binary upgrade, is queued for the loop
+/// instead of killing the process with the default action.
+pub fn install() -> std::io::Result<Signals> {
+    Signals::new(HANDLED)
+}
 
 /// Registered with signal-hook at start.
 pub const HANDLED: [i32; 9] = [SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGTTIN, SIGTTOU, SIGUSR1, SIGUSR2, SIGCHLD];

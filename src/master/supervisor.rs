@@ -445,7 +445,7 @@ fn recycle_limit(config: &Config) -> Option<u64> {
 }
 
 /// A child's exit in words: `exit status 0`, `killed by SIGKILL`.
-fn describe(status: WaitStatus) -> String {
+pub(crate) fn describe(status: WaitStatus) -> String {
     match status {
         WaitStatus::Exited(_, code) => format!("exit status {code}"),
         WaitStatus::Signaled(_, sig, core) => format!("killed by {sig}{}", if core { " (core dumped)" } else { "" }),

@@ -6,21 +6,31 @@
 //! old master --USR2--> fork + exec(upgrade_binary or own path)
 //!     listeners, metrics socket  -> fds 3.. (LISTEN_FDS, LISTEN_FDNAMES)
 //!     upgrade channel (socketpair) -> ECHOD_UPGRADE_CHANNEL
-//! new master: validates its config, adopts the sockets, starts workers
-//!     all workers ready -> "ready PID" on the channel; sd_notify MAINPID=, READY=1
-//! old master: closes its listeners (the sockets live on in the new master:
-//!     no connect is refused), drains its workers, and sends its totals on
-//!     the channel as they grow; EOF when it exits.
-//! new master: serves /metrics once it has the old totals: counters go on
+//! new master: validates its config, adopts the sockets, starts workers;
+//!     accepts nothing yet, touches neither MAINPID nor the fd store
+//!     all workers ready -> "ready PID" on the channel
+//! old master: stops accepting (keeps the sockets, unpolled), says "go",
+//!     hands MAINPID over, drains its workers, and sends its totals on the
+//!     channel as they grow; EOF when it exits.
+//! new master, on "go" (or EOF): accepts; MAINPID= + READY=1; fd store;
+//!     serves /metrics once it has the old totals: counters go on
 //! ```
 //!
 //! If the new master exits, closes the channel or is not ready within
 //! `upgrade_timeout`, the old master kills it (its workers die with it),
-//! logs why and keeps serving: the listening sockets were never closed, so
-//! clients notice nothing.
+//! logs why and keeps serving: the listening sockets were never closed, and
+//! the new master never accepted, so clients notice nothing. A new master
+//! that closes its channel is given [`EXIT_GRACE`] to exit on its own, so
+//! the reason it prints (a port in use, a bad config) reaches the log first.
 //!
-//! The channel carries lines of text: `ready PID` one way, `totals ...` the
-//! other ([`Carried`]). Both ends are non-blocking in their master's poll.
+//! If the new master dies *after* taking over while the old one still
+//! drains, the old master takes over again (`Master::take_back`): it never
+//! closed its listeners, only stopped polling them, so nothing is refused
+//! for longer than the moment it takes to notice.
+//!
+//! The channel carries lines of text: `ready PID` and nothing else from the
+//! new master; `go` and then `totals ...` ([`Carried`]) from the old one.
+//! Both ends are non-blocking in their master's poll.
 
 use std::ffi::OsString;
 use std::io::{self, ErrorKind, Read, Write};
@@ -28,7 +38,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::net::UnixStream;
 use mio::{Interest, Registry, Token};
@@ -51,6 +61,10 @@ pub const ENV_CHANNEL: &str = "ECHOD_UPGRADE_CHANNEL";
 /// How each passed echo socket was configured (`-` for one from systemd),
 /// space-separated in LISTEN_FDS order, so reloads keep matching them.
 pub const ENV_CONFIGURED: &str = "ECHOD_UPGRADE_CONFIGURED";
+
+/// How long a new master that closed its channel before it was ready may
+/// take to exit by itself (and say why) before it is killed.
+pub const EXIT_GRACE: Duration = Duration::from_secs(2);
 
 /// LISTEN_FDNAMES of inherited sockets that the new master matches against
 /// its `listen` and `metrics_listen` (systemd's own names pass unchanged).
@@ -152,17 +166,19 @@ pub struct Successor {
     pub deadline: Instant,
     /// It reported ready: the old generation is handing over.
     pub ready: bool,
+    /// It closed its channel (it is exiting, or never started).
+    pub closed: bool,
     /// Last totals sent, so only changes are sent.
     sent: Option<Carried>,
 }
 
-/// What the successor's channel said.
-#[derive(Debug, PartialEq)]
-pub enum Heard {
-    Nothing,
-    Ready,
+/// What the successor's channel said in one read; "ready" and EOF can come
+/// together (a new master that reports ready and dies at once).
+#[derive(Debug, Default, PartialEq)]
+pub struct Heard {
+    pub ready: bool,
     /// Closed: the new master exited (or never started).
-    Gone,
+    pub gone: bool,
 }
 
 /// Forks and execs the new master. In the child this never returns.
@@ -187,7 +203,7 @@ pub fn spawn(
             ours.set_nonblocking(true)?;
             let mut channel = UnixStream::from_std(ours);
             registry.register(&mut channel, SUCCESSOR_TOKEN, Interest::READABLE)?;
-            Ok(Successor { pid, channel, inbox: Vec::new(), deadline, ready: false, sent: None })
+            Ok(Successor { pid, channel, inbox: Vec::new(), deadline, ready: false, closed: false, sent: None })
         }
     }
 }
@@ -241,15 +257,18 @@ fn exec_new_master(exe: &std::path::Path, inv: &Invocation, h: &Handover, channe
 impl Successor {
     /// Reads what the new master said.
     pub fn on_readable(&mut self) -> Heard {
-        match read_lines(&mut self.channel, &mut self.inbox) {
-            Ok((lines, eof)) => {
-                if lines.iter().any(|l| l.starts_with("ready ")) && !self.ready {
-                    self.ready = true;
-                    return Heard::Ready;
-                }
-                if eof { Heard::Gone } else { Heard::Nothing }
-            }
-            Err(_) => Heard::Gone,
+        let (lines, gone) = read_lines(&mut self.channel, &mut self.inbox).unwrap_or_default_gone();
+        let ready = !self.ready && lines.iter().any(|l| l.starts_with("ready "));
+        self.ready |= ready;
+        self.closed |= gone;
+        Heard { ready, gone }
+    }
+
+    /// Tells the new master it may accept: this master no longer does.
+    pub fn go(&mut self) {
+        if let Err(e) = self.channel.write_all(b"go\n") {
+            // It then takes over when this master's channel closes (EOF).
+            log::warn!("upgrade: cannot tell the new master to accept: {e}");
         }
     }
 
@@ -272,10 +291,14 @@ impl Successor {
 
 /// The new master's side: the old master that started it, while it drains.
 pub struct Predecessor {
+    /// The old master (our parent when it started us).
+    pub pid: Pid,
     channel: UnixStream,
     inbox: Vec<u8>,
     /// "ready" was sent (once: later READY=1s follow reloads).
     announced: bool,
+    /// The old master said "go": it no longer accepts, we may.
+    pub go: bool,
     /// The old generation's totals, as last reported.
     pub carried: Option<Carried>,
 }
@@ -294,7 +317,8 @@ impl Predecessor {
         std.set_nonblocking(true)?;
         let mut channel = UnixStream::from_std(std);
         registry.register(&mut channel, PREDECESSOR_TOKEN, Interest::READABLE)?;
-        Ok(Some(Predecessor { channel, inbox: Vec::new(), announced: false, carried: None }))
+        let pid = nix::unistd::getppid();
+        Ok(Some(Predecessor { pid, channel, inbox: Vec::new(), announced: false, go: false, carried: None }))
     }
 
     /// Tells the old master that this one serves.
@@ -307,17 +331,14 @@ impl Predecessor {
         }
     }
 
-    /// Reads totals; true when the old master is gone (EOF).
+    /// Reads "go" and totals; true when the old master is gone (EOF).
     pub fn on_readable(&mut self) -> bool {
-        match read_lines(&mut self.channel, &mut self.inbox) {
-            Ok((lines, eof)) => {
-                if let Some(c) = lines.iter().rev().find_map(|l| Carried::decode(l)) {
-                    self.carried = Some(c);
-                }
-                eof
-            }
-            Err(_) => true,
+        let (lines, gone) = read_lines(&mut self.channel, &mut self.inbox).unwrap_or_default_gone();
+        self.go |= lines.iter().any(|l| l == "go");
+        if let Some(c) = lines.iter().rev().find_map(|l| Carried::decode(l)) {
+            self.carried = Some(c);
         }
+        gone
     }
 
     pub fn deregister(&mut self, registry: &Registry) {
@@ -329,11 +350,14 @@ impl Master {
     /// USR2: start the new binary as a new master.
     pub(super) fn begin_upgrade(&mut self) {
         let refuse = if self.is_stopping() {
-            Some("stopping")
-        } else if self.successor.is_some() {
-            Some("an upgrade is already in progress")
+            Some("stopping".to_string())
+        } else if let Some(s) = &self.successor {
+            Some(format!("an upgrade is already in progress (new master pid {})", s.pid))
         } else {
-            None
+            // A third generation while the first still drains would leave
+            // two masters serving the same sockets if it failed (nginx
+            // refuses this too).
+            self.predecessor.as_ref().map(|p| format!("the previous master (pid {}) is still draining", p.pid))
         };
         if let Some(why) = refuse {
             log::warn!("upgrade refused: {why}");
@@ -362,34 +386,63 @@ impl Master {
 
     /// The channel to the new master is readable.
     pub(super) fn on_successor_channel(&mut self) {
-        if let Some(s) = &mut self.successor {
-            match s.on_readable() {
-                Heard::Ready => self.hand_over(),
-                Heard::Gone if !s.ready => self.upgrade_failed("the new master closed its channel".into()),
-                Heard::Gone => {
-                    s.deregister(self.poll.registry());
-                }
-                Heard::Nothing => {}
+        let Some(s) = &mut self.successor else { return };
+        let heard = s.on_readable();
+        if heard.ready {
+            self.hand_over();
+        }
+        let Some(s) = &mut self.successor else { return };
+        if heard.gone {
+            s.deregister(self.poll.registry());
+            if !s.ready {
+                // It is exiting: let it say why before it is killed. Its exit
+                // (SIGCHLD) ends the upgrade; the grace bounds the wait.
+                s.deadline = s.deadline.min(Instant::now() + EXIT_GRACE);
             }
         }
     }
 
-    /// The channel from the old master is readable: its totals, or EOF.
+    /// The channel from the old master is readable: "go", totals, or EOF.
     pub(super) fn on_predecessor_channel(&mut self) {
-        if let Some(p) = &mut self.predecessor {
-            let gone = p.on_readable();
-            if let Some(c) = p.carried {
-                self.sup.carried = c;
-                self.serve_pending_metrics();
-            }
-            if gone {
-                log::info!("upgrade: the previous generation has exited");
-                if let Some(mut p) = self.predecessor.take() {
-                    p.deregister(self.poll.registry());
-                }
-                self.serve_pending_metrics();
-            }
+        let Some(p) = &mut self.predecessor else { return };
+        let was_go = p.go;
+        let gone = p.on_readable();
+        let (go, carried, pid) = (p.go, p.carried, p.pid);
+        if go && !was_go {
+            log::info!("upgrade: the old master (pid {pid}) stopped accepting; this master accepts now");
+            self.became_main();
         }
+        if let Some(c) = carried {
+            self.sup.carried = c;
+            self.serve_pending_metrics();
+        }
+        if gone {
+            if let Some(mut p) = self.predecessor.take() {
+                p.deregister(self.poll.registry());
+            }
+            if go {
+                log::info!("upgrade: the previous generation has exited");
+            } else {
+                // It died (or was killed) before handing over: nobody else
+                // accepts, so this master does.
+                log::warn!("upgrade: the old master (pid {pid}) is gone without handing over; this master takes over");
+                self.became_main();
+            }
+            self.serve_pending_metrics();
+        }
+    }
+
+    /// Whether this master accepts connections and speaks for the service
+    /// (MAINPID, fd store): always, unless it is a new master whose
+    /// predecessor has not yet said "go".
+    pub(super) fn is_main(&self) -> bool {
+        self.predecessor.as_ref().is_none_or(|p| p.go)
+    }
+
+    /// A new master's predecessor handed over: the fd store is ours to keep
+    /// now (READY=1 with MAINPID= follows from `announce_ready`).
+    fn became_main(&mut self) {
+        self.store_fds();
     }
 
     /// The inherited metrics socket goes live once the old totals are in.
@@ -405,70 +458,133 @@ impl Master {
         }
     }
 
-    /// The new master serves: stop accepting (the sockets live on in it),
-    /// make it systemd's main process, and drain this generation.
+    /// The new master serves: stop accepting (keeping the sockets, so this
+    /// master can take over again if the new one dies), let it accept, make
+    /// it systemd's main process, and drain this generation.
     fn hand_over(&mut self) {
-        let Some(pid) = self.successor.as_ref().map(|s| s.pid) else { return };
+        let Some(s) = self.successor.as_mut() else { return };
+        let pid = s.pid;
         log::info!("upgrade: new master (pid {pid}) serves; this master stops accepting and drains");
-        self.notify.hand_over(pid.as_raw() as u32);
+        self.listeners.pause(self.poll.registry());
         if let Some(h) = self.http.take() {
-            h.close(self.poll.registry());
+            self.held_metrics = h.into_listener(self.poll.registry());
+        }
+        s.go();
+        self.notify.hand_over(pid.as_raw() as u32);
+        self.begin_stop(true);
+        if let Some(st) = &mut self.stopping {
+            st.handed_over = true;
         }
         self.send_totals_to_successor();
-        self.begin_stop(true);
+        if std::mem::take(&mut self.reload_pending) {
+            log::info!("upgrade: passing the reload asked for during the upgrade on to the new master (pid {pid})");
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP);
+        }
     }
 
     /// While draining after a hand-over: the new master carries our totals.
     pub(super) fn send_totals_to_successor(&mut self) {
-        if let Some(s) = self.successor.as_mut().filter(|s| s.ready) {
+        if let Some(s) = self.successor.as_mut().filter(|s| s.ready && !s.closed) {
             s.send_totals(Snapshot::take(&self.sup, &self.disp).carried());
         }
     }
 
     /// The new master exited (reaped by SIGCHLD).
     pub(super) fn on_successor_exit(&mut self, status: nix::sys::wait::WaitStatus) {
-        match &self.successor {
-            Some(s) if !s.ready => self.upgrade_failed(format!("the new master exited ({status:?})")),
-            Some(_) => {
-                log::warn!("upgrade: the new master (which took over) exited: {status:?}");
-                if let Some(mut s) = self.successor.take() {
-                    s.deregister(self.poll.registry());
-                }
-            }
-            None => {}
+        let how = super::supervisor::describe(status);
+        let Some(s) = &self.successor else { return };
+        if !s.ready {
+            return self.upgrade_failed(format!("the new master exited ({how})"));
+        }
+        let pid = s.pid;
+        if let Some(mut s) = self.successor.take() {
+            s.deregister(self.poll.registry());
+        }
+        if self.stopping.is_some_and(|st| st.handed_over) {
+            log::warn!("upgrade: the new master (pid {pid}), which had taken over, exited ({how}); taking over again");
+            self.take_back();
+        } else {
+            log::warn!("upgrade: the new master (pid {pid}), which had taken over, exited ({how})");
         }
     }
 
-    /// Gives up on a new master that did not become ready in time.
-    pub(super) fn check_upgrade_deadline(&mut self, now: Instant) {
-        if self.successor.as_ref().is_some_and(|s| !s.ready && now >= s.deadline) {
-            let secs = self.config.upgrade_timeout.0.as_secs_f64();
-            self.upgrade_failed(format!("the new master did not become ready within {secs:.0}s"));
+    /// Rolls a hand-over back: the new master died while this one drained.
+    /// Listen again on the sockets kept for this, serve /metrics again, be
+    /// systemd's main process again, and start a fresh generation of workers
+    /// (the draining ones finish on their own deadlines).
+    fn take_back(&mut self) {
+        if let Err(e) = self.listeners.resume(self.poll.registry()) {
+            log::error!("upgrade: cannot listen again: {e}");
         }
+        if let Some(l) = self.held_metrics.take() {
+            match HttpServer::adopt(l, self.poll.registry()) {
+                Ok(h) => self.http = Some(h),
+                Err(e) => log::error!("cannot serve metrics again: {e}"),
+            }
+        }
+        self.notify.take_back();
+        self.stopping = None;
+        self.stop_at = None;
+        self.sup.generation += 1;
+        self.sup.reset_backoff();
+        self.ready_owed = true;
+        self.store_fds();
+    }
+
+    /// Gives up on a new master that did not become ready in time, or that
+    /// closed its channel and did not exit.
+    pub(super) fn check_upgrade_deadline(&mut self, now: Instant) {
+        let Some(s) = self.successor.as_ref().filter(|s| !s.ready && now >= s.deadline) else { return };
+        let why = if s.closed {
+            format!("the new master closed its channel and did not exit within {}s", EXIT_GRACE.as_secs())
+        } else {
+            format!("the new master did not become ready within {:.0}s", self.config.upgrade_timeout.0.as_secs_f64())
+        };
+        self.upgrade_failed(why);
     }
 
     /// Ends a failed upgrade: the new master (and with it its workers, by
-    /// PR_SET_PDEATHSIG) is killed; this master never stopped serving.
-    fn upgrade_failed(&mut self, why: String) {
+    /// PR_SET_PDEATHSIG) is killed; it never accepted, and this master never
+    /// stopped serving. A reload asked for meanwhile is applied now.
+    pub(super) fn upgrade_failed(&mut self, why: String) {
         let Some(mut s) = self.successor.take() else { return };
         s.deregister(self.poll.registry());
         let _ = nix::sys::signal::kill(s.pid, nix::sys::signal::Signal::SIGKILL);
         log::error!("upgrade failed: {why}; this master keeps serving");
+        if std::mem::take(&mut self.reload_pending) {
+            self.reload();
+        }
     }
 
     /// Keeps systemd's fd store holding our listening sockets (when it is
     /// there to hold them and they are not the socket unit's), so that a
     /// plain restart refuses no connection: the new process gets them back
-    /// as LISTEN_FDS named [`FD_LISTEN`] / [`FD_METRICS`].
+    /// as LISTEN_FDS named [`FD_LISTEN`] / [`FD_METRICS`]. Only the main
+    /// master writes it: a new master that may still fail must not replace
+    /// the live sockets there.
     pub(super) fn store_fds(&self) {
-        if !self.notify.enabled() {
+        if !self.notify.enabled() || !self.is_main() {
             return;
         }
         self.notify.store_fds(FD_LISTEN, &self.listeners.own_fds());
         if !self.http_activated {
-            let metrics: Vec<_> = self.http.iter().map(|h| h.listener_borrowed()).collect();
+            // Served, or inherited and not served yet: either way the live
+            // metrics socket (never an empty entry that would remove it).
+            let pending = self.pending_metrics.iter().map(std::os::fd::AsFd::as_fd);
+            let metrics: Vec<_> = self.http.iter().map(|h| h.listener_borrowed()).chain(pending).collect();
             self.notify.store_fds(FD_METRICS, &metrics);
         }
+    }
+}
+
+/// A read error on a channel is as good as EOF.
+trait OrGone {
+    fn unwrap_or_default_gone(self) -> (Vec<String>, bool);
+}
+
+impl OrGone for io::Result<(Vec<String>, bool)> {
+    fn unwrap_or_default_gone(self) -> (Vec<String>, bool) {
+        self.unwrap_or_else(|_| (Vec::new(), true))
     }
 }
 
