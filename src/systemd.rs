@@ -140,16 +140,11 @@ pub struct Activated {
 /// The sockets systemd passed us (LISTEN_FDS, checked against LISTEN_PID),
 /// empty when not socket-activated.
 pub fn listen_fds() -> io::Result<Vec<Activated>> {
-    sd_notify::listen_fds_with_names()?
+    // sd-notify sets FD_CLOEXEC on each (as sd_listen_fds(3) does): they
+    // reach a later exec only when passed on on purpose (binary upgrade).
+    Ok(sd_notify::listen_fds_with_names()?
         // LISTEN_PID named us, so these fds were opened for us at exec and no
         // Rust object owns them yet.
         .filter_map(|(fd, name)| sys::adopt_fd(fd).map(|fd| Activated { fd, name }))
-        .map(|a| {
-            // Passed without close-on-exec (they had to survive the exec);
-            // set it, or every later exec (a binary upgrade's new master)
-            // carries them along whether it is passed them or not.
-            nix::fcntl::fcntl(&a.fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
-            Ok(a)
-        })
-        .collect()
+        .collect())
 }

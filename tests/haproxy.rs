@@ -291,7 +291,3 @@ fn haproxy_bin() -> &'static str {
 /// `max_connections_per_ip` on each backend. echo-load's connections all
 /// come from 127.0.0.1, so every phase stays below it on one host.
 const PER_IP: u32 = 20;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}

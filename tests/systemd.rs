@@ -61,10 +61,6 @@ fn connect_activated(port: u16) -> std::net::TcpStream {
     s
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 #[test]
 fn units_pass_systemd_analyze_verify_and_score_well() {
     let dir = tempfile::tempdir().unwrap();
@@ -276,4 +272,24 @@ fn proxy_protocol_picks_activated_sockets_by_their_name() {
         thread::sleep(Duration::from_millis(20));
     }
     assert!(child.try_wait().unwrap().is_some_and(|s| s.success()));
+}
+
+/// #18.13: sockets under names echod does not know are taken as socket
+/// activation, which overrides `listen`: the log says so, naming them, so a
+/// stray LISTEN_FDS is not silently obeyed.
+#[test]
+fn unknown_listen_fdnames_are_named_when_they_override_listen() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("echod.toml");
+    std::fs::write(&config, in_test_mode("workers = 1\nlisten = [\"127.0.0.1:0\"]\n")).unwrap();
+    let log = dir.path().join("stderr.log");
+    let (mut child, _cleanup) = socket_activated(&[port], "not-ours", &config, &log);
+    let mut s = connect_activated(port);
+    assert_eq!(round_trip(&mut s, b"x").unwrap(), b"x");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("`listen` (127.0.0.1:0) is ignored: LISTEN_FDS passed socket(s) named not-ours"), "{text}");
+    drop(s);
+    kill(child.id() as i32, libc_sig::TERM);
+    let _ = child.wait();
 }

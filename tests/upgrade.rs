@@ -8,7 +8,6 @@ mod common;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,89 +15,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// A copy of the echod binary: the "new version" an upgrade switches to.
-fn second_binary(dir: &Path) -> PathBuf {
-    let copy = dir.join("echod-next");
-    std::fs::copy(ECHOD, &copy).unwrap();
-    copy
-}
-
-/// An executable shell script (a broken "new binary").
-fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
-}
-
-/// The pid in a log line's "(pid N)".
-fn pid_in(line: &str) -> i32 {
-    line.split("(pid ").nth(1).and_then(|r| r.split(')').next()).and_then(|p| p.parse().ok()).unwrap()
-}
-
-/// Sends USR2 to `master`; waits for the hand-over and returns the new
-/// master's pid.
-fn upgrade(e: &Echod, master: i32) -> i32 {
-    let skip = e.log_len();
-    kill(master, libc_sig::USR2);
-    let line = e
-        .wait_log_after(skip, "upgrade: new master (pid ", Duration::from_secs(20))
-        .unwrap_or_else(|| panic!("no hand-over:\n{}", e.log_text()));
-    let pid = pid_in(&line);
-    e.track(pid);
-    pid
-}
-
-/// Reloads `e` with `upgrade_binary = binary` (and upgrade_timeout = 1).
-fn use_upgrade_binary(e: &Echod, binary: &Path) {
-    let skip = e.log_len();
-    e.write_config(&format!(
-        "listen = [\"{}\"]\nworkers = 2\nupgrade_timeout = 1\nupgrade_binary = \"{}\"\n",
-        e.addr,
-        binary.display()
-    ));
-    e.signal(libc_sig::HUP);
-    e.wait_log_after(skip, "reloaded", Duration::from_secs(5)).expect("reloaded");
-}
-
-/// Waits until `pid` and its workers are gone.
-fn wait_gone(pid: i32, workers: &[i32], timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if !alive(pid) && workers.iter().all(|&w| !alive(w)) {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
-
-/// Scrapes /metrics every few ms until stopped; returns how often a counter
-/// went backwards (with the first such pair) and how many scrapes there were.
-fn watch_counters(addr: std::net::SocketAddr, stop: Arc<AtomicBool>) -> thread::JoinHandle<(Vec<String>, usize)> {
-    thread::spawn(move || {
-        let names = ["echod_connections_accepted_total", "echod_bytes_received_total", "echod_bytes_sent_total"];
-        let mut last = [0f64; 3];
-        let (mut backwards, mut scrapes) = (Vec::new(), 0);
-        while !stop.load(Ordering::Relaxed) {
-            let (code, body) = http_get(addr, "/metrics");
-            if code == 200 {
-                scrapes += 1;
-                let m = parse_metrics(&body);
-                for (i, n) in names.iter().enumerate() {
-                    let v = m.get(*n).copied().unwrap_or(0.0);
-                    if v < last[i] {
-                        backwards.push(format!("{n}: {} then {v}", last[i]));
-                    }
-                    last[i] = v;
-                }
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        (backwards, scrapes)
-    })
-}
 
 both_modes! {
     fn two_upgrades_under_load_lose_nothing_and_counters_go_on() {
@@ -233,12 +149,13 @@ both_modes! {
 
         let before = n.all().len();
         let new = upgrade(&e, e.pid());
-        // The new master names itself the main process when it is ready.
-        let i = n.wait(before, &format!("MAINPID={new}"), Duration::from_secs(5)).expect("MAINPID= from the new master");
+        // The old master names the new one the main process when it hands
+        // over, and the new one says so with READY=1 once told to accept.
+        let ready = format!("MAINPID={new}\nREADY=1");
+        let i = n.wait(before, &ready, Duration::from_secs(5)).expect("MAINPID= and READY=1 from the new master");
         let msgs: Vec<String> = n.all().into_iter().skip(before).map(|(_, m)| m).collect();
-        let new_pid = new.to_string();
-        let mainpid_ready = msgs.iter().any(|m| fields(m).get("MAINPID") == Some(&new_pid.as_str()) && m.contains("READY=1"));
-        assert!(mainpid_ready, "{msgs:?}");
+        let first = msgs.iter().position(|m| m.contains(&format!("MAINPID={new}"))).unwrap();
+        assert!(!msgs[first].contains("READY=1"), "the old master's MAINPID= comes first: {msgs:?}");
         assert!(n.all().len() > i);
         // The old master says nothing that would stop the unit.
         let old = e.pid();

@@ -469,8 +469,10 @@ impl Master {
         if let Some(h) = self.http.take() {
             self.held_metrics = h.into_listener(self.poll.registry());
         }
-        s.go();
+        // MAINPID first: the new master's READY=1 (after "go") then always
+        // follows it.
         self.notify.hand_over(pid.as_raw() as u32);
+        s.go();
         self.begin_stop(true);
         if let Some(st) = &mut self.stopping {
             st.handed_over = true;

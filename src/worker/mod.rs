@@ -55,9 +55,11 @@ pub(crate) const TICK: Duration = Duration::from_millis(250);
 /// The fd number the channel is moved to in the child (the first after stdio).
 const CHANNEL_FD: i32 = 3;
 
-/// Fault injection for the crash-loop tests, with no other effect: `startup`
-/// makes every worker exit with status 3 right after it starts, `hang` makes
-/// it wait forever instead of reporting Ready.
+/// Fault injection for the crash-loop and upgrade tests, with no other
+/// effect: `startup` makes every worker exit with status 3 right after it
+/// starts, `hang` makes it wait forever instead of reporting Ready,
+/// `hang-but-first` does that to every worker but worker 0 (a master that
+/// half serves).
 pub const CRASH_ENV: &str = "ECHOD_TEST_WORKER_CRASH";
 
 /// What a worker is handed at fork.
@@ -179,6 +181,12 @@ fn serve(id: usize, config: Config, channel: Channel, scoreboard: Scoreboard, ca
         }
         Ok("hang") => {
             log::error!("{CRASH_ENV}=hang: never reporting ready (fault injection)");
+            loop {
+                std::thread::park();
+            }
+        }
+        Ok("hang-but-first") if id != 0 => {
+            log::error!("{CRASH_ENV}=hang-but-first: worker {id} never reports ready (fault injection)");
             loop {
                 std::thread::park();
             }

@@ -385,6 +385,11 @@ pub fn alive(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
+/// A loopback port nobody listens on (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// SIGSTOPs `pid` and waits until every one of its threads is stopped
 /// (signal delivery is asynchronous: a thread may still run for a moment
 /// after `kill` returns). Fails the test after 5 s.
@@ -918,4 +923,92 @@ impl Notifications {
 
 pub fn fields(msg: &str) -> HashMap<&str, &str> {
     msg.lines().filter_map(|l| l.split_once('=')).collect()
+}
+
+// ---- Binary upgrades (tests/upgrade.rs, tests/upgrade_edges.rs) ----
+
+/// A copy of the echod binary: the "new version" an upgrade switches to.
+pub fn second_binary(dir: &Path) -> PathBuf {
+    let copy = dir.join("echod-next");
+    std::fs::copy(ECHOD, &copy).unwrap();
+    copy
+}
+
+/// An executable shell script (a broken "new binary").
+pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    path
+}
+
+/// The pid in a log line's "(pid N)".
+pub fn pid_in(line: &str) -> i32 {
+    line.split("(pid ").nth(1).and_then(|r| r.split(')').next()).and_then(|p| p.parse().ok()).unwrap()
+}
+
+/// Sends USR2 to `master`; waits for the hand-over and returns the new
+/// master's pid.
+pub fn upgrade(e: &Echod, master: i32) -> i32 {
+    let skip = e.log_len();
+    kill(master, libc_sig::USR2);
+    let line = e
+        .wait_log_after(skip, "upgrade: new master (pid ", Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("no hand-over:\n{}", e.log_text()));
+    let pid = pid_in(&line);
+    e.track(pid);
+    pid
+}
+
+/// Reloads `e` with `upgrade_binary = binary` (and upgrade_timeout = 1).
+pub fn use_upgrade_binary(e: &Echod, binary: &Path) {
+    let skip = e.log_len();
+    e.write_config(&format!(
+        "listen = [\"{}\"]\nworkers = 2\nupgrade_timeout = 1\nupgrade_binary = \"{}\"\n",
+        e.addr,
+        binary.display()
+    ));
+    e.signal(libc_sig::HUP);
+    e.wait_log_after(skip, "reloaded", Duration::from_secs(5)).expect("reloaded");
+}
+
+/// Waits until `pid` and its workers are gone.
+pub fn wait_gone(pid: i32, workers: &[i32], timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if !alive(pid) && workers.iter().all(|&w| !alive(w)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Scrapes /metrics every few ms until stopped; returns how often a counter
+/// went backwards (with the first such pair) and how many scrapes there were.
+pub fn watch_counters(
+    addr: SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(Vec<String>, usize)> {
+    std::thread::spawn(move || {
+        let names = ["echod_connections_accepted_total", "echod_bytes_received_total", "echod_bytes_sent_total"];
+        let mut last = [0f64; 3];
+        let (mut backwards, mut scrapes) = (Vec::new(), 0);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let (code, body) = http_get(addr, "/metrics");
+            if code == 200 {
+                scrapes += 1;
+                let m = parse_metrics(&body);
+                for (i, n) in names.iter().enumerate() {
+                    let v = m.get(*n).copied().unwrap_or(0.0);
+                    if v < last[i] {
+                        backwards.push(format!("{n}: {} then {v}", last[i]));
+                    }
+                    last[i] = v;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (backwards, scrapes)
+    })
 }

@@ -1,0 +1,465 @@
+//! Regression tests for the binary upgrade's edges: a new master that dies
+//! after taking over, or says "ready" and dies in one breath; a stop while a
+//! new master starts; a new master that half serves and fails; one whose
+//! port is taken; a socket-activated metrics socket; systemd's fd store; a
+//! reload during the upgrade; the checks around them. Each failed before its
+//! fix (see the commit that added it).
+//!
+//! These are the master's paths, the same in both handler modes, so each
+//! runs once (in the default mode). Loopback only; every process is killed
+//! by PID.
+
+mod common;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A "new binary" that runs the real echod with fault injection
+/// (`ECHOD_TEST_WORKER_CRASH`), so it starts but never becomes ready.
+fn faulty_echod(dir: &Path, fault: &str) -> PathBuf {
+    script(dir, fault, &format!("ECHOD_TEST_WORKER_CRASH={fault} exec {ECHOD} \"$@\""))
+}
+
+/// Sends USR2 and returns the new master's pid from the "started" line.
+fn start_upgrade(e: &Echod) -> i32 {
+    let skip = e.log_len();
+    e.signal(libc_sig::USR2);
+    let line = e
+        .wait_log_after(skip, "upgrade: started new master (pid ", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no new master:\n{}", e.log_text()));
+    let pid = pid_in(&line);
+    e.track(pid);
+    pid
+}
+
+fn echo_once(addr: SocketAddr, what: &str) {
+    let mut s = connect(addr);
+    assert_eq!(round_trip(&mut s, what.as_bytes()).unwrap(), what.as_bytes(), "{what}");
+}
+
+/// #18.6: the old master keeps its sockets after the hand-over and takes
+/// over again when the new master dies while it still drains.
+#[test]
+fn a_new_master_that_dies_after_taking_over_hands_back_to_the_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let next = second_binary(dir.path());
+    let e = start(&format!(
+        "workers = 1\nshutdown_timeout = 30\nmetrics_listen = \"127.0.0.1:0\"\nupgrade_binary = \"{}\"\n",
+        next.display()
+    ));
+    let metrics = e.metrics_addr();
+    let mut held = connect(e.addr);
+    assert_eq!(round_trip(&mut held, b"before").unwrap(), b"before");
+    let old = e.pid();
+    let new = upgrade(&e, old);
+    let new_workers = e.wait_children(new, 1);
+    echo_once(e.addr, "served by the new master");
+
+    let skip = e.log_len();
+    kill(new, libc_sig::KILL);
+    e.wait_log_after(skip, "taking over again", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no take-over:\n{}", e.log_text()));
+    e.wait_log_after(skip, &format!("[master {old}] ready:"), Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no fresh generation:\n{}", e.log_text()));
+    assert!(wait_gone(new, &new_workers, Duration::from_secs(5)), "the new generation is gone");
+    for i in 0..20 {
+        echo_once(e.addr, &format!("after the take-over {i}"));
+    }
+    assert_eq!(round_trip(&mut held, b"still draining").unwrap(), b"still draining");
+    assert_eq!(http_get(metrics, "/healthz").0, 200, "the old master serves /metrics and /healthz again");
+}
+
+/// #18.6: "ready" and EOF in one read (a new master that reports ready and
+/// dies at once) still ends with the old master serving.
+#[test]
+fn ready_and_exit_in_one_breath_leaves_the_old_master_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = start("workers = 1\nshutdown_timeout = 30\n");
+    // One listener, no metrics socket: the channel is fd 4.
+    let liar = script(dir.path(), "liar", "echo \"ready $$\" >&\"$ECHOD_UPGRADE_CHANNEL\"\nexit 0");
+    use_upgrade_binary(&e, &liar);
+    let mut held = connect(e.addr);
+    assert_eq!(round_trip(&mut held, b"held").unwrap(), b"held");
+    let skip = e.log_len();
+    e.signal(libc_sig::USR2);
+    e.wait_log_after(skip, "taking over again", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no take-over:\n{}", e.log_text()));
+    for i in 0..10 {
+        echo_once(e.addr, &format!("after {i}"));
+    }
+    assert_eq!(round_trip(&mut held, b"held on").unwrap(), b"held on");
+}
+
+/// #18.7: TERM while a new master starts stops both generations: the
+/// upgrade is abandoned, and no master is left serving on its own.
+#[test]
+fn term_during_an_upgrade_stops_both_masters() {
+    let dir = tempfile::tempdir().unwrap();
+    let hang = faulty_echod(dir.path(), "hang");
+    let mut e = start(&format!("workers = 1\nupgrade_timeout = 60\nupgrade_binary = \"{}\"\n", hang.display()));
+    let new = start_upgrade(&e);
+    let new_workers = e.wait_children(new, 1);
+    assert_eq!(new_workers.len(), 1, "the new master started its worker");
+    e.signal(libc_sig::TERM);
+    assert_eq!(e.wait_exit(Duration::from_secs(10)), Some(0), "{}", e.log_text());
+    assert!(wait_gone(new, &new_workers, Duration::from_secs(5)), "the new master outlived the stop");
+    assert!(e.log_text().contains("upgrade failed: abandoned: this master is stopping"), "{}", e.log_text());
+    assert!(TcpStream::connect(e.addr).is_err(), "nothing serves after the stop");
+}
+
+/// #18.7: TERM to the old master after the hand-over stops the old
+/// generation only; the new master, the service's main process by then,
+/// serves on (and is not replaced by the old one).
+#[test]
+fn term_after_the_hand_over_stops_only_the_old_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let next = second_binary(dir.path());
+    let mut e = start(&format!("workers = 1\nshutdown_timeout = 30\nupgrade_binary = \"{}\"\n", next.display()));
+    let mut held = connect(e.addr);
+    assert_eq!(round_trip(&mut held, b"held").unwrap(), b"held");
+    let new = upgrade(&e, e.pid());
+    let new_workers = e.wait_children(new, 1);
+    let skip = e.log_len();
+    e.signal(libc_sig::TERM);
+    e.wait_log_after(skip, "stop asked after the hand-over", Duration::from_secs(5)).expect("said which");
+    assert_eq!(round_trip(&mut held, b"drains").unwrap(), b"drains");
+    drop(held);
+    assert_eq!(e.wait_exit(Duration::from_secs(10)), Some(0));
+    assert!(alive(new), "the new master serves on");
+    echo_once(e.addr, "new master");
+    assert!(!e.log_text().contains("taking over again"), "{}", e.log_text());
+    kill(new, libc_sig::TERM);
+    assert!(wait_gone(new, &new_workers, Duration::from_secs(10)));
+}
+
+/// #18.9: a new master accepts nothing before the old one says "go", so a
+/// failed upgrade cuts no client, even when some of its workers served.
+#[test]
+fn a_failed_upgrade_cuts_no_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let half = faulty_echod(dir.path(), "hang-but-first");
+    let e = start(&format!(
+        "workers = 2\nlog_level = \"debug\"\nupgrade_timeout = 3\nupgrade_binary = \"{}\"\n",
+        half.display()
+    ));
+    let skip = e.log_len();
+    let new = start_upgrade(&e);
+    e.wait_log_after(skip, &format!("[master {new}] worker 0 (pid "), Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the new master's worker 0 never served:\n{}", e.log_text()));
+    let mut clients: Vec<TcpStream> = (0..40)
+        .map(|i| {
+            let mut s = connect(e.addr);
+            assert_eq!(round_trip(&mut s, format!("hello {i}").as_bytes()).unwrap(), format!("hello {i}").as_bytes());
+            s
+        })
+        .collect();
+    e.wait_log_after(skip, "upgrade failed", Duration::from_secs(10)).expect("the upgrade fails");
+    assert!(wait_gone(new, &[], Duration::from_secs(5)));
+    let mut cut = Vec::new();
+    for (i, s) in clients.iter_mut().enumerate() {
+        if round_trip(s, format!("again {i}").as_bytes()).is_err() {
+            cut.push(i);
+        }
+    }
+    assert!(cut.is_empty(), "clients cut by the failed upgrade: {cut:?}");
+}
+
+/// #18.10: a new master that cannot start says why before it is gone.
+#[test]
+fn the_reason_a_new_master_failed_reaches_the_log() {
+    let e = start("workers = 1\n");
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap();
+    e.write_config(&format!("listen = [\"{}\", \"{taken_addr}\"]\nworkers = 1\n", e.addr));
+    let skip = e.log_len();
+    e.signal(libc_sig::USR2);
+    let failed = e.wait_log_after(skip, "upgrade failed", Duration::from_secs(10)).expect("failure logged");
+    assert!(failed.contains("exit status 1"), "{failed}");
+    let lines = e.log_lines();
+    let at = lines.iter().rposition(|l| l.contains("upgrade failed")).unwrap();
+    let why = format!("cannot listen on {taken_addr}: Address already in use");
+    assert!(lines[skip..at].iter().any(|l| l.contains(&why)), "the reason comes before the verdict:\n{}", e.log_text());
+    echo_once(e.addr, "still serving");
+}
+
+/// #18.12: a new master that never becomes ready touches neither MAINPID
+/// nor systemd's fd store.
+#[test]
+fn a_new_master_writes_no_fd_store_or_mainpid_before_it_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let hang = faulty_echod(dir.path(), "hang");
+    let n = Notifications::new();
+    let path = n.path.to_str().unwrap().to_string();
+    let e = start_with(
+        &format!("workers = 1\nupgrade_timeout = 2\nupgrade_binary = \"{}\"\n", hang.display()),
+        &[],
+        &[("NOTIFY_SOCKET", &path)],
+    );
+    n.wait(0, "READY=1", Duration::from_secs(5)).expect("READY=1");
+    let stored = n.all().iter().filter(|(_, m)| m.contains("FDSTORE=1")).count();
+    assert!(stored >= 1, "the master stores its listener");
+    let before = n.all().len();
+    let skip = e.log_len();
+    let new = start_upgrade(&e);
+    e.wait_log_after(skip, "upgrade failed", Duration::from_secs(10)).expect("the upgrade fails");
+    assert!(wait_gone(new, &[], Duration::from_secs(5)));
+    let after: Vec<String> = n.all().into_iter().skip(before).map(|(_, m)| m).collect();
+    let touched: Vec<&String> =
+        after.iter().filter(|m| m.contains("FDSTORE") || m.contains("MAINPID") || m.contains("READY=1")).collect();
+    assert!(touched.is_empty(), "a new master that failed spoke for the service: {touched:?}");
+}
+
+/// #18.13: a HUP while a new master starts waits for the upgrade and is
+/// passed on to the new master; the listener it adds does not make the
+/// new master fail with EADDRINUSE.
+#[test]
+fn a_reload_during_an_upgrade_is_passed_on_to_the_new_master() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = script(dir.path(), "slow", &format!("sleep 2\nexec {ECHOD} \"$@\""));
+    let base = format!("workers = 1\nupgrade_timeout = 30\nupgrade_binary = \"{}\"\n", slow.display());
+    let e = start(&base);
+    let extra: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let skip = e.log_len();
+    start_upgrade(&e);
+    e.write_config(&format!("listen = [\"{}\", \"{extra}\"]\n{base}", e.addr));
+    e.signal(libc_sig::HUP);
+    e.wait_log_after(skip, "reload deferred", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("the HUP was applied during the upgrade:\n{}", e.log_text()));
+    let line = e
+        .wait_log_after(skip, "upgrade: new master (pid ", Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("no hand-over:\n{}", e.log_text()));
+    let new = pid_in(&line);
+    e.track(new);
+    e.wait_children(new, 1);
+    e.wait_log_after(skip, "passing the reload", Duration::from_secs(5)).expect("forwarded");
+    echo_once(extra, "on the added listener");
+    echo_once(e.addr, "on the first one");
+    assert!(!e.log_text().contains("upgrade failed"), "{}", e.log_text());
+    kill(new, libc_sig::TERM);
+    assert!(wait_gone(new, &[], Duration::from_secs(10)));
+}
+
+/// #18.13: a HUP that fails (a new port is taken) while removing another
+/// listener changes nothing: the one it would have removed still serves.
+#[test]
+fn a_failed_reload_removes_no_listener() {
+    let second = free_port();
+    let e = start(&format!("workers = 1\nlisten = [\"127.0.0.1:0\", \"127.0.0.1:{second}\"]\n"));
+    let second: SocketAddr = format!("127.0.0.1:{second}").parse().unwrap();
+    echo_once(second, "before");
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    e.write_config(&format!("workers = 1\nlisten = [\"{}\", \"{}\"]\n", e.addr, taken.local_addr().unwrap()));
+    let skip = e.log_len();
+    e.signal(libc_sig::HUP);
+    let failed = e.wait_log_after(skip, "reload failed", Duration::from_secs(5)).expect("refused");
+    assert!(failed.contains("Address already in use"), "{failed}");
+    echo_once(second, "the listener the failed reload would have removed");
+    assert!(!e.log_text().contains("no longer listening"), "{}", e.log_text());
+}
+
+/// #18.13: `upgrade_binary` is exec'd from the master's working directory
+/// (`/` under systemd): it must be absolute and executable, and
+/// `--check-config` says so with file, line and key.
+#[test]
+fn upgrade_binary_must_be_an_absolute_executable() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("echod.toml");
+    let not_exec = dir.path().join("not-exec");
+    std::fs::write(&not_exec, "").unwrap();
+    for (value, says) in [
+        ("target/release/echod".to_string(), "must be an absolute path"),
+        ("/nonexistent/echod".to_string(), "No such file"),
+        (not_exec.display().to_string(), "is not an executable file"),
+    ] {
+        std::fs::write(&config, format!("listen = [\"127.0.0.1:0\"]\nupgrade_binary = \"{value}\"\n")).unwrap();
+        let (code, err, _) = run_to_exit(&["--check-config", "--config", config.to_str().unwrap()], None);
+        assert_eq!(code, 78, "{value}: {err}");
+        assert!(err.contains("echod.toml:2: key `upgrade_binary`"), "{err}");
+        assert!(err.contains(says), "{value}: {err}");
+    }
+    std::fs::write(&config, format!("listen = [\"127.0.0.1:0\"]\nupgrade_binary = \"{ECHOD}\"\n")).unwrap();
+    let (code, err, _) = run_to_exit(&["--check-config", "--config", config.to_str().unwrap()], None);
+    assert_eq!(code, 0, "{err}");
+}
+
+/// #18.13: the sockets a new master inherits are close-on-exec in it, so
+/// they reach only the masters they are passed to.
+#[test]
+fn inherited_sockets_are_close_on_exec() {
+    let dir = tempfile::tempdir().unwrap();
+    let next = second_binary(dir.path());
+    let e = start(&format!("workers = 1\nmetrics_listen = \"127.0.0.1:0\"\nupgrade_binary = \"{}\"\n", next.display()));
+    let new = upgrade(&e, e.pid());
+    e.wait_children(new, 1);
+    let mut sockets = 0;
+    for fd in std::fs::read_dir(format!("/proc/{new}/fd")).unwrap().flatten() {
+        let target = std::fs::read_link(fd.path()).unwrap_or_default();
+        if !target.to_string_lossy().starts_with("socket:") {
+            continue;
+        }
+        sockets += 1;
+        let n = fd.file_name().to_string_lossy().to_string();
+        let info = std::fs::read_to_string(format!("/proc/{new}/fdinfo/{n}")).unwrap_or_default();
+        let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).map(str::trim).unwrap_or("0");
+        let flags = u32::from_str_radix(flags, 8).unwrap();
+        assert!(flags & 0o2000000 != 0, "fd {n} of the new master is not close-on-exec: {info}");
+    }
+    assert!(sockets >= 3, "listener, metrics socket and worker channel: {sockets}");
+    kill(new, libc_sig::TERM);
+    assert!(wait_gone(new, &[], Duration::from_secs(10)));
+}
+
+/// #18.13: signal handlers come before the config is read: a HUP while a
+/// master is still loading its config is a reload, not death by SIGHUP.
+/// The config is a FIFO, so the test knows the master is reading it.
+#[test]
+fn a_hup_while_the_config_is_read_is_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("echod.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let config = in_test_mode("listen = [\"127.0.0.1:0\"]\nworkers = 1\n");
+    let mut child = std::process::Command::new(ECHOD)
+        .arg("--config")
+        .arg(&fifo)
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let _guard = Defer(|| {
+        children_of(pid).into_iter().for_each(|w| kill(w, libc_sig::KILL));
+        kill(pid, libc_sig::KILL);
+    });
+    // A non-blocking open for writing succeeds once a reader has it open:
+    // echod is then inside its config load. (Never a blocking open: if
+    // echod is gone, that would wait for ever.)
+    let open_writer = || {
+        use std::os::unix::fs::OpenOptionsExt;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&fifo) {
+                Ok(f) => return f,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Err(e) => panic!("echod did not open its config: {e}"),
+            }
+        }
+    };
+    let mut writer = open_writer();
+    kill(pid, libc_sig::HUP);
+    writer.write_all(config.as_bytes()).unwrap();
+    drop(writer);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_line = |pat: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !seen.iter().any(|l: &String| l.contains(pat)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => seen.push(line),
+                Err(_) => panic!("no `{pat}` from echod: {seen:?}"),
+            }
+        }
+    };
+    // Started on the first read; the queued HUP then reloads, reading the
+    // FIFO again: feed it once more.
+    wait_line("listening on");
+    let mut again = open_writer();
+    again.write_all(config.as_bytes()).unwrap();
+    drop(again);
+    wait_line("reloaded");
+    assert!(child.try_wait().unwrap().is_none(), "echod died");
+}
+
+/// #18.11: with a socket-activated metrics socket, the new master does not
+/// answer scrapes before it has the old totals (the two masters' answers
+/// alternating is counters going backwards).
+#[test]
+fn socket_activated_metrics_never_go_backwards_during_an_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let hang = faulty_echod(dir.path(), "hang");
+    let (echo_port, metrics_port) = (free_port(), free_port());
+    let config = dir.path().join("echod.toml");
+    std::fs::write(
+        &config,
+        in_test_mode(&format!("workers = 1\nupgrade_timeout = 2\nupgrade_binary = \"{}\"\n", hang.display())),
+    )
+    .unwrap();
+    let log = dir.path().join("echod.log");
+    let mut cmd = std::process::Command::new("systemd-socket-activate");
+    let child = cmd
+        .arg("-l")
+        .arg(format!("127.0.0.1:{echo_port}"))
+        .arg("-l")
+        .arg(format!("127.0.0.1:{metrics_port}"))
+        .arg("--fdname=echo:metrics")
+        .arg(ECHOD)
+        .arg("--config")
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("systemd-socket-activate (Debian package systemd)");
+    let pid = child.id() as i32;
+    let mut child = Some(child);
+    let _guard = Defer(move || {
+        // The master, its workers, and any new master with its workers.
+        for m in children_of(pid) {
+            children_of(m).into_iter().for_each(|w| kill(w, libc_sig::KILL));
+            kill(m, libc_sig::KILL);
+        }
+        if let Some(mut c) = child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    });
+    let echo: SocketAddr = format!("127.0.0.1:{echo_port}").parse().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let wait_for = |pat: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !read_log().contains(pat) {
+            assert!(Instant::now() < deadline, "no `{pat}` in:\n{}", read_log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // The first connection makes systemd-socket-activate exec echod (it
+    // listens once it has started).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(echo).is_err() {
+        assert!(Instant::now() < deadline, "systemd-socket-activate never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for i in 0..30 {
+        echo_once(echo, &format!("{i}"));
+    }
+    wait_for("ready:");
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = watch_counters(metrics, stop.clone());
+    std::thread::sleep(Duration::from_millis(200));
+    kill(pid, libc_sig::USR2);
+    wait_for("upgrade failed");
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let (backwards, scrapes) = watcher.join().unwrap();
+    assert!(scrapes >= 10, "{scrapes} scrapes");
+    assert!(backwards.is_empty(), "counters went backwards: {backwards:?}\n{}", read_log());
+}
