@@ -526,7 +526,10 @@ impl Master {
                 "stop asked after the hand-over: this old generation stops; the new master (pid {}) serves on",
                 s.pid
             ),
-            Some(_) => self.upgrade_failed("abandoned: this master is stopping".into()),
+            Some(_) => {
+                self.reload_pending = false; // stopping: nothing to reload
+                self.upgrade_failed("abandoned: this master is stopping".into());
+            }
             None => {}
         }
         if graceful {

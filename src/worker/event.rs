@@ -13,7 +13,10 @@
 //! `write` of the same bytes, straight from that buffer: no copy, no
 //! allocation, no lock. A read shorter than the buffer drained the socket
 //! (a later arrival raises a new edge), so the loop does not pay a third
-//! system call to see EAGAIN. Only when the client does not take the whole
+//! system call to see EAGAIN; except after the client's FIN, an error, or
+//! TCP urgent data (EPOLLPRI), when the kernel may stop a read short with
+//! bytes still queued and no new edge to come: then the loop reads until
+//! EAGAIN (`Conn::read_to_block`). Only when the client does not take the whole
 //! echo does the remainder move to a buffer of the connection's own; the
 //! connection then stops reading until it is written, so a client that never
 //! reads holds at most one `buffer_size` here, and the write timeout runs
