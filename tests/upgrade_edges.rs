@@ -83,7 +83,7 @@ fn ready_and_exit_in_one_breath_leaves_the_old_master_serving() {
     let e = start("workers = 1\nshutdown_timeout = 30\n");
     // One listener, no metrics socket: the channel is fd 4.
     let liar = script(dir.path(), "liar", "echo \"ready $$\" >&\"$ECHOD_UPGRADE_CHANNEL\"\nexit 0");
-    use_upgrade_binary(&e, &liar);
+    use_upgrade_binary(&e, &liar, 30);
     let mut held = connect(e.addr);
     assert_eq!(round_trip(&mut held, b"held").unwrap(), b"held");
     let skip = e.log_len();
@@ -145,7 +145,7 @@ fn a_failed_upgrade_cuts_no_client() {
     let dir = tempfile::tempdir().unwrap();
     let half = faulty_echod(dir.path(), "hang-but-first");
     let e = start(&format!(
-        "workers = 2\nlog_level = \"debug\"\nupgrade_timeout = 3\nupgrade_binary = \"{}\"\n",
+        "workers = 2\nlog_level = \"debug\"\nupgrade_timeout = 6\nupgrade_binary = \"{}\"\n",
         half.display()
     ));
     let skip = e.log_len();

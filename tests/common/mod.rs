@@ -960,11 +960,13 @@ pub fn upgrade(e: &Echod, master: i32) -> i32 {
     pid
 }
 
-/// Reloads `e` with `upgrade_binary = binary` (and upgrade_timeout = 1).
-pub fn use_upgrade_binary(e: &Echod, binary: &Path) {
+/// Reloads `e` with `upgrade_binary = binary` and `upgrade_timeout` (s).
+/// Short timeouts only where the test waits them out (a hung binary): a
+/// failing binary is judged by its exit, which a loaded machine may delay.
+pub fn use_upgrade_binary(e: &Echod, binary: &Path, upgrade_timeout: u32) {
     let skip = e.log_len();
     e.write_config(&format!(
-        "listen = [\"{}\"]\nworkers = 2\nupgrade_timeout = 1\nupgrade_binary = \"{}\"\n",
+        "listen = [\"{}\"]\nworkers = 2\nupgrade_timeout = {upgrade_timeout}\nupgrade_binary = \"{}\"\n",
         e.addr,
         binary.display()
     ));
