@@ -9,8 +9,8 @@
 //!
 //! A slot is 256 bytes, a multiple of the cache line and aligned to it (the
 //! mapping is page-aligned), so two workers never write the same line. The
-//! one master-written word, the accept-paused flag, sits in a header block of
-//! its own.
+//! master-written words, the accept-paused flag and the bitmap of occupied
+//! slots, sit in a header block of their own.
 
 use std::io;
 use std::net::IpAddr;
@@ -145,7 +145,7 @@ impl Scoreboard {
     /// listeners and by a worker for clients only it knows (PROXY).
     pub fn ip_total(&self, bucket: u16) -> u64 {
         let mut total = 0;
-        for (w, word) in self.words[OCCUPIED..STRIDE].iter().enumerate() {
+        for (w, word) in self.words[OCCUPIED..OCCUPIED + self.slots.div_ceil(64)].iter().enumerate() {
             let mut bits = word.load(Ordering::Acquire);
             while bits != 0 {
                 let slot = w * 64 + bits.trailing_zeros() as usize;

@@ -83,7 +83,6 @@ impl HttpServer {
         Ok(HttpServer { listener, addr, conns: HashMap::new(), next_id: 0, retry_at: None })
     }
 
-    /// Closes the listener and every connection.
     /// The listening socket, for a binary upgrade to pass on.
     pub fn listener_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
@@ -99,20 +98,18 @@ impl HttpServer {
     /// Stops serving (scrapes in progress are dropped) but keeps the
     /// listening socket, unpolled: after a binary upgrade the new master
     /// serves it, and this one may have to again if the new one dies.
-    pub fn into_listener(mut self, registry: &Registry) -> Option<std::net::TcpListener> {
+    pub fn into_listener(mut self, registry: &Registry) -> std::net::TcpListener {
         let _ = registry.deregister(&mut self.listener);
         for (_, mut c) in self.conns.drain() {
             let _ = registry.deregister(&mut c.stream);
         }
         let fd: std::os::fd::OwnedFd = self.listener.into();
-        Some(std::net::TcpListener::from(fd))
+        std::net::TcpListener::from(fd)
     }
 
-    pub fn close(mut self, registry: &Registry) {
-        let _ = registry.deregister(&mut self.listener);
-        for (_, mut c) in self.conns.drain() {
-            let _ = registry.deregister(&mut c.stream);
-        }
+    /// Closes the listener and every connection.
+    pub fn close(self, registry: &Registry) {
+        drop(self.into_listener(registry));
     }
 
     /// The earliest connection deadline or accept retry.

@@ -257,7 +257,7 @@ fn exec_new_master(exe: &std::path::Path, inv: &Invocation, h: &Handover, channe
 impl Successor {
     /// Reads what the new master said.
     pub fn on_readable(&mut self) -> Heard {
-        let (lines, gone) = read_lines(&mut self.channel, &mut self.inbox).unwrap_or_default_gone();
+        let (lines, gone) = read_or_gone(&mut self.channel, &mut self.inbox);
         let ready = !self.ready && lines.iter().any(|l| l.starts_with("ready "));
         self.ready |= ready;
         self.closed |= gone;
@@ -333,7 +333,7 @@ impl Predecessor {
 
     /// Reads "go" and totals; true when the old master is gone (EOF).
     pub fn on_readable(&mut self) -> bool {
-        let (lines, gone) = read_lines(&mut self.channel, &mut self.inbox).unwrap_or_default_gone();
+        let (lines, gone) = read_or_gone(&mut self.channel, &mut self.inbox);
         self.go |= lines.iter().any(|l| l == "go");
         if let Some(c) = lines.iter().rev().find_map(|l| Carried::decode(l)) {
             self.carried = Some(c);
@@ -410,7 +410,9 @@ impl Master {
         let (go, carried, pid) = (p.go, p.carried, p.pid);
         if go && !was_go {
             log::info!("upgrade: the old master (pid {pid}) stopped accepting; this master accepts now");
-            self.became_main();
+            // Main from now on: the fd store is ours to keep (READY=1 with
+            // MAINPID= follows from `announce_ready`).
+            self.store_fds();
         }
         if let Some(c) = carried {
             self.sup.carried = c;
@@ -426,7 +428,7 @@ impl Master {
                 // It died (or was killed) before handing over: nobody else
                 // accepts, so this master does.
                 log::warn!("upgrade: the old master (pid {pid}) is gone without handing over; this master takes over");
-                self.became_main();
+                self.store_fds();
             }
             self.serve_pending_metrics();
         }
@@ -437,12 +439,6 @@ impl Master {
     /// predecessor has not yet said "go".
     pub(super) fn is_main(&self) -> bool {
         self.predecessor.as_ref().is_none_or(|p| p.go)
-    }
-
-    /// A new master's predecessor handed over: the fd store is ours to keep
-    /// now (READY=1 with MAINPID= follows from `announce_ready`).
-    fn became_main(&mut self) {
-        self.store_fds();
     }
 
     /// The inherited metrics socket goes live once the old totals are in.
@@ -467,7 +463,7 @@ impl Master {
         log::info!("upgrade: new master (pid {pid}) serves; this master stops accepting and drains");
         self.listeners.pause(self.poll.registry());
         if let Some(h) = self.http.take() {
-            self.held_metrics = h.into_listener(self.poll.registry());
+            self.held_metrics = Some(h.into_listener(self.poll.registry()));
         }
         // MAINPID first: the new master's READY=1 (after "go") then always
         // follows it.
@@ -579,15 +575,10 @@ impl Master {
     }
 }
 
-/// A read error on a channel is as good as EOF.
-trait OrGone {
-    fn unwrap_or_default_gone(self) -> (Vec<String>, bool);
-}
-
-impl OrGone for io::Result<(Vec<String>, bool)> {
-    fn unwrap_or_default_gone(self) -> (Vec<String>, bool) {
-        self.unwrap_or_else(|_| (Vec::new(), true))
-    }
+/// Reads everything available; returns the complete lines and whether the
+/// peer closed (a read error counts as closed: the channel is no use).
+fn read_or_gone(stream: &mut UnixStream, inbox: &mut Vec<u8>) -> (Vec<String>, bool) {
+    read_lines(stream, inbox).unwrap_or_else(|_| (Vec::new(), true))
 }
 
 /// Reads everything available; returns the complete lines and whether the
