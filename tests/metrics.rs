@@ -185,3 +185,91 @@ both_modes! {
         thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// #21.1: idle (or slowloris) clients holding every slot of the metrics
+/// port cannot starve health probes: each new connection evicts the oldest
+/// one still sending its request.
+#[test]
+fn health_probes_get_through_hundreds_of_idle_clients() {
+    let e = start(&format!("{M}workers = 1\n"));
+    let maddr = e.metrics_addr();
+    let mut idle: Vec<std::net::TcpStream> = (0..200).map(|_| connect(maddr)).collect();
+    let mut slow = connect(maddr);
+    slow.write_all(b"GET /metr").unwrap();
+    let mut worst = Duration::ZERO;
+    for i in 0..20 {
+        // More idle clients keep arriving between the probes.
+        idle.extend((0..10).map(|_| connect(maddr)));
+        let t0 = Instant::now();
+        let path = if i % 2 == 0 { "/healthz" } else { "/livez" };
+        assert_eq!(http_get(maddr, path).0, 200, "probe {i} ({path})");
+        worst = worst.max(t0.elapsed());
+    }
+    eprintln!("slowest of 20 probes through 400 idle clients: {worst:?}");
+    let m = e.scrape();
+    assert!(m["echod_metrics_connections_evicted_total"] >= 300.0, "{m:?}");
+    assert_eq!(m["echod_metrics_connections_refused_total"], 0.0, "{m:?}");
+}
+
+/// #21.3: a response is delivered whole even when the client sent more than
+/// the request head (a pipelined request, a body): closing with unread bytes
+/// would make the kernel reset the connection and drop the response's tail.
+#[test]
+fn a_response_is_delivered_whole_after_extra_request_bytes() {
+    // 64 workers: a large exposition (per-worker series); a small receive
+    // buffer: the response cannot be on its way in one go when the server
+    // is done writing.
+    let e = start(&format!("{M}workers = 64\n"));
+    let maddr = e.metrics_addr();
+    for round in 0..5 {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_recv_buffer_size(4096).unwrap();
+        s.connect(&maddr.into()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut s = std::net::TcpStream::from(s);
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        // Once the server has read the head (and answers, stalled on our
+        // small buffer), more bytes: unread by it when it is done writing.
+        let mut first = [0u8; 16];
+        s.read_exact(&mut first).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\nsome body bytes").unwrap();
+        thread::sleep(Duration::from_millis(50));
+        let mut got = first.to_vec();
+        s.read_to_end(&mut got).unwrap_or_else(|err| panic!("round {round}: {err} after {} bytes", got.len()));
+        let text = String::from_utf8_lossy(&got);
+        let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("Content-Length");
+        assert!(len > 20_000, "a large exposition: {len} bytes");
+        assert_eq!(body.len(), len, "round {round}: the whole body arrived");
+    }
+}
+
+/// #21.3: a client that never reads its response is reset at the deadline:
+/// nothing of it stays queued in kernel memory (FIN_WAIT1) afterwards.
+#[test]
+fn responses_nobody_reads_are_reset_not_left_in_the_kernel() {
+    let e = start(&format!("{M}workers = 64\n"));
+    let maddr = e.metrics_addr();
+    let readers: Vec<socket2::Socket> = (0..20)
+        .map(|_| {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            s.set_recv_buffer_size(4096).unwrap();
+            s.connect(&maddr.into()).unwrap();
+            (&s).write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+            s
+        })
+        .collect();
+    let m =
+        e.scrape_until(Duration::from_secs(15), |m| m.get("echod_metrics_connections_aborted_total") >= Some(&20.0));
+    assert!(m["echod_metrics_connections_aborted_total"] >= 20.0, "{m:?}");
+    let port = maddr.port();
+    let out = std::process::Command::new("ss").args(["-tanH", "state", "fin-wait-1"]).output().expect("ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let held: Vec<&str> = text.lines().filter(|l| l.contains(&format!("127.0.0.1:{port} "))).collect();
+    assert!(held.is_empty(), "responses left in FIN_WAIT1: {held:?}");
+    drop(readers);
+}

@@ -12,13 +12,27 @@
 //! and dispatch: each connection is a small state machine that reads at most
 //! [`MAX_REQUEST`] bytes and writes from a buffer only when the socket is
 //! writable, every connection has a deadline ([`DEADLINE`]) after which it
-//! is dropped, and at most [`MAX_CONNS`] are open at once (more are closed at
-//! accept). One request per connection (`Connection: close`), as Prometheus
-//! is happy with.
+//! is dropped, and at most [`MAX_CONNS`] are open at once. One request per
+//! connection (`Connection: close`), as Prometheus is happy with.
+//!
+//! Health probes must get through whatever holds the port: when every slot
+//! is taken, a new connection evicts the oldest one still sending its
+//! request (a probe or a scraper sends its request at once; a connection
+//! that has not is idle or slow, and is the one to go), so idle or slowloris
+//! clients cannot starve `/healthz` and `/livez`.
+//!
+//! Responses are delivered whole: after the last byte is written the master
+//! half-closes and reads (discarding) until the client closes, for up to
+//! [`LINGER`], instead of closing at once, which with unread request bytes
+//! (a pipelined request, a body) would make the kernel reset the connection
+//! and drop the response's tail. A client that does not take its response
+//! by the deadline is reset (SO_LINGER 0), so no unsent response waits in
+//! kernel memory after it; evictions, refusals and resets are counted in
+//! `echod_metrics_connections_*_total`.
 
 use std::collections::HashMap;
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::SocketAddr;
+use std::net::{Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
@@ -32,8 +46,10 @@ pub const CONN_TOKEN_BASE: usize = 1 << 20;
 const MAX_REQUEST: usize = 8 * 1024;
 /// Whole-exchange deadline per connection.
 const DEADLINE: Duration = Duration::from_secs(5);
-/// Open scrape connections at most; extra ones are closed at once.
+/// Open scrape connections at most (see the module doc for who makes room).
 const MAX_CONNS: usize = 64;
+/// After the response: how long the client has to close before it is reset.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// What the endpoint needs from the master to answer a request.
 pub trait Responder {
@@ -46,12 +62,46 @@ pub trait Responder {
 enum State {
     Reading(Vec<u8>),
     Writing(Vec<u8>, usize),
+    /// Response written and our side shut down: waiting for the client's
+    /// close, discarding whatever it still sends.
+    Closing,
 }
 
 struct Conn {
     stream: TcpStream,
     state: State,
     deadline: Instant,
+    accepted: Instant,
+}
+
+/// The endpoint's own counters, rendered after the master's series.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EndpointStats {
+    /// Connections closed to make room: the oldest still sending a request.
+    pub evicted: u64,
+    /// Connections closed at accept: every slot was writing a response.
+    pub refused: u64,
+    /// Connections reset at their deadline, a response possibly unsent.
+    pub aborted: u64,
+}
+
+impl EndpointStats {
+    fn render(&self) -> String {
+        let mut out = String::new();
+        for (name, help, v) in [
+            (
+                "evicted",
+                "Scrape connections closed to make room (the oldest one still sending its request).",
+                self.evicted,
+            ),
+            ("refused", "Scrape connections closed at accept: every slot was busy answering.", self.refused),
+            ("aborted", "Scrape connections reset at their deadline (a response not taken in time).", self.aborted),
+        ] {
+            let name = format!("echod_metrics_connections_{name}_total");
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"));
+        }
+        out
+    }
 }
 
 /// The metrics listener and its connections.
@@ -63,6 +113,7 @@ pub struct HttpServer {
     /// Out of fds at the last accept: try again then (the edge-triggered
     /// readiness of pending scrapes was consumed).
     retry_at: Option<Instant>,
+    stats: EndpointStats,
 }
 
 impl HttpServer {
@@ -80,7 +131,7 @@ impl HttpServer {
     fn serve(mut listener: TcpListener, registry: &Registry) -> io::Result<HttpServer> {
         registry.register(&mut listener, LISTENER_TOKEN, Interest::READABLE)?;
         let addr = listener.local_addr()?;
-        Ok(HttpServer { listener, addr, conns: HashMap::new(), next_id: 0, retry_at: None })
+        Ok(HttpServer { listener, addr, conns: HashMap::new(), next_id: 0, retry_at: None, stats: Default::default() })
     }
 
     /// The listening socket, for a binary upgrade to pass on.
@@ -127,7 +178,15 @@ impl HttpServer {
         let late: Vec<usize> = self.conns.iter().filter(|(_, c)| now >= c.deadline).map(|(id, _)| *id).collect();
         for id in late {
             log::debug!("metrics: dropping a scrape connection that took longer than {DEADLINE:?}");
-            self.drop_conn(id, registry);
+            let answering = self.conns.get(&id).is_some_and(|c| !matches!(c.state, State::Reading(_)));
+            if answering {
+                // Whatever of the response is still unsent goes with a
+                // reset, not with a FIN that would keep it in kernel memory.
+                self.abort_conn(id, registry);
+                self.stats.aborted += 1;
+            } else {
+                self.drop_conn(id, registry);
+            }
         }
     }
 
@@ -137,14 +196,23 @@ impl HttpServer {
             match self.listener.accept() {
                 Ok((mut stream, _)) => {
                     if self.conns.len() >= MAX_CONNS {
-                        continue; // dropped: closed at once
+                        match self.oldest_reading() {
+                            Some(victim) => {
+                                self.abort_conn(victim, registry);
+                                self.stats.evicted += 1;
+                            }
+                            None => {
+                                self.stats.refused += 1;
+                                continue; // dropped: closed at once
+                            }
+                        }
                     }
                     let id = self.next_id;
                     self.next_id = self.next_id.wrapping_add(1) % (1 << 20);
                     let token = Token(CONN_TOKEN_BASE + id);
                     if registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE).is_ok() {
                         let state = State::Reading(Vec::with_capacity(512));
-                        self.conns.insert(id, Conn { stream, state, deadline: now + DEADLINE });
+                        self.conns.insert(id, Conn { stream, state, deadline: now + DEADLINE, accepted: now });
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
@@ -161,8 +229,9 @@ impl HttpServer {
     /// Progresses one connection after a readiness event.
     pub fn on_conn(&mut self, token: Token, registry: &Registry, app: &dyn Responder) {
         let id = token.0 - CONN_TOKEN_BASE;
+        let stats = self.stats;
         let Some(conn) = self.conns.get_mut(&id) else { return };
-        let done = match advance(conn, app) {
+        let done = match advance(conn, app, &stats) {
             Ok(done) => done,
             Err(e) => {
                 log::debug!("metrics connection: {e}");
@@ -174,16 +243,32 @@ impl HttpServer {
         }
     }
 
+    /// The connection that has been sending its request the longest.
+    fn oldest_reading(&self) -> Option<usize> {
+        let reading = self.conns.iter().filter(|(_, c)| matches!(c.state, State::Reading(_)));
+        reading.min_by_key(|(_, c)| c.accepted).map(|(id, _)| *id)
+    }
+
     fn drop_conn(&mut self, id: usize, registry: &Registry) {
         if let Some(mut c) = self.conns.remove(&id) {
             let _ = registry.deregister(&mut c.stream);
         }
     }
+
+    /// Drops a connection with a reset (SO_LINGER 0): the kernel frees what
+    /// it still holds for it at once.
+    fn abort_conn(&mut self, id: usize, registry: &Registry) {
+        if let Some(c) = self.conns.get(&id) {
+            let _ = socket2::SockRef::from(&c.stream).set_linger(Some(Duration::ZERO));
+        }
+        self.drop_conn(id, registry);
+    }
 }
 
-/// Reads the request until its head is complete, then writes the response.
-/// Returns true when the connection is finished.
-fn advance(conn: &mut Conn, app: &dyn Responder) -> io::Result<bool> {
+/// Reads the request until its head is complete, writes the response, then
+/// waits for the client's close. Returns true when the connection is
+/// finished.
+fn advance(conn: &mut Conn, app: &dyn Responder, stats: &EndpointStats) -> io::Result<bool> {
     if let State::Reading(buf) = &mut conn.state {
         let mut chunk = [0u8; 2048];
         loop {
@@ -200,7 +285,7 @@ fn advance(conn: &mut Conn, app: &dyn Responder) -> io::Result<bool> {
                 Err(e) => return Err(e),
             }
         }
-        let response = respond(buf, app);
+        let response = respond(buf, app, stats);
         conn.state = State::Writing(response, 0);
     }
     if let State::Writing(data, off) = &mut conn.state {
@@ -212,9 +297,21 @@ fn advance(conn: &mut Conn, app: &dyn Responder) -> io::Result<bool> {
                 Err(e) => return Err(e),
             }
         }
-        return Ok(true);
+        conn.stream.shutdown(Shutdown::Write)?;
+        conn.state = State::Closing;
+        conn.deadline = conn.deadline.min(Instant::now() + LINGER);
     }
-    Ok(false)
+    // Closing: discard what the client still sends until it closes.
+    let mut sink = [0u8; 2048];
+    loop {
+        match conn.stream.read(&mut sink) {
+            Ok(0) => return Ok(true),
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn head_complete(buf: &[u8]) -> bool {
@@ -222,7 +319,7 @@ fn head_complete(buf: &[u8]) -> bool {
 }
 
 /// The full HTTP response for a request head.
-fn respond(head: &[u8], app: &dyn Responder) -> Vec<u8> {
+fn respond(head: &[u8], app: &dyn Responder, stats: &EndpointStats) -> Vec<u8> {
     if head.len() > MAX_REQUEST {
         return response(431, "Request Header Fields Too Large", "text/plain", "request too large\n", false);
     }
@@ -236,7 +333,10 @@ fn respond(head: &[u8], app: &dyn Responder) -> Vec<u8> {
         return response(405, "Method Not Allowed", "text/plain", "only GET and HEAD\n", head_only);
     }
     match path {
-        "/metrics" => response(200, "OK", "text/plain; version=0.0.4; charset=utf-8", &app.metrics(), head_only),
+        "/metrics" => {
+            let body = app.metrics() + &stats.render();
+            response(200, "OK", "text/plain; version=0.0.4; charset=utf-8", &body, head_only)
+        }
         "/healthz" if app.healthy() => response(200, "OK", "text/plain", "ok\n", head_only),
         "/healthz" => response(503, "Service Unavailable", "text/plain", "stopping or no worker serving\n", head_only),
         "/livez" => response(200, "OK", "text/plain", "alive\n", head_only),
@@ -271,20 +371,20 @@ mod tests {
     }
 
     fn text(head: &str, healthy: bool) -> String {
-        String::from_utf8(respond(head.as_bytes(), &App(healthy))).unwrap()
+        String::from_utf8(respond(head.as_bytes(), &App(healthy), &EndpointStats::default())).unwrap()
     }
 
     #[test]
     fn routes() {
         assert!(text("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", true).starts_with("HTTP/1.1 200 OK"));
-        assert!(text("GET /metrics HTTP/1.1\r\n\r\n", true).ends_with("\r\n\r\nm 1\n"));
+        assert!(text("GET /metrics HTTP/1.1\r\n\r\n", true).contains("\r\n\r\nm 1\n# HELP echod_metrics_connections_"));
         assert!(text("GET /healthz HTTP/1.0\r\n\r\n", true).starts_with("HTTP/1.1 200"));
         assert!(text("GET /healthz HTTP/1.0\r\n\r\n", false).starts_with("HTTP/1.1 503"));
         assert!(text("GET /livez HTTP/1.0\r\n\r\n", false).starts_with("HTTP/1.1 200"), "alive while stopping");
         assert!(text("GET /nope HTTP/1.0\r\n\r\n", true).starts_with("HTTP/1.1 404"));
         assert!(text("POST /metrics HTTP/1.0\r\n\r\n", true).starts_with("HTTP/1.1 405"));
         let head = text("HEAD /metrics HTTP/1.1\r\n\r\n", true);
-        assert!(head.contains("Content-Length: 4") && head.ends_with("\r\n\r\n"));
+        assert!(head.contains("Content-Length: ") && head.ends_with("\r\n\r\n"));
         assert!(head_complete(b"GET / HTTP/1.0\n\n") && !head_complete(b"GET / HTTP/1.0\r\n"));
     }
 }
