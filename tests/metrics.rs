@@ -273,3 +273,35 @@ fn responses_nobody_reads_are_reset_not_left_in_the_kernel() {
     assert!(held.is_empty(), "responses left in FIN_WAIT1: {held:?}");
     drop(readers);
 }
+
+/// #21.2: a scrape flood cannot make the master render the exposition per
+/// request: past a burst of 20 it renders at most 20 times a second and
+/// serves the last render meanwhile. (What this buys in echo latency is
+/// measured, not asserted: README.)
+#[test]
+fn a_scrape_flood_renders_at_most_twenty_times_a_second() {
+    let e = start(&format!("{M}workers = 16\n"));
+    let maddr = e.metrics_addr();
+    let before = e.scrape()["echod_metrics_renders_total"];
+    let t0 = Instant::now();
+    let flood: Vec<_> = (0..16)
+        .map(|_| {
+            thread::spawn(move || {
+                let mut n = 0u64;
+                let end = Instant::now() + Duration::from_secs(2);
+                while Instant::now() < end {
+                    assert_eq!(http_get(maddr, "/metrics").0, 200);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let scrapes: u64 = flood.into_iter().map(|t| t.join().unwrap()).sum();
+    let elapsed = t0.elapsed();
+    let renders = e.scrape()["echod_metrics_renders_total"] - before;
+    let bound = (elapsed.as_secs_f64() / 0.05).ceil() + 20.0 + 2.0;
+    eprintln!("{scrapes} scrapes in {elapsed:?}: {renders} renders");
+    assert!(renders <= bound, "{renders} renders for {scrapes} scrapes in {elapsed:?}");
+    assert!(scrapes as f64 > 3.0 * renders, "the flood was a flood: {scrapes} scrapes, {renders} renders");
+}

@@ -15,6 +15,13 @@
 //! is dropped, and at most [`MAX_CONNS`] are open at once. One request per
 //! connection (`Connection: close`), as Prometheus is happy with.
 //!
+//! Scrapes cannot slow dispatch: each scrape renders the exposition afresh
+//! while scrapes come at an ordinary pace, but renders are rationed
+//! ([`RENDER_BURST`], refilled one per [`RENDER_EVERY`]); past that, a scrape
+//! gets the last render (at most one refill period old), so a flood costs the
+//! loop copies of a string, not a walk over every worker's slot per request.
+//! A request head arriving a byte at a time is scanned only where it grew.
+//!
 //! Health probes must get through whatever holds the port: when every slot
 //! is taken, a new connection evicts the oldest one still sending its
 //! request (a probe or a scraper sends its request at once; a connection
@@ -50,6 +57,11 @@ const DEADLINE: Duration = Duration::from_secs(5);
 const MAX_CONNS: usize = 64;
 /// After the response: how long the client has to close before it is reset.
 const LINGER: Duration = Duration::from_secs(2);
+/// Fresh renders: one more allowed per this period, up to [`RENDER_BURST`]
+/// saved up. 20 a second is far more than any monitoring scrapes, and at a
+/// few ms per render with hundreds of workers, a small share of the loop.
+const RENDER_EVERY: Duration = Duration::from_millis(50);
+const RENDER_BURST: u32 = 20;
 
 /// What the endpoint needs from the master to answer a request.
 pub trait Responder {
@@ -83,24 +95,31 @@ pub struct EndpointStats {
     pub refused: u64,
     /// Connections reset at their deadline, a response possibly unsent.
     pub aborted: u64,
+    /// Times the exposition was rendered (see RENDER_EVERY).
+    pub renders: u64,
 }
 
 impl EndpointStats {
     fn render(&self) -> String {
-        let mut out = String::new();
-        for (name, help, v) in [
+        let conns = |what: &str| format!("echod_metrics_connections_{what}_total");
+        let series = [
             (
-                "evicted",
+                conns("evicted"),
                 "Scrape connections closed to make room (the oldest one still sending its request).",
                 self.evicted,
             ),
-            ("refused", "Scrape connections closed at accept: every slot was busy answering.", self.refused),
-            ("aborted", "Scrape connections reset at their deadline (a response not taken in time).", self.aborted),
-        ] {
-            let name = format!("echod_metrics_connections_{name}_total");
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"));
-        }
-        out
+            (conns("refused"), "Scrape connections closed at accept: every slot was busy answering.", self.refused),
+            (
+                conns("aborted"),
+                "Scrape connections reset at their deadline (a response not taken in time).",
+                self.aborted,
+            ),
+            ("echod_metrics_renders_total".to_string(), "Times the exposition was rendered.", self.renders),
+        ];
+        series
+            .iter()
+            .map(|(name, help, v)| format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"))
+            .collect()
     }
 }
 
@@ -114,6 +133,34 @@ pub struct HttpServer {
     /// readiness of pending scrapes was consumed).
     retry_at: Option<Instant>,
     stats: EndpointStats,
+    /// The last rendered exposition, and the ration of fresh renders.
+    rendered: Rendered,
+}
+
+/// The last render and what is left of the ration.
+struct Rendered {
+    text: String,
+    /// Fresh renders allowed now (refilled with time, up to RENDER_BURST).
+    tokens: u32,
+    refilled_at: Instant,
+}
+
+impl Rendered {
+    fn new() -> Rendered {
+        Rendered { text: String::new(), tokens: RENDER_BURST, refilled_at: Instant::now() }
+    }
+
+    /// Whether a fresh render is allowed now (and takes it from the ration).
+    fn take(&mut self, now: Instant) -> bool {
+        let periods = now.duration_since(self.refilled_at).as_millis() / RENDER_EVERY.as_millis();
+        if periods > 0 {
+            self.tokens = (u128::from(self.tokens) + periods).min(u128::from(RENDER_BURST)) as u32;
+            self.refilled_at = now;
+        }
+        let fresh = self.tokens > 0 || self.text.is_empty();
+        self.tokens = self.tokens.saturating_sub(1);
+        fresh
+    }
 }
 
 impl HttpServer {
@@ -131,7 +178,15 @@ impl HttpServer {
     fn serve(mut listener: TcpListener, registry: &Registry) -> io::Result<HttpServer> {
         registry.register(&mut listener, LISTENER_TOKEN, Interest::READABLE)?;
         let addr = listener.local_addr()?;
-        Ok(HttpServer { listener, addr, conns: HashMap::new(), next_id: 0, retry_at: None, stats: Default::default() })
+        Ok(HttpServer {
+            listener,
+            addr,
+            conns: HashMap::new(),
+            next_id: 0,
+            retry_at: None,
+            stats: Default::default(),
+            rendered: Rendered::new(),
+        })
     }
 
     /// The listening socket, for a binary upgrade to pass on.
@@ -229,9 +284,9 @@ impl HttpServer {
     /// Progresses one connection after a readiness event.
     pub fn on_conn(&mut self, token: Token, registry: &Registry, app: &dyn Responder) {
         let id = token.0 - CONN_TOKEN_BASE;
-        let stats = self.stats;
         let Some(conn) = self.conns.get_mut(&id) else { return };
-        let done = match advance(conn, app, &stats) {
+        let mut exposition = Exposition { app, rendered: &mut self.rendered, stats: &mut self.stats };
+        let done = match advance(conn, &mut exposition) {
             Ok(done) => done,
             Err(e) => {
                 log::debug!("metrics connection: {e}");
@@ -265,18 +320,45 @@ impl HttpServer {
     }
 }
 
+/// What answers a request: the master's state, through the rationed render.
+struct Exposition<'a> {
+    app: &'a dyn Responder,
+    rendered: &'a mut Rendered,
+    stats: &'a mut EndpointStats,
+}
+
+impl Exposition<'_> {
+    fn healthy(&self) -> bool {
+        self.app.healthy()
+    }
+
+    /// The exposition, rendered now if the ration allows, else the last
+    /// render; then the endpoint's own counters (always current).
+    fn metrics(&mut self) -> String {
+        if self.rendered.take(Instant::now()) {
+            self.stats.renders += 1;
+            self.rendered.text = self.app.metrics();
+        }
+        self.rendered.text.clone() + &self.stats.render()
+    }
+}
+
 /// Reads the request until its head is complete, writes the response, then
 /// waits for the client's close. Returns true when the connection is
 /// finished.
-fn advance(conn: &mut Conn, app: &dyn Responder, stats: &EndpointStats) -> io::Result<bool> {
+fn advance(conn: &mut Conn, exposition: &mut Exposition) -> io::Result<bool> {
     if let State::Reading(buf) = &mut conn.state {
         let mut chunk = [0u8; 2048];
         loop {
             match conn.stream.read(&mut chunk) {
                 Ok(0) => return Ok(true),
                 Ok(n) => {
+                    // Only where the head grew (and the 3 bytes before,
+                    // where a terminator may start): a head sent a byte at
+                    // a time is not rescanned whole on every read.
+                    let from = buf.len().saturating_sub(3);
                     buf.extend_from_slice(&chunk[..n]);
-                    if head_complete(buf) || buf.len() > MAX_REQUEST {
+                    if head_complete(&buf[from..]) || buf.len() > MAX_REQUEST {
                         break;
                     }
                 }
@@ -285,7 +367,7 @@ fn advance(conn: &mut Conn, app: &dyn Responder, stats: &EndpointStats) -> io::R
                 Err(e) => return Err(e),
             }
         }
-        let response = respond(buf, app, stats);
+        let response = respond(buf, exposition);
         conn.state = State::Writing(response, 0);
     }
     if let State::Writing(data, off) = &mut conn.state {
@@ -319,7 +401,7 @@ fn head_complete(buf: &[u8]) -> bool {
 }
 
 /// The full HTTP response for a request head.
-fn respond(head: &[u8], app: &dyn Responder, stats: &EndpointStats) -> Vec<u8> {
+fn respond(head: &[u8], app: &mut Exposition) -> Vec<u8> {
     if head.len() > MAX_REQUEST {
         return response(431, "Request Header Fields Too Large", "text/plain", "request too large\n", false);
     }
@@ -333,10 +415,7 @@ fn respond(head: &[u8], app: &dyn Responder, stats: &EndpointStats) -> Vec<u8> {
         return response(405, "Method Not Allowed", "text/plain", "only GET and HEAD\n", head_only);
     }
     match path {
-        "/metrics" => {
-            let body = app.metrics() + &stats.render();
-            response(200, "OK", "text/plain; version=0.0.4; charset=utf-8", &body, head_only)
-        }
+        "/metrics" => response(200, "OK", "text/plain; version=0.0.4; charset=utf-8", &app.metrics(), head_only),
         "/healthz" if app.healthy() => response(200, "OK", "text/plain", "ok\n", head_only),
         "/healthz" => response(503, "Service Unavailable", "text/plain", "stopping or no worker serving\n", head_only),
         "/livez" => response(200, "OK", "text/plain", "alive\n", head_only),
@@ -371,7 +450,22 @@ mod tests {
     }
 
     fn text(head: &str, healthy: bool) -> String {
-        String::from_utf8(respond(head.as_bytes(), &App(healthy), &EndpointStats::default())).unwrap()
+        let (mut rendered, mut stats) = (Rendered::new(), EndpointStats::default());
+        let mut e = Exposition { app: &App(healthy), rendered: &mut rendered, stats: &mut stats };
+        String::from_utf8(respond(head.as_bytes(), &mut e)).unwrap()
+    }
+
+    #[test]
+    fn renders_are_rationed_not_stopped() {
+        let mut r = Rendered::new();
+        let t0 = r.refilled_at;
+        r.text = "x".into();
+        assert!((0..RENDER_BURST).all(|_| r.take(t0)), "a burst of fresh renders");
+        assert!(!r.take(t0), "then the last render is served");
+        assert!(r.take(t0 + RENDER_EVERY), "one more per period");
+        assert!(!r.take(t0 + RENDER_EVERY));
+        let later = t0 + RENDER_EVERY * 1000;
+        assert_eq!((0..100).filter(|_| r.take(later)).count(), RENDER_BURST as usize, "saved up to the burst only");
     }
 
     #[test]
