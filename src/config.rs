@@ -119,8 +119,8 @@ pub struct Config {
     /// How long a PROXY listener's connection may take to deliver its
     /// header before it is closed (counted as a `timeout` header error).
     pub proxy_timeout: Seconds,
-    /// Where the master serves `GET /metrics` (Prometheus) and `GET /healthz`;
-    /// "" = off.
+    /// Where the master serves `GET /metrics` (Prometheus), `GET /healthz`
+    /// and `GET /livez`; "" = off.
     #[serde(with = "optional_addr")]
     pub metrics_listen: Option<SocketAddr>,
     /// USR2 (binary upgrade) executes this file; "" = the path echod was
@@ -211,11 +211,14 @@ impl Config {
                 message: e.message().trim().to_string(),
             }
         })?;
-        config.validate().map_err(|(key, message)| ConfigError {
-            line: line_of_key(text, key),
-            key: Some(key.to_string()),
-            source: source.clone(),
-            message,
+        config.validate().map_err(|(key, message)| {
+            // A key left at its default can be wrong because of another one
+            // that the file sets: name that one, where it is.
+            let key = match line_of_key(text, key) {
+                None => related_key(key).filter(|k| line_of_key(text, k).is_some()).unwrap_or(key),
+                Some(_) => key,
+            };
+            ConfigError { line: line_of_key(text, key), key: Some(key.to_string()), source: source.clone(), message }
         })?;
         config.apply(overrides)?;
         Ok(config)
@@ -260,14 +263,7 @@ impl Config {
             }
             Ok(())
         }
-        for (i, a) in self.listen.iter().enumerate() {
-            if self.listen[..i].contains(a) {
-                return Err(("listen", format!("{a} is listed twice")));
-            }
-        }
-        if let Some(m) = self.metrics_listen.filter(|m| m.port() != 0 && self.listen.contains(m)) {
-            return Err(("metrics_listen", format!("{m} is also in `listen`")));
-        }
+        self.validate_addresses()?;
         if let Workers::Count(n) = self.workers {
             range("workers", n, 1, MAX_WORKERS)?;
         }
@@ -286,14 +282,22 @@ impl Config {
         range("event_threads", self.event_threads, 1, 256)?;
         range("queue_capacity", self.queue_capacity, 1, 1 << 20)?;
         range("buffer_size", self.buffer_size, 512, 16 << 20)?;
-        if nix::unistd::geteuid().is_root() {
-            // Only then are they used; check them now, with file and line.
-            if !self.user.is_empty() && crate::privileges::find_user(&self.user).is_none() {
-                return Err(("user", format!("no such user `{}`", self.user)));
+        // Checked whoever runs the check: `--check-config` as an operator
+        // must say what the daemon, started as root, would refuse.
+        if !self.user.is_empty() {
+            match crate::privileges::find_user(&self.user) {
+                None => return Err(("user", format!("no such user `{}`", self.user))),
+                Some(u) if u.uid.is_root() && !self.allow_root => {
+                    return Err(("user", format!("`{}` is root: set allow_root = true to run as root", self.user)));
+                }
+                Some(_) => {}
             }
-            if !self.group.is_empty() && crate::privileges::find_group(&self.group).is_none() {
-                return Err(("group", format!("no such group `{}`", self.group)));
-            }
+        }
+        if !self.group.is_empty() && crate::privileges::find_group(&self.group).is_none() {
+            return Err(("group", format!("no such group `{}`", self.group)));
+        }
+        if self.upgrade_timeout.0.is_zero() {
+            return Err(("upgrade_timeout", "must be more than 0: a new master needs time to start".into()));
         }
         self.validate_proxy()?;
         self.validate_upgrade_binary()?;
@@ -302,6 +306,37 @@ impl Config {
                 "max_connections_per_worker_jitter",
                 "has no effect while max_connections_per_worker = 0".to_string(),
             ));
+        }
+        Ok(())
+    }
+
+    /// Addresses that would fail at bind, caught here with file and line: none
+    /// at all; one listed twice (also with another IPv6 scope id); a wildcard
+    /// and a specific address of the same family on one port (the kernel
+    /// refuses the second bind); an IPv4-mapped IPv6 address (sockets are
+    /// IPv6-only); and the metrics address on a port a listener covers.
+    fn validate_addresses(&self) -> Result<(), (&'static str, String)> {
+        if self.listen.is_empty() {
+            return Err((
+                "listen",
+                "must list at least one address (under socket activation it is ignored, but must be set)".into(),
+            ));
+        }
+        let mapped = |a: &SocketAddr| matches!(a, SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_some());
+        if let Some(a) = self.listen.iter().find(|a| mapped(a)) {
+            return Err(("listen", format!("{a} is an IPv4-mapped address: write {}", v4_of(a))));
+        }
+        if let Some(m) = self.metrics_listen.filter(mapped) {
+            return Err(("metrics_listen", format!("{m} is an IPv4-mapped address: write {}", v4_of(&m))));
+        }
+        for (i, a) in self.listen.iter().enumerate() {
+            if let Some(b) = self.listen[..i].iter().find(|b| clash(a, b)) {
+                let why = if a == b { "is listed twice".to_string() } else { format!("clashes with {b} (same port)") };
+                return Err(("listen", format!("{a} {why}")));
+            }
+        }
+        if let Some((m, b)) = self.metrics_listen.and_then(|m| Some((m, self.listen.iter().find(|b| clash(&m, b))?))) {
+            return Err(("metrics_listen", format!("{m} clashes with {b} in `listen` (same port)")));
         }
         Ok(())
     }
@@ -439,6 +474,23 @@ fn line_number(text: &str, at: usize) -> usize {
     text[..at.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
 }
 
+/// Whether two addresses cannot both be bound: the same port (not 0), the
+/// same family, and the same IP (scope ids aside) or one of them a wildcard.
+fn clash(a: &SocketAddr, b: &SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+/// The IPv4 form of an IPv4-mapped address, for the error message.
+fn v4_of(a: &SocketAddr) -> String {
+    match a {
+        SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().map_or(a.to_string(), |ip| format!("{ip}:{}", a.port())),
+        SocketAddr::V4(_) => a.to_string(),
+    }
+}
+
 /// The key assigned on 1-based line `line`, if it is a `key = value` line.
 fn key_on_line(text: &str, line: usize) -> Option<String> {
     let l = text.lines().nth(line - 1)?;
@@ -447,9 +499,35 @@ fn key_on_line(text: &str, line: usize) -> Option<String> {
     (!key.is_empty() && !key.starts_with('#')).then(|| key.to_string())
 }
 
-/// 1-based line where top-level `key` is assigned (the file is flat).
+/// 1-based line where top-level `key` is assigned (the file is flat),
+/// skipping lines inside multi-line strings, which may look like keys.
 fn line_of_key(text: &str, key: &str) -> Option<usize> {
-    text.lines().position(|l| l.split_once('=').is_some_and(|(k, _)| k.trim().trim_matches('"') == key)).map(|i| i + 1)
+    let mut in_string: Option<&str> = None;
+    for (i, l) in text.lines().enumerate() {
+        let starts_inside = in_string.is_some();
+        for delim in ["\"\"\"", "'''"] {
+            if in_string.is_none_or(|d| d == delim) && l.matches(delim).count() % 2 == 1 {
+                in_string = if in_string.is_some() { None } else { Some(delim) };
+            }
+        }
+        if !starts_inside && l.split_once('=').is_some_and(|(k, _)| k.trim().trim_matches('"') == key) {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+/// The key whose value makes `key`'s (default) value invalid, for errors
+/// about a key the file does not set.
+fn related_key(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "min_spare_threads" => "threads_per_worker",
+        "metrics_listen" => "listen",
+        "proxy_trusted" => "proxy_protocol",
+        "max_connections_per_worker" => "max_connections_per_worker_jitter",
+        "user" => "allow_root",
+        _ => return None,
+    })
 }
 
 /// `metrics_listen = "IP:PORT"`, with "" meaning off.
@@ -670,13 +748,17 @@ impl<'de> Deserialize<'de> for Seconds {
         /// A day: longer than any sane timeout, short enough to catch typos
         /// like 3000000.
         const MAX: f64 = 86_400.0;
+        /// A millisecond: the finest any timeout is kept to.
+        const MIN: f64 = 0.001;
         impl Visitor<'_> for V {
             type Value = Seconds;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                write!(f, "a number of seconds from 0 to {MAX}")
+                write!(f, "0 (off) or a number of seconds from {MIN} to {MAX}")
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Seconds, E> {
-                if !(0.0..=MAX).contains(&v) {
+                // Below a millisecond (but not 0) would round to "off" in
+                // the tick-based timeouts: refuse what cannot mean itself.
+                if !(0.0..=MAX).contains(&v) || (v > 0.0 && v < MIN) {
                     return Err(E::invalid_value(de::Unexpected::Float(v), &self));
                 }
                 Ok(Seconds(Duration::from_secs_f64(v)))
@@ -688,7 +770,10 @@ impl<'de> Deserialize<'de> for Seconds {
                 Ok(Seconds(Duration::from_secs(v as u64)))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Seconds, E> {
-                self.visit_i64(i64::try_from(v).unwrap_or(i64::MAX))
+                match i64::try_from(v) {
+                    Ok(v) => self.visit_i64(v),
+                    Err(_) => Err(E::invalid_value(de::Unexpected::Unsigned(v), &self)),
+                }
             }
         }
         d.deserialize_any(V)

@@ -64,14 +64,81 @@ pub fn check(config: &Config, workers: usize, capacity: usize) {
             config.max_connections
         );
     }
+    check_memory(config, workers, capacity);
     if config.handler == Handler::Event {
         return; // a few threads, however many connections
     }
-    if let Some(max) =
-        std::fs::read_to_string("/proc/sys/kernel/threads-max").ok().and_then(|s| s.trim().parse::<u64>().ok())
-    {
+    if let Some(max) = read_number("/proc/sys/kernel/threads-max") {
         if total > max {
             log::warn!("{total} handler threads may be needed but kernel.threads-max is {max}");
         }
     }
+    // Each handler thread costs a worker about four memory mappings (its
+    // stack, the stack's guard page, its echo buffer, its share of the
+    // allocator's arenas; a worker aborted near 17,500 threads with the
+    // default 65,530): past
+    // vm.max_map_count, thread creation fails and the worker aborts,
+    // taking its connections with it.
+    if let Some(max) = read_number("/proc/sys/vm/max_map_count") {
+        let fits = (max.saturating_sub(MAPS_RESERVED) / MAPS_PER_THREAD) as usize;
+        if capacity > fits {
+            log::warn!(
+                "threads_per_worker = {capacity} needs about {} memory mappings per worker, but vm.max_map_count \
+                 is {max}: a worker fails past about {fits} connections (lower threads_per_worker, use handler = \
+                 \"event\", or raise vm.max_map_count)",
+                capacity as u64 * MAPS_PER_THREAD + MAPS_RESERVED
+            );
+        }
+        if config.min_spare_threads.min(capacity) > fits {
+            log::warn!(
+                "min_spare_threads = {} cannot all start in one worker (vm.max_map_count {max} holds about {fits}): \
+                 workers will fail at start",
+                config.min_spare_threads
+            );
+        }
+    }
+}
+
+/// Memory mappings per handler thread, and for the rest of a worker.
+const MAPS_PER_THREAD: u64 = 4;
+const MAPS_RESERVED: u64 = 1024;
+
+/// Warns when echo buffers alone could outgrow the memory echod may use:
+/// every connection's buffer resident at once (thread mode: one per thread;
+/// event mode: one per loop plus one per stalled client).
+fn check_memory(config: &Config, workers: usize, capacity: usize) {
+    let per_worker = match config.handler {
+        Handler::Thread => capacity as u64,
+        Handler::Event => (config.event_threads + capacity) as u64,
+    };
+    let worst = workers as u64 * per_worker * config.buffer_size as u64;
+    let Some((limit, what)) = memory_limit() else { return };
+    if worst > limit {
+        log::warn!(
+            "echo buffers could take up to {} MiB ({workers} worker(s) x {per_worker} x buffer_size {}), more than \
+             {what} ({} MiB); lower buffer_size or the connection limits",
+            worst >> 20,
+            config.buffer_size,
+            limit >> 20
+        );
+    }
+}
+
+/// The memory this process may use: its cgroup's memory.max if set, else
+/// the machine's RAM.
+fn memory_limit() -> Option<(u64, &'static str)> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok().and_then(|c| {
+        let path = c.lines().find_map(|l| l.strip_prefix("0::"))?.trim().to_string();
+        read_number(&format!("/sys/fs/cgroup{path}/memory.max"))
+    });
+    if let Some(max) = cgroup {
+        return Some((max, "the cgroup's memory.max"));
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().trim_end_matches("kB").trim();
+    Some((kb.parse::<u64>().ok()? * 1024, "the machine's RAM"))
+}
+
+fn read_number(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }

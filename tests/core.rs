@@ -238,6 +238,29 @@ fn each_kind_of_bad_config_exits_78_naming_file_line_and_key() {
         ("inconsistent", "threads_per_worker = 2\nmin_spare_threads = 4\n", "min_spare_threads", Some(2)),
         ("bad enum", "transform = \"rot13\"\n", "transform", Some(1)),
         ("syntax", "workers = [\n", "workers", Some(1)),
+        // What used to pass the check and then fail or misbehave (#21.4).
+        ("root without allow_root", "user = \"root\"\n", "user", Some(1)),
+        ("no such user", "workers = 1\nuser = \"no-such-user-here\"\n", "user", Some(2)),
+        ("nothing to listen on", "listen = []\n", "listen", Some(1)),
+        ("no upgrade time", "upgrade_timeout = 0\n", "upgrade_timeout", Some(1)),
+        ("wildcard and specific", "listen = [\"0.0.0.0:7107\", \"127.0.0.1:7107\"]\n", "listen", Some(1)),
+        ("scope ids aside", "listen = [\"[::1]:7107\", \"[::1%5]:7107\"]\n", "listen", Some(1)),
+        ("v4-mapped", "listen = [\"[::ffff:127.0.0.1]:7107\"]\n", "listen", Some(1)),
+        (
+            "metrics on a listener's port",
+            "listen = [\"0.0.0.0:7107\"]\nmetrics_listen = \"127.0.0.1:7107\"\n",
+            "metrics_listen",
+            Some(2),
+        ),
+        ("rounds to never", "workers = 1\nidle_timeout = 1e-12\n", "idle_timeout", Some(2)),
+        ("2^64-1 seconds", "shutdown_timeout = 18446744073709551615\n", "shutdown_timeout", Some(1)),
+        (
+            "a key-like line in a multi-line string",
+            "upgrade_binary = \"\"\"\nworkers = 3\n\"\"\"\nworkers = 0\n",
+            "workers",
+            Some(4),
+        ),
+        ("wrong because of another key", "workers = 1\nthreads_per_worker = 2\n", "threads_per_worker", Some(2)),
     ];
     for (what, text, key, line) in cases {
         let path = dir.path().join(format!("{}.toml", what.replace(' ', "_")));
@@ -367,4 +390,29 @@ fn several_event_loops_per_worker_share_the_connections() {
     let s = e.stats_until(Duration::from_secs(10), |s| s["closed"] == CLIENTS as u64);
     assert_eq!((s["accepted"], s["closed"], s["errors"]), (CLIENTS as u64, CLIENTS as u64, 0), "{s:?}");
     assert_eq!((s["bytes_in"], s["bytes_out"]), (total, total), "{s:?}");
+}
+
+/// #21.4: what only the running system can judge is warned about at start,
+/// with the figures: handler threads past vm.max_map_count, echo buffers
+/// past the memory echod may use.
+#[test]
+fn limits_only_the_system_can_judge_are_warned_with_figures() {
+    let e = start("workers = 1\nthreads_per_worker = 19000\nbuffer_size = 16777216\nhandler = \"thread\"\n");
+    let log = e.log_text();
+    assert!(log.contains("needs about") && log.contains("vm.max_map_count"), "{log}");
+    assert!(log.contains("echo buffers could take up to"), "{log}");
+    let mut s = connect(e.addr);
+    assert_eq!(round_trip(&mut s, b"still serves").unwrap(), b"still serves");
+}
+
+/// #21.4: a reload that changes a key it cannot apply says so, per key.
+#[test]
+fn a_reload_names_the_keys_it_cannot_apply() {
+    let e = start("workers = 1\n");
+    let skip = e.log_len();
+    e.write_config(&format!("listen = [\"{}\"]\nworkers = 1\nuser = \"daemon\"\n", e.addr));
+    e.signal(libc_sig::HUP);
+    e.wait_log_after(skip, "reloaded", Duration::from_secs(5)).expect("reloaded");
+    let line = e.wait_log_after(skip, "reload: `user` changed", Duration::from_secs(1)).expect("said");
+    assert!(line.contains("from \"nobody\" to \"daemon\"") && line.contains("only on a restart"), "{line}");
 }

@@ -407,8 +407,13 @@ fn respond(head: &[u8], app: &mut Exposition) -> Vec<u8> {
     }
     let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    let [method, path, version] = parts[..] else {
+        return response(400, "Bad Request", "text/plain", "malformed request line\n", false);
+    };
+    if !version.starts_with("HTTP/") {
+        return response(400, "Bad Request", "text/plain", "malformed request line\n", false);
+    }
     let path = path.split('?').next().unwrap_or("");
     let head_only = method == "HEAD";
     if method != "GET" && !head_only {
@@ -477,6 +482,9 @@ mod tests {
         assert!(text("GET /livez HTTP/1.0\r\n\r\n", false).starts_with("HTTP/1.1 200"), "alive while stopping");
         assert!(text("GET /nope HTTP/1.0\r\n\r\n", true).starts_with("HTTP/1.1 404"));
         assert!(text("POST /metrics HTTP/1.0\r\n\r\n", true).starts_with("HTTP/1.1 405"));
+        for bad in ["GET\r\n\r\n", "GET /metrics\r\n\r\n", "GET /metrics FTP/1.0\r\n\r\n", "\r\n\r\n"] {
+            assert!(text(bad, true).starts_with("HTTP/1.1 400"), "{bad:?}");
+        }
         let head = text("HEAD /metrics HTTP/1.1\r\n\r\n", true);
         assert!(head.contains("Content-Length: ") && head.ends_with("\r\n\r\n"));
         assert!(head_complete(b"GET / HTTP/1.0\n\n") && !head_complete(b"GET / HTTP/1.0\r\n"));

@@ -657,6 +657,7 @@ impl Master {
             }
         }
         self.store_fds();
+        self.warn_unapplied(&new);
         self.info.last_reload_ok = true;
         self.info.last_reload_time = unix_now();
         self.notify.reloading();
@@ -679,6 +680,25 @@ impl Master {
             self.sup.workers.iter().filter(|w| w.generation < self.sup.generation).count(),
             self.sup.target
         );
+    }
+
+    /// Says which changed keys a reload cannot apply: the identity the
+    /// master dropped to is fixed at start (root is gone by then).
+    fn warn_unapplied(&self, new: &Config) {
+        let old = &self.config;
+        for (key, was, now) in [
+            ("user", old.user.as_str(), new.user.as_str()),
+            ("group", old.group.as_str(), new.group.as_str()),
+            (
+                "allow_root",
+                if old.allow_root { "true" } else { "false" },
+                if new.allow_root { "true" } else { "false" },
+            ),
+        ] {
+            if was != now {
+                log::warn!("reload: `{key}` changed from \"{was}\" to \"{now}\"; it takes effect only on a restart");
+            }
+        }
     }
 
     /// A new metrics server if `new` moves the metrics address (Ok(None):
