@@ -111,7 +111,7 @@ impl EndpointStats {
             (conns("refused"), "Scrape connections closed at accept: every slot was busy answering.", self.refused),
             (
                 conns("aborted"),
-                "Scrape connections reset at their deadline (a response not taken in time).",
+                "Scrape connections reset at their deadline (a response not taken, or no close after it).",
                 self.aborted,
             ),
             ("echod_metrics_renders_total".to_string(), "Times the exposition was rendered.", self.renders),
