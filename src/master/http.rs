@@ -408,12 +408,10 @@ fn respond(head: &[u8], app: &mut Exposition) -> Vec<u8> {
     let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
     let parts: Vec<&str> = line.split_whitespace().collect();
-    let [method, path, version] = parts[..] else {
-        return response(400, "Bad Request", "text/plain", "malformed request line\n", false);
+    let (method, path) = match parts[..] {
+        [method, path, version] if version.starts_with("HTTP/") => (method, path),
+        _ => return response(400, "Bad Request", "text/plain", "malformed request line\n", false),
     };
-    if !version.starts_with("HTTP/") {
-        return response(400, "Bad Request", "text/plain", "malformed request line\n", false);
-    }
     let path = path.split('?').next().unwrap_or("");
     let head_only = method == "HEAD";
     if method != "GET" && !head_only {
