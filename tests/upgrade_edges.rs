@@ -463,3 +463,46 @@ fn socket_activated_metrics_never_go_backwards_during_an_upgrade() {
     assert!(scrapes >= 10, "{scrapes} scrapes");
     assert!(backwards.is_empty(), "counters went backwards: {backwards:?}\n{}", read_log());
 }
+
+/// A predecessor from before the go/ready protocol (it does not set
+/// ECHOD_UPGRADE_SAYS_GO) stops accepting when it hears "ready" and never
+/// says "go": a new master started by it must accept right away, or nobody
+/// would until the old one exited.
+#[test]
+fn a_master_started_by_an_older_one_accepts_once_ready() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("echod.toml");
+    std::fs::write(&config, in_test_mode("listen = [\"127.0.0.1:0\"]\nworkers = 1\n")).unwrap();
+    // The channel's far end becomes the new master's stdin (fd 0): placed
+    // there in the child alone, so no other test's process inherits it.
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut child = std::process::Command::new(ECHOD)
+        .arg("--config")
+        .arg(&config)
+        .env("ECHOD_UPGRADE_CHANNEL", "0")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let _guard = Defer(move || {
+        children_of(pid).into_iter().for_each(|w| kill(w, libc_sig::KILL));
+        kill(pid, libc_sig::KILL);
+    });
+    let mut log = BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok);
+    let addr: SocketAddr = log
+        .find_map(|l| l.rsplit("listening on ").next().filter(|_| l.contains("listening on"))?.trim().parse().ok())
+        .expect("listening");
+    ours.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut line = String::new();
+    BufReader::new(&ours).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), format!("ready {pid}"), "it says ready to its predecessor");
+    echo_once(addr, "served without a go");
+    kill(pid, libc_sig::KILL);
+    let _ = child.wait();
+}

@@ -504,9 +504,11 @@ impl Master {
     /// still be killed for a failed upgrade.
     fn announce_ready(&mut self) {
         if self.ready_owed && self.sup.all_ready() {
-            if let Some(p) = self.predecessor.as_mut().filter(|p| !p.go) {
-                p.announce_ready();
-                return;
+            if let Some(p) = &mut self.predecessor {
+                p.announce_ready(); // once
+                if !p.go {
+                    return;
+                }
             }
             self.ready_owed = false;
             let snap = Snapshot::take(&self.sup, &self.disp);

@@ -61,6 +61,10 @@ pub const ENV_CHANNEL: &str = "ECHOD_UPGRADE_CHANNEL";
 /// How each passed echo socket was configured (`-` for one from systemd),
 /// space-separated in LISTEN_FDS order, so reloads keep matching them.
 pub const ENV_CONFIGURED: &str = "ECHOD_UPGRADE_CONFIGURED";
+/// Set (to "1") by an old master that will say "go". A predecessor from
+/// before the go/ready protocol does not set it and never says "go": the new
+/// master then accepts as soon as it is ready, as those masters expect.
+pub const ENV_SAYS_GO: &str = "ECHOD_UPGRADE_SAYS_GO";
 
 /// How long a new master that closed its channel before it was ready may
 /// take to exit by itself (and say why) before it is killed.
@@ -230,7 +234,7 @@ fn exec_new_master(exe: &std::path::Path, inv: &Invocation, h: &Handover, channe
     let pid = std::process::id();
     let n = fds.len();
     fds.push(channel);
-    let skip = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_PID", ENV_CHANNEL, ENV_CONFIGURED];
+    let skip = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_PID", ENV_CHANNEL, ENV_CONFIGURED, ENV_SAYS_GO];
     let mut env: Vec<OsString> = std::env::vars_os()
         .filter(|(k, _)| !skip.iter().any(|s| k == s))
         .map(|(k, v)| {
@@ -245,6 +249,7 @@ fn exec_new_master(exe: &std::path::Path, inv: &Invocation, h: &Handover, channe
     set("LISTEN_FDS", n.to_string());
     set("LISTEN_FDNAMES", names.join(":"));
     set(ENV_CONFIGURED, configured.join(" "));
+    set(ENV_SAYS_GO, "1".into());
     set(ENV_CHANNEL, (3 + n).to_string());
     if std::env::var_os("WATCHDOG_USEC").is_some() {
         // The watchdog is for the main process, which the new master
@@ -318,7 +323,9 @@ impl Predecessor {
         let mut channel = UnixStream::from_std(std);
         registry.register(&mut channel, PREDECESSOR_TOKEN, Interest::READABLE)?;
         let pid = nix::unistd::getppid();
-        Ok(Some(Predecessor { pid, channel, inbox: Vec::new(), announced: false, go: false, carried: None }))
+        // An old master that does not say "go" stops accepting on "ready".
+        let go = std::env::var_os(ENV_SAYS_GO).is_none();
+        Ok(Some(Predecessor { pid, channel, inbox: Vec::new(), announced: false, go, carried: None }))
     }
 
     /// Tells the old master that this one serves.
