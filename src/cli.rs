@@ -21,6 +21,8 @@ Signals (to the master process):
   HUP         reload the config file; an invalid file is logged and changes nothing
   TTIN, TTOU  one worker process more / fewer
   USR1        log a stats snapshot
+  USR2        binary upgrade: start upgrade_binary as a new master that takes over the
+              listening sockets; this one drains once the new one serves
 
 Files:
   /etc/echod/echod.toml  the packaged config (every key documented in place)
@@ -40,8 +42,8 @@ pub struct EchodCli {
     /// Address to listen on, IP:PORT (repeatable; replaces the file's `listen`)
     #[arg(short, long = "listen", value_name = "ADDR")]
     pub listen: Vec<String>,
-    /// Worker processes (replaces the file's `workers`)
-    #[arg(short, long, value_name = "N")]
+    /// Worker processes, a number or `auto` (one per CPU; replaces the file's `workers`)
+    #[arg(short, long, value_name = "N|auto")]
     pub workers: Option<String>,
     /// Validate the config, print the effective config and exit (0 valid, 78 invalid)
     #[arg(long)]
@@ -51,7 +53,7 @@ pub struct EchodCli {
 /// Load-test an echo server: throughput, latency percentiles, every byte
 /// verified.
 #[derive(Parser, Debug)]
-#[command(name = "echo-load", version = VERSION, about, long_about = None)]
+#[command(name = "echo-load", version = VERSION, long_about = None)]
 pub struct EchoLoadCli {
     /// Server address, HOST:PORT; repeat it to load a fleet (connections are
     /// spread over the addresses, figures reported per address)

@@ -416,3 +416,19 @@ fn a_reload_names_the_keys_it_cannot_apply() {
     let line = e.wait_log_after(skip, "reload: `user` changed", Duration::from_secs(1)).expect("said");
     assert!(line.contains("from \"nobody\" to \"daemon\"") && line.contains("only on a restart"), "{line}");
 }
+
+/// The binaries describe themselves: `echod --help` lists every signal the
+/// master acts on and `--workers auto`; `echo-load --help` is about
+/// echo-load, not echod.
+#[test]
+fn help_texts_match_the_binaries() {
+    let (code, _, out) = run_to_exit(&["--help"], None);
+    assert_eq!(code, 0);
+    for sig in ["TERM", "INT", "QUIT", "HUP", "TTIN", "TTOU", "USR1", "USR2"] {
+        assert!(out.lines().any(|l| l.trim_start().split([',', ' ']).any(|w| w == sig)), "{sig} missing:\n{out}");
+    }
+    assert!(out.contains("auto"), "--workers auto missing:\n{out}");
+    let load = std::process::Command::new(ECHO_LOAD).arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&load.stdout);
+    assert!(text.starts_with("Load-test an echo server"), "{text}");
+}
