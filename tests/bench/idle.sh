@@ -29,9 +29,29 @@ if (( $(ulimit -Hn) < need )); then ulimit -Hn "$need" 2>/dev/null || { echo "ne
 ulimit -Sn "$(ulimit -Hn)"
 
 cargo build -q --release --manifest-path "$ROOT/Cargo.toml" --bin echod
-base=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+# Listen ports below the ephemeral range: tens of thousands of client connections take
+# ephemeral source ports, and a listen port among them could be taken first (bind: Address
+# already in use). Each is checked free by binding it.
+ports=$(python3 - "$PORTS" <<'PY'
+import socket, sys
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+want, found = int(sys.argv[1]), []
+for port in range(max(1024, low - 5000), low):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port)); found.append(port)
+    except OSError:
+        pass
+    finally:
+        s.close()
+    if len(found) == want:
+        break
+print(" ".join(map(str, found)))
+PY
+)
 listen=(); addrs=()
-for ((i = 0; i < PORTS; i++)); do listen+=(--listen "127.0.0.1:$((base + i))"); addrs+=("127.0.0.1:$((base + i))"); done
+for port in $ports; do listen+=(--listen "127.0.0.1:$port"); addrs+=("127.0.0.1:$port"); done
+(( ${#addrs[@]} == PORTS )) || { echo "found only ${#addrs[@]} of $PORTS free ports below the ephemeral range" >&2; exit 1; }
 sed -e "s/^handler = .*/handler = \"$MODE\"/" -e "s/^workers = .*/workers = $WORKERS/" -e "s/^idle_timeout = .*/idle_timeout = 0/" \
     -e "s/^threads_per_worker = .*/threads_per_worker = $(( N / WORKERS + 100 ))/" \
     -e "s/^worker_connections = .*/worker_connections = $(( N / WORKERS + 100 ))/" \
@@ -40,6 +60,7 @@ sed -e "s/^handler = .*/handler = \"$MODE\"/" -e "s/^workers = .*/workers = $WOR
 PID=$!
 trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null' EXIT
 for _ in $(seq 100); do grep -q "ready:" "$OUT/echod.log" && break; sleep 0.1; done
+grep -q "ready:" "$OUT/echod.log" || { echo "echod did not become ready:" >&2; cat "$OUT/echod.log" >&2; exit 1; }
 
 pss() {  # Pss of PID and its children, kB
     for p in $1 $(ps -o pid= --ppid "$1"); do cat "/proc/$p/smaps_rollup" 2>/dev/null; done | awk '$1=="Pss:" {s+=$2} END {print s+0}'
