@@ -328,7 +328,7 @@ fn a_port_in_use_is_a_clear_error() {
     let port = taken.local_addr().unwrap().port();
     let addr = format!("127.0.0.1:{port}");
     let (code, err, _) = run_to_exit(&["--listen", &addr, "--config", "/dev/null"], None);
-    assert_ne!(code, 0);
+    assert_eq!(code, 1, "the documented exit status for a listen address that cannot be bound: {err}");
     assert!(err.contains(&addr) && err.contains("in use"), "{err}");
 }
 
