@@ -506,3 +506,33 @@ fn a_master_started_by_an_older_one_accepts_once_ready() {
     kill(pid, libc_sig::KILL);
     let _ = child.wait();
 }
+
+/// A scrape in progress when the old master hands over is answered by it,
+/// not dropped (a dropped connection with unread request bytes is a reset
+/// for the scraper).
+#[test]
+fn a_scrape_in_progress_at_the_hand_over_is_answered() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let next = second_binary(dir.path());
+    let e = start(&format!(
+        "workers = 1\nshutdown_timeout = 30\nmetrics_listen = \"127.0.0.1:0\"\nupgrade_binary = \"{}\"\n",
+        next.display()
+    ));
+    let metrics = e.metrics_addr();
+    let mut held = connect(e.addr); // keeps the old master draining
+    assert_eq!(round_trip(&mut held, b"held").unwrap(), b"held");
+    let mut scrape = connect(metrics);
+    scrape.write_all(b"GET /metr").unwrap();
+    // The old master has it (an answer to a probe means its loop ran past it).
+    assert_eq!(http_get(metrics, "/livez").0, 200);
+    let new = upgrade(&e, e.pid());
+    e.wait_children(new, 1);
+    scrape.write_all(b"ics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    scrape.read_to_string(&mut text).expect("the response, not a reset");
+    assert!(text.starts_with("HTTP/1.1 200"), "{}", &text[..text.len().min(120)]);
+    assert_eq!(round_trip(&mut held, b"still held").unwrap(), b"still held");
+    kill(new, libc_sig::TERM);
+    assert!(wait_gone(new, &[], Duration::from_secs(10)));
+}

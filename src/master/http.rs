@@ -135,6 +135,8 @@ pub struct HttpServer {
     stats: EndpointStats,
     /// The last rendered exposition, and the ration of fresh renders.
     rendered: Rendered,
+    /// Not accepting (see `pause`).
+    paused: bool,
 }
 
 /// The last render and what is left of the ration.
@@ -186,6 +188,7 @@ impl HttpServer {
             retry_at: None,
             stats: Default::default(),
             rendered: Rendered::new(),
+            paused: false,
         })
     }
 
@@ -201,21 +204,28 @@ impl HttpServer {
         self.listener.as_fd()
     }
 
-    /// Stops serving (scrapes in progress are dropped) but keeps the
+    /// Stops accepting but finishes the scrapes in progress and keeps the
     /// listening socket, unpolled: after a binary upgrade the new master
     /// serves it, and this one may have to again if the new one dies.
-    pub fn into_listener(mut self, registry: &Registry) -> std::net::TcpListener {
+    pub fn pause(&mut self, registry: &Registry) {
+        let _ = registry.deregister(&mut self.listener);
+        self.paused = true;
+    }
+
+    /// Accepts again after [`HttpServer::pause`] (connections queued
+    /// meanwhile raise an event as soon as the listener is polled again).
+    pub fn resume(&mut self, registry: &Registry) -> io::Result<()> {
+        registry.register(&mut self.listener, LISTENER_TOKEN, Interest::READABLE)?;
+        self.paused = false;
+        Ok(())
+    }
+
+    /// Closes the listener and every connection.
+    pub fn close(mut self, registry: &Registry) {
         let _ = registry.deregister(&mut self.listener);
         for (_, mut c) in self.conns.drain() {
             let _ = registry.deregister(&mut c.stream);
         }
-        let fd: std::os::fd::OwnedFd = self.listener.into();
-        std::net::TcpListener::from(fd)
-    }
-
-    /// Closes the listener and every connection.
-    pub fn close(self, registry: &Registry) {
-        drop(self.into_listener(registry));
     }
 
     /// The earliest connection deadline or accept retry.
@@ -228,7 +238,9 @@ impl HttpServer {
     pub fn expire(&mut self, now: Instant, registry: &Registry) {
         if self.retry_at.is_some_and(|t| now >= t) {
             self.retry_at = None;
-            self.on_listener(registry, now);
+            if !self.paused {
+                self.on_listener(registry, now);
+            }
         }
         let late: Vec<usize> = self.conns.iter().filter(|(_, c)| now >= c.deadline).map(|(id, _)| *id).collect();
         for id in late {

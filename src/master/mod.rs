@@ -154,9 +154,6 @@ pub struct Master {
     /// The inherited metrics socket, served once the old master's totals
     /// arrived, so scraped counters never go backwards.
     pending_metrics: Option<std::net::TcpListener>,
-    /// Our metrics socket after a hand-over: the new master serves it; kept
-    /// (unpolled) to serve again if the new master dies.
-    held_metrics: Option<std::net::TcpListener>,
     /// A HUP arrived while a new master was starting. The new master reads
     /// the config file itself, and the sockets it inherits were fixed at
     /// fork, so the reload waits: applied here if the upgrade fails, passed
@@ -327,7 +324,6 @@ impl Master {
             successor: None,
             predecessor,
             pending_metrics,
-            held_metrics: None,
             reload_pending: false,
         };
         master.store_fds();

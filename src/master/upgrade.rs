@@ -469,8 +469,10 @@ impl Master {
         let pid = s.pid;
         log::info!("upgrade: new master (pid {pid}) serves; this master stops accepting and drains");
         self.listeners.pause(self.poll.registry());
-        if let Some(h) = self.http.take() {
-            self.held_metrics = Some(h.into_listener(self.poll.registry()));
+        // The new master serves /metrics from here; scrapes in progress
+        // finish (dropping them would reset their clients).
+        if let Some(h) = &mut self.http {
+            h.pause(self.poll.registry());
         }
         // MAINPID first: the new master's READY=1 (after "go") then always
         // follows it.
@@ -521,11 +523,8 @@ impl Master {
         if let Err(e) = self.listeners.resume(self.poll.registry()) {
             log::error!("upgrade: cannot listen again: {e}");
         }
-        if let Some(l) = self.held_metrics.take() {
-            match HttpServer::adopt(l, self.poll.registry()) {
-                Ok(h) => self.http = Some(h),
-                Err(e) => log::error!("cannot serve metrics again: {e}"),
-            }
+        if let Some(Err(e)) = self.http.as_mut().map(|h| h.resume(self.poll.registry())) {
+            log::error!("cannot serve metrics again: {e}");
         }
         self.notify.take_back();
         self.stopping = None;
