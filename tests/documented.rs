@@ -1,0 +1,106 @@
+//! Behaviour the README documents that no other test checked (part of the
+//! "docs match the binary" work): each test names the README's promise and
+//! fails when the binary stops keeping it. Loopback only.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const M: &str = "metrics_listen = \"127.0.0.1:0\"\n";
+
+/// "`echod_config_last_reload_successful`": 0 after a reload that failed, 1
+/// again after one that applied.
+#[test]
+fn last_reload_successful_follows_each_reload() {
+    let e = start(&format!("{M}workers = 1\n"));
+    assert_eq!(e.scrape()["echod_config_last_reload_successful"], 1.0);
+    let good = format!("listen = [\"{}\"]\n{M}workers = 1\n", e.addr)
+        .replace("127.0.0.1:0\"\n", &format!("{}\"\n", e.metrics_addr()));
+    let skip = e.log_len();
+    e.write_config(&format!("{good}workers = 0\n"));
+    e.signal(libc_sig::HUP);
+    e.wait_log_after(skip, "reload failed", Duration::from_secs(5)).expect("refused");
+    assert_eq!(e.scrape()["echod_config_last_reload_successful"], 0.0);
+    let skip = e.log_len();
+    e.write_config(&good);
+    e.signal(libc_sig::HUP);
+    e.wait_log_after(skip, "reloaded", Duration::from_secs(5)).expect("applied");
+    assert_eq!(e.scrape()["echod_config_last_reload_successful"], 1.0);
+}
+
+/// "`--listen` / `--workers` override the file", across reloads too.
+#[test]
+fn command_line_overrides_survive_a_reload() {
+    let over = free_port();
+    let over_addr: std::net::SocketAddr = format!("127.0.0.1:{over}").parse().unwrap();
+    let e = start_with("workers = 1\n", &["--workers", "3", "--listen", &over_addr.to_string()], &[]);
+    assert_eq!(e.addr, over_addr, "the flag's address, not the file's");
+    assert_eq!(e.wait_workers(3, Duration::from_secs(5)).len(), 3);
+    let skip = e.log_len();
+    e.write_config("listen = [\"127.0.0.1:0\"]\nworkers = 2\n");
+    e.signal(libc_sig::HUP);
+    e.wait_log_after(skip, "reloaded", Duration::from_secs(5)).expect("reloaded");
+    let line = e.wait_log_after(skip, "reloaded", Duration::from_secs(1)).unwrap();
+    assert!(line.contains("target 3"), "--workers 3 still wins: {line}");
+    let mut s = connect(over_addr);
+    assert_eq!(round_trip(&mut s, b"still here").unwrap(), b"still here");
+    assert!(!e.log_lines()[skip..].iter().any(|l| l.contains("listening on")), "{}", e.log_text());
+}
+
+/// "`/healthz` ... 503 ... with no worker up".
+#[test]
+fn healthz_is_503_while_no_worker_serves() {
+    let e = start_unready(
+        &format!("listen = [\"127.0.0.1:0\"]\n{M}workers = 1\n"),
+        &[("ECHOD_TEST_WORKER_CRASH", "startup")],
+    );
+    let metrics = e.metrics_addr();
+    e.wait_log("died unexpectedly", Duration::from_secs(10)).expect("the worker dies at start");
+    assert_eq!(http_get(metrics, "/healthz").0, 503);
+    assert_eq!(http_get(metrics, "/livez").0, 200, "the master itself is alive");
+}
+
+/// "Byte counts go into the worker's counters ... about once a second for
+/// long ones": a connection that stays open shows up in the totals. Event
+/// loops flush on their tick, so even an idle connection's bytes are there;
+/// a handler thread flushes between echoes, so its connection's bytes are
+/// there once it echoes again a second later (README, "Metrics").
+#[test]
+fn a_long_lived_connection_counts_its_bytes_while_open() {
+    for handler in ["event", "thread"] {
+        let e = start(&format!("{M}workers = 1\nhandler = \"{handler}\"\n"));
+        let mut s = connect(e.addr);
+        let data = Rng::new(5).bytes(10_000);
+        assert_eq!(round_trip(&mut s, &data).unwrap(), data);
+        let sent = std::cell::Cell::new(10_000.0);
+        let m = e.scrape_until(Duration::from_secs(5), |m| {
+            if handler == "thread" {
+                // Still active: one byte per look.
+                round_trip(&mut s.try_clone().unwrap(), b"x").unwrap();
+                sent.set(sent.get() + 1.0);
+            }
+            m.get("echod_bytes_received_total").is_some_and(|&b| b >= 10_000.0)
+        });
+        assert!(m["echod_bytes_received_total"] >= 10_000.0, "{handler}: {m:?}");
+        assert!(m["echod_bytes_received_total"] <= sent.get(), "{handler}: {m:?}");
+        assert_eq!(m["echod_connections_active"], 1.0, "{handler}: still open: {m:?}");
+        drop(s);
+    }
+}
+
+/// IPv6 clients are served and counted per address like IPv4 ones
+/// (`max_connections_per_ip`).
+#[test]
+fn ipv6_clients_have_their_per_address_limit() {
+    let e = start("listen = [\"[::1]:0\"]\nworkers = 2\nmax_connections_per_ip = 2\n");
+    assert!(e.addr.is_ipv6(), "{}", e.addr);
+    let mut a = connect(e.addr);
+    let mut b = connect(e.addr);
+    assert_eq!(round_trip(&mut a, b"a").unwrap(), b"a");
+    assert_eq!(round_trip(&mut b, b"b").unwrap(), b"b");
+    let mut c = connect(e.addr);
+    closed_unechoed(&mut c, Duration::from_secs(5)).unwrap();
+    assert!(e.log_text().contains("max_connections_per_ip (2) reached for ::1"), "{}", e.log_text());
+}
