@@ -104,3 +104,50 @@ fn ipv6_clients_have_their_per_address_limit() {
     closed_unechoed(&mut c, Duration::from_secs(5)).unwrap();
     assert!(e.log_text().contains("max_connections_per_ip (2) reached for ::1"), "{}", e.log_text());
 }
+
+/// "`log_level` ... unless RUST_LOG is set": RUST_LOG wins over the file.
+#[test]
+fn rust_log_overrides_log_level() {
+    let e = start_with("workers = 1\nlog_level = \"warn\"\n", &[], &[("RUST_LOG", "debug")]);
+    e.wait_log(" DEBUG ", Duration::from_secs(5)).unwrap_or_else(|| panic!("no debug line:\n{}", e.log_text()));
+    let quiet = start("workers = 1\nlog_level = \"info\"\n");
+    assert!(!quiet.log_text().contains(" DEBUG "), "{}", quiet.log_text());
+}
+
+/// "`group`": started as root, master and workers take the configured group.
+#[test]
+fn group_is_the_process_group() {
+    let daemon = nix::unistd::Group::from_name("daemon").unwrap().expect("group daemon").gid.as_raw();
+    let e = start("workers = 1\nuser = \"nobody\"\ngroup = \"daemon\"\n");
+    for pid in std::iter::once(e.pid()).chain(e.workers()) {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let gids: Vec<u32> = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Gid:"))
+            .unwrap()
+            .split_whitespace()
+            .map(|g| g.parse().unwrap())
+            .collect();
+        assert!(gids.iter().all(|&g| g == daemon), "pid {pid}: {gids:?} (daemon is {daemon})");
+    }
+}
+
+/// "`min_spare_threads` ... `thread_idle_timeout`": a worker keeps that many
+/// idle threads, grows for a burst, and shrinks back when idle.
+#[test]
+fn the_thread_pool_grows_and_shrinks_back_to_its_spares() {
+    let e = start(&format!("{M}workers = 1\nhandler = \"thread\"\nmin_spare_threads = 3\nthread_idle_timeout = 1\n"));
+    let idle = "echod_worker_threads{worker=\"0\",state=\"idle\"}";
+    let busy = "echod_worker_threads{worker=\"0\",state=\"busy\"}";
+    let m = e.scrape_until(Duration::from_secs(5), |m| m.get(idle) == Some(&3.0));
+    assert_eq!((m[idle], m[busy]), (3.0, 0.0), "the spares at start: {m:?}");
+    let mut held: Vec<_> = (0..8).map(|_| connect(e.addr)).collect();
+    for (i, s) in held.iter_mut().enumerate() {
+        assert_eq!(round_trip(s, &[i as u8]).unwrap(), [i as u8]);
+    }
+    let m = e.scrape_until(Duration::from_secs(5), |m| m.get(busy) == Some(&8.0));
+    assert_eq!(m[busy], 8.0, "one thread per connection: {m:?}");
+    drop(held);
+    let m = e.scrape_until(Duration::from_secs(10), |m| m.get(idle) == Some(&3.0) && m.get(busy) == Some(&0.0));
+    assert_eq!((m[idle], m[busy]), (3.0, 0.0), "back to the spares after thread_idle_timeout: {m:?}");
+}
