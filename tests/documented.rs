@@ -102,7 +102,8 @@ fn ipv6_clients_have_their_per_address_limit() {
     assert_eq!(round_trip(&mut b, b"b").unwrap(), b"b");
     let mut c = connect(e.addr);
     closed_unechoed(&mut c, Duration::from_secs(5)).unwrap();
-    assert!(e.log_text().contains("max_connections_per_ip (2) reached for ::1"), "{}", e.log_text());
+    e.wait_log("max_connections_per_ip (2) reached for ::1", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("the refusal names the IPv6 client:\n{}", e.log_text()));
 }
 
 /// "`log_level` ... unless RUST_LOG is set": RUST_LOG wins over the file.

@@ -109,7 +109,8 @@ fn term_during_an_upgrade_stops_both_masters() {
     e.signal(libc_sig::TERM);
     assert_eq!(e.wait_exit(Duration::from_secs(10)), Some(0), "{}", e.log_text());
     assert!(wait_gone(new, &new_workers, Duration::from_secs(5)), "the new master outlived the stop");
-    assert!(e.log_text().contains("upgrade failed: abandoned: this master is stopping"), "{}", e.log_text());
+    e.wait_log("upgrade failed: abandoned: this master is stopping", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("{}", e.log_text()));
     assert!(TcpStream::connect(e.addr).is_err(), "nothing serves after the stop");
 }
 
