@@ -26,6 +26,13 @@ fn faulty_echod(dir: &Path, fault: &str) -> PathBuf {
     script(dir, fault, &format!("ECHOD_TEST_WORKER_CRASH={fault} exec {ECHOD} \"$@\""))
 }
 
+/// echod (one worker, plus `extra`) whose `upgrade_binary` is a copy of
+/// itself in `dir`: a real new master on USR2.
+fn start_upgradable(dir: &Path, extra: &str) -> Echod {
+    let next = second_binary(dir);
+    start(&format!("workers = 1\n{extra}upgrade_binary = \"{}\"\n", next.display()))
+}
+
 /// Sends USR2 and returns the new master's pid from the "started" line.
 fn start_upgrade(e: &Echod) -> i32 {
     let skip = e.log_len();
@@ -48,11 +55,7 @@ fn echo_once(addr: SocketAddr, what: &str) {
 #[test]
 fn a_new_master_that_dies_after_taking_over_hands_back_to_the_old_one() {
     let dir = tempfile::tempdir().unwrap();
-    let next = second_binary(dir.path());
-    let e = start(&format!(
-        "workers = 1\nshutdown_timeout = 30\nmetrics_listen = \"127.0.0.1:0\"\nupgrade_binary = \"{}\"\n",
-        next.display()
-    ));
+    let e = start_upgradable(dir.path(), "shutdown_timeout = 30\nmetrics_listen = \"127.0.0.1:0\"\n");
     let metrics = e.metrics_addr();
     let mut held = connect(e.addr);
     assert_eq!(round_trip(&mut held, b"before").unwrap(), b"before");
@@ -120,8 +123,7 @@ fn term_during_an_upgrade_stops_both_masters() {
 #[test]
 fn term_after_the_hand_over_stops_only_the_old_generation() {
     let dir = tempfile::tempdir().unwrap();
-    let next = second_binary(dir.path());
-    let mut e = start(&format!("workers = 1\nshutdown_timeout = 30\nupgrade_binary = \"{}\"\n", next.display()));
+    let mut e = start_upgradable(dir.path(), "shutdown_timeout = 30\n");
     let mut held = connect(e.addr);
     assert_eq!(round_trip(&mut held, b"held").unwrap(), b"held");
     let new = upgrade(&e, e.pid());
@@ -294,8 +296,7 @@ fn upgrade_binary_must_be_an_absolute_executable() {
 #[test]
 fn inherited_sockets_are_close_on_exec() {
     let dir = tempfile::tempdir().unwrap();
-    let next = second_binary(dir.path());
-    let e = start(&format!("workers = 1\nmetrics_listen = \"127.0.0.1:0\"\nupgrade_binary = \"{}\"\n", next.display()));
+    let e = start_upgradable(dir.path(), "metrics_listen = \"127.0.0.1:0\"\n");
     let new = upgrade(&e, e.pid());
     e.wait_children(new, 1);
     let mut sockets = 0;
@@ -515,11 +516,7 @@ fn a_master_started_by_an_older_one_accepts_once_ready() {
 fn a_scrape_in_progress_at_the_hand_over_is_answered() {
     use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
-    let next = second_binary(dir.path());
-    let e = start(&format!(
-        "workers = 1\nshutdown_timeout = 30\nmetrics_listen = \"127.0.0.1:0\"\nupgrade_binary = \"{}\"\n",
-        next.display()
-    ));
+    let e = start_upgradable(dir.path(), "shutdown_timeout = 30\nmetrics_listen = \"127.0.0.1:0\"\n");
     let metrics = e.metrics_addr();
     let mut held = connect(e.addr); // keeps the old master draining
     assert_eq!(round_trip(&mut held, b"held").unwrap(), b"held");
