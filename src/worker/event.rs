@@ -83,18 +83,32 @@ pub fn prepare(loops: usize) -> io::Result<(Vec<Handle>, Vec<Poll>)> {
     Ok((handles, polls))
 }
 
-/// Starts loop `index` on its own thread.
+/// Starts loop `index` on its own thread and returns once that thread runs.
+///
+/// The worker reports Ready after its loops are spawned; waiting here for
+/// the thread to start means Ready promises loops that exist, named and
+/// about to poll, not threads the kernel has yet to schedule (a test that
+/// counted `event-` threads right after start saw two of three under load).
 pub fn spawn(w: &Arc<Worker>, index: usize, poll: Poll) -> io::Result<()> {
     let w2 = w.clone();
+    let (started, running) = std::sync::mpsc::sync_channel::<()>(1);
     w.threads.fetch_add(1, Ordering::AcqRel);
     let spawned = std::thread::Builder::new().name(format!("event-{index}")).spawn(move || {
-        EventLoop::new(w2, index, poll).run();
+        let event_loop = EventLoop::new(w2, index, poll);
+        let _ = started.send(());
+        event_loop.run();
     });
-    if let Err(e) = spawned {
-        w.threads.fetch_sub(1, Ordering::AcqRel);
-        return Err(e);
+    match spawned {
+        Ok(_) => {
+            // An Err means the thread died before it said so; nothing to wait for.
+            let _ = running.recv();
+            Ok(())
+        }
+        Err(e) => {
+            w.threads.fetch_sub(1, Ordering::AcqRel);
+            Err(e)
+        }
     }
-    Ok(())
 }
 
 /// Wakes the loop serving the fewest connections to take what was queued.
