@@ -31,6 +31,25 @@ Files:
 Exit status: 0 after a stop; 78 for a bad config or flag (the message names file, line and
 key); 1 when a listen address cannot be bound; 71 for other start-up failures.";
 
+/// What `echo-load --help` (and its man page) adds after the flags: where
+/// every message goes and what the exit status says (`load::exit`).
+const ECHO_LOAD_AFTER_HELP: &str = "\
+Every measured message is accounted for: requests = responses + timeouts + lost + unanswered.
+A timeout counts each message that waited longer than --timeout; lost ones were on the wire when
+their connection failed or came back wrong; unanswered ones had no echo when the run ended. In
+open loop (--rate) latency counts from when each message was due, messages due while a connection
+is down are sent late and measured from their due time, and 'send lateness' says how late the
+client itself was.
+
+Exit status:
+  0  clean: every measured message echoed intact, no errors
+  1  mismatch: an echo differed from what was sent, or bytes nobody sent arrived
+  2  bad usage: a flag out of range or an address that does not resolve
+  3  errors: timeouts, resets, failed connects, lost or unanswered messages, or no response
+  4  client behind: with --rate, over 1% of the due messages were never sent
+When several apply, the lowest of 1, 4 and 3 in that order wins: a wrong byte first, then a run
+whose client could not keep its schedule (its errors describe the client), then errors.";
+
 /// TCP echo server daemon (RFC 862): a master process dispatching
 /// connections to a prefork pool of threaded workers.
 #[derive(Parser, Debug)]
@@ -53,7 +72,7 @@ pub struct EchodCli {
 /// Load-test an echo server: throughput, latency percentiles, every byte
 /// verified.
 #[derive(Parser, Debug)]
-#[command(name = "echo-load", version = VERSION, long_about = None)]
+#[command(name = "echo-load", version = VERSION, long_about = None, after_help = ECHO_LOAD_AFTER_HELP)]
 pub struct EchoLoadCli {
     /// Server address, HOST:PORT; repeat it to load a fleet (connections are
     /// spread over the addresses, figures reported per address)
@@ -65,21 +84,23 @@ pub struct EchoLoadCli {
     /// Seconds to measure (after --warmup)
     #[arg(short, long, default_value_t = 10.0, value_name = "SECS")]
     pub duration: f64,
-    /// Stop after this many responses instead of after --duration
+    /// Send exactly this many measured messages instead of running for
+    /// --duration (stopped if nothing is answered for --timeout)
     #[arg(long, value_name = "N")]
     pub count: Option<u64>,
     /// Bytes per message
     #[arg(short, long, default_value_t = 64, value_name = "BYTES")]
     pub size: usize,
-    /// Messages in flight per connection (closed loop)
-    #[arg(short, long, default_value_t = 1, value_name = "K")]
+    /// Messages in flight per connection (closed loop only)
+    #[arg(short, long, default_value_t = 1, value_name = "K", conflicts_with_all = ["rate", "churn"])]
     pub pipeline: usize,
     /// Open loop: total messages per second on a fixed schedule; latency is
-    /// measured from the scheduled send time
+    /// measured from the scheduled send time, and a schedule the client
+    /// cannot keep is reported (exit 4)
     #[arg(short, long, value_name = "MSGS_PER_SEC")]
     pub rate: Option<f64>,
     /// Each connection: connect, one round trip, close, again
-    #[arg(long)]
+    #[arg(long, conflicts_with = "rate")]
     pub churn: bool,
     /// Payloads are lines ending in '\n' (for line-based servers such as
     /// Apache mod_echo)
@@ -99,7 +120,9 @@ pub struct EchoLoadCli {
     /// Seconds over which connections are opened [default: 1 s per 5000]
     #[arg(long, value_name = "SECS")]
     pub ramp_up: Option<f64>,
-    /// A message not echoed within this many seconds is a timeout
+    /// A message not echoed within this many seconds is a timeout (each
+    /// one counts; its connection is reopened). After the run, echoes are
+    /// awaited for this long or 1 s, whichever is shorter
     #[arg(long, default_value_t = 10.0, value_name = "SECS")]
     pub timeout: f64,
     /// Print one JSON object (stdout) instead of the summary table

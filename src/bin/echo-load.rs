@@ -1,8 +1,9 @@
 //! `echo-load`: the load-test harness for echo servers (and a plain
 //! interactive client).
 //!
-//! Exit status: 0 when the run completed with responses and no mismatch;
-//! 1 when any echoed byte differed or nothing came back; 2 for bad usage.
+//! Exit status (`echod::load::exit`): 0 clean; 1 an echo differed; 2 bad
+//! usage; 3 errors (timeouts, resets, lost or unanswered messages, nothing
+//! came back); 4 the client could not send at the offered `--rate`.
 
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -67,30 +68,61 @@ fn main() -> ExitCode {
     } else {
         print!("{}", report::summary(&outcome, &opts));
     }
-    if outcome.counts.mismatches > 0 || outcome.counts.responses == 0 { ExitCode::from(1) } else { ExitCode::SUCCESS }
+    ExitCode::from(outcome.exit_code())
 }
 
 fn usage(msg: &str) -> ExitCode {
     eprintln!("echo-load: {msg}");
-    ExitCode::from(2)
+    ExitCode::from(load::exit::USAGE)
 }
 
 fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
     addr.to_socket_addrs()?.next().ok_or_else(|| std::io::Error::other("no address"))
 }
 
+/// The longest time any duration flag may ask for: a year. Longer is a
+/// typo, and would overflow the clock.
+const MAX_SECS: f64 = 365.0 * 86_400.0;
+/// The highest `--rate`: past this one client measures only itself.
+const MAX_RATE: f64 = 100_000_000.0;
+/// The lowest `--rate`: one message per 1,000 s.
+const MIN_RATE: f64 = 0.001;
+/// The most connections and the largest message: past these the client runs
+/// out of memory or descriptors before the server is tested.
+const MAX_CONNECTIONS: usize = 1_000_000;
+const MAX_SIZE: usize = 64 << 20;
+
+/// Checks the flags and turns them into [`Options`]; every refusal names
+/// the flag and the accepted range (exit 2, never a panic).
 fn options(cli: &Cli, addrs: Vec<SocketAddr>) -> Result<Options, String> {
-    let secs = |name: &str, v: f64| {
-        if v.is_finite() && v >= 0.0 { Ok(Duration::from_secs_f64(v)) } else { Err(format!("{name} must be >= 0")) }
+    let secs = |name: &str, v: f64| match Duration::try_from_secs_f64(v) {
+        Ok(d) if v <= MAX_SECS => Ok(d),
+        _ => Err(format!("{name} {v}: must be between 0 and {MAX_SECS} seconds")),
     };
-    if cli.connections == 0 || cli.size == 0 || cli.pipeline == 0 {
-        return Err("--connections, --size and --pipeline must be at least 1".into());
+    let at_least_one = |name: &str, v: u64| if v == 0 { Err(format!("{name} must be at least 1")) } else { Ok(()) };
+    at_least_one("--connections", cli.connections as u64)?;
+    at_least_one("--size", cli.size as u64)?;
+    at_least_one("--pipeline", cli.pipeline as u64)?;
+    if let Some(t) = cli.threads {
+        at_least_one("--threads", t as u64)?;
     }
-    if cli.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
-        return Err("--rate must be a positive number".into());
+    if let Some(c) = cli.count {
+        at_least_one("--count", c)?;
     }
-    if cli.churn && cli.rate.is_some() {
-        return Err("--churn and --rate do not combine".into());
+    if cli.connections > MAX_CONNECTIONS {
+        return Err(format!("--connections {}: at most {MAX_CONNECTIONS}", cli.connections));
+    }
+    if cli.size > MAX_SIZE {
+        return Err(format!("--size {}: at most {MAX_SIZE} bytes", cli.size));
+    }
+    if let Some(r) = cli.rate {
+        if !(MIN_RATE..=MAX_RATE).contains(&r) {
+            return Err(format!("--rate {r}: must be between {MIN_RATE} and {MAX_RATE} messages per second"));
+        }
+    }
+    let timeout = secs("--timeout", cli.timeout)?;
+    if timeout.is_zero() {
+        return Err("--timeout must be more than 0".into());
     }
     let threads = cli.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
     if addrs.is_empty() {
@@ -117,7 +149,7 @@ fn options(cli: &Cli, addrs: Vec<SocketAddr>) -> Result<Options, String> {
             Some(r) => secs("--ramp-up", r)?,
             None => Duration::from_secs_f64(cli.connections as f64 / 5000.0),
         },
-        timeout: secs("--timeout", cli.timeout)?,
+        timeout,
     })
 }
 

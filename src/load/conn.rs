@@ -1,35 +1,59 @@
 //! One load-generating connection: a small state machine driven by its
-//! thread's event loop.
+//! thread's event loop, and the bookkeeping that gives every message exactly
+//! one outcome.
 //!
-//! `Waiting` (until its ramp-up slot or a reconnect delay) -> `Connecting` ->
-//! `Open`. While open it holds a queue of messages: the first `write_idx`
-//! are fully written and wait for their echo; the rest are still being
-//! written. Echoed bytes are matched against the head of the queue, so
-//! pipelined echoes are verified in order.
+//! States: `Waiting` (its ramp-up slot or a reconnect delay) -> `Connecting`
+//! -> `Open` (-> `Closing` in churn mode: half-closed after its one echo,
+//! reading until the server closes, so bytes after the echo are caught).
+//!
+//! Messages are numbered per connection, and three cursors split them:
+//! `head <= written <= issued`. `[head, written)` and a partly written one
+//! are on the wire waiting for their echo; `[written, issued)` are issued
+//! but not yet written. In open loop the unwritten ones survive a reconnect:
+//! messages due during an outage are sent late and measured from when they
+//! were due, so the schedule never pauses. The echo of `head` is compared
+//! byte by byte as it arrives; the first wrong byte, or a byte the client
+//! never sent, is one mismatch and the connection is reset (after a
+//! duplicated or extra echo nothing later on that connection lines up).
+//!
+//! A measured message ends in exactly one bucket: `responses` (with its
+//! latency), `timeouts` (each one, its latency at least `--timeout`),
+//! `lost` (on the wire when its connection failed, or echoed wrong) or, when
+//! the run is over, `unanswered` (with its age). So
+//! `requests = responses + timeouts + lost + unanswered`.
 
 use std::collections::VecDeque;
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, IoSlice, Read, Write};
+use std::net::Shutdown;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
-use super::{Counts, Options, Tally};
+use super::{Counts, Options, Shared, Tally};
 
 /// How far message windows move inside the pool: payloads start at one of
 /// this many offsets, so consecutive messages differ.
 const SPREAD: usize = 4096;
 /// Wait before reconnecting after a failed connect.
 const RECONNECT_DELAY: Duration = Duration::from_millis(100);
-
 /// Line mode keeps this many distinct messages (fewer for large sizes, so
 /// the pool stays within 16 MiB; at least two, so consecutive ones differ).
 const LINE_MESSAGES: usize = 64;
+/// Most messages one connection issues in one pass of its loop: a client
+/// far behind its schedule still serves its other connections every pass,
+/// and what it never got to shows as `unsent` instead of piling up.
+const ISSUE_BATCH: u64 = 1024;
+/// Messages per `writev`: due messages go out together, one system call for
+/// many, which is most of what lets one thread offer high rates.
+const WRITE_BATCH: usize = 64;
+/// Stands in for "never" where an `Instant` is needed (a century ahead).
+const FAR: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 /// Random bytes shared by a thread's connections.
 pub struct Pool {
     bytes: Vec<u8>,
-    size: usize,
+    pub size: usize,
     /// Line mode: the pool is this many whole messages back to back.
     lines: Option<usize>,
 }
@@ -64,52 +88,79 @@ impl Pool {
         Pool { bytes, size, lines: count }
     }
 
-    fn message(&self, offset: usize) -> &[u8] {
-        &self.bytes[offset..offset + self.size]
-    }
-
-    /// A message start for (connection, sequence number); consecutive
-    /// messages of a connection differ.
-    fn offset(&self, id: u64, seq: u64) -> usize {
+    /// Message `seq` of connection `id`; consecutive messages differ.
+    fn message(&self, id: u64, seq: u64) -> &[u8] {
         let h = id.wrapping_mul(7919).wrapping_add(seq.wrapping_mul(104_729));
-        match self.lines {
+        let offset = match self.lines {
             Some(n) => (h % n as u64) as usize * self.size,
             None => (h % SPREAD as u64) as usize,
-        }
+        };
+        &self.bytes[offset..offset + self.size]
     }
 }
 
-/// Where a thread records what happens (only while measuring).
-pub struct Sink<'a> {
+/// The run's clock, the same for every thread.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    /// Messages issued (open loop: due) from here on are measured: the
+    /// warm-up is over.
+    pub start: Instant,
+    /// No message is issued (open loop: due) from here on. `None` with
+    /// `--count`, where the tickets decide.
+    pub end: Option<Instant>,
+}
+
+/// What a connection needs from its thread for one step.
+pub struct Ctx<'a> {
+    pub opts: &'a Options,
+    pub pool: &'a Pool,
+    pub registry: &'a Registry,
+    pub shared: &'a Shared,
+    pub window: Window,
+    pub now: Instant,
     /// One tally per server address (`--addr` may repeat).
     pub tallies: &'a mut [Tally],
-    /// The address of the connection being handled.
-    pub addr: usize,
-    pub measuring: bool,
 }
 
-impl Sink<'_> {
-    pub fn count(&mut self, f: impl FnOnce(&mut Counts)) {
-        if self.measuring {
-            f(&mut self.tallies[self.addr].counts);
+impl Ctx<'_> {
+    /// Whether events happening now (connects, resets, bytes) count.
+    fn measuring(&self) -> bool {
+        self.now >= self.window.start
+    }
+
+    /// Counts an event of the connection to address `addr`, if measuring.
+    fn event(&mut self, addr: usize, f: impl FnOnce(&mut Counts)) {
+        if self.measuring() {
+            f(&mut self.tallies[addr].counts);
         }
     }
 }
 
-struct Message {
-    offset: usize,
-    /// Send time (closed loop) or scheduled time (open loop): latency is
-    /// measured from here.
-    t: Instant,
-    written: usize,
-    received: usize,
-    bad: bool,
+/// Why a connection is dropped.
+enum Fault {
+    Io(ErrorKind),
+    /// An echoed byte differed from the byte sent.
+    Wrong,
+    /// A byte arrived that was never sent (extra or duplicated echo, or
+    /// anything after the echo in churn mode).
+    Extra,
 }
 
+/// Where a message's time comes from.
+enum Clock {
+    /// Open loop: message `k` is due at `t0 + k × period` (seconds), on
+    /// time or not, connected or not.
+    Schedule { t0: Instant, period: f64 },
+    /// Closed loop: when each message from `head` on was issued.
+    Sent(VecDeque<Instant>),
+}
+
+#[derive(Clone, Copy)]
 enum State {
     Waiting { at: Instant },
     Connecting { since: Instant },
-    Open,
+    Open { since: Instant },
+    Closing { since: Instant },
 }
 
 pub struct Conn {
@@ -119,137 +170,205 @@ pub struct Conn {
     id: u64,
     stream: Option<TcpStream>,
     state: State,
-    queue: VecDeque<Message>,
-    /// Messages [0, write_idx) are fully written.
-    write_idx: usize,
-    seq: u64,
-    /// Open loop: seconds between this connection's messages, and when the
-    /// next is due.
-    period: Option<Duration>,
-    next_due: Option<Instant>,
-    /// Open loop: first message offset from the start (spreads schedules).
-    phase: Option<Duration>,
+    /// The oldest message without an outcome, and how many bytes of its
+    /// echo have arrived.
+    head: u64,
+    received: usize,
+    /// Messages before `written` are written whole; `partial` bytes of the
+    /// next one are written too.
+    written: u64,
+    partial: usize,
+    /// Messages before `issued` exist.
+    issued: u64,
+    /// The first measured message: times only grow, so every message from
+    /// here on is measured and none before it is.
+    measured_from: Option<u64>,
+    /// `--count` ran out of tickets: this connection issues nothing more.
+    exhausted: bool,
+    clock: Clock,
 }
 
 impl Conn {
-    pub fn new(
-        index: usize,
-        addr: usize,
-        id: u64,
-        connect_at: Instant,
-        phase: Option<Duration>,
-        rate: Option<f64>,
-    ) -> Conn {
+    /// `schedule`: open loop, the first message's due time and the seconds
+    /// between messages.
+    pub fn new(index: usize, addr: usize, id: u64, connect_at: Instant, schedule: Option<(Instant, f64)>) -> Conn {
         Conn {
             token: Token(index),
             addr,
             id,
             stream: None,
             state: State::Waiting { at: connect_at },
-            queue: VecDeque::new(),
-            write_idx: 0,
-            seq: 0,
-            period: rate.filter(|r| *r > 0.0).map(|r| Duration::from_secs_f64(1.0 / r)),
-            next_due: None,
-            phase,
+            head: 0,
+            received: 0,
+            written: 0,
+            partial: 0,
+            issued: 0,
+            measured_from: None,
+            exhausted: false,
+            clock: match schedule {
+                Some((t0, period)) => Clock::Schedule { t0, period },
+                None => Clock::Sent(VecDeque::new()),
+            },
         }
     }
 
-    /// Time-driven work: connect when due, enqueue scheduled messages.
-    /// Returns when it next needs the clock.
-    pub fn due(
-        &mut self,
-        opts: &Options,
-        pool: &Pool,
-        registry: &Registry,
-        now: Instant,
-        sink: &mut Sink,
-    ) -> Option<Instant> {
-        match self.state {
-            State::Waiting { at } if now >= at => {
-                self.connect(opts, registry, now, sink);
-                None
+    /// When message `seq` was due (open loop) or issued (closed loop).
+    fn time(&self, seq: u64) -> Instant {
+        match &self.clock {
+            Clock::Schedule { t0, period } => {
+                let after = Duration::try_from_secs_f64(seq as f64 * period).unwrap_or(FAR).min(FAR);
+                *t0 + after
             }
-            State::Waiting { at } => Some(at),
-            State::Connecting { .. } => None,
-            State::Open => {
-                let (period, mut due) = (self.period?, self.next_due?);
-                let mut added = false;
-                while due <= now {
-                    self.push(pool, due);
-                    due += period;
-                    added = true;
-                }
-                self.next_due = Some(due);
-                if added {
-                    if let Err(e) = self.flush(pool, sink) {
-                        self.fail(e.kind(), registry, now, sink);
-                    }
-                }
-                Some(due)
-            }
+            Clock::Sent(times) => match seq.checked_sub(self.head).and_then(|i| times.get(i as usize)) {
+                Some(t) => *t,
+                None => Instant::now(),
+            },
         }
     }
 
-    fn connect(&mut self, opts: &Options, registry: &Registry, now: Instant, sink: &mut Sink) {
-        if let Ok(mut s) = TcpStream::connect(opts.addrs[self.addr]) {
-            if registry.register(&mut s, self.token, Interest::READABLE | Interest::WRITABLE).is_ok() {
+    fn measured(&self, seq: u64) -> bool {
+        self.measured_from.is_some_and(|m| seq >= m)
+    }
+
+    fn open_loop(&self) -> bool {
+        matches!(self.clock, Clock::Schedule { .. })
+    }
+
+    /// The end of what is on the wire: written whole, or partly.
+    fn on_wire_end(&self) -> u64 {
+        self.written + u64::from(self.partial > 0)
+    }
+
+    /// Whether the thread must keep running for this connection: measured
+    /// messages without an outcome, or a connect in progress (dropped
+    /// half-open, it would look like a client that never spoke, which a
+    /// PROXY listener counts as an error).
+    pub fn unfinished(&self) -> bool {
+        (self.issued > self.head && self.measured(self.issued - 1)) || matches!(self.state, State::Connecting { .. })
+    }
+
+    /// Time-driven work: connect when due, issue the messages that are due,
+    /// give up on those that waited too long. Returns when it next needs the
+    /// clock.
+    pub fn tick(&mut self, ctx: &mut Ctx) -> Option<Instant> {
+        let issuing = ctx.window.end.is_none_or(|e| ctx.now < e)
+            && !self.exhausted
+            && !ctx.shared.tickets_out(ctx.opts.count);
+        if let State::Waiting { at } = self.state {
+            // After the end a connection comes back only for messages
+            // already issued (open loop): nothing new starts.
+            if ctx.now >= at && (issuing || self.issued > self.written) {
+                self.connect(ctx);
+            }
+        }
+        if self.issue_due(ctx) {
+            if let Err(e) = self.flush(ctx) {
+                self.fail(Fault::Io(e.kind()), ctx);
+            }
+        }
+        self.check_timeout(ctx);
+        let mut wake = self.timeout_at(ctx.opts.timeout);
+        if let State::Waiting { at } = self.state {
+            wake = earliest(wake, Some(at));
+        }
+        if issuing && self.open_loop() {
+            wake = earliest(wake, Some(self.time(self.issued)));
+        }
+        wake
+    }
+
+    /// Open loop: issues every message due by now (at most a batch).
+    fn issue_due(&mut self, ctx: &mut Ctx) -> bool {
+        if !self.open_loop() {
+            return false;
+        }
+        let mut n = 0;
+        while n < ISSUE_BATCH {
+            let due = self.time(self.issued);
+            if due > ctx.now || !self.issue(due, ctx) {
+                break;
+            }
+            n += 1;
+        }
+        n > 0
+    }
+
+    /// Issues the next message, timed at `t`, if the run still wants it.
+    fn issue(&mut self, t: Instant, ctx: &mut Ctx) -> bool {
+        if self.exhausted || ctx.window.end.is_some_and(|e| t >= e) {
+            return false;
+        }
+        let measured = t >= ctx.window.start;
+        if measured {
+            if let Some(count) = ctx.opts.count {
+                if !ctx.shared.take_ticket(count) {
+                    self.exhausted = true;
+                    return false;
+                }
+            }
+            self.measured_from.get_or_insert(self.issued);
+            let tally = &mut ctx.tallies[self.addr];
+            tally.counts.requests += 1;
+            if self.open_loop() {
+                let late = ctx.now.saturating_duration_since(t).as_micros() as u64;
+                let _ = tally.lateness.record(late);
+            }
+        }
+        if let Clock::Sent(times) = &mut self.clock {
+            times.push_back(t);
+        }
+        self.issued += 1;
+        true
+    }
+
+    fn connect(&mut self, ctx: &mut Ctx) {
+        if let Ok(mut s) = TcpStream::connect(ctx.opts.addrs[self.addr]) {
+            if ctx.registry.register(&mut s, self.token, Interest::READABLE | Interest::WRITABLE).is_ok() {
                 self.stream = Some(s);
-                self.state = State::Connecting { since: now };
+                self.state = State::Connecting { since: ctx.now };
                 return;
             }
         }
-        sink.count(|c| c.connect_errors += 1);
-        self.state = State::Waiting { at: now + RECONNECT_DELAY };
+        ctx.event(self.addr, |c| c.connect_errors += 1);
+        self.state = State::Waiting { at: ctx.now + RECONNECT_DELAY };
     }
 
     /// Readiness on the socket.
-    pub fn on_event(
-        &mut self,
-        opts: &Options,
-        pool: &Pool,
-        registry: &Registry,
-        buf: &mut [u8],
-        now: Instant,
-        sink: &mut Sink,
-    ) {
+    pub fn on_event(&mut self, buf: &mut [u8], ctx: &mut Ctx) {
         if let State::Connecting { .. } = self.state {
             let Some(s) = &self.stream else { return };
             match (s.take_error(), s.peer_addr()) {
                 (Ok(None), Ok(_)) => {
-                    if let Err(e) = self.opened(opts, pool, now, sink) {
-                        return self.fail(e.kind(), registry, now, sink);
+                    if let Err(e) = self.opened(ctx) {
+                        return self.fail(Fault::Io(e.kind()), ctx);
                     }
                 }
                 (Ok(None), Err(e)) if e.kind() == ErrorKind::NotConnected => return, // not yet
                 _ => {
-                    sink.count(|c| c.connect_errors += 1);
-                    self.close(registry);
-                    self.state = State::Waiting { at: now + RECONNECT_DELAY };
+                    ctx.event(self.addr, |c| c.connect_errors += 1);
+                    self.disconnect(ctx, ctx.now + RECONNECT_DELAY);
                     return;
                 }
             }
         }
-        if !matches!(self.state, State::Open) {
-            return;
+        if let State::Open { .. } | State::Closing { .. } = self.state {
+            if let Err(f) = self.read(buf, ctx) {
+                return self.fail(f, ctx);
+            }
         }
-        if let Err(kind) = self.read(opts, pool, registry, buf, now, sink) {
-            self.fail(kind, registry, now, sink);
-            return;
-        }
-        if matches!(self.state, State::Open) {
-            if let Err(e) = self.flush(pool, sink) {
-                self.fail(e.kind(), registry, now, sink);
+        if let State::Open { .. } = self.state {
+            if let Err(e) = self.flush(ctx) {
+                self.fail(Fault::Io(e.kind()), ctx);
             }
         }
     }
 
-    fn opened(&mut self, opts: &Options, pool: &Pool, now: Instant, sink: &mut Sink) -> std::io::Result<()> {
-        self.state = State::Open;
-        sink.count(|c| c.connects += 1);
+    fn opened(&mut self, ctx: &mut Ctx) -> std::io::Result<()> {
+        self.state = State::Open { since: ctx.now };
+        ctx.event(self.addr, |c| c.connects += 1);
         if let Some(s) = &mut self.stream {
             let _ = s.set_nodelay(true);
-            if let Some(version) = opts.proxy {
+            if let Some(version) = ctx.opts.proxy {
                 // A few dozen bytes into a fresh socket's empty send buffer:
                 // written whole at once, or the connection is broken.
                 let header = crate::proxy::encode(version, s.local_addr()?, s.peer_addr()?);
@@ -258,36 +377,45 @@ impl Conn {
                 }
             }
         }
-        if self.period.is_some() {
-            // Keep the schedule across reconnects; start it on first connect.
-            let first = now + self.phase.take().unwrap_or_default();
-            self.next_due = Some(self.next_due.map_or(first, |d| d.max(now)));
-        } else {
-            let n = if opts.churn { 1 } else { opts.pipeline.max(1) };
-            (0..n).for_each(|_| self.push(pool, now));
+        if !self.open_loop() {
+            let n = if ctx.opts.churn { 1 } else { ctx.opts.pipeline.max(1) };
+            for _ in 0..n {
+                if !self.issue(ctx.now, ctx) {
+                    break;
+                }
+            }
         }
-        Ok(())
+        self.flush(ctx)
     }
 
-    fn push(&mut self, pool: &Pool, t: Instant) {
-        let offset = pool.offset(self.id, self.seq);
-        self.seq += 1;
-        self.queue.push_back(Message { offset, t, written: 0, received: 0, bad: false });
-    }
-
-    /// Writes queued messages until the socket is full.
-    fn flush(&mut self, pool: &Pool, sink: &mut Sink) -> std::io::Result<()> {
-        let Some(stream) = &mut self.stream else { return Ok(()) };
-        while let Some(m) = self.queue.get_mut(self.write_idx) {
-            let data = &pool.message(m.offset)[m.written..];
-            match stream.write(data) {
+    /// Writes issued messages, a batch per system call, until the socket is
+    /// full or nothing is left.
+    fn flush(&mut self, ctx: &mut Ctx) -> std::io::Result<()> {
+        if !matches!(self.state, State::Open { .. }) {
+            return Ok(());
+        }
+        let size = ctx.pool.size;
+        while self.written < self.issued {
+            let Some(stream) = &mut self.stream else { return Ok(()) };
+            let result = {
+                let mut slices = [IoSlice::new(&[]); WRITE_BATCH];
+                let mut k = 0;
+                let mut seq = self.written;
+                while k < WRITE_BATCH && seq < self.issued {
+                    let m = ctx.pool.message(self.id, seq);
+                    slices[k] = IoSlice::new(if k == 0 { &m[self.partial..] } else { m });
+                    k += 1;
+                    seq += 1;
+                }
+                stream.write_vectored(&slices[..k])
+            };
+            match result {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
                 Ok(n) => {
-                    m.written += n;
-                    sink.count(|c| c.bytes_sent += n as u64);
-                    if m.written == pool.size {
-                        self.write_idx += 1;
-                        sink.count(|c| c.requests += 1);
-                    }
+                    ctx.event(self.addr, |c| c.bytes_sent += n as u64);
+                    let total = self.partial + n;
+                    self.written += (total / size) as u64;
+                    self.partial = total % size;
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -298,107 +426,200 @@ impl Conn {
     }
 
     /// Reads and verifies echoes until the socket is empty.
-    fn read(
-        &mut self,
-        opts: &Options,
-        pool: &Pool,
-        registry: &Registry,
-        buf: &mut [u8],
-        now: Instant,
-        sink: &mut Sink,
-    ) -> Result<(), ErrorKind> {
+    fn read(&mut self, buf: &mut [u8], ctx: &mut Ctx) -> Result<(), Fault> {
+        let size = ctx.pool.size;
         loop {
             let Some(stream) = &mut self.stream else { return Ok(()) };
             let n = match stream.read(buf) {
-                Ok(0) => return Err(ErrorKind::UnexpectedEof),
+                Ok(0) => return Err(Fault::Io(ErrorKind::UnexpectedEof)),
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.kind()),
+                Err(e) => return Err(Fault::Io(e.kind())),
             };
-            sink.count(|c| c.bytes_received += n as u64);
+            ctx.event(self.addr, |c| c.bytes_received += n as u64);
             let mut data = &buf[..n];
             while !data.is_empty() {
-                let Some(m) = self.queue.front_mut() else {
-                    // Bytes nobody asked for.
-                    sink.count(|c| c.mismatches += 1);
-                    return Err(ErrorKind::InvalidData);
-                };
-                let expect = &pool.message(m.offset)[m.received..];
-                let k = expect.len().min(data.len());
-                if data[..k] != expect[..k] {
-                    m.bad = true;
+                if let State::Closing { .. } = self.state {
+                    return Err(Fault::Extra);
                 }
-                m.received += k;
+                // Bytes of the head message the server has been given.
+                let sent = match self.head.cmp(&self.written) {
+                    std::cmp::Ordering::Less => size,
+                    std::cmp::Ordering::Equal => self.partial,
+                    std::cmp::Ordering::Greater => 0,
+                };
+                let k = sent.saturating_sub(self.received).min(data.len());
+                if k == 0 {
+                    return Err(Fault::Extra);
+                }
+                let expect = &ctx.pool.message(self.id, self.head)[self.received..self.received + k];
+                if data[..k] != *expect {
+                    return Err(Fault::Wrong);
+                }
+                self.received += k;
                 data = &data[k..];
-                if m.received == pool.size {
-                    self.complete(opts, pool, registry, now, sink);
-                    if !matches!(self.state, State::Open) {
-                        return Ok(()); // churn: closed after its one echo
-                    }
+                if self.received == size {
+                    self.complete(ctx).map_err(|e| Fault::Io(e.kind()))?;
                 }
             }
         }
     }
 
     /// The head message's echo is complete.
-    fn complete(&mut self, opts: &Options, pool: &Pool, registry: &Registry, now: Instant, sink: &mut Sink) {
-        let Some(m) = self.queue.pop_front() else { return };
-        self.write_idx = self.write_idx.saturating_sub(1);
-        let us = now.saturating_duration_since(m.t).as_micros() as u64;
-        if sink.measuring {
-            let t = &mut sink.tallies[sink.addr];
+    fn complete(&mut self, ctx: &mut Ctx) -> std::io::Result<()> {
+        let seq = self.head;
+        if self.measured(seq) {
+            let us = ctx.now.saturating_duration_since(self.time(seq)).as_micros() as u64;
+            let t = &mut ctx.tallies[self.addr];
             t.counts.responses += 1;
-            if m.bad {
-                t.counts.mismatches += 1;
-            }
             let _ = t.latency.record(us.max(1));
         }
-        if opts.churn {
-            self.close(registry);
-            self.state = State::Waiting { at: now };
-        } else if self.period.is_none() {
-            self.push(pool, now);
+        if let Clock::Sent(times) = &mut self.clock {
+            times.pop_front();
         }
-    }
-
-    /// Gives up on messages that waited too long (and on slow connects).
-    pub fn check_timeout(&mut self, opts: &Options, registry: &Registry, now: Instant, sink: &mut Sink) {
-        let late = match self.state {
-            State::Connecting { since } => now.duration_since(since) > opts.timeout,
-            State::Open => self.queue.front().is_some_and(|m| now.saturating_duration_since(m.t) > opts.timeout),
-            State::Waiting { .. } => false,
-        };
-        if late {
-            match self.state {
-                State::Connecting { .. } => sink.count(|c| c.connect_errors += 1),
-                _ => sink.count(|c| c.timeouts += 1),
+        self.head += 1;
+        self.received = 0;
+        if ctx.opts.churn {
+            // Half-close and read to the server's close: bytes after the
+            // echo are caught, not left unread in a closed socket.
+            if let Some(s) = &self.stream {
+                s.shutdown(Shutdown::Write)?;
             }
-            self.close(registry);
-            self.state = State::Waiting { at: now };
+            self.state = State::Closing { since: ctx.now };
+        } else if !self.open_loop() {
+            self.issue(ctx.now, ctx);
+        }
+        Ok(())
+    }
+
+    /// Drops the connection for `fault`: what was on the wire is lost (in
+    /// closed loop, everything issued); open loop keeps its unwritten
+    /// messages for the next connection.
+    fn fail(&mut self, fault: Fault, ctx: &mut Ctx) {
+        match fault {
+            // The server closed after the echo in churn mode: the clean end.
+            Fault::Io(ErrorKind::UnexpectedEof) if matches!(self.state, State::Closing { .. }) => {
+                self.disconnect(ctx, ctx.now);
+                return;
+            }
+            Fault::Io(
+                ErrorKind::ConnectionReset
+                | ErrorKind::BrokenPipe
+                | ErrorKind::UnexpectedEof
+                | ErrorKind::ConnectionAborted,
+            ) => ctx.event(self.addr, |c| c.resets += 1),
+            Fault::Io(_) => ctx.event(self.addr, |c| c.other_errors += 1),
+            Fault::Wrong | Fault::Extra => ctx.event(self.addr, |c| c.mismatches += 1),
+        }
+        self.settle_in_flight(None, ctx);
+        self.disconnect(ctx, ctx.now);
+    }
+
+    /// Gives the messages on the wire (closed loop: all issued) an outcome:
+    /// a timeout when `timeout` is given, else lost.
+    fn settle_in_flight(&mut self, timeout: Option<Duration>, ctx: &mut Ctx) {
+        let end = if self.open_loop() { self.on_wire_end() } else { self.issued };
+        for seq in self.head..end {
+            if !self.measured(seq) {
+                continue;
+            }
+            let age = ctx.now.saturating_duration_since(self.time(seq));
+            let t = &mut ctx.tallies[self.addr];
+            match timeout {
+                Some(limit) => {
+                    t.counts.timeouts += 1;
+                    let _ = t.latency.record(age.max(limit).as_micros() as u64);
+                }
+                None => t.counts.lost += 1,
+            }
+        }
+        if let Clock::Sent(times) = &mut self.clock {
+            times.drain(..(end - self.head) as usize);
+        }
+        self.head = end;
+        self.written = self.written.max(end);
+        self.partial = 0;
+        self.received = 0;
+    }
+
+    /// When the head message (or a connect, or a churn close) times out.
+    fn timeout_at(&self, timeout: Duration) -> Option<Instant> {
+        match self.state {
+            State::Connecting { since } | State::Closing { since } => Some(since + timeout),
+            // A message's timeout runs from when it could reach the server:
+            // one due during an outage gets its full time after the
+            // reconnect (its latency still counts from when it was due).
+            State::Open { since }
+                if self.head < self.on_wire_end() || (!self.open_loop() && self.head < self.issued) =>
+            {
+                Some(self.time(self.head).max(since) + timeout)
+            }
+            _ => None,
         }
     }
 
-    /// An I/O error: count it, drop the connection, reconnect.
-    fn fail(&mut self, kind: ErrorKind, registry: &Registry, now: Instant, sink: &mut Sink) {
-        match kind {
-            ErrorKind::ConnectionReset
-            | ErrorKind::BrokenPipe
-            | ErrorKind::UnexpectedEof
-            | ErrorKind::ConnectionAborted => sink.count(|c| c.resets += 1),
-            ErrorKind::InvalidData => {} // counted as a mismatch already
-            _ => sink.count(|c| c.other_errors += 1),
+    /// Gives up on a connect, a churn close or a message that took too long.
+    fn check_timeout(&mut self, ctx: &mut Ctx) {
+        let Some(at) = self.timeout_at(ctx.opts.timeout) else { return };
+        if ctx.now < at {
+            return;
         }
-        self.close(registry);
-        self.state = State::Waiting { at: now };
+        match self.state {
+            State::Connecting { .. } => ctx.event(self.addr, |c| c.connect_errors += 1),
+            // The echo came back whole but the server never closed.
+            State::Closing { .. } => ctx.event(self.addr, |c| c.other_errors += 1),
+            _ => self.settle_in_flight(Some(ctx.opts.timeout), ctx),
+        }
+        self.disconnect(ctx, ctx.now);
     }
 
-    fn close(&mut self, registry: &Registry) {
+    /// The run is over: what is still without an outcome is unanswered
+    /// (with its age), and in open loop what was due but never issued is
+    /// counted as unsent.
+    pub fn finish(&mut self, ctx: &mut Ctx) {
+        for seq in self.head..self.issued {
+            if self.measured(seq) {
+                let age = ctx.now.saturating_duration_since(self.time(seq)).as_micros() as u64;
+                let t = &mut ctx.tallies[self.addr];
+                t.counts.unanswered += 1;
+                let _ = t.unanswered_age.record(age.max(1));
+            }
+        }
+        self.head = self.issued;
+        if let (Clock::Schedule { .. }, Some(end), None) = (&self.clock, ctx.window.end, ctx.opts.count) {
+            let scheduled = self.first_due_from(end).saturating_sub(self.first_due_from(ctx.window.start));
+            let requests = self.measured_from.map_or(0, |m| self.issued - m);
+            ctx.tallies[self.addr].counts.unsent += scheduled.saturating_sub(requests);
+        }
+        self.disconnect(ctx, ctx.now + FAR);
+    }
+
+    /// Open loop: the first message due at or after `x`.
+    fn first_due_from(&self, x: Instant) -> u64 {
+        let Clock::Schedule { t0, period } = self.clock else { return 0 };
+        let mut k = (x.saturating_duration_since(t0).as_secs_f64() / period).ceil() as u64;
+        while k > 0 && self.time(k - 1) >= x {
+            k -= 1;
+        }
+        while self.time(k) < x {
+            k += 1;
+        }
+        k
+    }
+
+    fn disconnect(&mut self, ctx: &mut Ctx, reconnect_at: Instant) {
         if let Some(mut s) = self.stream.take() {
-            let _ = registry.deregister(&mut s);
+            let _ = ctx.registry.deregister(&mut s);
         }
-        self.queue.clear();
-        self.write_idx = 0;
+        self.state = State::Waiting { at: reconnect_at };
+    }
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -411,16 +632,29 @@ mod tests {
         for size in [1, 2, 63, 64, 65, 4096] {
             let pool = Pool::new(size, 3, true);
             for seq in 0..200 {
-                let m = pool.message(pool.offset(9, seq));
+                let m = pool.message(9, seq);
                 assert_eq!(m.len(), size);
                 assert_eq!(m[size - 1], b'\n', "size {size}");
                 assert!(!m[..size - 1].contains(&b'\n'), "one newline only");
             }
             if size > 1 {
-                assert_ne!(pool.message(pool.offset(9, 0)), pool.message(pool.offset(9, 1)));
+                assert_ne!(pool.message(9, 0), pool.message(9, 1));
             }
         }
         let pool = Pool::new(64, 3, false);
-        assert_ne!(pool.message(pool.offset(1, 0)), pool.message(pool.offset(1, 1)), "messages differ");
+        assert_ne!(pool.message(1, 0), pool.message(1, 1), "messages differ");
+    }
+
+    #[test]
+    fn an_open_loop_schedule_counts_what_is_due_in_a_window() {
+        let t0 = Instant::now();
+        let c = Conn::new(0, 0, 0, t0, Some((t0, 0.001)));
+        assert_eq!(c.first_due_from(t0), 0);
+        assert_eq!(c.first_due_from(t0 + Duration::from_micros(1)), 1);
+        assert_eq!(c.first_due_from(t0 + Duration::from_millis(1)), 1);
+        assert_eq!(c.first_due_from(t0 + Duration::from_secs(3)), 3000);
+        // A rate far below one message per run never panics.
+        let slow = Conn::new(0, 0, 0, t0, Some((t0, 1e12)));
+        assert_eq!(slow.first_due_from(t0 + Duration::from_secs(5)), 1);
     }
 }
