@@ -49,6 +49,11 @@ enum Misbehave {
     Duplicate(u64),
     /// Holds every `n`-th message's echo for `d`.
     DelayEvery(u64, Duration),
+    /// After echoing `n` messages, resets the connection (RST, with the
+    /// client's next messages unread).
+    ResetAfter(u64),
+    /// After echoing `n` messages, closes the connection (FIN).
+    CloseAfter(u64),
 }
 
 /// What the server did, as it recorded it.
@@ -138,7 +143,9 @@ fn accept_loop(listener: TcpListener, addr: SocketAddr, how: Misbehave, truth: &
             Ok((s, _)) => {
                 s.set_nonblocking(false).expect("blocking stream");
                 let _ = s.set_nodelay(true);
-                if let Ok(c) = s.try_clone() {
+                // Only an outage needs to reach the connections (a clone
+                // would keep a socket open that its thread closes).
+                if let (Misbehave::Outage { .. }, Ok(c)) = (how, s.try_clone()) {
                     open.push(c);
                 }
                 let truth = truth.clone();
@@ -160,7 +167,7 @@ fn serve(mut s: TcpStream, how: Misbehave, started: Instant, truth: &Mutex<Truth
         let mut echo = msg.to_vec();
         let mut fault = false;
         match how {
-            Misbehave::Nothing | Misbehave::Outage { .. } => {}
+            Misbehave::Nothing | Misbehave::Outage { .. } | Misbehave::ResetAfter(_) | Misbehave::CloseAfter(_) => {}
             Misbehave::Stall { at, len } => {
                 let t = started.elapsed();
                 if t >= at && t < at + len {
@@ -199,6 +206,24 @@ fn serve(mut s: TcpStream, how: Misbehave, started: Instant, truth: &Mutex<Truth
         t.echoed += 1;
         t.faults += u64::from(fault);
         t.held_us.push(arrived.elapsed().as_micros() as u64);
+        drop(t);
+        match how {
+            Misbehave::ResetAfter(k) if n == k => {
+                truth.lock().expect("truth lock").faults += 1;
+                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                return; // dropped with linger 0: RST
+            }
+            Misbehave::CloseAfter(k) if n == k => {
+                truth.lock().expect("truth lock").faults += 1;
+                let _ = s.shutdown(Shutdown::Write);
+                // Read (and discard) until the client closes, so the close
+                // is a FIN, not a reset for unread data.
+                let mut sink = [0u8; 4096];
+                while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+                return;
+            }
+            _ => {}
+        }
     }
 }
 
@@ -379,6 +404,32 @@ fn a_duplicated_echo_is_one_mismatch_and_the_connection_starts_over() {
     assert!(mismatches <= dups && mismatches + 4 >= dups, "one mismatch per duplicate ({dups}): {j}");
     assert!(n(&j, "responses") <= s.truth().echoed, "a duplicate is not a response: {j}");
     assert_eq!(code, 1, "{j}");
+}
+
+/// A server that resets or closes a connection every 30 echoes: each drop
+/// is counted once (a reset), what was on the wire is lost (at most the
+/// pipeline), and every echo the server wrote before is a response.
+#[test]
+fn resets_and_closes_lose_only_what_was_on_the_wire() {
+    for how in [Misbehave::ResetAfter(30), Misbehave::CloseAfter(30)] {
+        let s = Server::start(how);
+        let (code, j, _) = load(s.addr, &["-c", "2", "-t", "1", "-d", "1", "--pipeline", "4"]);
+        assert_accounted(&j);
+        let truth = s.truth();
+        eprintln!("{how:?} {truth:?}");
+        let (resets, lost) = (n(&j, "resets"), n(&j, "lost"));
+        // The last drop of each connection may come after the run ended.
+        assert!(resets <= truth.faults && resets + 2 >= truth.faults && resets >= 10, "{how:?} {truth:?} {j}");
+        assert!(lost <= 4 * resets && lost >= resets, "{how:?}: what was on the wire, no more: {j}");
+        let responses = n(&j, "responses");
+        assert!(responses <= truth.echoed, "{how:?}: no response the server did not write: {j}");
+        if let Misbehave::CloseAfter(_) = how {
+            // A FIN comes after the data: all 30 echoes of each connection
+            // arrive. (A reset may discard echoes the client had not read.)
+            assert!(responses >= 30 * resets && responses <= 30 * (resets + 2), "{how:?}: {j}");
+        }
+        assert_eq!(code, 3, "{how:?} {j}");
+    }
 }
 
 /// Delay every 10th echo by 30 ms: the tail shows exactly that share.

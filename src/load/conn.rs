@@ -251,9 +251,8 @@ impl Conn {
     /// give up on those that waited too long. Returns when it next needs the
     /// clock.
     pub fn tick(&mut self, ctx: &mut Ctx) -> Option<Instant> {
-        let issuing = ctx.window.end.is_none_or(|e| ctx.now < e)
-            && !self.exhausted
-            && !ctx.shared.tickets_out(ctx.opts.count);
+        let issuing =
+            ctx.window.end.is_none_or(|e| ctx.now < e) && !self.exhausted && !ctx.shared.tickets_out(ctx.opts.count);
         if let State::Waiting { at } = self.state {
             // After the end a connection comes back only for messages
             // already issued (open loop): nothing new starts.
