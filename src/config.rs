@@ -285,7 +285,7 @@ impl Config {
         // Checked whoever runs the check: `--check-config` as an operator
         // must say what the daemon, started as root, would refuse.
         if !self.user.is_empty() {
-            match crate::privileges::find_user(&self.user) {
+            match crate::users::find_user(&self.user) {
                 None => return Err(("user", format!("no such user `{}`", self.user))),
                 Some(u) if u.uid.is_root() && !self.allow_root => {
                     return Err(("user", format!("`{}` is root: set allow_root = true to run as root", self.user)));
@@ -293,7 +293,7 @@ impl Config {
                 Some(_) => {}
             }
         }
-        if !self.group.is_empty() && crate::privileges::find_group(&self.group).is_none() {
+        if !self.group.is_empty() && crate::users::find_group(&self.group).is_none() {
             return Err(("group", format!("no such group `{}`", self.group)));
         }
         if self.upgrade_timeout.0.is_zero() {

@@ -17,7 +17,8 @@
 //! - [`stats`] and [`metrics`]: one snapshot, rendered for logs and
 //!   Prometheus;
 //! - [`proxy`]: the PROXY protocol header (v1, v2) and the trust list;
-//! - [`systemd`], [`logging`], [`limits`], [`privileges`], [`ratelimit`];
+//! - [`systemd`], [`logging`], [`limits`], [`privileges`] (with [`users`],
+//!   the name lookup config validation shares), [`ratelimit`];
 //! - [`sys`]: every `unsafe` call, each with its argument;
 //! - [`load`]: the engine of the `echo-load` harness.
 
@@ -36,4 +37,5 @@ pub mod scoreboard;
 pub mod stats;
 pub mod sys;
 pub mod systemd;
+pub mod users;
 pub mod worker;

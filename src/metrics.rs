@@ -178,7 +178,7 @@ pub fn render(snap: &Snapshot, info: &MasterInfo) -> String {
     let up: Vec<(String, f64)> = snap
         .workers
         .iter()
-        .map(|w| (format!("worker=\"{}\",pid=\"{}\",state=\"{}\"", w.id, w.pid, w.phase.name()), 1.0))
+        .map(|w| (format!("worker=\"{}\",pid=\"{}\",state=\"{}\"", w.id, w.pid, w.state.name()), 1.0))
         .collect();
     metric_owned(o, "echod_worker_info", "gauge", "Each worker process and its state.", up);
 
@@ -250,7 +250,7 @@ mod tests {
                 id: 3,
                 pid: 42,
                 generation: 2,
-                phase: crate::master::supervisor::Phase::Serving,
+                state: crate::stats::State::Serving,
                 accepted: 4,
                 active: 1,
                 capacity: 8,

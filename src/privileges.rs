@@ -11,17 +11,10 @@
 //! master stays root): a reload can then bind only unprivileged ports, unless
 //! CAP_NET_BIND_SERVICE is granted by the service manager.
 
-use nix::unistd::{Gid, Group, Uid, User, geteuid, setgid, setgroups, setuid};
+use nix::unistd::{Gid, Uid, geteuid, setgid, setgroups, setuid};
 
 use crate::config::Config;
-
-pub fn find_user(name: &str) -> Option<User> {
-    User::from_name(name).ok().flatten()
-}
-
-pub fn find_group(name: &str) -> Option<Group> {
-    Group::from_name(name).ok().flatten()
-}
+use crate::users::{find_group, find_user};
 
 /// Becomes the configured user if running as root; refuses to stay root
 /// unless `allow_root`. Returns a message for the log on success.

@@ -6,9 +6,27 @@
 //! kept from workers that exited, and of what earlier masters handed over in
 //! a binary upgrade, so they never go backwards.
 
-use crate::master::dispatch::Dispatcher;
-use crate::master::supervisor::{Phase, Supervisor};
 use crate::scoreboard::SlotStats;
+
+/// Where a worker is in its life, as operators see it (the supervisor's
+/// phase without its deadlines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Starting,
+    Serving,
+    Draining,
+}
+
+impl State {
+    /// The word in USR1 lines and `echod_worker_info`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Serving => "serving",
+            State::Draining => "draining",
+        }
+    }
+}
 
 /// One worker as the master sees it.
 #[derive(Debug, Clone)]
@@ -16,7 +34,7 @@ pub struct WorkerView {
     pub id: usize,
     pub pid: i32,
     pub generation: u64,
-    pub phase: Phase,
+    pub state: State,
     /// Connections sent to it.
     pub accepted: u64,
     /// Connections it holds (sent, not yet finished).
@@ -25,7 +43,77 @@ pub struct WorkerView {
     pub slot: SlotStats,
 }
 
-/// Everything at one moment.
+/// Counters the old generation hands to the new one so totals never go
+/// backwards: the old master's snapshot totals.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Carried {
+    pub accepted: u64,
+    pub rejected: u64,
+    pub restarts: u64,
+    pub totals: SlotStats,
+}
+
+impl Carried {
+    /// What a successor master carries on from a snapshot of this one.
+    pub fn of(s: &Snapshot) -> Carried {
+        Carried {
+            accepted: s.accepted,
+            // The workers' share travels in `totals`.
+            rejected: s.rejected - s.totals.rejected,
+            restarts: s.restarts,
+            totals: s.totals,
+        }
+    }
+
+    /// The `totals ...` line of the upgrade channel.
+    pub fn encode(&self) -> String {
+        let t = &self.totals;
+        let mut line = format!(
+            "totals {} {} {} {} {} {} {} {} {} {} {}",
+            self.accepted,
+            self.rejected,
+            self.restarts,
+            t.received,
+            t.finished,
+            t.bytes_in,
+            t.bytes_out,
+            t.err_reset,
+            t.err_timeout,
+            t.err_other,
+            t.duration_sum_us
+        );
+        for d in t.duration {
+            line.push_str(&format!(" {d}"));
+        }
+        for v in [t.proxied, t.rejected].iter().chain(&t.proxy_errors) {
+            line.push_str(&format!(" {v}"));
+        }
+        line.push('\n');
+        line
+    }
+
+    /// Reads a `totals ...` line; None for anything else.
+    pub fn decode(line: &str) -> Option<Carried> {
+        let mut words = line.strip_prefix("totals ")?.split(' ').map(|w| w.parse::<u64>().ok());
+        let mut next = || words.next().flatten();
+        let mut c = Carried { accepted: next()?, rejected: next()?, restarts: next()?, ..Carried::default() };
+        let t = &mut c.totals;
+        (t.received, t.finished, t.bytes_in, t.bytes_out) = (next()?, next()?, next()?, next()?);
+        (t.err_reset, t.err_timeout, t.err_other, t.duration_sum_us) = (next()?, next()?, next()?, next()?);
+        for d in t.duration.iter_mut() {
+            *d = next()?;
+        }
+        // Added with the PROXY protocol: a predecessor built before it
+        // sends none of these, which then start from zero.
+        for v in [&mut t.proxied, &mut t.rejected].into_iter().chain(t.proxy_errors.iter_mut()) {
+            *v = next().unwrap_or(0);
+        }
+        Some(c)
+    }
+}
+
+/// Everything at one moment (built by the master, which owns the workers
+/// and the dispatcher; this module only renders it).
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub accepted: u64,
@@ -41,56 +129,9 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn take(sup: &Supervisor, disp: &Dispatcher) -> Snapshot {
-        let mut totals = sup.retired;
-        totals.add_counters(&sup.carried.totals);
-        let mut workers: Vec<WorkerView> = sup
-            .workers
-            .iter()
-            .map(|w| {
-                let slot = sup.scoreboard.slot(w.id).snapshot();
-                totals.add_counters(&slot);
-                WorkerView {
-                    id: w.id,
-                    pid: w.pid.as_raw(),
-                    generation: w.generation,
-                    phase: w.phase,
-                    accepted: w.dispatched,
-                    active: w.dispatched.saturating_sub(slot.finished),
-                    capacity: w.capacity,
-                    slot,
-                }
-            })
-            .collect();
-        workers.sort_by_key(|w| w.id);
-        let active = workers.iter().map(|w| w.active).sum::<u64>() + disp.held(sup) as u64;
-        Snapshot {
-            accepted: disp.accepted + sup.carried.accepted,
-            // The master's rejections, and the workers' (PROXY listeners).
-            rejected: disp.rejected + sup.carried.rejected + totals.rejected,
-            active,
-            restarts: sup.restarts + sup.carried.restarts,
-            generation: sup.generation,
-            target: sup.target,
-            totals,
-            workers,
-        }
-    }
-
-    /// What a successor master carries on from this one.
-    pub fn carried(&self) -> crate::master::upgrade::Carried {
-        crate::master::upgrade::Carried {
-            accepted: self.accepted,
-            // The workers' share travels in `totals`.
-            rejected: self.rejected - self.totals.rejected,
-            restarts: self.restarts,
-            totals: self.totals,
-        }
-    }
-
     /// Workers that take connections (not starting, not draining).
     pub fn serving(&self) -> usize {
-        self.workers.iter().filter(|w| w.phase == Phase::Serving).count()
+        self.workers.iter().filter(|w| w.state == State::Serving).count()
     }
 
     /// The one-line summary (periodic stats, USR1 first line).
@@ -125,7 +166,7 @@ impl Snapshot {
                      idle={} queued={} capacity={}",
                     w.id,
                     w.pid,
-                    w.phase.name(),
+                    w.state.name(),
                     w.generation,
                     w.active,
                     w.accepted,

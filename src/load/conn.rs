@@ -30,7 +30,8 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
-use super::{Counts, Options, Shared, Tally};
+use super::plan::{Options, Shared, Window};
+use super::tally::{Counts, Tally};
 
 /// How far message windows move inside the pool: payloads start at one of
 /// this many offsets, so consecutive messages differ.
@@ -97,17 +98,6 @@ impl Pool {
         };
         &self.bytes[offset..offset + self.size]
     }
-}
-
-/// The run's clock, the same for every thread.
-#[derive(Debug, Clone, Copy)]
-pub struct Window {
-    /// Messages issued (open loop: due) from here on are measured: the
-    /// warm-up is over.
-    pub start: Instant,
-    /// No message is issued (open loop: due) from here on. `None` with
-    /// `--count`, where the tickets decide.
-    pub end: Option<Instant>,
 }
 
 /// What a connection needs from its thread for one step.

@@ -24,55 +24,21 @@
 //! does not SYN-flood its own target.
 
 pub mod conn;
+pub mod plan;
 pub mod report;
+pub mod tally;
 
-use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
-use conn::{Conn, Ctx, Window};
-
-/// What to run.
-#[derive(Debug, Clone)]
-pub struct Options {
-    /// Server addresses; connections are spread over them round-robin.
-    pub addrs: Vec<SocketAddr>,
-    pub connections: usize,
-    /// Measured time (after warm-up); None with `count`.
-    pub duration: Option<Duration>,
-    /// Stop after this many responses.
-    pub count: Option<u64>,
-    pub size: usize,
-    pub pipeline: usize,
-    /// Open loop: messages per second over all connections.
-    pub rate: Option<f64>,
-    pub churn: bool,
-    /// Payloads are newline-terminated lines (for line-based servers).
-    pub lines: bool,
-    /// Each connection first sends this PROXY protocol header.
-    pub proxy: Option<crate::proxy::Version>,
-    pub threads: usize,
-    pub warmup: Duration,
-    pub ramp_up: Duration,
-    /// A message not echoed within this is a timeout (connection reopened).
-    pub timeout: Duration,
-}
-
-impl Options {
-    pub fn mode(&self) -> &'static str {
-        match (self.churn, self.rate.is_some()) {
-            (true, _) => "churn",
-            (false, true) => "open",
-            (false, false) => "closed",
-        }
-    }
-}
+use conn::{Conn, Ctx};
+pub use plan::{Options, Shared, Window};
+pub use tally::{Counts, Tally, histogram};
 
 /// echo-load's exit statuses (`echo-load --help`, the man page, the README).
 /// When several apply: mismatch, then client behind, then errors.
@@ -105,130 +71,6 @@ const BEHIND_SHARE: f64 = 0.01;
 const IDLE_POLL: Duration = Duration::from_millis(100);
 /// The load thread's timer token (connections use their index).
 const TIMER: mio::Token = mio::Token(usize::MAX);
-
-/// Counters of one thread (then of the run).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Counts {
-    /// Measured messages issued: requests = responses + timeouts + lost +
-    /// unanswered.
-    pub requests: u64,
-    /// Echoes received whole and intact.
-    pub responses: u64,
-    /// Messages not echoed within `timeout` (each one).
-    pub timeouts: u64,
-    /// Messages on the wire when their connection was reset or closed, or
-    /// whose echo was wrong.
-    pub lost: u64,
-    /// Messages still waiting for their echo when the run was over.
-    pub unanswered: u64,
-    /// Open loop: messages due in the measured window that the client never
-    /// got to issue.
-    pub unsent: u64,
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    /// Connections established.
-    pub connects: u64,
-    pub connect_errors: u64,
-    /// Reset, broken pipe, or closed by the server with messages in flight.
-    pub resets: u64,
-    pub other_errors: u64,
-    /// Echoes that differed from what was sent, and bytes nobody sent: each
-    /// is one mismatch, and its connection is reset.
-    pub mismatches: u64,
-}
-
-impl Counts {
-    /// Everything that went wrong but a mismatch: failed connects, resets,
-    /// timeouts, unanswered messages and other errors. (Lost messages are
-    /// the consequence of a reset or mismatch already counted.)
-    pub fn errors(&self) -> u64 {
-        self.connect_errors + self.resets + self.timeouts + self.unanswered + self.other_errors
-    }
-
-    /// Messages given an outcome so far (the progress of a `--count` run).
-    fn settled(&self) -> u64 {
-        self.responses + self.timeouts + self.lost
-    }
-
-    pub fn add(&mut self, o: &Counts) {
-        self.requests += o.requests;
-        self.responses += o.responses;
-        self.timeouts += o.timeouts;
-        self.lost += o.lost;
-        self.unanswered += o.unanswered;
-        self.unsent += o.unsent;
-        self.bytes_sent += o.bytes_sent;
-        self.bytes_received += o.bytes_received;
-        self.connects += o.connects;
-        self.connect_errors += o.connect_errors;
-        self.resets += o.resets;
-        self.other_errors += o.other_errors;
-        self.mismatches += o.mismatches;
-    }
-}
-
-/// State shared by the driver and the event-loop threads.
-#[derive(Default)]
-pub struct Shared {
-    /// Set to end the run now (Ctrl-C, or a `--count` run making no
-    /// progress): threads stop issuing and settle what is in flight.
-    pub stop: AtomicBool,
-    /// `--count`: measured messages issued so far, over all threads. Each
-    /// takes a ticket, so a run issues exactly `count`.
-    tickets: AtomicU64,
-    /// Live totals for the progress display (measured only).
-    pub responses: AtomicU64,
-    pub errors: AtomicU64,
-    pub mismatches: AtomicU64,
-    /// Messages given an outcome: a `--count` run with none for `timeout`
-    /// is stopped.
-    settled: AtomicU64,
-    /// Threads that have returned their results.
-    finished: AtomicUsize,
-}
-
-impl Shared {
-    /// Takes one of `count` tickets; false once they are gone.
-    fn take_ticket(&self, count: u64) -> bool {
-        self.tickets.fetch_add(1, Ordering::AcqRel) < count
-    }
-
-    pub fn tickets_out(&self, count: Option<u64>) -> bool {
-        count.is_some_and(|c| self.tickets.load(Ordering::Acquire) >= c)
-    }
-}
-
-/// What was counted for one server address (or for the whole run).
-pub struct Tally {
-    pub counts: Counts,
-    /// Latency in microseconds, from when each message was issued (open
-    /// loop: due) to its echo; timeouts count their age, at least `timeout`.
-    pub latency: Histogram<u64>,
-    /// Open loop: how late the client issued each message (µs). Large
-    /// values mean the client, not the server, set the pace.
-    pub lateness: Histogram<u64>,
-    /// Ages of the messages left unanswered at the end (µs).
-    pub unanswered_age: Histogram<u64>,
-}
-
-impl Tally {
-    pub fn new() -> Tally {
-        Tally { counts: Counts::default(), latency: histogram(), lateness: histogram(), unanswered_age: histogram() }
-    }
-
-    pub fn add(&mut self, o: &Tally) {
-        self.counts.add(&o.counts);
-        let _ = self.latency.add(&o.latency);
-        let _ = self.lateness.add(&o.lateness);
-        let _ = self.unanswered_age.add(&o.unanswered_age);
-    }
-}
-
-impl Default for Tally {
-    fn default() -> Tally {
-        Tally::new()
-    }
-}
 
 /// The whole run.
 pub struct Outcome {
@@ -272,13 +114,6 @@ impl Outcome {
             exit::CLEAN
         }
     }
-}
-
-/// A new latency histogram: 1 µs to an hour, 3 significant digits.
-pub fn histogram() -> Histogram<u64> {
-    let mut h = Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds");
-    h.auto(true);
-    h
 }
 
 /// Runs the load. `tick` is called every 100 ms from the driving thread

@@ -47,6 +47,8 @@ use mio::{Interest, Registry, Token};
 
 /// Poll token of the metrics listener.
 pub const LISTENER_TOKEN: Token = Token(1);
+/// FileDescriptorName= of a socket-activated metrics socket.
+pub const METRICS_FD_NAME: &str = "metrics";
 /// Poll tokens of scrape connections are `CONN_TOKEN_BASE + id`.
 pub const CONN_TOKEN_BASE: usize = 1 << 20;
 /// Request head size limit; larger requests get 431 and are closed.

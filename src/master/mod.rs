@@ -36,7 +36,7 @@ use crate::config::{Config, Overrides};
 use crate::ipc::Notice;
 use crate::metrics::{self, MasterInfo};
 use crate::scoreboard::monotonic_ms;
-use crate::stats::Snapshot;
+use crate::stats::{Snapshot, WorkerView};
 use crate::systemd::{self, Notifier};
 use crate::{limits, logging, privileges};
 use dispatch::Dispatcher;
@@ -51,8 +51,7 @@ const HEARTBEAT_CHECK: Duration = Duration::from_millis(500);
 /// How often systemd's STATUS= line is refreshed (only sent when changed).
 const STATUS_EVERY: Duration = Duration::from_secs(2);
 
-/// FileDescriptorName= of a socket-activated metrics socket.
-pub const METRICS_FD_NAME: &str = "metrics";
+pub use http::METRICS_FD_NAME;
 
 /// Why the master could not start. The binary maps each to an exit code.
 #[derive(Debug)]
@@ -180,7 +179,7 @@ struct Endpoint<'a> {
 
 impl http::Responder for Endpoint<'_> {
     fn metrics(&self) -> String {
-        metrics::render(&Snapshot::take(self.sup, self.disp), &self.info)
+        metrics::render(&snapshot(self.sup, self.disp), &self.info)
     }
 
     fn healthy(&self) -> bool {
@@ -488,7 +487,7 @@ impl Master {
         // A new master waiting for "go" is not the unit's main process yet:
         // its status would overwrite the serving one's.
         if now >= self.next_status && self.is_main() {
-            let status = Snapshot::take(&self.sup, &self.disp).status();
+            let status = snapshot(&self.sup, &self.disp).status();
             self.notify.status(&status);
             self.next_status = now + STATUS_EVERY;
         }
@@ -507,7 +506,7 @@ impl Master {
                 }
             }
             self.ready_owed = false;
-            let snap = Snapshot::take(&self.sup, &self.disp);
+            let snap = snapshot(&self.sup, &self.disp);
             log::info!("ready: {} worker(s) serving on {:?}", snap.serving(), self.listeners.addrs());
             self.notify.ready(&snap.status());
         }
@@ -735,12 +734,283 @@ impl Master {
 
     /// USR1 (with per-worker lines) and the periodic summary.
     fn log_stats(&self, per_worker: bool) {
-        let snap = Snapshot::take(&self.sup, &self.disp);
+        let snap = snapshot(&self.sup, &self.disp);
         log::info!("{}", snap.summary());
         if per_worker {
             for line in snap.worker_lines() {
                 log::info!("{line}");
             }
+        }
+    }
+}
+
+/// One snapshot of the master's view: the supervisor's workers with their
+/// scoreboard slots, the dispatcher's counts, and what earlier masters
+/// handed over. Every report (USR1, STATUS=, /metrics, the upgrade's
+/// totals) renders one of these.
+pub(crate) fn snapshot(sup: &Supervisor, disp: &Dispatcher) -> Snapshot {
+    let mut totals = sup.retired;
+    totals.add_counters(&sup.carried.totals);
+    let mut workers: Vec<WorkerView> = sup
+        .workers
+        .iter()
+        .map(|w| {
+            let slot = sup.scoreboard.slot(w.id).snapshot();
+            totals.add_counters(&slot);
+            WorkerView {
+                id: w.id,
+                pid: w.pid.as_raw(),
+                generation: w.generation,
+                state: w.phase.state(),
+                accepted: w.dispatched,
+                active: w.dispatched.saturating_sub(slot.finished),
+                capacity: w.capacity,
+                slot,
+            }
+        })
+        .collect();
+    workers.sort_by_key(|w| w.id);
+    let active = workers.iter().map(|w| w.active).sum::<u64>() + disp.held(sup) as u64;
+    Snapshot {
+        accepted: disp.accepted + sup.carried.accepted,
+        // The master's rejections, and the workers' (PROXY listeners).
+        rejected: disp.rejected + sup.carried.rejected + totals.rejected,
+        active,
+        restarts: sup.restarts + sup.carried.restarts,
+        generation: sup.generation,
+        target: sup.target,
+        totals,
+        workers,
+    }
+}
+
+// Binary upgrade, the master's side: the handlers of USR2 and of the
+// successor's and predecessor's messages. The protocol and its processes
+// live in `upgrade`; these are here because they drive the master itself.
+impl Master {
+    /// USR2: start the new binary as a new master.
+    pub(super) fn begin_upgrade(&mut self) {
+        let refuse = if self.is_stopping() {
+            Some("stopping".to_string())
+        } else if let Some(s) = &self.successor {
+            Some(format!("an upgrade is already in progress (new master pid {})", s.pid))
+        } else {
+            // A third generation while the first still drains would leave
+            // two masters serving the same sockets if it failed (nginx
+            // refuses this too).
+            self.predecessor.as_ref().map(|p| format!("the previous master (pid {}) is still draining", p.pid))
+        };
+        if let Some(why) = refuse {
+            log::warn!("upgrade refused: {why}");
+            return;
+        }
+        let binary = Some(&self.config.upgrade_binary).filter(|b| !b.is_empty()).map(PathBuf::from);
+        let handover = upgrade::Handover {
+            listeners: self.listeners.handover(),
+            metrics: self.http.as_ref().map(|h| (h.listener_fd(), self.http_activated)),
+        };
+        let deadline = Instant::now() + self.config.upgrade_timeout.0;
+        let exe = binary.clone().unwrap_or_else(|| self.invocation.exe.clone());
+        match upgrade::spawn(&self.invocation, binary, &handover, self.poll.registry(), deadline) {
+            Ok(s) => {
+                log::info!(
+                    "upgrade: started new master (pid {}) from {}; waiting up to {:.0}s for it to serve",
+                    s.pid,
+                    exe.display(),
+                    self.config.upgrade_timeout.0.as_secs_f64()
+                );
+                self.successor = Some(s);
+            }
+            Err(e) => log::error!("upgrade failed: cannot start {}: {e}; this master keeps serving", exe.display()),
+        }
+    }
+
+    /// The channel to the new master is readable.
+    pub(super) fn on_successor_channel(&mut self) {
+        let Some(s) = &mut self.successor else { return };
+        let heard = s.on_readable();
+        if heard.ready {
+            self.hand_over();
+        }
+        let Some(s) = &mut self.successor else { return };
+        if heard.gone {
+            s.deregister(self.poll.registry());
+            if !s.ready {
+                // It is exiting: let it say why before it is killed. Its exit
+                // (SIGCHLD) ends the upgrade; the grace bounds the wait.
+                s.deadline = s.deadline.min(Instant::now() + upgrade::EXIT_GRACE);
+            }
+        }
+    }
+
+    /// The channel from the old master is readable: "go", totals, or EOF.
+    pub(super) fn on_predecessor_channel(&mut self) {
+        let Some(p) = &mut self.predecessor else { return };
+        let was_go = p.go;
+        let gone = p.on_readable();
+        let (go, carried, pid) = (p.go, p.carried, p.pid);
+        if go && !was_go {
+            log::info!("upgrade: the old master (pid {pid}) stopped accepting; this master accepts now");
+            // Main from now on: the fd store is ours to keep (READY=1 with
+            // MAINPID= follows from `announce_ready`).
+            self.store_fds();
+        }
+        if let Some(c) = carried {
+            self.sup.carried = c;
+            self.serve_pending_metrics();
+        }
+        if gone {
+            if let Some(mut p) = self.predecessor.take() {
+                p.deregister(self.poll.registry());
+            }
+            if go {
+                log::info!("upgrade: the previous generation has exited");
+            } else {
+                // It died (or was killed) before handing over: nobody else
+                // accepts, so this master does.
+                log::warn!("upgrade: the old master (pid {pid}) is gone without handing over; this master takes over");
+                self.store_fds();
+            }
+            self.serve_pending_metrics();
+        }
+    }
+
+    /// Whether this master accepts connections and speaks for the service
+    /// (MAINPID, fd store): always, unless it is a new master whose
+    /// predecessor has not yet said "go".
+    pub(super) fn is_main(&self) -> bool {
+        self.predecessor.as_ref().is_none_or(|p| p.go)
+    }
+
+    /// The inherited metrics socket goes live once the old totals are in.
+    fn serve_pending_metrics(&mut self) {
+        if let Some(l) = self.pending_metrics.take() {
+            match HttpServer::adopt(l, self.poll.registry()) {
+                Ok(h) => {
+                    log::info!("metrics on http://{}/metrics", h.addr);
+                    self.http = Some(h);
+                }
+                Err(e) => log::error!("cannot serve the inherited metrics socket: {e}"),
+            }
+        }
+    }
+
+    /// The new master serves: stop accepting (keeping the sockets, so this
+    /// master can take over again if the new one dies), let it accept, make
+    /// it systemd's main process, and drain this generation.
+    fn hand_over(&mut self) {
+        let Some(s) = self.successor.as_mut() else { return };
+        let pid = s.pid;
+        log::info!("upgrade: new master (pid {pid}) serves; this master stops accepting and drains");
+        self.listeners.pause(self.poll.registry());
+        // The new master serves /metrics from here; scrapes in progress
+        // finish (dropping them would reset their clients).
+        if let Some(h) = &mut self.http {
+            h.pause(self.poll.registry());
+        }
+        // MAINPID first: the new master's READY=1 (after "go") then always
+        // follows it.
+        self.notify.hand_over(pid.as_raw() as u32);
+        s.go();
+        self.begin_stop(true);
+        if let Some(st) = &mut self.stopping {
+            st.handed_over = true;
+        }
+        self.send_totals_to_successor();
+        if std::mem::take(&mut self.reload_pending) {
+            log::info!("upgrade: passing the reload asked for during the upgrade on to the new master (pid {pid})");
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP);
+        }
+    }
+
+    /// While draining after a hand-over: the new master carries our totals.
+    pub(super) fn send_totals_to_successor(&mut self) {
+        if let Some(s) = self.successor.as_mut().filter(|s| s.ready && !s.closed) {
+            s.send_totals(crate::stats::Carried::of(&snapshot(&self.sup, &self.disp)));
+        }
+    }
+
+    /// The new master exited (reaped by SIGCHLD).
+    pub(super) fn on_successor_exit(&mut self, status: nix::sys::wait::WaitStatus) {
+        let how = supervisor::describe(status);
+        let Some(s) = &self.successor else { return };
+        if !s.ready {
+            return self.upgrade_failed(format!("the new master exited ({how})"));
+        }
+        let pid = s.pid;
+        if let Some(mut s) = self.successor.take() {
+            s.deregister(self.poll.registry());
+        }
+        if self.stopping.is_some_and(|st| st.handed_over) {
+            log::warn!("upgrade: the new master (pid {pid}), which had taken over, exited ({how}); taking over again");
+            self.take_back();
+        } else {
+            log::warn!("upgrade: the new master (pid {pid}), which had taken over, exited ({how})");
+        }
+    }
+
+    /// Rolls a hand-over back: the new master died while this one drained.
+    /// Listen again on the sockets kept for this, serve /metrics again, be
+    /// systemd's main process again, and start a fresh generation of workers
+    /// (the draining ones finish on their own deadlines).
+    fn take_back(&mut self) {
+        if let Err(e) = self.listeners.resume(self.poll.registry()) {
+            log::error!("upgrade: cannot listen again: {e}");
+        }
+        if let Some(Err(e)) = self.http.as_mut().map(|h| h.resume(self.poll.registry())) {
+            log::error!("cannot serve metrics again: {e}");
+        }
+        self.notify.take_back();
+        self.stopping = None;
+        self.stop_at = None;
+        self.sup.generation += 1;
+        self.sup.reset_backoff();
+        self.ready_owed = true;
+        self.store_fds();
+    }
+
+    /// Gives up on a new master that did not become ready in time, or that
+    /// closed its channel and did not exit.
+    pub(super) fn check_upgrade_deadline(&mut self, now: Instant) {
+        let Some(s) = self.successor.as_ref().filter(|s| !s.ready && now >= s.deadline) else { return };
+        let why = if s.closed {
+            format!("the new master closed its channel and did not exit within {}s", upgrade::EXIT_GRACE.as_secs())
+        } else {
+            format!("the new master did not become ready within {:.0}s", self.config.upgrade_timeout.0.as_secs_f64())
+        };
+        self.upgrade_failed(why);
+    }
+
+    /// Ends a failed upgrade: the new master (and with it its workers, by
+    /// PR_SET_PDEATHSIG) is killed; it never accepted, and this master never
+    /// stopped serving. A reload asked for meanwhile is applied now.
+    pub(super) fn upgrade_failed(&mut self, why: String) {
+        let Some(mut s) = self.successor.take() else { return };
+        s.deregister(self.poll.registry());
+        let _ = nix::sys::signal::kill(s.pid, nix::sys::signal::Signal::SIGKILL);
+        log::error!("upgrade failed: {why}; this master keeps serving");
+        if std::mem::take(&mut self.reload_pending) {
+            self.reload();
+        }
+    }
+
+    /// Keeps systemd's fd store holding our listening sockets (when it is
+    /// there to hold them and they are not the socket unit's), so that a
+    /// plain restart refuses no connection: the new process gets them back
+    /// as LISTEN_FDS named [`upgrade::FD_LISTEN`] / [`upgrade::FD_METRICS`]. Only the main
+    /// master writes it: a new master that may still fail must not replace
+    /// the live sockets there.
+    pub(super) fn store_fds(&self) {
+        if !self.notify.enabled() || !self.is_main() {
+            return;
+        }
+        self.notify.store_fds(upgrade::FD_LISTEN, &self.listeners.own_fds());
+        if !self.http_activated {
+            // Served, or inherited and not served yet: either way the live
+            // metrics socket (never an empty entry that would remove it).
+            let pending = self.pending_metrics.iter().map(std::os::fd::AsFd::as_fd);
+            let metrics: Vec<_> = self.http.iter().map(|h| h.listener_borrowed()).chain(pending).collect();
+            self.notify.store_fds(upgrade::FD_METRICS, &metrics);
         }
     }
 }

@@ -35,6 +35,7 @@ use nix::unistd::Pid;
 use crate::config::{Config, MAX_WORKERS};
 use crate::ipc::{Channel, Command};
 use crate::scoreboard::{Scoreboard, SlotStats};
+use crate::stats::{Carried, State};
 use crate::sys::{self, Forked};
 use crate::worker;
 
@@ -75,11 +76,11 @@ pub enum Phase {
 
 impl Phase {
     /// The state as operators see it (USR1 lines, `echod_worker_info`).
-    pub fn name(&self) -> &'static str {
+    pub fn state(&self) -> State {
         match self {
-            Phase::Starting { .. } => "starting",
-            Phase::Serving => "serving",
-            Phase::Draining { .. } => "draining",
+            Phase::Starting { .. } => State::Starting,
+            Phase::Serving => State::Serving,
+            Phase::Draining { .. } => State::Draining,
         }
     }
 }
@@ -138,7 +139,7 @@ pub struct Supervisor {
     pub restarts: u64,
     /// Totals of the generations before a binary upgrade (see
     /// `master::upgrade`), added to every snapshot.
-    pub carried: crate::master::upgrade::Carried,
+    pub carried: Carried,
     /// Consecutive start-up failures (reset by a worker that lives past the
     /// start-up window).
     failures: u32,
