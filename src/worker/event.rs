@@ -31,7 +31,7 @@ use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::TcpStream as StdStream;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
@@ -42,9 +42,10 @@ use crate::ipc::{Notice, Origin};
 use crate::proxy::{Handshake, HeaderError, Step};
 use crate::worker::counters::{Ending, Refusal, Tally};
 use crate::worker::echo::ending_of;
+use crate::worker::handles::{self, Handle};
 use crate::worker::proxied;
 use crate::worker::queue::Pop;
-use crate::worker::{TICK, Worker};
+use crate::worker::shared::{TICK, Worker};
 
 /// Token of each loop's waker; connections use their slab index.
 const WAKER: Token = Token(usize::MAX);
@@ -59,16 +60,6 @@ const EVENTS: usize = 1024;
 /// counters (about once a second, as the thread handler does).
 const FLUSH_TICKS: u64 = 4;
 
-/// What the receiver and the drain hold of one loop: how to wake it, how
-/// loaded it is, and the order to cut everything.
-pub struct Handle {
-    waker: Waker,
-    /// Connections this loop serves, for the least-loaded choice.
-    open: AtomicUsize,
-    /// Set by a drain deadline or fast stop: close every connection now.
-    cut: AtomicBool,
-}
-
 /// Creates the polls and their handles before the worker's shared state
 /// exists (the handles live in it; each poll moves into its thread).
 pub fn prepare(loops: usize) -> io::Result<(Vec<Handle>, Vec<Poll>)> {
@@ -77,7 +68,7 @@ pub fn prepare(loops: usize) -> io::Result<(Vec<Handle>, Vec<Poll>)> {
     for _ in 0..loops {
         let poll = Poll::new()?;
         let waker = Waker::new(poll.registry(), WAKER)?;
-        handles.push(Handle { waker, open: AtomicUsize::new(0), cut: AtomicBool::new(false) });
+        handles.push(Handle::new(waker));
         polls.push(poll);
     }
     Ok((handles, polls))
@@ -109,38 +100,6 @@ pub fn spawn(w: &Arc<Worker>, index: usize, poll: Poll) -> io::Result<()> {
             Err(e)
         }
     }
-}
-
-/// Wakes the loop serving the fewest connections to take what was queued.
-pub fn notify(handles: &[Handle]) {
-    if let Some(h) = handles.iter().min_by_key(|h| h.open.load(Ordering::Relaxed)) {
-        let _ = h.waker.wake();
-    }
-}
-
-/// Wakes every loop (the queue closed: they finish and exit when empty).
-pub fn wake_all(handles: &[Handle]) {
-    for h in handles {
-        let _ = h.waker.wake();
-    }
-}
-
-/// Tells every loop to close all its connections; returns how many were
-/// open.
-pub fn cut_all(handles: &[Handle]) -> usize {
-    handles
-        .iter()
-        .map(|h| {
-            h.cut.store(true, Ordering::Release);
-            let _ = h.waker.wake();
-            h.open.load(Ordering::Relaxed)
-        })
-        .sum()
-}
-
-/// Loops that serve at least one connection (the "busy threads" gauge).
-pub fn busy_loops(handles: &[Handle]) -> usize {
-    handles.iter().filter(|h| h.open.load(Ordering::Relaxed) > 0).count()
 }
 
 /// One client connection in a loop.
@@ -303,7 +262,7 @@ impl EventLoop {
                 }
             }
         }
-        notify(&self.w.loops);
+        handles::notify(&self.w.loops);
     }
 
     fn register(&mut self, stream: StdStream, origin: Origin) {

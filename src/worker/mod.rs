@@ -27,9 +27,11 @@
 pub mod counters;
 pub mod echo;
 pub mod event;
+pub mod handles;
 pub mod pool;
 pub mod proxied;
 pub mod queue;
+pub mod shared;
 
 use std::net::TcpStream;
 use std::process;
@@ -43,14 +45,12 @@ use nix::unistd::Pid;
 use crate::config::{Config, Handler};
 use crate::ipc::{Channel, Command, Notice, Origin, Received};
 use crate::ratelimit::RateLimited;
-use crate::scoreboard::{Field, Scoreboard, Slot, monotonic_ms};
+use crate::scoreboard::{Field, Scoreboard, monotonic_ms};
 use crate::{logging, sys};
 use counters::Counters;
-use pool::OpenConnections;
+use handles::OpenConnections;
 use queue::{PushError, Queue};
-
-/// How often the receiver ticks when the channel is quiet.
-pub(crate) const TICK: Duration = Duration::from_millis(250);
+pub use shared::{TICK, Worker};
 
 /// The fd number the channel is moved to in the child (the first after stdio).
 const CHANNEL_FD: i32 = 3;
@@ -74,33 +74,6 @@ pub struct Args {
     /// worker_connections, lowered by the master if RLIMIT_NOFILE cannot
     /// hold that many).
     pub capacity: usize,
-}
-
-/// State shared by a worker's receiver and handler threads.
-pub struct Worker {
-    /// Scoreboard slot number.
-    pub id: usize,
-    pub config: Config,
-    pub capacity: usize,
-    pub slot: Slot,
-    pub scoreboard: Scoreboard,
-    pub channel: Channel,
-    /// Connections waiting for a thread, with where their client address
-    /// comes from.
-    pub queue: Queue<(TcpStream, Origin)>,
-    pub counters: Counters,
-    pub open: OpenConnections,
-    /// The event loops (event mode; empty in thread mode).
-    pub loops: Vec<event::Handle>,
-    /// Handler threads alive (idle or busy; in event mode, the loops).
-    pub threads: AtomicUsize,
-    /// Connections being served (taken off the queue, not yet finished).
-    pub busy: AtomicUsize,
-    /// Receiver ticks so far: a clock handlers can read for the price of a
-    /// relaxed load.
-    pub ticks: AtomicU64,
-    /// Paces the log lines of refused PROXY connections (`proxied`).
-    pub refusal_log: std::sync::Mutex<RateLimited>,
 }
 
 /// The worker process's entry point, called in the child right after fork.
@@ -265,7 +238,7 @@ fn take(w: &Arc<Worker>, conns: Vec<(std::os::fd::OwnedFd, Origin)>, last_tick: 
                     // Every thread is busy and the queue is full; keep the
                     // heartbeat going while we wait for room.
                     stream = s;
-                    event::notify(&w.loops);
+                    handles::notify(&w.loops);
                     tick(w);
                     *last_tick = Instant::now();
                 }
@@ -277,7 +250,7 @@ fn take(w: &Arc<Worker>, conns: Vec<(std::os::fd::OwnedFd, Origin)>, last_tick: 
         }
     }
     // One wake-up per batch: the loop takes everything queued.
-    event::notify(&w.loops);
+    handles::notify(&w.loops);
 }
 
 /// Starts a handler for a connection nobody is waiting for.
@@ -285,42 +258,6 @@ fn grow(w: &Arc<Worker>) {
     if let Err(e) = pool::spawn_handler(w) {
         // The connection stays queued until a busy thread frees up.
         log::warn!("cannot start handler thread ({} running): {e}", w.threads.load(Ordering::Relaxed));
-    }
-}
-
-impl Worker {
-    /// Stops taking connections off the queue; handlers finish what they
-    /// hold. Event loops are woken to notice.
-    fn close_queue(&self) {
-        self.queue.close();
-        event::wake_all(&self.loops);
-    }
-
-    /// Gives back what the master charged for a connection that is gone
-    /// (a proxied one is charged only once its header is read).
-    pub fn release(&self, origin: Origin) {
-        if let Origin::Direct(bucket) = origin {
-            self.scoreboard.discharge_ip(self.id, bucket);
-        }
-    }
-
-    /// Closes every connection being served, in either mode; returns how
-    /// many there were.
-    fn cut_all(&self) -> usize {
-        self.open.cut_all() + event::cut_all(&self.loops)
-    }
-
-    /// Refreshes the heartbeat: this process runs. The receiver does it on
-    /// every tick; busy handlers do it too (every few hundred echoes),
-    /// because on a saturated CPU the receiver is one thread among
-    /// thousands and may not run for seconds, and a busy worker must not be
-    /// mistaken for a hung one. Only a process where nothing runs at all
-    /// (stopped, wedged) goes stale.
-    pub fn beat(&self) {
-        let now = monotonic_ms();
-        if now >= self.slot.get(Field::Heartbeat) + 100 {
-            self.slot.set(Field::Heartbeat, now);
-        }
     }
 }
 
@@ -342,7 +279,7 @@ fn publish_gauges(w: &Worker) {
     let (queued, _idle) = w.queue.stats();
     w.slot.set(Field::Queued, queued as u64);
     w.slot.set(Field::Threads, w.threads.load(Ordering::Relaxed) as u64);
-    let busy = if w.loops.is_empty() { w.busy.load(Ordering::Relaxed) } else { event::busy_loops(&w.loops) };
+    let busy = if w.loops.is_empty() { w.busy.load(Ordering::Relaxed) } else { handles::busy_loops(&w.loops) };
     w.slot.set(Field::Busy, busy as u64);
 }
 

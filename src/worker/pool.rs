@@ -14,19 +14,19 @@
 
 use std::io;
 use std::net::TcpStream;
-use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
-
-use nix::sys::socket::{Shutdown, shutdown};
 
 use crate::config::Transform;
 use crate::ipc::{Notice, Origin};
-use crate::worker::counters::{Ending, Tally};
+use crate::worker::counters::Tally;
 use crate::worker::echo::{echo, ending_of};
+use crate::worker::handles::ConnSlot;
+use crate::worker::proxied;
 use crate::worker::queue::Pop;
-use crate::worker::{Worker, proxied};
+use crate::worker::shared::Worker;
 
 /// Handler thread stack. The echo loop needs a few KiB (log formatting a few
 /// more); only touched pages cost memory, but a small reservation keeps
@@ -179,87 +179,4 @@ fn slot_freed(w: &Worker) {
         // anyway, so a failed notice loses nothing.
         let _ = w.channel.send_notice(Notice::SlotFreed);
     }
-}
-
-/// What a handler thread is serving, visible to the receiver's tick: the
-/// fd (to cut it) and when the client last sent something (to time it out).
-///
-/// The idle timeout lives here rather than in SO_RCVTIMEO because a
-/// receive timeout makes the kernel arm and cancel a timer every time a
-/// handler blocks in read, once per echoed message; the tick checks every
-/// connection four times a second for the price of a relaxed store per
-/// message.
-#[derive(Default)]
-pub struct ConnSlot {
-    /// The connection's fd, or None when the thread is idle. Locked only at
-    /// connection start and end and by cuts: a cut and a close never race.
-    fd: Mutex<Option<RawFd>>,
-    /// Receiver tick of the client's last bytes.
-    last_active: AtomicU64,
-    /// Why the connection was cut, if it was (the handler reports that
-    /// instead of a clean end).
-    cut_as: Mutex<Option<Ending>>,
-}
-
-impl ConnSlot {
-    fn open(&self, fd: RawFd, tick: u64) {
-        self.last_active.store(tick, Ordering::Relaxed);
-        *lock(&self.cut_as) = None;
-        *lock(&self.fd) = Some(fd);
-    }
-
-    /// Forgets the fd (before it is closed); returns why it was cut, if it
-    /// was.
-    fn close(&self) -> Option<Ending> {
-        *lock(&self.fd) = None;
-        lock(&self.cut_as).take()
-    }
-
-    /// Shuts the connection down, waking its handler; false if idle.
-    fn cut(&self, why: Ending) -> bool {
-        let fd = lock(&self.fd);
-        let Some(fd) = *fd else { return false };
-        *lock(&self.cut_as) = Some(why);
-        let _ = shutdown(fd, Shutdown::Both);
-        true
-    }
-}
-
-/// Every handler thread's slot, so the receiver can time out idle
-/// connections and cut all of them on a drain deadline or fast stop.
-#[derive(Default)]
-pub struct OpenConnections {
-    slots: Mutex<Vec<Arc<ConnSlot>>>,
-}
-
-impl OpenConnections {
-    fn register(&self) -> Arc<ConnSlot> {
-        let slot = Arc::new(ConnSlot::default());
-        lock(&self.slots).push(slot.clone());
-        slot
-    }
-
-    fn unregister(&self, slot: &Arc<ConnSlot>) {
-        lock(&self.slots).retain(|s| !Arc::ptr_eq(s, slot));
-    }
-
-    /// Shuts every open connection down; their handlers then finish.
-    pub fn cut_all(&self) -> usize {
-        lock(&self.slots).iter().filter(|s| s.cut(Ending::Clean)).count()
-    }
-
-    /// Cuts connections whose client sent nothing for `idle_ticks` ticks.
-    pub fn cut_idle(&self, now: u64, idle_ticks: u64) -> usize {
-        lock(&self.slots)
-            .iter()
-            .filter(|s| now.saturating_sub(s.last_active.load(Ordering::Relaxed)) >= idle_ticks)
-            .filter(|s| s.cut(Ending::Timeout))
-            .count()
-    }
-}
-
-/// Locks, carrying on past poison: a panicked handler leaves plain data
-/// behind, still consistent.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -30,9 +30,9 @@ use std::time::Instant;
 use crate::proxy::{Handshake, Header, HeaderError, Step};
 use crate::ratelimit::RateLimited;
 use crate::scoreboard::ip_bucket;
-use crate::worker::Worker;
 use crate::worker::counters::{Refusal, Tally};
 use crate::worker::echo::write_counted;
+use crate::worker::shared::Worker;
 
 /// A connection whose header was accepted.
 #[derive(Debug)]
