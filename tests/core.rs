@@ -5,6 +5,7 @@
 mod common;
 
 use std::io::Read;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -330,6 +331,21 @@ fn a_port_in_use_is_a_clear_error() {
     let (code, err, _) = run_to_exit(&["--listen", &addr, "--config", "/dev/null"], None);
     assert_eq!(code, 1, "the documented exit status for a listen address that cannot be bound: {err}");
     assert!(err.contains(&addr) && err.contains("in use"), "{err}");
+}
+
+/// #22: "71 for other start-up failures" (`echod --help`), exactly: with
+/// one descriptor to spare (the loader needs it), the signal pipe cannot be made, and echod says
+/// so and exits 71 (EX_OSERR) before reading its config.
+#[test]
+fn an_os_failure_at_start_exits_71() {
+    let out = Command::new("prlimit")
+        .args(["--nofile=4:4", ECHOD, "--listen", "127.0.0.1:0", "--config", "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("prlimit (util-linux) runs echod");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(71), "{err}");
+    assert!(err.contains("cannot install signal handlers") && err.contains("open files"), "says why: {err}");
 }
 
 both_modes! {

@@ -41,7 +41,7 @@ PY
 summary() { # LABEL JSON
     python3 -c 'import json, sys
 j = json.loads(sys.argv[2]); l = j["latency_us"]
-print("%s: p50 %s us, p99 %s us, %.0f/s" % (sys.argv[1], l["p50"], l["p99"], j["rps"]))' "$1" "$2"
+print("%s: p50 %s us, p99 %s us, %.0f/s, errors %s" % (sys.argv[1], l["p50"], l["p99"], j["rps"], j["errors"]))' "$1" "$2"
 }
 
 for round in $(seq "$ROUNDS"); do
@@ -53,11 +53,13 @@ for round in $(seq "$ROUNDS"); do
     pid=$!
     trap 'kill $pid 2>/dev/null; rm -rf "$dir"' EXIT
     for _ in $(seq 100); do grep -q "ready:" "$dir/log" && break; sleep 0.1; done
-    alone=$("$LOAD" --addr "127.0.0.1:$port" --churn -c 4 -t 1 -d 4 --json)
+    # echo-load exits 3 when a run had errors; the summary reports them, so
+    # a run with errors is shown, not a reason to stop the script.
+    alone=$("$LOAD" --addr "127.0.0.1:$port" --churn -c 4 -t 1 -d 4 --json || true)
     flood "$mport" 5 16 > "$dir/scrapes" &
     fp=$!
     sleep 0.5
-    flooded=$("$LOAD" --addr "127.0.0.1:$port" --churn -c 4 -t 1 -d 4 --json)
+    flooded=$("$LOAD" --addr "127.0.0.1:$port" --churn -c 4 -t 1 -d 4 --json || true)
     wait "$fp"
     cpu=$(awk '{ print ($14 + $15) / 100 }' "/proc/$pid/stat")
     kill "$pid"; wait "$pid" 2>/dev/null || true
