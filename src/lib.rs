@@ -20,6 +20,7 @@
 //! - [`systemd`], [`logging`], [`limits`], [`privileges`] (with [`users`],
 //!   the name lookup config validation shares), [`ratelimit`];
 //! - [`sys`]: every `unsafe` call, each with its argument;
+//! - [`sync`]: the queue's locks, std's or loom's (`--cfg loom`);
 //! - [`load`]: the engine of the `echo-load` harness.
 
 pub mod cli;
@@ -35,6 +36,7 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod scoreboard;
 pub mod stats;
+pub mod sync;
 pub mod sys;
 pub mod systemd;
 pub mod users;

@@ -13,8 +13,8 @@
 //! fills, and the master sees the worker as full. Nothing grows without
 //! bound. One lock acquisition per connection, none per byte.
 
+use crate::sync::{Condvar, Mutex, MutexGuard};
 use std::collections::VecDeque;
-use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// A bounded multi-producer multi-consumer FIFO with idle-consumer accounting.
