@@ -14,8 +14,10 @@
 
 use std::io;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
+use crate::sync::{AtomicU32, AtomicU64, fence};
+#[cfg(not(loom))]
 use crate::sys;
 
 /// Words (u64) per slot: 256 bytes, four cache lines.
@@ -87,7 +89,12 @@ const MAX_SLOTS: usize = (STRIDE - OCCUPIED) * 64;
 /// Client addresses are counted per hash bucket: two addresses that share a
 /// bucket (rarely) share a `max_connections_per_ip` budget. Per worker that
 /// is 64 KiB of shared memory, touched only where clients hash.
+#[cfg(not(loom))]
 pub const IP_BUCKETS: usize = 16384;
+/// Under the model checker, a few buckets: every cell is an object loom
+/// tracks, and clearing a slot touches them all.
+#[cfg(loom)]
+pub const IP_BUCKETS: usize = 4;
 
 /// The shared mapping. Cheap to copy: it is a `'static` slice.
 #[derive(Clone, Copy)]
@@ -114,8 +121,8 @@ impl Scoreboard {
         if slots > MAX_SLOTS {
             return Err(io::Error::other(format!("at most {MAX_SLOTS} scoreboard slots")));
         }
-        let words = sys::shared_zeroed::<AtomicU64>((slots + 1) * STRIDE)?;
-        let ip_counts = sys::shared_zeroed::<AtomicU32>(slots * IP_BUCKETS)?;
+        let words = shared_zeroed::<AtomicU64>((slots + 1) * STRIDE)?;
+        let ip_counts = shared_zeroed::<AtomicU32>(slots * IP_BUCKETS)?;
         Ok(Scoreboard { words, ip_counts, slots })
     }
 
@@ -197,11 +204,29 @@ impl Scoreboard {
     /// the master, re-reading loads after setting it, sees the freed slot.
     pub fn set_accept_paused(&self, paused: bool) {
         self.words[ACCEPT_PAUSED].store(paused as u64, Ordering::SeqCst);
+        // The fence, not the SeqCst store alone, is what loom can check
+        // (it models SeqCst accesses as AcqRel): store, fence, then load,
+        // on both sides (tests/loom.rs).
+        fence(Ordering::SeqCst);
     }
 
     pub fn accept_paused(&self) -> bool {
         self.words[ACCEPT_PAUSED].load(Ordering::SeqCst) != 0
     }
+}
+
+/// The scoreboard's memory: shared between processes (see
+/// [`sys::shared_zeroed`]).
+#[cfg(not(loom))]
+fn shared_zeroed<T: sys::SharedAtomic>(len: usize) -> io::Result<&'static [T]> {
+    sys::shared_zeroed(len)
+}
+
+/// Under loom: leaked heap memory holding loom's atomics (a model runs in
+/// one process, and each run makes a new, small scoreboard).
+#[cfg(loom)]
+fn shared_zeroed<T: Default>(len: usize) -> io::Result<&'static [T]> {
+    Ok(Box::leak((0..len).map(|_| T::default()).collect::<Vec<T>>().into_boxed_slice()))
 }
 
 /// One worker's slot.
@@ -227,6 +252,7 @@ impl Slot {
     /// Publishes a new finished count (see [`Scoreboard::set_accept_paused`]).
     pub fn set_finished(&self, v: u64) {
         self.words[Field::Finished as usize].store(v, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
     }
 
     pub fn duration_bucket(&self, i: usize) -> u64 {

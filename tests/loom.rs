@@ -1,9 +1,11 @@
-//! Model checking of the worker's bounded queue (src/worker/queue.rs) with
-//! loom: each model runs the real `Queue` (built on loom's Mutex and
-//! Condvar through `echod::sync`) under every interleaving of its threads
-//! that loom can tell apart, and fails on a deadlock (a lost wake-up), a
-//! lost or duplicated item, or idle/capacity accounting that does not come
-//! back to zero.
+//! Model checking with loom of the worker's bounded queue
+//! (src/worker/queue.rs), its locked counters (src/worker/counters.rs) and
+//! the scoreboard's per-address counts and capacity hand-shake
+//! (src/scoreboard.rs): each model runs the real code (built on loom's
+//! Mutex, Condvar, atomics and fences through `echod::sync`) under every
+//! interleaving of its threads that loom can tell apart, and fails on a
+//! deadlock (a lost wake-up), a lost or duplicated item, accounting that
+//! does not come back to zero, or a total that is not exact.
 //!
 //!     RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test --release --test loom
 //!
@@ -17,6 +19,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use loom::sync::Arc;
 use loom::thread;
 
+use std::time::Duration;
+
+use echod::scoreboard::Scoreboard;
+use echod::worker::counters::{Counters, Ending, Tally};
 use echod::worker::queue::{Pop, PushError, Queue};
 
 /// Runs `f` under loom and says how many interleavings it explored (the
@@ -137,5 +143,79 @@ fn close_wakes_an_idle_handler() {
         q.close();
         assert!(handler.join().unwrap(), "woken with Closed");
         assert_eq!(q.stats(), (0, 0));
+    });
+}
+
+/// The capacity hand-shake between master and worker: the master sets
+/// "accept paused" and then re-reads the worker's finished count; a worker
+/// publishes a finished connection and then reads the flag (to send
+/// SlotFreed). In every interleaving one of them sees the other: a freed
+/// slot is never missed by both (store, SeqCst fence, load on each side).
+#[test]
+fn a_freed_slot_is_never_missed_by_both_master_and_worker() {
+    model("a_freed_slot_is_never_missed_by_both_master_and_worker", || {
+        let sb = Scoreboard::new(1).expect("a scoreboard");
+        let worker = thread::spawn(move || {
+            sb.slot(0).set_finished(1);
+            sb.accept_paused()
+        });
+        sb.set_accept_paused(true);
+        let master_saw_it = sb.slot(0).finished() == 1;
+        let worker_saw_pause = worker.join().unwrap();
+        assert!(master_saw_it || worker_saw_pause, "both missed the freed slot");
+    });
+}
+
+/// Per-address counts: the master charges and reads the total while one
+/// worker discharges and another is reaped (its slot vacated). The total
+/// seen is always whole (before or after the vacate, never half-cleared),
+/// and afterwards counts only the live worker, exactly.
+#[test]
+fn per_address_totals_are_exact_and_a_dead_workers_counts_vanish_whole() {
+    model("per_address_totals_are_exact_and_a_dead_workers_counts_vanish_whole", || {
+        let sb = Scoreboard::new(2).expect("a scoreboard");
+        let bucket = 1;
+        sb.occupy(0);
+        sb.occupy(1);
+        sb.charge_ip(0, bucket);
+        sb.charge_ip(1, bucket);
+        sb.charge_ip(1, bucket);
+        // Worker 0 closes its connection; worker 1 dies and is reaped.
+        let w0 = thread::spawn(move || sb.discharge_ip(0, bucket));
+        let reaper = thread::spawn(move || sb.vacate(1));
+        let seen = sb.ip_total(bucket);
+        assert!(matches!(seen, 0..=3), "a whole total: {seen}");
+        w0.join().unwrap();
+        reaper.join().unwrap();
+        assert_eq!(sb.ip_total(bucket), 0, "nothing left: worker 0 discharged, worker 1 is gone");
+        // A discharge after the vacate (a late close) does not wrap around.
+        sb.discharge_ip(1, bucket);
+        sb.occupy(1);
+        assert_eq!(sb.ip_total(bucket), 0, "a new worker in the slot starts from zero");
+    });
+}
+
+/// The locked counters: two handler threads finish a connection each while
+/// the master snapshots the slot. Totals end exact, and no snapshot shows
+/// more finished connections than there were.
+#[test]
+fn counters_total_exactly_under_concurrent_finishes() {
+    model("counters_total_exactly_under_concurrent_finishes", || {
+        let sb = Scoreboard::new(1).expect("a scoreboard");
+        let counters = Arc::new(Counters::new(sb.slot(0)));
+        let handlers: Vec<_> = (0..2)
+            .map(|_| {
+                let c = counters.clone();
+                thread::spawn(move || {
+                    let mut t = Tally { bytes_in: 10, bytes_out: 10 };
+                    c.finish(&mut t, Ending::Clean, Duration::from_millis(1));
+                })
+            })
+            .collect();
+        let mid = sb.slot(0).finished();
+        assert!(mid <= 2, "{mid}");
+        handlers.into_iter().for_each(|h| h.join().unwrap());
+        let s = sb.slot(0).snapshot();
+        assert_eq!((s.finished, s.bytes_in, s.bytes_out), (2, 20, 20), "exact totals");
     });
 }

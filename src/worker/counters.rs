@@ -8,7 +8,7 @@
 //! the read-add-mirror step atomic across threads, so no update is lost and
 //! the slot never shows a total going backwards.
 
-use std::sync::Mutex;
+use crate::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::proxy::HeaderError;
@@ -150,7 +150,7 @@ impl Counters {
         s.set_finished(t.finished);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Totals> {
+    fn lock(&self) -> MutexGuard<'_, Totals> {
         // A panicking handler cannot leave Totals half-updated in a way that
         // matters (plain integers); keep counting.
         self.totals.lock().unwrap_or_else(|e| e.into_inner())
