@@ -1,16 +1,22 @@
-//! Dropping root after binding.
+//! Dropping root after binding, keeping only the capability the master needs.
 //!
 //! Started as root (outside systemd, or under a unit without User=), the
-//! master binds its sockets first, since port 7 needs privilege, and then becomes
-//! `user`/`group` before it forks a single worker, so every worker is born
-//! unprivileged. Under systemd the unit's DynamicUser= and
-//! AmbientCapabilities=CAP_NET_BIND_SERVICE do this job and these keys are
-//! ignored.
+//! master binds its sockets first and then becomes `user`/`group` before it
+//! forks a single worker, so every worker is born unprivileged. The master
+//! keeps exactly one capability, CAP_NET_BIND_SERVICE (permitted, effective,
+//! inheritable and ambient), and no root uid: like nginx's and Apache's
+//! masters it can still bind port 7 when a reload adds it, but nothing
+//! else. Ambient, because a binary upgrade execs the new master as `user`,
+//! and only an ambient capability survives an exec by a non-root process.
 //!
-//! The master drops too (as gunicorn does with `user`, unlike nginx whose
-//! master stays root): a reload can then bind only unprivileged ports, unless
-//! CAP_NET_BIND_SERVICE is granted by the service manager.
+//! Workers keep no capability at all ([`drop_all_capabilities`], first thing
+//! after fork): they only echo on sockets they are handed.
+//!
+//! Under systemd the unit's DynamicUser= and
+//! AmbientCapabilities=CAP_NET_BIND_SERVICE do the master's part and these
+//! keys are ignored; the workers still drop everything.
 
+use caps::{CapSet, Capability, CapsHashSet};
 use nix::unistd::{Gid, Uid, geteuid, setgid, setgroups, setuid};
 
 use crate::config::Config;
@@ -37,17 +43,62 @@ pub fn drop(config: &Config) -> Result<Option<String>, String> {
         find_group(&config.group).ok_or_else(|| format!("no such group `{}`", config.group))?.gid
     };
     become_user(user.uid, gid).map_err(|e| format!("cannot become {}:{gid}: {e}", config.user))?;
-    Ok(Some(format!("dropped root: now uid {} gid {gid} ({})", user.uid, config.user)))
+    Ok(Some(format!(
+        "dropped root: now uid {} gid {gid} ({}), keeping only CAP_NET_BIND_SERVICE",
+        user.uid, config.user
+    )))
 }
 
 /// Supplementary groups first, then the group, then the user (after setuid
-/// we could no longer change the others); then check root cannot come back.
-fn become_user(uid: Uid, gid: Gid) -> nix::Result<()> {
-    setgroups(&[gid])?;
-    setgid(gid)?;
-    setuid(uid)?;
+/// we could no longer change the others), keeping the permitted
+/// capabilities across setuid (PR_SET_KEEPCAPS) so CAP_NET_BIND_SERVICE can
+/// be kept alone; then check root cannot come back.
+fn become_user(uid: Uid, gid: Gid) -> Result<(), String> {
+    setgroups(&[gid]).map_err(|e| format!("setgroups: {e}"))?;
+    setgid(gid).map_err(|e| format!("setgid: {e}"))?;
+    nix::sys::prctl::set_keepcaps(true).map_err(|e| format!("PR_SET_KEEPCAPS: {e}"))?;
+    setuid(uid).map_err(|e| format!("setuid: {e}"))?;
+    let kept = keep_only(Capability::CAP_NET_BIND_SERVICE);
+    let _ = nix::sys::prctl::set_keepcaps(false);
+    kept?;
     if uid.as_raw() != 0 && setuid(Uid::from_raw(0)).is_ok() {
-        return Err(nix::errno::Errno::EPERM);
+        return Err("root could be regained".into());
+    }
+    Ok(())
+}
+
+/// Narrows every capability set to `cap` alone, and raises it in the
+/// ambient set so an exec (the binary upgrade) keeps it.
+fn keep_only(cap: Capability) -> Result<(), String> {
+    let only: CapsHashSet = [cap].into_iter().collect();
+    // Inheritable first (ambient needs it), effective before permitted (a
+    // capability cannot stay effective once it is no longer permitted).
+    for set in [CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
+        caps::set(None, set, &only).map_err(|e| format!("cannot keep only {cap}: {set:?}: {e}"))?;
+    }
+    caps::raise(None, CapSet::Ambient, cap).map_err(|e| format!("cannot keep {cap} across exec: {e}"))
+}
+
+/// A worker, right after fork: no capability in any set, ambient included,
+/// whatever the master kept (CAP_NET_BIND_SERVICE, or all of root's with
+/// `allow_root`, or what systemd granted).
+///
+/// A sandbox that refuses capset (a unit filtering `@privileged` without
+/// allowing `capset` back, as `systemd/echod.service` does) leaves the
+/// worker with what it inherited: that is logged, not fatal, because a
+/// worker that cannot start serves nobody.
+pub fn drop_all_capabilities() -> Result<(), String> {
+    caps::clear(None, CapSet::Ambient).map_err(|e| format!("ambient: {e}"))?;
+    if caps::read(None, CapSet::Permitted).map_err(|e| format!("capget: {e}"))?.is_empty() {
+        return Ok(()); // nothing to drop (the common case for a non-root start)
+    }
+    for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable] {
+        if let Err(e) = caps::clear(None, set) {
+            log::warn!(
+                "cannot drop the capabilities this worker inherited ({set:?}: {e}); allow capset to the service"
+            );
+            return Ok(());
+        }
     }
     Ok(())
 }
