@@ -269,3 +269,26 @@ fn design_and_readme_name_every_file() {
         }
     }
 }
+
+/// The README says what `.ci/run` installs: every Debian package it may
+/// apt-get and every tool it may cargo-install is named there.
+#[test]
+fn the_readme_names_what_ci_installs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let ci = std::fs::read_to_string(root.join(".ci/run")).expect("read .ci/run");
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("read README.md");
+    let at = readme.find("`bash .ci/run` installs").expect("the README describes .ci/run");
+    let described = &readme[at..at + 1200.min(readme.len() - at)];
+    let mut named = 0;
+    for part in ci.split("need+=(").skip(1) {
+        let pkg = part.split(')').next().unwrap_or_default();
+        assert!(described.contains(pkg), "README's .ci/run description does not name `{pkg}`");
+        named += 1;
+    }
+    for part in ci.split("cargo install --locked ").skip(1) {
+        let tool = part.split_whitespace().next().unwrap_or_default();
+        assert!(described.contains(tool), "README's .ci/run description does not name `{tool}`");
+        named += 1;
+    }
+    assert!(named >= 10, "read the packages from .ci/run ({named})");
+}
