@@ -83,22 +83,23 @@ fn keep_only(cap: Capability) -> Result<(), String> {
 /// whatever the master kept (CAP_NET_BIND_SERVICE, or all of root's with
 /// `allow_root`, or what systemd granted).
 ///
-/// A sandbox that refuses capset (a unit filtering `@privileged` without
-/// allowing `capset` back, as `systemd/echod.service` does) leaves the
-/// worker with what it inherited: that is logged, not fatal, because a
-/// worker that cannot start serves nobody.
-pub fn drop_all_capabilities() -> Result<(), String> {
-    caps::clear(None, CapSet::Ambient).map_err(|e| format!("ambient: {e}"))?;
-    if caps::read(None, CapSet::Permitted).map_err(|e| format!("capget: {e}"))?.is_empty() {
-        return Ok(()); // nothing to drop (the common case for a non-root start)
-    }
-    for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable] {
-        if let Err(e) = caps::clear(None, set) {
-            log::warn!(
-                "cannot drop the capabilities this worker inherited ({set:?}: {e}); allow capset to the service"
-            );
-            return Ok(());
+/// A sandbox that refuses capset (a unit that filters `@privileged`
+/// without allowing `capset` back; `systemd/echod.service` allows it) or an
+/// old kernel without ambient capabilities leaves the worker with what it
+/// inherited: that is logged, not fatal, because a worker that cannot start
+/// serves nobody.
+pub fn drop_all_capabilities() {
+    let dropped = (|| -> Result<(), String> {
+        if caps::read(None, CapSet::Permitted).map_err(|e| format!("capget: {e}"))?.is_empty() {
+            return Ok(()); // nothing to drop (the common case for a non-root start)
         }
+        caps::clear(None, CapSet::Ambient).map_err(|e| format!("ambient: {e}"))?;
+        for set in [CapSet::Effective, CapSet::Permitted, CapSet::Inheritable] {
+            caps::clear(None, set).map_err(|e| format!("{set:?}: {e}"))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = dropped {
+        log::warn!("cannot drop the capabilities this worker inherited ({e}); allow capset to the service");
     }
-    Ok(())
 }

@@ -104,9 +104,9 @@ fn setup(id: usize, master_pid: Pid, channel: Channel) -> std::io::Result<Channe
         // The master died between fork and prctl: nobody will kill us.
         process::exit(1);
     }
-    // Workers only echo on sockets they are handed: no capability at all.
-    crate::privileges::drop_all_capabilities().map_err(std::io::Error::other)?;
     logging::set_role(&format!("worker-{id}"));
+    // Workers only echo on sockets they are handed: no capability at all.
+    crate::privileges::drop_all_capabilities();
     sys::set_process_title(&format!("echod: worker {id}"));
     let fd = sys::move_fd(channel.into_fd(), CHANNEL_FD)?;
     sys::close_fds_from(CHANNEL_FD + 1)?;
