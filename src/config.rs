@@ -293,6 +293,17 @@ impl Config {
                 Some(_) => {}
             }
         }
+        // Refused here, not at the privilege drop, so the message names the
+        // file and line and nothing has been bound yet. Only for a root
+        // process: under systemd (DynamicUser=) or any other user, `user`
+        // is ignored and "" is fine.
+        if self.user.is_empty() && !self.allow_root && nix::unistd::geteuid().is_root() {
+            return Err((
+                "user",
+                "refusing to run as root with `user = \"\"`: set `user` (e.g. \"nobody\") or `allow_root = true`"
+                    .into(),
+            ));
+        }
         if !self.group.is_empty() && crate::users::find_group(&self.group).is_none() {
             return Err(("group", format!("no such group `{}`", self.group)));
         }

@@ -217,9 +217,7 @@ both_modes! {
 
     fn root_drops_to_the_configured_user_and_refuses_to_stay_root() {
         if !nix::unistd::geteuid().is_root() {
-            assert!(std::env::var_os("ECHOD_TEST_ALLOW_SKIP").is_some(), "needs root (or ECHOD_TEST_ALLOW_SKIP=1)");
-            eprintln!("not root: privilege drop not testable here; skipped (ECHOD_TEST_ALLOW_SKIP)");
-            return;
+            return skip_or_fail("not root (the privilege drop)");
         }
         let e = start("workers = 2\nuser = \"nobody\"\n");
         for pid in std::iter::once(e.pid()).chain(e.workers()) {
@@ -254,7 +252,9 @@ both_modes! {
         std::fs::write(&cfg, "listen = [\"127.0.0.1:0\"]\nuser = \"\"\n").unwrap();
         let (code, err, _) = run_to_exit(&["--config", cfg.to_str().unwrap()], None);
         assert_eq!(code, 78, "{err}");
-        assert!(err.contains("`user`") && err.contains("refusing to run as root"), "{err}");
+        // #22: file and line, like every config error, and before any bind.
+        assert!(err.contains("root.toml:2: key `user`") && err.contains("refusing to run as root"), "{err}");
+        assert!(!err.contains("listening on"), "refused before binding: {err}");
         std::fs::write(&cfg, "listen = [\"127.0.0.1:0\"]\n\nuser = \"no-such-user-here\"\n").unwrap();
         let (code, err, _) = run_to_exit(&["--config", cfg.to_str().unwrap()], None);
         assert_eq!(code, 78, "{err}");
