@@ -106,6 +106,23 @@ fn ipv6_clients_have_their_per_address_limit() {
         .unwrap_or_else(|| panic!("the refusal names the IPv6 client:\n{}", e.log_text()));
 }
 
+both_modes! {
+    /// "Each log line names the process (and, in workers, the thread) that
+    /// wrote it": a handler thread is `[worker-N conn]`, an event loop
+    /// `[worker-N event-K]`.
+    fn log_lines_name_the_worker_thread_in_each_mode() {
+        let e = start("workers = 1\nlog_level = \"trace\"\n");
+        let mut s = connect(e.addr);
+        assert_eq!(round_trip(&mut s, b"tag").unwrap(), b"tag");
+        drop(s);
+        let line = e
+            .wait_log("connection closed", Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("no close logged:\n{}", e.log_text()));
+        let thread = if mode() == "event" { "event-0" } else { "conn" };
+        assert!(line.contains(&format!("[worker-0 {thread}] connection closed")), "{mode}: {line}", mode = mode());
+    }
+}
+
 /// "`log_level` ... unless RUST_LOG is set": RUST_LOG wins over the file.
 #[test]
 fn rust_log_overrides_log_level() {

@@ -229,6 +229,28 @@ both_modes! {
         kill(pid, libc_sig::TERM);
         let _ = child.wait();
     }
+
+    /// #22: a reload that changes the listeners replaces what the fd store
+    /// holds (FDSTOREREMOVE, then FDSTORE with every listener), so a restart
+    /// gets back the sockets the config names now, not the ones it named.
+    fn a_reload_replaces_the_listeners_in_the_fd_store() {
+        let store = FdStore::new();
+        let e = start_with("workers = 1\n", &[], &[("NOTIFY_SOCKET", &store.path())]);
+        assert_eq!(store.wait_addrs("echod-listen", &[e.addr], Duration::from_secs(5)), vec![e.addr]);
+        let extra: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let reload = |listen: &[std::net::SocketAddr]| {
+            let skip = e.log_len();
+            let list = listen.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ");
+            e.write_config(&format!("listen = [{list}]\nworkers = 1\n"));
+            e.signal(libc_sig::HUP);
+            e.wait_log_after(skip, "reloaded", Duration::from_secs(10)).unwrap_or_else(|| panic!("{}", e.log_text()));
+        };
+        reload(&[e.addr, extra]);
+        let both = store.wait_addrs("echod-listen", &[e.addr, extra], Duration::from_secs(5));
+        assert_eq!(both.len(), 2, "both listeners stored, the old entry replaced: {both:?}");
+        reload(&[extra]);
+        assert_eq!(store.wait_addrs("echod-listen", &[extra], Duration::from_secs(5)), vec![extra], "the removed listener left the store");
+    }
 }
 
 /// A NOTIFY_SOCKET that keeps the fds sent with FDSTORE=1, as systemd does.
@@ -268,7 +290,10 @@ impl FdStore {
                     .collect();
                 let n = msg.bytes;
                 let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                if text.contains("FDSTORE=1") {
+                if text.contains("FDSTOREREMOVE=1") {
+                    let name = fields(&text).get("FDNAME").map(|s| s.to_string()).unwrap_or_default();
+                    sink.lock().unwrap().retain(|(n, _)| *n != name);
+                } else if text.contains("FDSTORE=1") {
                     let name = fields(&text).get("FDNAME").map(|s| s.to_string()).unwrap_or_default();
                     let mut s = sink.lock().unwrap();
                     s.extend(fds.into_iter().map(|fd| (name.clone(), fd)));
@@ -280,6 +305,30 @@ impl FdStore {
 
     fn path(&self) -> String {
         self.dir.path().join("notify.sock").to_str().unwrap().to_string()
+    }
+
+    /// Waits until the sockets stored under `name` listen on exactly
+    /// `want` (in any order); fails the test if they never do.
+    fn wait_addrs(&self, name: &str, want: &[std::net::SocketAddr], timeout: Duration) -> Vec<std::net::SocketAddr> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut got: Vec<std::net::SocketAddr> = self
+                .stored
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(n, _)| n == name)
+                .filter_map(|(_, fd)| socket2::SockRef::from(fd).local_addr().ok()?.as_socket())
+                .collect();
+            got.sort();
+            let mut want = want.to_vec();
+            want.sort();
+            if got == want {
+                return got;
+            }
+            assert!(Instant::now() < deadline, "the fd store holds {got:?} under {name}, not {want:?}");
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Takes the first fd stored under `name`.

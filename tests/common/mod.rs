@@ -40,6 +40,18 @@ pub fn load_json(child: Child) -> serde_json::Value {
     })
 }
 
+/// A precondition this machine lacks (IPv6 loopback, root): the test fails,
+/// unless `ECHOD_TEST_ALLOW_SKIP=1` says a skip is acceptable here; CI sets
+/// no such thing, so nothing it runs is skipped in silence. Returns after
+/// printing why, for the caller to return.
+pub fn skip_or_fail(missing: &str) {
+    assert!(
+        std::env::var_os("ECHOD_TEST_ALLOW_SKIP").is_some(),
+        "{missing}: this test needs it (ECHOD_TEST_ALLOW_SKIP=1 to skip it on purpose)"
+    );
+    eprintln!("{missing}: skipped (ECHOD_TEST_ALLOW_SKIP)");
+}
+
 /// Runs each test fn twice, once per handler mode (`handler = "thread"` and
 /// `"event"`), as `name::thread` and `name::event`: the same suite proves
 /// both modes. Every echod the body starts gets that mode unless its config
@@ -207,15 +219,16 @@ impl Echod {
     }
 
     /// Waits until the master `pid` (not necessarily ours) has `n` workers;
-    /// tracks them for cleanup and returns them.
+    /// tracks them for cleanup and returns them. Fails the test after 10 s.
     pub fn wait_children(&self, pid: i32, n: usize) -> Vec<i32> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let w = children_of(pid);
             w.iter().for_each(|&p| self.track(p));
-            if w.len() == n || Instant::now() >= deadline {
+            if w.len() == n {
                 return w;
             }
+            assert!(Instant::now() < deadline, "master {pid} has {w:?}, not {n} worker(s):\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -284,9 +297,10 @@ impl Echod {
         let deadline = Instant::now() + timeout;
         loop {
             let w = self.workers();
-            if w.len() == n || Instant::now() >= deadline {
+            if w.len() == n {
                 return w;
             }
+            assert!(Instant::now() < deadline, "{w:?}, not {n} worker(s) after {timeout:?}:\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -300,14 +314,16 @@ impl Echod {
     }
 
     /// Polls USR1 stats until `pred` holds (counters settle once clients
-    /// have closed and workers flushed); returns the last snapshot.
+    /// have closed and workers flushed) and returns that snapshot; fails
+    /// the test, with the last one and the log, if it never does.
     pub fn stats_until(&self, timeout: Duration, pred: impl Fn(&HashMap<String, u64>) -> bool) -> HashMap<String, u64> {
         let deadline = Instant::now() + timeout;
         loop {
             let s = self.stats();
-            if pred(&s) || Instant::now() >= deadline {
+            if pred(&s) {
                 return s;
             }
+            assert!(Instant::now() < deadline, "stats never matched in {timeout:?}; last {s:?}\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -777,7 +793,9 @@ impl Echod {
         parse_metrics(&body)
     }
 
-    /// Scrapes until `pred` holds (counters settle after clients close).
+    /// Scrapes until `pred` holds (counters settle after clients close)
+    /// and returns that scrape; fails the test, with the last one, if it
+    /// never does.
     pub fn scrape_until(
         &self,
         timeout: Duration,
@@ -786,9 +804,10 @@ impl Echod {
         let deadline = Instant::now() + timeout;
         loop {
             let m = self.scrape();
-            if pred(&m) || Instant::now() >= deadline {
+            if pred(&m) {
                 return m;
             }
+            assert!(Instant::now() < deadline, "metrics never matched in {timeout:?}; last {m:?}\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(50));
         }
     }
