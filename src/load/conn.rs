@@ -173,8 +173,6 @@ pub struct Conn {
     /// The first measured message: times only grow, so every message from
     /// here on is measured and none before it is.
     measured_from: Option<u64>,
-    /// `--count` ran out of tickets: this connection issues nothing more.
-    exhausted: bool,
     clock: Clock,
 }
 
@@ -194,7 +192,6 @@ impl Conn {
             partial: 0,
             issued: 0,
             measured_from: None,
-            exhausted: false,
             clock: match schedule {
                 Some((t0, period)) => Clock::Schedule { t0, period },
                 None => Clock::Sent(VecDeque::new()),
@@ -241,8 +238,7 @@ impl Conn {
     /// give up on those that waited too long. Returns when it next needs the
     /// clock.
     pub fn tick(&mut self, ctx: &mut Ctx) -> Option<Instant> {
-        let issuing =
-            ctx.window.end.is_none_or(|e| ctx.now < e) && !self.exhausted && !ctx.shared.tickets_out(ctx.opts.count);
+        let issuing = ctx.window.end.is_none_or(|e| ctx.now < e) && !ctx.shared.tickets_out(ctx.opts.count);
         if let State::Waiting { at } = self.state {
             // After the end a connection comes back only for messages
             // already issued (open loop): nothing new starts.
@@ -284,15 +280,14 @@ impl Conn {
 
     /// Issues the next message, timed at `t`, if the run still wants it.
     fn issue(&mut self, t: Instant, ctx: &mut Ctx) -> bool {
-        if self.exhausted || ctx.window.end.is_some_and(|e| t >= e) {
+        if ctx.window.end.is_some_and(|e| t >= e) {
             return false;
         }
         let measured = t >= ctx.window.start;
         if measured {
             if let Some(count) = ctx.opts.count {
                 if !ctx.shared.take_ticket(count) {
-                    self.exhausted = true;
-                    return false;
+                    return false; // the run's --count is used up
                 }
             }
             self.measured_from.get_or_insert(self.issued);
