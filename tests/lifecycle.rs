@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::Read;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -64,17 +63,26 @@ both_modes! {
         assert_eq!(e.wait_workers(3, Duration::from_secs(5)).len(), 3);
         e.signal(libc_sig::TTIN);
         assert_eq!(e.wait_workers(4, Duration::from_secs(5)).len(), 4);
-        for _ in 0..5 {
+        // One TTOU at a time, each awaited (signals sent back to back may
+        // coalesce into one), down to the floor and once more past it.
+        for n in [3, 2, 1] {
             e.signal(libc_sig::TTOU);
-            thread::sleep(Duration::from_millis(100));
+            assert_eq!(e.wait_workers(n, Duration::from_secs(10)).len(), n);
         }
-        assert_eq!(e.wait_workers(1, Duration::from_secs(10)).len(), 1, "never below one");
-        assert!(e.log_text().contains("workers stay at 1"));
+        let skip = e.log_len();
+        e.signal(libc_sig::TTOU);
+        e.expect_log_count(skip, "workers stay at 1", 1, Duration::from_secs(5));
+        assert_eq!(e.workers().len(), 1, "never below one");
         // A reload that leaves `workers` alone keeps the scaled count...
         rewrite(&e, "workers = 2\nshutdown_timeout = 1\nbuffer_size = 2048\n");
+        let skip = e.log_len();
         e.signal(libc_sig::HUP);
-        thread::sleep(Duration::from_millis(1500));
+        e.expect_log_count(skip, "reloaded", 1, Duration::from_secs(5));
+        // The reload replaces the one worker with one of the new generation
+        // (never two: the scaled count is kept) and reports ready again.
+        e.expect_log_count(skip, "ready:", 1, Duration::from_secs(10));
         assert_eq!(e.wait_workers(1, Duration::from_secs(5)).len(), 1);
+        assert_eq!(e.stats()["workers"], 1);
         // ...one that changes it wins.
         rewrite(&e, "workers = 3\nshutdown_timeout = 1\n");
         e.signal(libc_sig::HUP);
@@ -84,11 +92,18 @@ both_modes! {
     }
 
     fn workers_crashing_at_start_are_backed_off_not_respawned_in_a_loop() {
-        let mut e = start_unready("workers = 2\n", &[("ECHOD_TEST_WORKER_CRASH", "startup")]);
-        thread::sleep(Duration::from_secs(3));
-        let started = e.log_lines().iter().filter(|l| l.contains("] worker ") && l.contains(" started (pid")).count();
-        // Back-off 0.1, 0.2, 0.4, 0.8, 1.6 s: about 6 starts in 3 s, not hundreds.
-        assert!((3..=8).contains(&started), "{started} worker starts in 3 s:\n{}", e.log_text());
+        let mut e = start_unready("workers = 1\n", &[("ECHOD_TEST_WORKER_CRASH", "startup")]);
+        // Back-off after the k-th failure in a row is 0.1 s x 2^(k-1): each
+        // start comes at least that long after the one before (the failure
+        // follows the start). Six starts see delays 0.1 .. 1.6 s.
+        e.expect_log_count(0, " started (pid", 6, Duration::from_secs(20));
+        let starts = e.log_times(" started (pid");
+        for (k, pair) in starts.windows(2).take(5).enumerate() {
+            let gap = pair[1] - pair[0];
+            let backoff = Duration::from_millis(100 << k);
+            // 10 ms of slack for the master's timer and our read of stderr.
+            assert!(gap + Duration::from_millis(10) >= backoff, "start {} came {gap:?} after the one before, back-off {backoff:?}:\n{}", k + 2, e.log_text());
+        }
         assert!(e.log_text().contains("crash loop"), "crash loop not reported:\n{}", e.log_text());
         assert!(!e.log_text().contains("ready:"));
         // The master itself stays responsive and stops cleanly.
@@ -105,22 +120,35 @@ both_modes! {
         e.signal(libc_sig::QUIT);
         assert_eq!(e.wait_exit(Duration::from_secs(5)), Some(0));
         assert!(t0.elapsed() < Duration::from_secs(2), "fast stop took {:?}", t0.elapsed());
-        thread::sleep(Duration::from_millis(100));
-        assert!(workers.iter().all(|&w| !alive(w)), "workers left behind");
-        let mut buf = [0u8; 4];
-        assert_eq!(clients[1].read(&mut buf).unwrap_or(0), 0, "clients were disconnected");
+        assert!(wait_gone(e.pid(), &workers, Duration::from_secs(2)), "workers left behind: {:?}", e.live_seen_workers());
+        for c in &mut clients {
+            closed_by_server(c, Duration::from_secs(1)).expect("clients were disconnected");
+        }
     }
 
     fn term_during_a_reload_still_stops_cleanly() {
-        let mut e = start("workers = 2\nshutdown_timeout = 2\n");
-        let _traffic_conn = connect(e.addr);
-        rewrite(&e, "workers = 3\nshutdown_timeout = 2\n");
+        // Generation 2's worker never reports ready (worker 0 of generation
+        // 1 does), so the TERM lands exactly while the reload waits for it.
+        let mut e = start_with("workers = 1\nshutdown_timeout = 2\n", &[], &[("ECHOD_TEST_WORKER_CRASH", "hang-but-first")]);
+        let mut held = connect(e.addr);
+        assert_eq!(round_trip(&mut held, b"held").unwrap(), b"held");
+        let skip = e.log_len();
+        rewrite(&e, "workers = 1\nshutdown_timeout = 2\nbuffer_size = 2048\n");
         e.signal(libc_sig::HUP);
-        thread::sleep(Duration::from_millis(20));
+        let started = e.expect_log_count(skip, "generation 2)", 1, Duration::from_secs(5));
+        let gen2 = pid_in(&started[0]);
+        e.track(gen2);
+        e.expect_log_count(skip, "never reports ready", 1, Duration::from_secs(5));
+        // Generation 1's worker is replaced only once generation 2's is ready.
+        let gen1 = pid_in(&e.wait_log("generation 1)", Duration::ZERO).expect("generation 1 logged"));
+        assert!(alive(gen1) && alive(gen2), "not during the reload:\n{}", e.log_text());
         e.signal(libc_sig::TERM);
-        assert_eq!(e.wait_exit(Duration::from_secs(10)), Some(0));
-        thread::sleep(Duration::from_millis(100));
-        assert!(e.live_seen_workers().is_empty() && children_of(e.pid()).is_empty());
+        assert_eq!(e.wait_exit(Duration::from_secs(10)), Some(0), "{}", e.log_text());
+        // Every worker the master ever logged as started is gone.
+        let pids: Vec<i32> = e.log_lines().iter().filter(|l| l.contains(" started (pid")).map(|l| pid_in(l)).collect();
+        assert_eq!(pids.len(), 2, "{}", e.log_text());
+        assert!(wait_gone(e.pid(), &pids, Duration::from_secs(3)), "left behind: {:?}\n{}", e.live_seen_workers(), e.log_text());
+        assert!(closed_by_server(&mut held, Duration::from_secs(3)).is_ok(), "the held client was not closed");
     }
 
     fn workers_are_recycled_after_max_connections_with_jitter() {
@@ -145,9 +173,12 @@ both_modes! {
         let mut s = connect(e.addr);
         round_trip(&mut s, b"count me").unwrap();
         drop(s);
-        thread::sleep(Duration::from_millis(1000));
-        let periodic = e.log_lines().iter().filter(|l| l.contains("stats: ")).count();
-        assert!(periodic >= 2, "{periodic} periodic lines");
+        // Two periodic lines 0.3 s apart, the second after the close.
+        let skip = e.log_len();
+        e.expect_log_count(skip, "stats: ", 2, Duration::from_secs(3));
+        let t = e.log_times("stats: ");
+        let gap = t[t.len() - 1] - t[t.len() - 2];
+        assert!(gap >= Duration::from_millis(250), "periodic lines {gap:?} apart, interval 0.3 s");
         let skip = e.log_len();
         let usr1 = e.stats_until(Duration::from_secs(3), |s| s["closed"] == 1);
         assert_eq!((usr1["accepted"], usr1["bytes_in"], usr1["bytes_out"]), (1, 8, 8));

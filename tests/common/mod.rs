@@ -109,7 +109,9 @@ pub struct Echod {
     pub addr: SocketAddr,
     pub config: PathBuf,
     pub dir: tempfile::TempDir,
-    log: Arc<(Mutex<Vec<String>>, Condvar)>,
+    /// Each stderr line with the moment the test read it (for timing
+    /// assertions such as the crash-loop back-off).
+    log: Arc<(Mutex<Vec<(Instant, String)>>, Condvar)>,
     /// Every worker pid ever seen, so Drop can kill stragglers by PID.
     seen_workers: Mutex<Vec<i32>>,
 }
@@ -185,7 +187,7 @@ fn spawn_cmd(extra: &str, args: &[&str], env: &[(&str, &str)], nofile: Option<u6
             if std::env::var_os("ECHOD_TEST_LOG").is_some() {
                 eprintln!("echod: {line}");
             }
-            sink.0.lock().unwrap().push(line);
+            sink.0.lock().unwrap().push((Instant::now(), line));
             sink.1.notify_all();
         }
     });
@@ -248,7 +250,32 @@ impl Echod {
 
     /// Lines logged so far.
     pub fn log_lines(&self) -> Vec<String> {
-        self.log.0.lock().unwrap().clone()
+        self.log.0.lock().unwrap().iter().map(|(_, l)| l.clone()).collect()
+    }
+
+    /// When each line containing `pat` arrived, in order.
+    pub fn log_times(&self, pat: &str) -> Vec<Instant> {
+        self.log.0.lock().unwrap().iter().filter(|(_, l)| l.contains(pat)).map(|(t, _)| *t).collect()
+    }
+
+    /// Waits until `n` lines after the first `skip` contain `pat`; returns
+    /// them. Fails the test, with the log, after `timeout`.
+    pub fn expect_log_count(&self, skip: usize, pat: &str, n: usize, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.log;
+        let mut lines = lock.lock().unwrap();
+        loop {
+            let found: Vec<String> = lines.iter().skip(skip).filter(|(_, l)| l.contains(pat)).map(|(_, l)| l.clone()).collect();
+            if found.len() >= n {
+                return found;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                drop(lines);
+                panic!("{} of {n} lines with `{pat}` after {timeout:?}:\n{}", found.len(), self.log_text());
+            }
+            lines = cv.wait_timeout(lines, left).unwrap().0;
+        }
     }
 
     pub fn log_text(&self) -> String {
@@ -266,7 +293,7 @@ impl Echod {
         let (lock, cv) = &*self.log;
         let mut lines = lock.lock().unwrap();
         loop {
-            if let Some(l) = lines.iter().skip(skip).find(|l| l.contains(pat)) {
+            if let Some((_, l)) = lines.iter().skip(skip).find(|(_, l)| l.contains(pat)) {
                 return Some(l.clone());
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -515,6 +542,28 @@ pub fn closed_unechoed(s: &mut TcpStream, within: Duration) -> Result<(), String
         Ok(n) => Err(format!("got {n} bytes back: {:?}", String::from_utf8_lossy(&buf[..n]))),
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(()),
         Err(e) => Err(format!("still open: {e}")),
+    }
+}
+
+/// Asserts "closed by the server": EOF or a reset within `within`, after
+/// any bytes still in flight (echoes of what was sent before). A connection
+/// still open when the time is up is an error: a read timeout must never
+/// pass for a close.
+pub fn closed_by_server(s: &mut TcpStream, within: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        // At least one short read even when no time is left: a close that
+        // already happened is seen at once.
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) if Instant::now() < deadline => continue,
+            Ok(_) => return Err(format!("still sending after {within:?}")),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(()),
+            Err(e) => return Err(format!("still open: {e}")),
+        }
     }
 }
 
@@ -963,7 +1012,9 @@ pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
 
 /// The pid in a log line's "(pid N)".
 pub fn pid_in(line: &str) -> i32 {
-    line.split("(pid ").nth(1).and_then(|r| r.split(')').next()).and_then(|p| p.parse().ok()).unwrap()
+    let after = line.split("(pid ").nth(1).unwrap_or_else(|| panic!("no `(pid ` in `{line}`"));
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().unwrap_or_else(|_| panic!("no pid in `{line}`"))
 }
 
 /// Sends USR2 to `master`; waits for the hand-over and returns the new
