@@ -169,3 +169,52 @@ fn the_thread_pool_grows_and_shrinks_back_to_its_spares() {
     let m = e.scrape_until(Duration::from_secs(10), |m| m.get(idle) == Some(&3.0) && m.get(busy) == Some(&0.0));
     assert_eq!((m[idle], m[busy]), (3.0, 0.0), "back to the spares after thread_idle_timeout: {m:?}");
 }
+
+/// "`queue_capacity` ... connections a worker may hold waiting for a free
+/// thread": with room for one, bursts of clients find the queue full (the
+/// receiver says so at debug level and holds back), the published depth
+/// never exceeds one, and every client is still served. Bursts repeat until
+/// the queue was full at least once, so the test proves it hit that state
+/// (the first burst does, in every run so far).
+#[test]
+fn queue_capacity_bounds_the_waiting_connections_and_loses_none() {
+    let e = start_with(
+        &format!(
+            "{M}workers = 1\nhandler = \"thread\"\nthreads_per_worker = 64\nmin_spare_threads = 0\nqueue_capacity = 1\n"
+        ),
+        &[],
+        &[("RUST_LOG", "debug")],
+    );
+    let depth = "echod_worker_queue_depth{worker=\"0\"}";
+    let mut served = 0u64;
+    for burst in 0..20 {
+        // The clients queue up in the listen backlog while the master is
+        // stopped, so it accepts them all at once and hands them over in
+        // one batch: the receiver pushes them back to back.
+        stop_process(e.pid());
+        let conns: Vec<_> = (0..64).map(|_| connect(e.addr)).collect();
+        kill(e.pid(), libc_sig::CONT);
+        let clients: Vec<_> = conns
+            .into_iter()
+            .enumerate()
+            .map(|(c, mut s)| {
+                std::thread::spawn(move || {
+                    let msg = [burst as u8, c as u8];
+                    round_trip(&mut s, &msg).map(|got| got == msg)
+                })
+            })
+            .collect();
+        for (c, h) in clients.into_iter().enumerate() {
+            assert!(h.join().unwrap().unwrap_or(false), "burst {burst} client {c} not echoed");
+            served += 1;
+        }
+        let m = e.scrape();
+        assert!(m[depth] <= 1.0, "queue depth {} over queue_capacity 1", m[depth]);
+        if e.log_text().contains("queue full (1 waiting)") {
+            break;
+        }
+    }
+    assert!(e.log_text().contains("queue full (1 waiting)"), "20 bursts of 64 never filled a queue of one");
+    let s = e.stats_until(Duration::from_secs(5), |s| s["closed"] == served);
+    assert_eq!((s["accepted"], s["errors"]), (served, 0), "{s:?}");
+}

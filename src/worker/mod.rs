@@ -222,6 +222,7 @@ fn receive(w: &Arc<Worker>) -> i32 {
 /// waking a loop (event mode) as needed.
 fn take(w: &Arc<Worker>, conns: Vec<(std::os::fd::OwnedFd, Origin)>, last_tick: &mut Instant) {
     w.slot.set(Field::Received, w.slot.get(Field::Received) + conns.len() as u64);
+    let waits_before = w.queue.full_waits();
     for (fd, origin) in conns {
         let mut stream = (TcpStream::from(fd), origin);
         loop {
@@ -253,6 +254,13 @@ fn take(w: &Arc<Worker>, conns: Vec<(std::os::fd::OwnedFd, Origin)>, last_tick: 
     }
     // One wake-up per batch: the loop takes everything queued.
     handles::notify(&w.loops);
+    let waits = w.queue.full_waits() - waits_before;
+    if waits > 0 {
+        log::debug!(
+            "queue full ({} waiting) {waits} time(s) in this batch; held back until a handler took one",
+            w.config.queue_capacity
+        );
+    }
 }
 
 /// Starts a handler for a connection nobody is waiting for.

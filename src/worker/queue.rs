@@ -33,6 +33,9 @@ struct State<T> {
     /// `items.len() > idle` means some item has nobody coming for it.
     idle: usize,
     closed: bool,
+    /// Pushes that found the queue full and had to wait: the sign that
+    /// `queue_capacity` is what holds connections back, not the threads.
+    full_waits: u64,
 }
 
 /// What `pop` produced.
@@ -74,7 +77,12 @@ impl Depth {
 impl<T> Queue<T> {
     pub fn new(capacity: usize) -> Queue<T> {
         Queue {
-            state: Mutex::new(State { items: VecDeque::with_capacity(capacity.min(1024)), idle: 0, closed: false }),
+            state: Mutex::new(State {
+                items: VecDeque::with_capacity(capacity.min(1024)),
+                idle: 0,
+                closed: false,
+                full_waits: 0,
+            }),
             not_empty: Condvar::new(),
             not_full: Condvar::new(),
             capacity: capacity.max(1),
@@ -87,6 +95,9 @@ impl<T> Queue<T> {
     pub fn push(&self, item: T, timeout: Option<Duration>) -> Result<Depth, PushError<T>> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut st = self.lock();
+        if st.items.len() >= self.capacity && !st.closed {
+            st.full_waits += 1;
+        }
         while st.items.len() >= self.capacity && !st.closed {
             st = match deadline {
                 None => self.not_full.wait(st).unwrap_or_else(|e| e.into_inner()),
@@ -181,6 +192,11 @@ impl<T> Queue<T> {
         (st.items.len(), st.idle)
     }
 
+    /// How many pushes so far found the queue full and waited for room.
+    pub fn full_waits(&self) -> u64 {
+        self.lock().full_waits
+    }
+
     /// A poisoned lock means a thread panicked while holding it; the queue's
     /// state is still a consistent VecDeque and counters, so carry on.
     fn lock(&self) -> MutexGuard<'_, State<T>> {
@@ -239,13 +255,19 @@ mod tests {
         let q = Arc::new(Queue::new(2));
         q.push(1, None).unwrap();
         q.push(2, None).unwrap();
+        assert_eq!(q.full_waits(), 0);
         assert_eq!(q.push(9, Some(Duration::from_millis(10))), Err(PushError::Full(9)));
+        assert_eq!(q.full_waits(), 1, "a push that found no room is counted");
         let q2 = q.clone();
         let t = thread::spawn(move || q2.push(3, None).map(|p| p.queued));
         thread::sleep(Duration::from_millis(50));
         assert!(!t.is_finished(), "push must wait while the queue is full");
         assert!(matches!(q.pop(None), Pop::Item(1, _)));
         assert_eq!(t.join().unwrap(), Ok(2));
+        assert_eq!(q.full_waits(), 2);
+        assert!(matches!(q.pop(None), Pop::Item(2, _)));
+        q.push(4, None).unwrap();
+        assert_eq!(q.full_waits(), 2, "a push with room is not a wait");
     }
 
     #[test]

@@ -265,7 +265,8 @@ impl Echod {
         let (lock, cv) = &*self.log;
         let mut lines = lock.lock().unwrap();
         loop {
-            let found: Vec<String> = lines.iter().skip(skip).filter(|(_, l)| l.contains(pat)).map(|(_, l)| l.clone()).collect();
+            let found: Vec<String> =
+                lines.iter().skip(skip).filter(|(_, l)| l.contains(pat)).map(|(_, l)| l.clone()).collect();
             if found.len() >= n {
                 return found;
             }
