@@ -141,14 +141,13 @@ both_modes! {
                 }),
             ));
         }
-        thread::sleep(Duration::from_millis(300));
-        let owners = connection_owners(&workers, e.addr.port());
+        let owners = expect_owners(&workers, e.addr.port(), 20);
         assert_eq!(owners.len(), 20, "every client mapped to a worker: {owners:?}");
         let victim = workers[0];
         let victims: Vec<u16> = owners.iter().filter(|(_, w)| **w == victim).map(|(p, _)| *p).collect();
         assert!(!victims.is_empty() && victims.len() < 20, "least-loaded dispatch spreads clients: {owners:?}");
         kill(victim, libc_sig::KILL);
-        thread::sleep(Duration::from_millis(500));
+        e.wait_log("died unexpectedly", Duration::from_secs(5)).expect("the kill noticed");
         stop.store(true, Ordering::Relaxed);
         for (port, h) in clients {
             let r = h.join().unwrap();
@@ -165,12 +164,11 @@ both_modes! {
         // New connections are served by both, including the new worker.
         let mut served_by = std::collections::HashSet::new();
         let conns: Vec<_> = (0..10).map(|_| connect(e.addr)).collect();
-        thread::sleep(Duration::from_millis(100));
         for s in &conns {
             let mut s = s.try_clone().unwrap();
             assert_eq!(round_trip(&mut s, b"after").unwrap(), b"after");
         }
-        let owners = connection_owners(&now, e.addr.port());
+        let owners = expect_owners(&now, e.addr.port(), 10);
         served_by.extend(owners.values().copied());
         assert_eq!(served_by.len(), 2, "both workers serve new connections: {owners:?}");
     }

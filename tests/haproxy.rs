@@ -218,8 +218,17 @@ fn two_echod_behind_haproxy_with_proxy_v2() {
     assert!(served(&mut other, b"other client"));
     let rejected = metric(&a, "echod_connections_rejected_total") + metric(&b, "echod_connections_rejected_total");
     assert_eq!(rejected, 1.0);
-    let logs = a.log_text() + &b.log_text();
-    assert!(logs.contains("rejected a connection from 127.0.0.10 (via 127.0.0.1:"), "{logs}");
+    // The refusal is logged by whichever backend refused, a moment after
+    // the client saw it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let logs = a.log_text() + &b.log_text();
+        if logs.contains("rejected a connection from 127.0.0.10 (via 127.0.0.1:") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{logs}");
+        thread::sleep(Duration::from_millis(20));
+    }
     drop((held, over, other));
 
     // 3. SIGKILL backend 2 under load: only connections HAProxy sent to it
@@ -232,7 +241,12 @@ fn two_echod_behind_haproxy_with_proxy_v2() {
     let failures_before = hap.server_failures("echod1");
     // 8 s: past the kill (1.5 s) and the longest wait for DOWN (5 s).
     let load = spawn_load(front, &["-c", "12", "-d", "8"]);
-    thread::sleep(Duration::from_millis(1500));
+    // All 12 connections are up, spread over the two backends.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&a, "echod_connections_active") + metric(&b, "echod_connections_active") < 12.0 {
+        assert!(Instant::now() < deadline, "the load's 12 connections never reached the backends");
+        thread::sleep(Duration::from_millis(50));
+    }
     let held = metric(&b, "echod_connections_active") as u64;
     let errors_before = metric(&a, "echod_connection_errors_total{kind=\"reset\"}");
     b.signal(libc_sig::KILL);
@@ -264,7 +278,7 @@ fn two_echod_behind_haproxy_with_proxy_v2() {
     // Long-lived and churning clients: not one echo may be lost.
     let long = spawn_load(front, &["-c", "12", "-d", "7"]);
     let churn = spawn_load(front, &["-c", "4", "-d", "7", "--churn"]);
-    thread::sleep(Duration::from_millis(1500));
+    a.scrape_until(Duration::from_secs(10), |m| m.get("echod_connections_active").is_some_and(|&v| v > 0.0));
     let draining = metric(&a, "echod_connections_active");
     assert!(draining > 0.0, "backend 1 held nothing to drain");
     let mut a = a;

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -18,7 +17,7 @@ both_modes! {
     fn reloads_under_traffic_lose_nothing_and_a_broken_file_is_ignored() {
         let e = start("workers = 2\nshutdown_timeout = 20\n");
         let traffic = Traffic::start(e.addr, 24, 6);
-        thread::sleep(Duration::from_millis(500));
+        traffic.expect_progress(300, Duration::from_secs(10));
 
         // 1: more workers and a smaller buffer.
         let skip = e.log_len();
@@ -27,7 +26,7 @@ both_modes! {
         assert!(e.wait_log_after(skip, "reloaded", Duration::from_secs(5)).is_some(), "{}", e.log_text());
         let s = e.stats_until(Duration::from_secs(10), |s| s["workers"] == 3);
         assert_eq!(s["workers"], 3, "the new worker count took effect: {s:?}");
-        thread::sleep(Duration::from_millis(300));
+        traffic.expect_progress(300, Duration::from_secs(10));
 
         // 2: a broken file is reported (file, line, key) and changes nothing.
         let skip = e.log_len();
@@ -35,7 +34,8 @@ both_modes! {
         e.signal(libc_sig::HUP);
         let err = e.wait_log_after(skip, "reload failed", Duration::from_secs(5)).expect("broken reload not reported");
         assert!(err.contains("echod.toml:3") && err.contains("`buffer_size`"), "{err}");
-        thread::sleep(Duration::from_millis(300));
+        // Traffic flows on through the failed reload, on the same workers.
+        traffic.expect_progress(300, Duration::from_secs(10));
         assert_eq!(e.stats()["workers"], 3);
 
         // 3: back to two workers, another buffer size.
@@ -45,7 +45,7 @@ both_modes! {
         assert!(e.wait_log_after(skip, "reloaded", Duration::from_secs(5)).is_some());
         let s = e.stats_until(Duration::from_secs(10), |s| s["workers"] == 2);
         assert_eq!(s["workers"], 2, "{s:?}");
-        thread::sleep(Duration::from_millis(500));
+        traffic.expect_progress(300, Duration::from_secs(10));
 
         let t = traffic.stop();
         assert!(t.failures.is_empty(), "failed connections during reloads: {:?}", &t.failures[..t.failures.len().min(5)]);

@@ -32,7 +32,8 @@ both_modes! {
         let watcher = watch_counters(metrics, stop.clone());
         let long1 = spawn_load(e.addr, &["-t", "1", "-c", "16", "-d", "4"]);
         let churn = spawn_load(e.addr, &["-t", "1", "-c", "8", "-d", "10", "--churn"]);
-        thread::sleep(Duration::from_millis(1500));
+        // Both loads are on: the 16 long-lived connections and churn.
+        e.stats_until(Duration::from_secs(10), |s| s["active"] >= 16 && s["accepted"] >= 100);
 
         // First upgrade: the original master hands over to the copy.
         let first = e.pid();
@@ -54,8 +55,9 @@ both_modes! {
         // Once the first generation is gone (its clients closed), it is not.
         let long1 = load_json(long1);
         assert!(wait_gone(first, &first_workers, Duration::from_secs(10)), "first generation still there");
+        let accepted = e.stats()["accepted"];
         let long2 = spawn_load(e.addr, &["-t", "1", "-c", "16", "-d", "4"]);
-        thread::sleep(Duration::from_millis(1000));
+        e.stats_until(Duration::from_secs(10), |s| s["active"] >= 16 && s["accepted"] >= accepted + 100);
         let third = upgrade(&e, second);
         e.wait_children(third, 2);
 
@@ -92,7 +94,7 @@ both_modes! {
         let workers = e.workers();
         let traffic = spawn_load(e.addr, &["-t", "1", "-c", "8", "-d", "5"]);
         let churn = spawn_load(e.addr, &["-t", "1", "-c", "4", "-d", "5", "--churn"]);
-        thread::sleep(Duration::from_millis(500));
+        e.stats_until(Duration::from_secs(10), |s| s["active"] >= 8 && s["accepted"] >= 50);
 
         // The same binary, but the file it reads was broken since: the new
         // master refuses it (exit 78) and the old one serves on.
@@ -165,9 +167,8 @@ both_modes! {
         assert!(!msgs.iter().any(|m| m.contains("STOPPING=1")), "STOPPING=1 during an upgrade: {msgs:?}");
         // The watchdog is the new master's now (WATCHDOG_PID moved with it).
         let pings = n.all().len();
-        thread::sleep(Duration::from_millis(700));
-        let later = n.all().into_iter().skip(pings).filter(|(_, m)| m.contains("WATCHDOG=1")).count();
-        assert!(later >= 2, "{later} watchdog pings from the new master in 0.7 s");
+        let first = n.wait(pings, "WATCHDOG=1", Duration::from_secs(2)).expect("a watchdog ping from the new master");
+        n.wait(first + 1, "WATCHDOG=1", Duration::from_secs(2)).expect("and another");
         // The long-lived connection from before the upgrade was drained by the
         // old generation; new ones go to the new master.
         let mut s2 = connect(e.addr);

@@ -668,6 +668,20 @@ pub fn connection_owners(workers: &[i32], server_port: u16) -> HashMap<u16, i32>
     owners
 }
 
+/// Waits until the owner map names `n` client ports (the workers have
+/// received the connections); returns it. Fails the test after 10 s.
+pub fn expect_owners(workers: &[i32], server_port: u16, n: usize) -> HashMap<u16, i32> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let owners = connection_owners(workers, server_port);
+        if owners.len() >= n {
+            return owners;
+        }
+        assert!(Instant::now() < deadline, "{} of {n} connections owned by {workers:?}: {owners:?}", owners.len());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Runs echod with `args` to completion (for config errors); returns
 /// (exit code, stderr, stdout).
 pub fn run_to_exit(args: &[&str], cwd: Option<&Path>) -> (i32, String, String) {
@@ -728,6 +742,22 @@ impl Traffic {
     }
 
     /// Round trips completed so far.
+    /// Waits until `more` round trips have completed after this call
+    /// ("traffic flows", as a condition rather than a sleep); returns the
+    /// new count. Fails the test after `timeout`.
+    pub fn expect_progress(&self, more: u64, timeout: Duration) -> u64 {
+        let from = self.progress();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.progress();
+            if now >= from + more {
+                return now;
+            }
+            assert!(Instant::now() < deadline, "traffic stalled: {} of {more} round trips in {timeout:?}", now - from);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn progress(&self) -> u64 {
         self.progress.load(std::sync::atomic::Ordering::Relaxed)
     }
