@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -235,14 +235,7 @@ both_modes! {
 
     fn f7b_per_address_limit_counts_each_client_address() {
         let e = start("workers = 2\nmax_connections_per_ip = 3\n");
-        let from = |ip: &str| -> TcpStream {
-            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-            sock.bind(&format!("{ip}:0").parse::<SocketAddr>().unwrap().into()).unwrap();
-            sock.connect(&e.addr.into()).unwrap();
-            let s: TcpStream = sock.into();
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            s
-        };
+        let from = |ip: &str| connect_from(ip, e.addr);
         let mut ok: Vec<TcpStream> = (0..3).map(|_| from("127.0.0.1")).collect();
         for s in &mut ok {
             assert_eq!(round_trip(s, b"in").unwrap(), b"in");

@@ -162,16 +162,6 @@ fn n(v: &serde_json::Value, key: &str) -> u64 {
     v[key].as_u64().unwrap_or_else(|| panic!("no `{key}` in {v}"))
 }
 
-/// A client connection from loopback address `from` through HAProxy.
-fn client(from: &str, front: SocketAddr) -> TcpStream {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.bind(&format!("{from}:0").parse::<SocketAddr>().unwrap().into()).unwrap();
-    sock.connect_timeout(&front.into(), Duration::from_secs(5)).unwrap();
-    let s = TcpStream::from(sock);
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s
-}
-
 fn served(s: &mut TcpStream, what: &[u8]) -> bool {
     matches!(round_trip(s, what), Ok(got) if got == what)
 }
@@ -208,13 +198,13 @@ fn two_echod_behind_haproxy_with_proxy_v2() {
     // counted, the 21st would be refused whoever sent it.
     let mut held = Vec::new();
     for i in 0..2 * PER_IP {
-        let mut c = client("127.0.0.10", front);
+        let mut c = connect_from("127.0.0.10", front);
         assert!(served(&mut c, format!("c{i}").as_bytes()), "connection {i} from 127.0.0.10 refused");
         held.push(c);
     }
-    let mut over = client("127.0.0.10", front);
+    let mut over = connect_from("127.0.0.10", front);
     assert!(!served(&mut over, b"over"), "127.0.0.10 is at the limit on both hosts");
-    let mut other = client("127.0.0.11", front);
+    let mut other = connect_from("127.0.0.11", front);
     assert!(served(&mut other, b"other client"));
     let rejected = metric(&a, "echod_connections_rejected_total") + metric(&b, "echod_connections_rejected_total");
     assert_eq!(rejected, 1.0);

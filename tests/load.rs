@@ -6,22 +6,11 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::Duration;
 
 use common::*;
-
-const LOAD: &str = env!("CARGO_BIN_EXE_echo-load");
-
-fn run_load(args: &[&str]) -> Output {
-    Command::new(LOAD).args(args).stdin(Stdio::null()).output().expect("run echo-load")
-}
-
-fn json_of(out: &Output) -> serde_json::Value {
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
-}
 
 both_modes! {
     fn a_short_run_against_echod_is_clean_and_json_has_every_contract_key() {
@@ -29,7 +18,7 @@ both_modes! {
         let addr = e.addr.to_string();
         let out = run_load(&["--addr", &addr, "--connections", "20", "--duration", "1", "--size", "512", "--json"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let j = json_of(&out);
+        let j = output_json(&out);
         for key in ["requests", "responses", "errors", "mismatches", "rps", "mbps"] {
             assert!(j.get(key).is_some_and(|v| v.is_number()), "{key} missing: {j}");
         }
@@ -89,7 +78,7 @@ fn corrupting_server(every: usize) -> SocketAddr {
 fn corrupted_echoes_are_counted_as_mismatches() {
     let addr = corrupting_server(50).to_string();
     let out = run_load(&["--addr", &addr, "-c", "4", "-d", "1", "-s", "64", "--json"]);
-    let j = json_of(&out);
+    let j = output_json(&out);
     let m = j["mismatches"].as_u64().unwrap();
     assert!(m > 0, "corruption went unnoticed: {j}");
     // About one in 50 messages: counted, not ignored, not over-counted.
@@ -102,7 +91,7 @@ both_modes! {
     fn open_loop_holds_the_requested_rate() {
         let e = start("workers = 2\n");
         let out = run_load(&["--addr", &e.addr.to_string(), "-c", "10", "-d", "3", "--rate", "1500", "--json"]);
-        let j = json_of(&out);
+        let j = output_json(&out);
         let rps = j["rps"].as_f64().unwrap();
         assert!((rps - 1500.0).abs() < 1500.0 * 0.05, "asked 1500/s, got {rps:.0}/s");
         assert_eq!(j["mode"], "open");
@@ -132,7 +121,7 @@ fn open_loop_latency_includes_a_stall_closed_loop_would_hide() {
         }
     });
     let out = run_load(&["--addr", &addr.to_string(), "-c", "1", "-t", "1", "-d", "1.5", "--rate", "200", "--json"]);
-    let j = json_of(&out);
+    let j = output_json(&out);
     let l = &j["latency_us"];
     assert!(l["max"].as_u64().unwrap() >= 250_000, "the stall is visible at the top: {j}");
     // Many messages were due during the stall, so p90 is late too.
@@ -143,7 +132,7 @@ both_modes! {
     fn churn_opens_and_closes_connections() {
         let e = start("workers = 2\n");
         let out = run_load(&["--addr", &e.addr.to_string(), "-c", "8", "-d", "1", "--churn", "--json"]);
-        let j = json_of(&out);
+        let j = output_json(&out);
         let connects = j["connects"].as_u64().unwrap();
         assert!(connects > 100, "{j}");
         assert!(j["responses"].as_u64().unwrap() + 8 >= connects);
@@ -155,29 +144,24 @@ both_modes! {
     fn count_bounds_a_run() {
         let e = start("workers = 1\n");
         let out = run_load(&["--addr", &e.addr.to_string(), "-c", "2", "--count", "500", "--json"]);
-        let j = json_of(&out);
+        let j = output_json(&out);
         assert_eq!((j["requests"].as_u64(), j["responses"].as_u64()), (Some(500), Some(500)), "exactly --count: {j}");
     }
 
     fn sigint_prints_the_partial_summary() {
         let e = start("workers = 1\n");
-        let child = Command::new(LOAD)
-            .args(["--addr", &e.addr.to_string(), "-c", "2", "-d", "60", "--json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        thread::sleep(Duration::from_millis(800));
+        let child = spawn_load(e.addr, &["-c", "2", "-d", "60"]);
+        // Echoes are flowing (echod's live byte counters show them).
+        e.stats_until(Duration::from_secs(10), |s| s["bytes_out"] > 0);
         kill(child.id() as i32, libc_sig::INT);
-        let out = child.wait_with_output().unwrap();
-        let j = json_of(&out);
+        let j = load_json(child);
         assert_eq!(j["interrupted"], true);
         assert!(j["responses"].as_u64().unwrap() > 0 && j["duration_s"].as_f64().unwrap() < 10.0, "{j}");
     }
 
     fn interactive_mode_echoes_lines() {
         let e = start("workers = 1\ntransform = \"upper\"\n");
-        let mut child = Command::new(LOAD)
+        let mut child = Command::new(ECHO_LOAD)
             .args(["--addr", &e.addr.to_string(), "--interactive"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -195,7 +179,7 @@ both_modes! {
 fn unreachable_server_is_reported_not_hung() {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let out = run_load(&["--addr", &format!("127.0.0.1:{port}"), "-c", "2", "-d", "0.5", "--json"]);
-    let j = json_of(&out);
+    let j = output_json(&out);
     assert!(j["connect_errors"].as_u64().unwrap() > 0, "{j}");
     assert_eq!(j["responses"].as_u64(), Some(0));
     assert_eq!(out.status.code(), Some(3), "nothing came back: the errors status");
@@ -218,7 +202,7 @@ fn a_fleet_of_addresses_shares_the_connections_and_is_reported_per_address() {
     let (aa, ba) = (a.addr.to_string(), b.addr.to_string());
     let out = run_load(&["--addr", &aa, "--addr", &ba, "-c", "4", "-d", "1", "-t", "1", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let j = json_of(&out);
+    let j = output_json(&out);
     assert_eq!(j["addr"], format!("{aa},{ba}"));
     let per = j["per_addr"].as_array().expect("per_addr");
     assert_eq!(per.len(), 2);

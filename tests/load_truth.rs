@@ -453,11 +453,7 @@ fn a_delay_on_every_tenth_echo_shows_in_the_right_percentiles() {
 fn a_rate_beyond_the_client_is_reported_and_the_run_ends_on_time() {
     let s = Server::start(Misbehave::Nothing);
     let started = Instant::now();
-    let out = Command::new(ECHO_LOAD)
-        .args(["--addr", &s.addr.to_string(), "-c", "2", "-t", "1", "--rate", "100000000", "-d", "1"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run echo-load");
+    let out = run_load(&["--addr", &s.addr.to_string(), "-c", "2", "-t", "1", "--rate", "100000000", "-d", "1"]);
     let took = started.elapsed();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("the client is the bottleneck"), "{text}");
@@ -574,7 +570,7 @@ fn bad_flag_values_are_refused_with_exit_2() {
         &["--size", "100000000000"],
         &["--connections", "0"],
     ] {
-        let out = Command::new(ECHO_LOAD).args(["--addr", &addr]).args(args).stdin(Stdio::null()).output().unwrap();
+        let out = run_load(&[&["--addr", addr.as_str()][..], args].concat());
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");

@@ -97,10 +97,7 @@ both_modes! {
         s.shutdown(Shutdown::Write).unwrap();
         closed_unechoed(&mut s, Duration::from_secs(5)).unwrap();
         // Untrusted: a valid header from 127.0.0.2, which is not a balancer.
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        sock.bind(&"127.0.0.2:0".parse::<SocketAddr>().unwrap().into()).unwrap();
-        sock.connect(&e.addr.into()).unwrap();
-        let mut s = TcpStream::from(sock);
+        let mut s = connect_from("127.0.0.2", e.addr);
         s.write_all(&[v1("192.0.2.9", 9), b"x".to_vec()].concat()).unwrap();
         closed_unechoed(&mut s, Duration::from_secs(5)).unwrap();
 

@@ -194,4 +194,45 @@ mod tests {
         assert_eq!(s.duration[1], 8000, "2 ms lands in the <= 10 ms bucket");
         assert_eq!(s.duration_sum_us, 8000 * 2000);
     }
+
+    /// Each way a connection can end lands in its own counter, and only
+    /// there; every call adds (twice, so a counter that multiplies or
+    /// overwrites instead of adding shows).
+    #[test]
+    fn every_ending_and_refusal_is_counted_where_the_metrics_read_it() {
+        let sb = Scoreboard::new(1).unwrap();
+        let c = Counters::new(sb.slot(0));
+        for round in 1..=2u64 {
+            let mut t = Tally { bytes_in: 5, bytes_out: 4 };
+            assert_eq!(c.finish(&mut t, Ending::Clean, Duration::from_micros(500)), 10 * (round - 1) + 1);
+            assert_eq!((t.bytes_in, t.bytes_out), (0, 0), "the tally is handed over");
+            c.finish(&mut Tally::default(), Ending::Reset, Duration::from_millis(5));
+            c.finish(&mut Tally::default(), Ending::Timeout, Duration::from_millis(50));
+            c.finish(&mut Tally::default(), Ending::Other, Duration::from_secs(2));
+            c.finish(&mut Tally::default(), Ending::Clean, Duration::from_secs(7200));
+            c.proxied();
+            c.refuse(Refusal::PerIp);
+            c.refuse(Refusal::Header(HeaderError::Truncated));
+            c.abandon(3);
+            let s = sb.slot(0).snapshot();
+            let r = round;
+            assert_eq!((s.bytes_in, s.bytes_out), (5 * r, 4 * r));
+            // 5 finished + 2 refused + 3 abandoned per round.
+            assert_eq!(s.finished, 10 * r);
+            assert_eq!((s.err_reset, s.err_timeout, s.err_other), (r, r, 4 * r), "abandoned count as other");
+            assert_eq!((s.proxied, s.rejected), (r, r));
+            let kinds: Vec<u64> = s.proxy_errors.to_vec();
+            assert_eq!(kinds, [0, 0, 0, r, 0, 0], "Truncated is the fourth kind");
+            // Buckets <= 1 ms, 10 ms, 0.1 s, 1 s, 10 s, 60 s, 600 s, 3600 s, +Inf;
+            // refused and abandoned connections are not echo durations.
+            assert_eq!(s.duration, [r, r, r, 0, r, 0, 0, 0, r]);
+            assert_eq!(s.duration_sum_us, r * (500 + 5_000 + 50_000 + 2_000_000 + 7_200_000_000));
+        }
+        // A flush moves bytes only.
+        let mut t = Tally { bytes_in: 1, bytes_out: 2 };
+        c.flush(&mut t);
+        let s = sb.slot(0).snapshot();
+        assert_eq!((s.bytes_in, s.bytes_out, s.finished), (11, 10, 20));
+        assert_eq!((t.bytes_in, t.bytes_out), (0, 0));
+    }
 }

@@ -27,6 +27,34 @@ pub fn spawn_load(addr: SocketAddr, args: &[&str]) -> Child {
         .expect("run echo-load")
 }
 
+/// echo-load in the foreground with `args` as given (no `--addr` added);
+/// its stdin is closed.
+pub fn run_load(args: &[&str]) -> std::process::Output {
+    Command::new(ECHO_LOAD).args(args).stdin(Stdio::null()).output().expect("run echo-load")
+}
+
+/// The JSON an echo-load run printed; fails the test with its output if
+/// it printed none.
+pub fn output_json(out: &std::process::Output) -> serde_json::Value {
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {text}\n{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// A client connection to `to` from the loopback address `from` (such as
+/// 127.0.0.2: every 127/8 address is local), for per-address limits and
+/// trust lists; 5 s read timeout.
+pub fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::for_address(to), socket2::Type::STREAM, None).unwrap();
+    let local: SocketAddr = format!("{from}:0").parse().unwrap_or_else(|_| panic!("not an address: {from}"));
+    sock.bind(&local.into()).unwrap_or_else(|e| panic!("bind {from}: {e}"));
+    sock.connect_timeout(&to.into(), Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect {to} from {from}: {e}"));
+    let s = TcpStream::from(sock);
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s
+}
+
 /// Waits for a [`spawn_load`] run and parses its JSON; a run that printed
 /// none fails the test with what it printed.
 pub fn load_json(child: Child) -> serde_json::Value {
@@ -103,6 +131,9 @@ pub fn in_test_mode(text: &str) -> String {
     format!("{text}{sep}handler = \"{}\"\n", mode())
 }
 
+/// One stderr line and when the test read it.
+type LogLine = (Instant, String);
+
 /// A running echod and its collected stderr.
 pub struct Echod {
     pub child: Option<Child>,
@@ -111,7 +142,7 @@ pub struct Echod {
     pub dir: tempfile::TempDir,
     /// Each stderr line with the moment the test read it (for timing
     /// assertions such as the crash-loop back-off).
-    log: Arc<(Mutex<Vec<(Instant, String)>>, Condvar)>,
+    log: Arc<(Mutex<Vec<LogLine>>, Condvar)>,
     /// Every worker pid ever seen, so Drop can kill stragglers by PID.
     seen_workers: Mutex<Vec<i32>>,
 }
