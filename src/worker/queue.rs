@@ -270,6 +270,47 @@ mod tests {
         assert_eq!(q.full_waits(), 2, "a push with room is not a wait");
     }
 
+    /// A timeout is a bound on the wait, not a poll: a pop or push with
+    /// time left is still waiting when the other side acts. (The helper
+    /// acts once the waiter is seen waiting, so no timing is assumed.)
+    #[test]
+    fn timed_waits_last_until_the_other_side_acts() {
+        let q = Arc::new(Queue::new(1));
+        let q2 = q.clone();
+        // Bounded, so a broken pop fails the test instead of hanging it.
+        let seen = |f: &dyn Fn() -> bool| {
+            let give_up = Instant::now() + Duration::from_secs(10);
+            while !f() && Instant::now() < give_up {
+                thread::yield_now();
+            }
+        };
+        let pusher = thread::spawn(move || {
+            seen(&|| q2.stats().1 > 0);
+            q2.push(7, None)
+        });
+        assert!(matches!(q.pop(Some(Duration::from_secs(30))), Pop::Item(7, _)));
+        pusher.join().unwrap().unwrap();
+
+        q.push(1, None).unwrap();
+        let q2 = q.clone();
+        let popper = thread::spawn(move || {
+            seen(&|| q2.full_waits() > 0);
+            q2.pop(None)
+        });
+        assert!(q.push(2, Some(Duration::from_secs(30))).is_ok(), "a timed push waits for room");
+        assert!(matches!(popper.join().unwrap(), Pop::Item(1, _)));
+        assert!(matches!(q.pop(Some(Duration::ZERO)), Pop::Item(2, _)));
+        // And with nobody acting, each waits its whole timeout (a lower
+        // bound: a loaded machine only makes the wait longer).
+        let t = Instant::now();
+        assert!(matches!(q.pop(Some(Duration::from_millis(50))), Pop::TimedOut));
+        assert!(t.elapsed() >= Duration::from_millis(50), "pop gave up after {:?}", t.elapsed());
+        q.push(3, None).unwrap();
+        let t = Instant::now();
+        assert_eq!(q.push(4, Some(Duration::from_millis(50))), Err(PushError::Full(4)));
+        assert!(t.elapsed() >= Duration::from_millis(50), "push gave up after {:?}", t.elapsed());
+    }
+
     #[test]
     fn close_serves_what_was_queued_then_reports_closed() {
         let q = Queue::new(4);
