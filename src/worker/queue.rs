@@ -311,6 +311,28 @@ mod tests {
         assert!(t.elapsed() >= Duration::from_millis(50), "push gave up after {:?}", t.elapsed());
     }
 
+    /// A woken consumer may find its item already taken (a `try_pop` or a
+    /// consumer that never slept got there first). An untimed pop then
+    /// waits again: only a timed one may report `TimedOut`. Repeated, since
+    /// who wins the lock after the wake-up is up to the scheduler.
+    #[test]
+    fn a_consumer_robbed_of_its_wake_up_waits_again() {
+        let q = Arc::new(Queue::new(4));
+        for i in 0..200 {
+            let q2 = q.clone();
+            let a = thread::spawn(move || q2.pop(None));
+            let give_up = Instant::now() + Duration::from_secs(10);
+            while q.stats().1 == 0 && Instant::now() < give_up {
+                thread::yield_now();
+            }
+            q.push(i, None).unwrap();
+            if let Pop::Item(..) = q.try_pop() {
+                q.push(i + 1000, None).unwrap(); // robbed: give it another
+            }
+            assert!(matches!(a.join().unwrap(), Pop::Item(..)), "round {i}: an untimed pop gave up");
+        }
+    }
+
     #[test]
     fn close_serves_what_was_queued_then_reports_closed() {
         let q = Queue::new(4);
