@@ -54,6 +54,13 @@ both_modes! {
         assert!(e.wait_workers(2, Duration::from_secs(5)).len() == 2, "respawned");
         let mut s = connect(e.addr);
         assert_eq!(round_trip(&mut s, b"after").unwrap(), b"after");
+        drop(s);
+        // The lost connections count as closed (with errors of kind
+        // `other`): every accepted connection ends up closed. Found by
+        // tests/chaos.rs: before, they were neither active nor closed, ever.
+        let s = e.stats_until(Duration::from_secs(10), |s| s["active"] == 0);
+        assert_eq!(s["accepted"], s["closed"], "a dead worker's connections never closed: {s:?}");
+        assert!(s["other"] >= lost as u64, "{lost} lost, errors {s:?}");
     }
 }
 

@@ -356,14 +356,20 @@ impl Supervisor {
         let w = self.workers.swap_remove(pos);
         debug_assert!(w.outbox.is_empty(), "outboxes are empty between dispatch passes");
         let _ = registry.deregister(&mut SourceFd(&w.channel.as_raw_fd()));
-        let stats = self.scoreboard.slot(w.id).snapshot();
+        let mut stats = self.scoreboard.slot(w.id).snapshot();
+        // Connections it was sent and never finished (open ones, and ones
+        // still in its channel) died with it: they count as closed, with an
+        // error of kind `other`, so that accepted = closed + active holds
+        // for good instead of showing them open forever.
+        let lost = w.dispatched.saturating_sub(stats.finished);
+        stats.finished += lost;
+        stats.err_other += lost;
         self.retired.add_counters(&stats);
         // Its connections are gone: their clients no longer count against
         // max_connections_per_ip.
         self.scoreboard.vacate(w.id);
         let how = describe(status);
         let expected = matches!(w.phase, Phase::Draining { .. }) || stopping;
-        let lost = w.dispatched.saturating_sub(stats.finished);
         if expected {
             log::info!("worker {} (pid {pid}) exited: {how}", w.id);
         } else {
