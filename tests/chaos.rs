@@ -337,6 +337,12 @@ impl Chaos {
         let mismatches_before = self.clients.mismatches.load(Relaxed);
         let t = Instant::now();
         self.apply(&event);
+        if event.hits_clients() {
+            // Every client finishes (or fails) the connection it had when
+            // the event hit, so its errors belong to this step.
+            self.clients.pause();
+            self.clients.resume();
+        }
         self.check(step, "after the event", |c| c.check_step());
         let failures: Vec<String> = self.clients.failures.lock().unwrap()[failures_before..].to_vec();
         if !event.hits_clients() && !failures.is_empty() {
@@ -480,15 +486,21 @@ impl Chaos {
             Event::Stop { quit } => self.stop_and_restart(if quit { libc_sig::QUIT } else { libc_sig::TERM }),
             Event::SigkillMaster => self.stop_and_restart(libc_sig::KILL),
             Event::BadClients { resets, silent } => {
+                // From their own address: the per-address limit is theirs to
+                // hit, not the verifying clients'.
                 for _ in 0..resets {
                     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-                    if s.connect(&self.main.into()).is_ok() && (&s).write_all(b"half a messa").is_ok() {
+                    let from: SocketAddr = "127.0.0.2:0".parse().unwrap();
+                    if s.bind(&from.into()).is_ok()
+                        && s.connect(&self.main.into()).is_ok()
+                        && (&s).write_all(b"half a messa").is_ok()
+                    {
                         self.unread += 12;
                         let _ = s.set_linger(Some(Duration::ZERO));
                     }
                 }
                 for _ in 0..silent {
-                    let _ = TcpStream::connect(self.main);
+                    drop(connect_from("127.0.0.3", self.main));
                 }
             }
         }
