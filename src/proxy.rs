@@ -591,6 +591,87 @@ mod tests {
         }
     }
 
+    /// The names are the metric labels and log words operators match on.
+    #[test]
+    fn error_names_are_the_documented_labels() {
+        let names: Vec<String> = HeaderError::ALL.iter().map(|e| e.to_string()).collect();
+        assert_eq!(names, ["missing", "malformed", "oversized", "truncated", "timeout", "untrusted"]);
+        assert_eq!(HeaderError::Timeout.name(), "timeout");
+    }
+
+    /// The edges cargo-mutants found unchecked: the v1 length limit to the
+    /// byte, a CR not followed by LF, how much an incomplete header asks
+    /// for, v2's payload limit to the byte, AF_UNIX's address length.
+    #[test]
+    fn limits_hold_to_the_byte() {
+        // A v1 line whose CRLF ends at byte 107 is the longest allowed.
+        let line = |total: usize| {
+            let head = "PROXY TCP4 192.0.2.1 127.0.0.1 1 2";
+            let pad = " ".repeat(total - head.len() - 2);
+            format!("{head}{pad}\r\n").into_bytes()
+        };
+        assert!(matches!(parse(&line(V1_MAX)), Err(HeaderError::Malformed)), "padding is malformed, but not oversized");
+        assert_eq!(parse(&line(V1_MAX + 1)), Err(HeaderError::Oversized));
+        let exact = format!("PROXY UNKNOWN {}\r\n", "x".repeat(V1_MAX - 16)).into_bytes();
+        assert_eq!(exact.len(), V1_MAX);
+        assert_eq!(complete(&exact), Header { len: V1_MAX, source: None });
+        let over = format!("PROXY UNKNOWN {}\r\n", "x".repeat(V1_MAX - 15)).into_bytes();
+        assert_eq!(parse(&over), Err(HeaderError::Oversized));
+        assert_eq!(parse(b"PROXY TCP4 192.0.2.1 127.0.0.1 1 2\rX"), Err(HeaderError::Malformed), "CR without LF");
+        assert_eq!(parse(b"PROXY TCP4"), Ok(Parsed::Incomplete { want: V1_MAX - 10 }));
+        // v2: a payload of exactly MAX_V2_PAYLOAD is allowed, one more is not.
+        let mut at_max = v2(1, 0x11, &[0; 12]);
+        at_max[14..16].copy_from_slice(&(MAX_V2_PAYLOAD as u16).to_be_bytes());
+        assert_eq!(parse(&at_max), Ok(Parsed::Incomplete { want: 16 + MAX_V2_PAYLOAD - at_max.len() }));
+        at_max[14..16].copy_from_slice(&(MAX_V2_PAYLOAD as u16 + 1).to_be_bytes());
+        assert_eq!(parse(&at_max), Err(HeaderError::Oversized));
+        // AF_UNIX (0x31) needs its 216 address bytes.
+        assert_eq!(parse(&v2(1, 0x31, &[0; 12])), Err(HeaderError::Malformed));
+        assert_eq!(complete(&v2(1, 0x31, &[0; 216])), Header { len: 16 + 216, source: None });
+    }
+
+    /// A reader that replays a script of results, and fails the test if
+    /// read again after the script ends (a caller that spins on an error).
+    struct Script(Vec<io::Result<Vec<u8>>>);
+    impl Read for Script {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            assert!(!self.0.is_empty(), "read again after the last scripted result");
+            let data = self.0.remove(0)?;
+            let n = data.len().min(buf.len());
+            buf[..n].copy_from_slice(&data[..n]);
+            if n < data.len() {
+                self.0.insert(0, Ok(data[n..].to_vec()));
+            }
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn advance_retries_only_eintr_and_tells_pending_from_truncated() {
+        let header = b"PROXY TCP4 192.0.2.1 127.0.0.1 1 2\r\n".to_vec();
+        let err = |k: io::ErrorKind| Err(io::Error::from(k));
+        // EINTR: read again at once.
+        let mut r = Script(vec![err(io::ErrorKind::Interrupted), Ok(header.clone())]);
+        let mut hs = Handshake::default();
+        let mut done = false;
+        for _ in 0..header.len() {
+            if let Step::Done { header: h, .. } = hs.advance(&mut r).expect("EINTR is retried, not an error") {
+                assert_eq!(h.len, header.len());
+                done = true;
+                break;
+            }
+        }
+        assert!(done, "never completed");
+        // WouldBlock and a blocking read's timeout: pending, no second read.
+        for k in [io::ErrorKind::WouldBlock, io::ErrorKind::TimedOut] {
+            let mut r = Script(vec![err(k)]);
+            assert!(matches!(Handshake::default().advance(&mut r), Ok(Step::Pending)), "{k:?}");
+        }
+        // Any other error ends the handshake as truncated.
+        let mut r = Script(vec![err(io::ErrorKind::ConnectionReset)]);
+        assert_eq!(Handshake::default().advance(&mut r).err(), Some(HeaderError::Truncated));
+    }
+
     #[test]
     fn cidr_matching() {
         let c: Cidr = "10.0.0.0/8".parse().unwrap();

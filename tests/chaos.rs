@@ -450,6 +450,11 @@ impl Chaos {
                 self.masters.push(new);
                 thread::sleep(Duration::from_millis(after_ms));
                 kill(new, libc_sig::KILL);
+                // Dead first (a kill is delivered asynchronously), then see
+                // which master, if any, is left.
+                if !all_dead(&[new], SETTLE) {
+                    self.fail(self.trace.len() - 1, &format!("new master {new} survived SIGKILL"));
+                }
                 self.settle_master();
             }
             Event::ReloadDuringUpgrade => {
