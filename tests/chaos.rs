@@ -126,6 +126,18 @@ enum Event {
     KillNewMaster {
         after_ms: u64,
     },
+    /// USR2 to a binary that takes its time before it execs echod.
+    SlowUpgrade,
+    /// USR2, then TERM to the old master after `after_ms`: the upgrade is
+    /// abandoned if it had not finished, and the service stops.
+    TermDuringUpgrade {
+        after_ms: u64,
+    },
+    /// SIGSTOP the master for `ms`, then SIGCONT: connections wait in the
+    /// listen backlog, nobody fails.
+    StopMaster {
+        ms: u64,
+    },
     /// USR2 and, back to back, a HUP (deferred until the upgrade ends).
     ReloadDuringUpgrade,
     /// HUP and, `after_ms` later, TERM; then start again.
@@ -162,18 +174,22 @@ impl Event {
                 | Event::SigkillMaster
                 | Event::TermDuringReload { .. }
                 | Event::KillNewMaster { .. }
+                | Event::TermDuringUpgrade { .. }
         )
     }
 
     fn draw(rng: &mut Rng, target: usize) -> Event {
         let which = rng.below(8) as usize;
         match rng.below(100) {
-            0..=17 => Event::Reload {
+            0..=14 => Event::Reload {
                 workers: if rng.below(2) == 0 { Some(1 + rng.below(3) as usize) } else { None },
                 buffer: [1024, 4096, 16384, 65536][rng.below(4) as usize],
                 extra: rng.below(2) == 0,
             },
-            18..=23 => Event::BrokenReload,
+            15..=18 => Event::BrokenReload,
+            19..=20 => Event::SlowUpgrade,
+            21..=22 => Event::TermDuringUpgrade { after_ms: [0, 5, 50, 200][rng.below(4) as usize] },
+            23 => Event::StopMaster { ms: [50, 500, 1500][rng.below(3) as usize] },
             24..=31 if target < 4 => Event::Ttin,
             24..=31 => Event::Ttou,
             32..=38 if target > 1 => Event::Ttou,
@@ -457,6 +473,37 @@ impl Chaos {
                 }
                 self.settle_master();
             }
+            Event::SlowUpgrade => {
+                let binary = script(self.dir.path(), "slow", &format!("sleep 0.5\nexec {ECHOD} \"$@\""));
+                self.reload(&self.config(&self.shape, Some((&binary, 10))));
+                self.upgrade();
+                self.reload(&self.config(&self.shape, None));
+            }
+            Event::TermDuringUpgrade { after_ms } => {
+                let skip = self.e().log_len();
+                kill(self.master, libc_sig::USR2);
+                let line = self.wait_log(skip, "upgrade: started new master (pid ");
+                let new = pid_in(&line);
+                self.e().track(new);
+                self.masters.push(new);
+                thread::sleep(Duration::from_millis(after_ms));
+                kill(self.master, libc_sig::TERM);
+                // Either the hand-over had happened (the new master serves
+                // on) or the old master abandons it (both stop).
+                let deadline = Instant::now() + Duration::from_secs(SHUTDOWN_TIMEOUT) + SETTLE;
+                while !dead(self.master) {
+                    if Instant::now() > deadline {
+                        self.fail(self.trace.len() - 1, "the old master outlived its TERM");
+                    }
+                    thread::sleep(Duration::from_millis(20));
+                }
+                self.settle_master();
+            }
+            Event::StopMaster { ms } => {
+                kill(self.master, libc_sig::STOP);
+                thread::sleep(Duration::from_millis(ms));
+                kill(self.master, libc_sig::CONT);
+            }
             Event::ReloadDuringUpgrade => {
                 let skip = self.e().log_len();
                 self.shape.buffer = if self.shape.buffer == 4096 { 8192 } else { 4096 };
@@ -583,8 +630,14 @@ impl Chaos {
                 &format!("after signal {sig}: master {master} or workers {left:?} still alive"),
             );
         }
-        if sig != libc_sig::KILL && self.notify.wait(before, "STOPPING=1", Duration::from_secs(5)).is_none() {
-            self.fail(self.trace.len() - 1, "stopped without STOPPING=1");
+        if sig != libc_sig::KILL {
+            let Some(at) = self.notify.wait(before, "STOPPING=1", Duration::from_secs(5)) else {
+                self.fail(self.trace.len() - 1, "stopped without STOPPING=1");
+            };
+            let after: Vec<String> = self.notify.all()[at + 1..].iter().map(|(_, m)| m.clone()).collect();
+            if let Some(m) = after.iter().find(|m| m.contains("READY=1") || m.contains("RELOADING=1")) {
+                self.fail(self.trace.len() - 1, &format!("`{m}` after STOPPING=1"));
+            }
         }
         if sig != libc_sig::KILL {
             let code = self
