@@ -102,3 +102,60 @@ pub fn histogram() -> Histogram<u64> {
     h.auto(true);
     h
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every field a distinct power of two, so a field added to the wrong
+    /// one, not added, or multiplied shows in the sum.
+    fn distinct(k: u64) -> Counts {
+        let f = |i: u32| k << i;
+        Counts {
+            requests: f(0),
+            responses: f(1),
+            timeouts: f(2),
+            lost: f(3),
+            unanswered: f(4),
+            unsent: f(5),
+            bytes_sent: f(6),
+            bytes_received: f(7),
+            connects: f(8),
+            connect_errors: f(9),
+            resets: f(10),
+            other_errors: f(11),
+            mismatches: f(12),
+        }
+    }
+
+    /// Threads' counts are merged field by field: a run's totals are the
+    /// sum of its threads' (the accounting echo-load's figures rest on).
+    #[test]
+    fn counts_add_field_by_field() {
+        let mut sum = Counts::default();
+        sum.add(&distinct(1));
+        sum.add(&distinct(2));
+        assert_eq!(sum, distinct(3));
+        assert_eq!(sum.errors(), 3 * ((1 << 9) + (1 << 10) + (1 << 2) + (1 << 4) + (1 << 11)));
+        assert_eq!(sum.settled(), 3 * ((1 << 1) + (1 << 2) + (1 << 3)));
+    }
+
+    #[test]
+    fn tallies_merge_their_histograms() {
+        let mut a = Tally::new();
+        let mut b = Tally::new();
+        a.latency.record(10).unwrap();
+        b.latency.record(7_200_000_000).unwrap(); // beyond the bound: auto-resized
+        b.lateness.record(3).unwrap();
+        b.unanswered_age.record(5).unwrap();
+        b.counts.responses = 2;
+        a.add(&b);
+        assert_eq!((a.latency.len(), a.latency.min(), a.lateness.len(), a.unanswered_age.len()), (2, 10, 1, 1));
+        assert!(a.latency.max() >= 7_190_000_000, "{}", a.latency.max());
+        assert_eq!(a.counts.responses, 2);
+        // 3 significant digits: 1234 µs stays 1234 µs.
+        let mut h = histogram();
+        h.record(1234).unwrap();
+        assert_eq!(h.value_at_quantile(0.5), 1234);
+    }
+}
