@@ -85,6 +85,9 @@ const ACCEPT_PAUSED: usize = 0;
 const OCCUPIED: usize = 1;
 /// Slots the header's bitmap can name.
 const MAX_SLOTS: usize = (STRIDE - OCCUPIED) * 64;
+// The bitmap must fit in the header block: one more slot would set a bit in
+// slot 0's words.
+const _: () = assert!(OCCUPIED + MAX_SLOTS.div_ceil(64) <= STRIDE);
 
 /// Client addresses are counted per hash bucket: two addresses that share a
 /// bucket (rarely) share a `max_connections_per_ip` budget. Per worker that
