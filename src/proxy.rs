@@ -653,6 +653,11 @@ mod tests {
         // EINTR: read again at once.
         let mut r = Script(vec![err(io::ErrorKind::Interrupted), Ok(header.clone())]);
         let mut hs = Handshake::default();
+        assert_eq!(hs.received(), 0);
+        // The first read asks for 16 bytes (either version's minimum): an
+        // event loop reads on while `received` grows.
+        assert!(matches!(hs.advance(&mut r), Ok(Step::Pending)));
+        assert_eq!(hs.received(), 16);
         let mut done = false;
         for _ in 0..header.len() {
             if let Step::Done { header: h, .. } = hs.advance(&mut r).expect("EINTR is retried, not an error") {
