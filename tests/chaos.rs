@@ -819,6 +819,15 @@ impl Chaos {
             }
         }
         drop(held);
+        // Their room must be back before the clients resume (they share the
+        // address): wait for the server to have seen every close.
+        let deadline = Instant::now() + SETTLE;
+        while scrape(self.metrics).get("echod_connections_active") != Some(&0.0) {
+            if Instant::now() > deadline {
+                return Err("the probes' connections never closed on the server".into());
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
         // Fd counts: the master's for this shape, every worker's, back to
         // where they were the first time (after the probes have closed).
         let shape = (if self.shape.extra { 3 } else { 2 }, self.target);
