@@ -36,7 +36,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::fmt;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -673,7 +672,6 @@ impl Chaos {
     fn check_step(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + SETTLE;
         // One master of ours, with `target` serving workers.
-        let mut last = String::new();
         loop {
             let masters: Vec<i32> = self.masters.iter().copied().filter(|&m| !dead(m)).collect();
             let m = scrape(self.metrics);
@@ -689,7 +687,7 @@ impl Chaos {
             {
                 break;
             }
-            last = format!(
+            let last = format!(
                 "masters alive {masters:?} (expected [{}]); workers serving {serving}, target {target}, children {children} \
                  (expected {}); started workers neither children nor dead: {strays:?}",
                 self.master, self.target
@@ -699,7 +697,6 @@ impl Chaos {
             }
             thread::sleep(Duration::from_millis(20));
         }
-        let _ = last;
         // Every configured listener serves; a removed one refuses.
         for (addr, on) in [(self.main, true), (self.extra, self.shape.extra)] {
             match (on, echo_once(addr)) {
@@ -1031,10 +1028,4 @@ enum Kind {
     Churner,
     Holder,
     Proxied,
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{self:?}")
-    }
 }
