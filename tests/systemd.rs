@@ -112,9 +112,16 @@ both_modes! {
         // A reload keeps the passed sockets and binds nothing of its own.
         std::fs::write(&config, in_test_mode("listen = [\"127.0.0.1:0\"]\nworkers = 3\n")).unwrap();
         kill(pid, libc_sig::HUP);
+        // Three of the new generation serving (the old ones may still drain
+        // the connection this test holds).
         let deadline = Instant::now() + Duration::from_secs(10);
-        while children_of(pid).len() != 3 {
-            assert!(Instant::now() < deadline, "no third worker after the reload: {:?}", children_of(pid));
+        let maddr: std::net::SocketAddr = format!("127.0.0.1:{mport}").parse().unwrap();
+        loop {
+            let m = parse_metrics(&http_get(maddr, "/metrics").1);
+            if m.get("echod_workers") == Some(&3.0) && m.get("echod_config_generation") == Some(&2.0) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no three workers after the reload: {m:?}");
             thread::sleep(Duration::from_millis(50));
         }
         let text = std::fs::read_to_string(&log).unwrap();

@@ -33,7 +33,11 @@ both_modes! {
         let long1 = spawn_load(e.addr, &["-t", "1", "-c", "16", "-d", "4"]);
         let churn = spawn_load(e.addr, &["-t", "1", "-c", "8", "-d", "10", "--churn"]);
         // Both loads are on: the 16 long-lived connections and churn.
-        e.stats_until(Duration::from_secs(10), |s| s["active"] >= 16 && s["accepted"] >= 100);
+        let flowing = |m: &std::collections::HashMap<String, f64>, from: f64| {
+            m.get("echod_connections_active").is_some_and(|&a| a >= 16.0)
+                && m.get("echod_connections_accepted_total").is_some_and(|&a| a >= from + 100.0)
+        };
+        e.scrape_until(Duration::from_secs(10), |m| flowing(m, 0.0));
 
         // First upgrade: the original master hands over to the copy.
         let first = e.pid();
@@ -55,9 +59,10 @@ both_modes! {
         // Once the first generation is gone (its clients closed), it is not.
         let long1 = load_json(long1);
         assert!(wait_gone(first, &first_workers, Duration::from_secs(10)), "first generation still there");
-        let accepted = e.stats()["accepted"];
+        // Metrics, not USR1: the master that started the test is gone.
+        let accepted = e.scrape()["echod_connections_accepted_total"];
         let long2 = spawn_load(e.addr, &["-t", "1", "-c", "16", "-d", "4"]);
-        e.stats_until(Duration::from_secs(10), |s| s["active"] >= 16 && s["accepted"] >= accepted + 100);
+        e.scrape_until(Duration::from_secs(10), |m| flowing(m, accepted));
         let third = upgrade(&e, second);
         e.wait_children(third, 2);
 
