@@ -265,6 +265,33 @@ both_modes! {
         assert!(e.stats()["rejected"] >= 1);
     }
 
+    /// A burst from one address, accepted in one pass before any of it
+    /// reaches a worker, is limited too: the master counts what it holds
+    /// unsent for that address (and only that address). The clients wait
+    /// in the backlog while the master is stopped, so it accepts them all
+    /// at once. (cargo-mutants: counting other addresses' unsent
+    /// connections instead passed every other test.)
+    fn f7c_a_burst_from_one_address_is_limited_before_it_reaches_a_worker() {
+        let e = start("workers = 2\nmax_connections_per_ip = 3\n");
+        stop_process(e.pid());
+        let mut burst: Vec<(&str, TcpStream)> = Vec::new();
+        for ip in ["127.0.0.1", "127.0.0.2"] {
+            burst.extend((0..5).map(|_| (ip, connect_from(ip, e.addr))));
+        }
+        kill(e.pid(), libc_sig::CONT);
+        let mut served = std::collections::HashMap::new();
+        for (i, (ip, s)) in burst.iter_mut().enumerate() {
+            let msg = [i as u8; 4];
+            match round_trip(s, &msg) {
+                Ok(got) if got == msg => *served.entry(*ip).or_insert(0) += 1,
+                _ => closed_unechoed(s, Duration::from_secs(5)).unwrap_or_else(|why| panic!("connection {i}: {why}")),
+            }
+        }
+        assert_eq!((served.get("127.0.0.1"), served.get("127.0.0.2")), (Some(&3), Some(&3)), "3 of 5 per address");
+        let s = e.stats_until(Duration::from_secs(5), |s| s["rejected"] == 4);
+        assert_eq!(s["rejected"], 4, "{s:?}");
+    }
+
     /// Fault 8: fd exhaustion in the master: no spin, recovery when fds free up.
     fn f8_fd_exhaustion_backs_off_without_spinning_and_recovers() {
         // 40 fds: the master uses about ten, workers get 24 connections each.
