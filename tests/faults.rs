@@ -350,16 +350,24 @@ both_modes! {
             s.write_all(b"queued").unwrap();
         }
         let mut b = [0u8; 6];
-        waiting[0].set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        // While they wait, the master sleeps: accepting is paused, not
+        // retried in a loop (cargo-mutants: a master that never paused
+        // passed every other test). A spinning master takes most of a CPU
+        // in this second, even on a loaded machine; an idle one, ticks.
+        let cpu0 = cpu_seconds(e.pid());
+        waiting[0].set_read_timeout(Some(Duration::from_millis(1000))).unwrap();
         assert!(waiting[0].read_exact(&mut b).is_err(), "served beyond capacity");
+        let spent = cpu_seconds(e.pid()) - cpu0;
+        assert!(spent < 0.1, "the master used {spent:.2} s of CPU in 1 s while every worker was full");
         let s = e.stats();
         assert_eq!((s["accepted"], s["active"], s["rejected"]), (4, 4, 0), "not accepted, not rejected: {s:?}");
-        let backlog = std::process::Command::new("ss").args(["-Hltn", &format!("sport = :{}", e.addr.port())]).output();
-        if let Ok(out) = backlog {
-            let queued: u32 =
-                String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
-            assert_eq!(queued, 6, "the six wait in the listen backlog");
-        }
+        let out = std::process::Command::new("ss")
+            .args(["-Hltn", &format!("sport = :{}", e.addr.port())])
+            .output()
+            .expect("ss (iproute2) is needed to read the listen backlog");
+        let queued: u32 =
+            String::from_utf8_lossy(&out.stdout).split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        assert_eq!(queued, 6, "the six wait in the listen backlog");
         drop(first);
         for s in &mut waiting {
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
