@@ -387,6 +387,76 @@ pub fn monotonic_ms() -> u64 {
 mod tests {
     use super::*;
 
+    /// A retired worker's counters are added field by field into the
+    /// master's totals (cargo-mutants: unchecked by the unit tests).
+    #[test]
+    fn retired_counters_add_field_by_field() {
+        let stats = |k: u64| {
+            let mut s = SlotStats {
+                received: k,
+                finished: k << 1,
+                bytes_in: k << 2,
+                bytes_out: k << 3,
+                err_reset: k << 4,
+                err_timeout: k << 5,
+                err_other: k << 6,
+                duration_sum_us: k << 7,
+                proxied: k << 8,
+                rejected: k << 9,
+                threads: 5,
+                ..SlotStats::default()
+            };
+            s.duration[2] = k << 10;
+            s.proxy_errors[3] = k << 11;
+            s
+        };
+        let mut sum = SlotStats::default();
+        sum.add_counters(&stats(1));
+        sum.add_counters(&stats(2));
+        let want = SlotStats { threads: 0, ..stats(3) };
+        assert_eq!(sum, want, "gauges (threads) are not summed");
+        assert_eq!(sum.errors(), 3 * ((1 << 4) + (1 << 5) + (1 << 6)));
+    }
+
+    #[test]
+    fn header_words_and_size() {
+        let sb = Scoreboard::new(3).unwrap();
+        assert_eq!(sb.slots(), 3);
+        assert!(!sb.accept_paused());
+        sb.set_accept_paused(true);
+        assert!(sb.accept_paused());
+        sb.set_accept_paused(false);
+        assert!(!sb.accept_paused());
+        assert!(Scoreboard::new(MAX_SLOTS + 1).is_err());
+    }
+
+    /// FNV-1a, pinned: 127.0.0.1 and its IPv4-mapped form share a bucket,
+    /// and distinct addresses spread over the buckets.
+    #[test]
+    fn addresses_hash_to_stable_spread_buckets() {
+        let v4: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(ip_bucket(v4), 6722);
+        assert_eq!(ip_bucket("::ffff:127.0.0.1".parse().unwrap()), 6722);
+        assert_eq!(ip_bucket("192.0.2.7".parse().unwrap()), 11013);
+        assert_eq!(ip_bucket("2001:db8::1".parse().unwrap()), 10927);
+        let buckets: std::collections::HashSet<u16> =
+            (0..2000u32).map(|i| ip_bucket(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)))).collect();
+        assert!(buckets.len() > 1800, "2000 addresses in only {} buckets", buckets.len());
+    }
+
+    /// The heartbeat clock is CLOCK_MONOTONIC in ms (the same clock in
+    /// every process), and it advances.
+    #[test]
+    fn the_heartbeat_clock_is_monotonic_milliseconds() {
+        let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+        let a = monotonic_ms();
+        let want = t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000;
+        assert!((want..want + 1000).contains(&a), "{a} ms, CLOCK_MONOTONIC {want} ms");
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let b = monotonic_ms();
+        assert!((30..10_000).contains(&(b - a)), "advanced {} ms in a 30 ms sleep", b - a);
+    }
+
     #[test]
     fn slots_are_separate() {
         let sb = Scoreboard::new(4).unwrap();
