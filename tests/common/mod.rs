@@ -465,6 +465,27 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A free loopback port below the ephemeral range, for a service that must
+/// keep its port across restarts while thousands of client connections take
+/// ephemeral source ports (one of them could hold the port while the service
+/// is down). Ports are handed out once per test process.
+pub fn stable_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    // Spread test processes apart by pid; then walk down from there.
+    let start = low - 1 - (std::process::id() % 2000) as u16 * 4;
+    loop {
+        let step = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = start.checked_sub(step).filter(|&p| p > 1024).expect("no stable port left");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// SIGSTOPs `pid` and waits until every one of its threads is stopped
 /// (signal delivery is asynchronous: a thread may still run for a moment
 /// after `kill` returns). Fails the test after 5 s.
