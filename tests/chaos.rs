@@ -477,12 +477,7 @@ impl Chaos {
                 self.reload(&self.config(&self.shape, None));
             }
             Event::KillNewMaster { after_ms } => {
-                let skip = self.e().log_len();
-                kill(self.master, libc_sig::USR2);
-                let line = self.wait_log(skip, "upgrade: started new master (pid ");
-                let new = pid_in(&line);
-                self.e().track(new);
-                self.masters.push(new);
+                let (_, new) = self.begin_upgrade();
                 thread::sleep(Duration::from_millis(after_ms));
                 kill(new, libc_sig::KILL);
                 // Dead first (a kill is delivered asynchronously), then see
@@ -499,12 +494,7 @@ impl Chaos {
                 self.reload(&self.config(&self.shape, None));
             }
             Event::TermDuringUpgrade { after_ms } => {
-                let skip = self.e().log_len();
-                kill(self.master, libc_sig::USR2);
-                let line = self.wait_log(skip, "upgrade: started new master (pid ");
-                let new = pid_in(&line);
-                self.e().track(new);
-                self.masters.push(new);
+                self.begin_upgrade();
                 thread::sleep(Duration::from_millis(after_ms));
                 kill(self.master, libc_sig::TERM);
                 // Either the hand-over had happened (the new master serves
@@ -524,11 +514,9 @@ impl Chaos {
                 kill(self.master, libc_sig::CONT);
             }
             Event::ReloadDuringUpgrade => {
-                let skip = self.e().log_len();
                 self.shape.buffer = if self.shape.buffer == 4096 { 8192 } else { 4096 };
                 self.write_config(&self.config(&self.shape, None));
-                kill(self.master, libc_sig::USR2);
-                self.wait_log(skip, "upgrade: started new master (pid ");
+                let (skip, _) = self.begin_upgrade();
                 kill(self.master, libc_sig::HUP);
                 self.finish_upgrade(skip);
             }
@@ -585,9 +573,21 @@ impl Chaos {
     }
 
     fn upgrade(&mut self) {
+        let (skip, _) = self.begin_upgrade();
+        self.finish_upgrade(skip);
+    }
+
+    /// Sends USR2 and waits for the new master to be started; returns the
+    /// log position before the USR2 and the new master's pid (tracked, so
+    /// it is killed by PID at the end whatever happens).
+    fn begin_upgrade(&mut self) -> (usize, i32) {
         let skip = self.e().log_len();
         kill(self.master, libc_sig::USR2);
-        self.finish_upgrade(skip);
+        let line = self.wait_log(skip, "upgrade: started new master (pid ");
+        let new = pid_in(&line);
+        self.e().track(new);
+        self.masters.push(new);
+        (skip, new)
     }
 
     /// Waits for the hand-over after a USR2 sent at log line `skip`, and
@@ -595,8 +595,6 @@ impl Chaos {
     fn finish_upgrade(&mut self, skip: usize) {
         let line = self.wait_log(skip, "upgrade: new master (pid ");
         let new = pid_in(&line);
-        self.e().track(new);
-        self.masters.push(new);
         let old = self.master;
         self.master = new;
         self.stats.upgrades += 1;
