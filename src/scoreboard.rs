@@ -428,6 +428,12 @@ mod tests {
         sb.set_accept_paused(false);
         assert!(!sb.accept_paused());
         assert!(Scoreboard::new(MAX_SLOTS + 1).is_err());
+        // Slot 0 lives after the header block: its pid word is not the
+        // accept-paused flag, its heartbeat not the occupied bitmap.
+        sb.slot(0).set(Field::Pid, 42);
+        sb.slot(0).set(Field::Heartbeat, 1);
+        assert!(!sb.accept_paused(), "slot 0 overlaps the header");
+        assert_eq!(sb.words[OCCUPIED].load(Ordering::Relaxed), 0, "slot 0 overlaps the occupied bitmap");
     }
 
     /// FNV-1a, pinned: 127.0.0.1 and its IPv4-mapped form share a bucket,

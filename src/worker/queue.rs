@@ -331,6 +331,23 @@ mod tests {
             }
             assert!(matches!(a.join().unwrap(), Pop::Item(..)), "round {i}: an untimed pop gave up");
         }
+        // The same, made certain: a wake-up with nothing queued (what a
+        // robbed or spurious wake-up looks like to the sleeper). The pop
+        // must still be waiting 200 ms later, and then take the item.
+        let q2 = q.clone();
+        let a = thread::spawn(move || q2.pop(None));
+        let give_up = Instant::now() + Duration::from_secs(10);
+        while q.stats().1 == 0 && Instant::now() < give_up {
+            thread::yield_now();
+        }
+        q.not_empty.notify_all();
+        let until = Instant::now() + Duration::from_millis(200);
+        while Instant::now() < until && !a.is_finished() {
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!a.is_finished(), "an untimed pop returned after an empty wake-up");
+        q.push(7, None).unwrap();
+        assert!(matches!(a.join().unwrap(), Pop::Item(7, _)));
     }
 
     #[test]
