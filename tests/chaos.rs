@@ -482,7 +482,7 @@ impl Chaos {
                 kill(new, libc_sig::KILL);
                 // Dead first (a kill is delivered asynchronously), then see
                 // which master, if any, is left.
-                if !all_dead(&[new], SETTLE) {
+                if !wait_gone(new, &[], SETTLE) {
                     self.fail(self.trace.len() - 1, &format!("new master {new} survived SIGKILL"));
                 }
                 self.settle_master();
@@ -499,12 +499,8 @@ impl Chaos {
                 kill(self.master, libc_sig::TERM);
                 // Either the hand-over had happened (the new master serves
                 // on) or the old master abandons it (both stop).
-                let deadline = Instant::now() + Duration::from_secs(SHUTDOWN_TIMEOUT) + SETTLE;
-                while !dead(self.master) {
-                    if Instant::now() > deadline {
-                        self.fail(self.trace.len() - 1, "the old master outlived its TERM");
-                    }
-                    thread::sleep(Duration::from_millis(20));
+                if !wait_gone(self.master, &[], Duration::from_secs(SHUTDOWN_TIMEOUT) + SETTLE) {
+                    self.fail(self.trace.len() - 1, "the old master outlived its TERM");
                 }
                 self.settle_master();
             }
@@ -601,7 +597,7 @@ impl Chaos {
         // A worker count scaled by TTIN/TTOU is not carried: the new master
         // starts what its file says.
         self.target = self.shape.workers;
-        if !all_dead(&[old], SETTLE) {
+        if !wait_gone(old, &[], SETTLE) {
             self.fail(self.trace.len() - 1, &format!("old master {old} still alive {SETTLE:?} after the hand-over"));
         }
     }
@@ -610,23 +606,23 @@ impl Chaos {
     fn settle_master(&mut self) {
         let deadline = Instant::now() + SETTLE;
         loop {
-            let alive: Vec<i32> = self.masters.iter().copied().filter(|&m| !dead(m)).collect();
-            if alive.len() == 1 {
-                if alive[0] != self.master {
+            let living: Vec<i32> = self.masters.iter().copied().filter(|&m| alive(m)).collect();
+            if living.len() == 1 {
+                if living[0] != self.master {
                     // The new master had taken over and the old one had gone.
-                    self.master = alive[0];
+                    self.master = living[0];
                     self.target = self.shape.workers;
                 }
                 return;
             }
-            if alive.is_empty() {
+            if living.is_empty() {
                 // Both gone: the old one had drained and left before the
                 // kill. The service is down; an operator starts it again.
                 self.restart();
                 return;
             }
             if Instant::now() > deadline {
-                self.fail(self.trace.len() - 1, &format!("masters {alive:?} alive {SETTLE:?} after the kill"));
+                self.fail(self.trace.len() - 1, &format!("masters {living:?} alive {SETTLE:?} after the kill"));
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -640,8 +636,8 @@ impl Chaos {
         let before = self.notify.all().len();
         kill(master, sig);
         let bound = Duration::from_secs(SHUTDOWN_TIMEOUT) + SETTLE;
-        if !all_dead(&[&[master][..], &workers].concat(), bound) {
-            let left: Vec<i32> = workers.iter().copied().filter(|&p| !dead(p)).collect();
+        if !wait_gone(master, &workers, bound) {
+            let left: Vec<i32> = workers.iter().copied().filter(|&p| alive(p)).collect();
             self.fail(
                 self.trace.len() - 1,
                 &format!("after signal {sig}: master {master} or workers {left:?} still alive"),
@@ -691,7 +687,7 @@ impl Chaos {
         let deadline = Instant::now() + SETTLE;
         // One master of ours, with `target` serving workers.
         loop {
-            let masters: Vec<i32> = self.masters.iter().copied().filter(|&m| !dead(m)).collect();
+            let masters: Vec<i32> = self.masters.iter().copied().filter(|&m| alive(m)).collect();
             let m = scrape(self.metrics);
             let serving = m.get("echod_workers").copied().unwrap_or(-1.0);
             let target = m.get("echod_workers_target").copied().unwrap_or(-1.0);
@@ -738,7 +734,7 @@ impl Chaos {
     /// alive but not the current master's children.
     fn stray_workers(&self) -> Vec<i32> {
         let ours = children_of(self.master);
-        self.started_pids().into_iter().filter(|p| !ours.contains(p) && !dead(*p)).collect()
+        self.started_pids().into_iter().filter(|p| !ours.contains(p) && alive(*p)).collect()
     }
 
     fn check_counters(&mut self) -> Result<(), String> {
@@ -877,12 +873,6 @@ impl Chaos {
     }
 }
 
-fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
-        .unwrap_or(false)
-}
-
 /// `/metrics`, or nothing while no master answers (mid-restart).
 fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
     let get = || -> std::io::Result<String> {
@@ -899,23 +889,6 @@ fn scrape(addr: SocketAddr) -> HashMap<String, f64> {
         }
         _ => HashMap::new(),
     }
-}
-
-/// Exited (a zombie not yet reaped counts: it runs nothing).
-fn dead(pid: i32) -> bool {
-    !alive(pid) || is_zombie(pid)
-}
-
-/// Waits until every pid in `pids` is dead.
-fn all_dead(pids: &[i32], timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if pids.iter().all(|&p| dead(p)) {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 fn echo_once(addr: SocketAddr) -> Result<(), String> {

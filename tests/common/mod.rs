@@ -289,29 +289,18 @@ impl Echod {
         self.log.0.lock().unwrap().iter().filter(|(_, l)| l.contains(pat)).map(|(t, _)| *t).collect()
     }
 
+    pub fn log_text(&self) -> String {
+        self.log_lines().join("\n")
+    }
+
     /// Waits until `n` lines after the first `skip` contain `pat`; returns
     /// them. Fails the test, with the log, after `timeout`.
     pub fn expect_log_count(&self, skip: usize, pat: &str, n: usize, timeout: Duration) -> Vec<String> {
-        let deadline = Instant::now() + timeout;
-        let (lock, cv) = &*self.log;
-        let mut lines = lock.lock().unwrap();
-        loop {
-            let found: Vec<String> =
-                lines.iter().skip(skip).filter(|(_, l)| l.contains(pat)).map(|(_, l)| l.clone()).collect();
-            if found.len() >= n {
-                return found;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                drop(lines);
-                panic!("{} of {n} lines with `{pat}` after {timeout:?}:\n{}", found.len(), self.log_text());
-            }
-            lines = cv.wait_timeout(lines, left).unwrap().0;
-        }
-    }
-
-    pub fn log_text(&self) -> String {
-        self.log_lines().join("\n")
+        self.wait_lines(skip, timeout, |lines| {
+            let found: Vec<String> = lines.iter().filter(|(_, l)| l.contains(pat)).map(|(_, l)| l.clone()).collect();
+            (found.len() >= n).then_some(found)
+        })
+        .unwrap_or_else(|| panic!("fewer than {n} lines with `{pat}` after {timeout:?}:\n{}", self.log_text()))
     }
 
     /// Waits for a log line containing `pat`; returns it.
@@ -321,12 +310,18 @@ impl Echod {
 
     /// As `wait_log`, only lines after the first `skip`.
     pub fn wait_log_after(&self, skip: usize, pat: &str, timeout: Duration) -> Option<String> {
+        self.wait_lines(skip, timeout, |lines| lines.iter().find(|(_, l)| l.contains(pat)).map(|(_, l)| l.clone()))
+    }
+
+    /// Re-reads the lines after the first `skip` each time one arrives
+    /// until `f` finds what it wants, or `timeout` passes.
+    fn wait_lines<T>(&self, skip: usize, timeout: Duration, f: impl Fn(&[LogLine]) -> Option<T>) -> Option<T> {
         let deadline = Instant::now() + timeout;
         let (lock, cv) = &*self.log;
         let mut lines = lock.lock().unwrap();
         loop {
-            if let Some((_, l)) = lines.iter().skip(skip).find(|(_, l)| l.contains(pat)) {
-                return Some(l.clone());
+            if let Some(found) = f(lines.get(skip..).unwrap_or_default()) {
+                return Some(found);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
