@@ -456,6 +456,18 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
+    /// An error about `key` in the file at `path` whose `text` was read
+    /// earlier, at the key's line if the text names it.
+    pub fn at_key(path: &Path, text: &str, key: &str, message: impl Into<String>) -> ConfigError {
+        let line = line_of_key(text, key);
+        ConfigError {
+            source: Source::File(path.to_path_buf()),
+            line,
+            key: Some(key.to_string()),
+            message: message.into(),
+        }
+    }
+
     /// An error about a command-line flag.
     pub fn flag(flag: &str, message: impl Into<String>) -> ConfigError {
         ConfigError { source: Source::CommandLine, line: None, key: Some(flag.to_string()), message: message.into() }

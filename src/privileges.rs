@@ -49,6 +49,46 @@ pub fn drop(config: &Config) -> Result<Option<String>, String> {
     )))
 }
 
+/// After the drop: what this master will need as `user` later, checked now
+/// rather than at the first HUP or USR2. A config file only root can read
+/// would pass every check at start and then fail every reload and upgrade
+/// until a restart; an `upgrade_binary` the user cannot execute would fail
+/// every upgrade. Returns the key to blame and why.
+pub fn check_reachable(config: &Config, source: Option<&std::path::Path>) -> Result<(), (&'static str, String)> {
+    let who = if config.user.is_empty() {
+        format!("uid {}", nix::unistd::getuid())
+    } else {
+        format!("`user` \"{}\"", config.user)
+    };
+    if let Some(path) = source {
+        // access(2), not open: it asks for the real uid, which is `user`
+        // after the drop, and never blocks (the file may be a FIFO).
+        if let Err(e) = nix::unistd::access(path, nix::unistd::AccessFlags::R_OK) {
+            return Err((
+                "user",
+                format!(
+                    "{who} cannot read {} ({e}), and every reload (HUP) and upgrade (USR2) reads it as that user: make \
+                     it readable by {} (e.g. chgrp {} {p} && chmod 0640 {p})",
+                    path.display(),
+                    config.user,
+                    if config.group.is_empty() { &config.user } else { &config.group },
+                    p = path.display()
+                ),
+            ));
+        }
+    }
+    let binary = &config.upgrade_binary;
+    if !binary.is_empty() {
+        if let Err(e) = nix::unistd::access(binary.as_str(), nix::unistd::AccessFlags::X_OK) {
+            return Err((
+                "upgrade_binary",
+                format!("{who} cannot execute `{binary}` ({e}), so every upgrade (USR2) would fail"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Supplementary groups first, then the group, then the user (after setuid
 /// we could no longer change the others), keeping the permitted
 /// capabilities across setuid (PR_SET_KEEPCAPS) so CAP_NET_BIND_SERVICE can

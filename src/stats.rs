@@ -43,14 +43,39 @@ pub struct WorkerView {
     pub slot: SlotStats,
 }
 
-/// Counters the old generation hands to the new one so totals never go
-/// backwards: the old master's snapshot totals.
+/// The metrics endpoint's own counters (`echod_metrics_*_total`), carried
+/// across a binary upgrade like the connection counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EndpointTotals {
+    /// Scrape connections closed to make room for a new one.
+    pub evicted: u64,
+    /// Scrape connections closed at accept.
+    pub refused: u64,
+    /// Scrape connections reset at their deadline.
+    pub aborted: u64,
+    /// Times the exposition was rendered.
+    pub renders: u64,
+}
+
+impl EndpointTotals {
+    pub fn add(&mut self, o: &EndpointTotals) {
+        self.evicted += o.evicted;
+        self.refused += o.refused;
+        self.aborted += o.aborted;
+        self.renders += o.renders;
+    }
+}
+
+/// Counters one master hands to the other in a binary upgrade so totals
+/// never go backwards: the old master's totals to the new one, and the new
+/// one's own totals back (for a rollback).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Carried {
     pub accepted: u64,
     pub rejected: u64,
     pub restarts: u64,
     pub totals: SlotStats,
+    pub endpoint: EndpointTotals,
 }
 
 impl Carried {
@@ -62,7 +87,17 @@ impl Carried {
             rejected: s.rejected - s.totals.rejected,
             restarts: s.restarts,
             totals: s.totals,
+            endpoint: EndpointTotals::default(),
         }
+    }
+
+    /// Adds `other`'s counters to these.
+    pub fn add(&mut self, other: &Carried) {
+        self.accepted += other.accepted;
+        self.rejected += other.rejected;
+        self.restarts += other.restarts;
+        self.totals.add_counters(&other.totals);
+        self.endpoint.add(&other.endpoint);
     }
 
     /// The `totals ...` line of the upgrade channel.
@@ -88,6 +123,10 @@ impl Carried {
         for v in [t.proxied, t.rejected].iter().chain(&t.proxy_errors) {
             line.push_str(&format!(" {v}"));
         }
+        let e = &self.endpoint;
+        for v in [e.evicted, e.refused, e.aborted, e.renders] {
+            line.push_str(&format!(" {v}"));
+        }
         line.push('\n');
         line
     }
@@ -106,6 +145,11 @@ impl Carried {
         // Added with the PROXY protocol: a predecessor built before it
         // sends none of these, which then start from zero.
         for v in [&mut t.proxied, &mut t.rejected].into_iter().chain(t.proxy_errors.iter_mut()) {
+            *v = next().unwrap_or(0);
+        }
+        // Added when the endpoint's counters began to be carried.
+        let e = &mut c.endpoint;
+        for v in [&mut e.evicted, &mut e.refused, &mut e.aborted, &mut e.renders] {
             *v = next().unwrap_or(0);
         }
         Some(c)

@@ -304,3 +304,23 @@ impl Drop for PageBuffer {
         let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len) };
     }
 }
+
+/// Adds one to `counter` on every delivery of `sig`, in signal context.
+///
+/// signal-hook's pipe reports a signal once per pass however many times it
+/// arrived; this counts each delivery (TTIN x 4 is four workers more).
+/// Registered before the pipe's own action, it runs first on each delivery
+/// (signal-hook runs actions in the order of registration), so a count is
+/// always in place by the time the loop is woken for it.
+pub fn count_deliveries(sig: i32, counter: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> io::Result<()> {
+    // SAFETY: the action runs in signal context, so it must be
+    // async-signal-safe: it only does an atomic add on memory the moved Arc
+    // keeps alive for as long as the action is registered (for the process's
+    // life). No allocation, no lock, no errno change.
+    unsafe {
+        signal_hook::low_level::register(sig, move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        })
+    }?;
+    Ok(())
+}

@@ -15,10 +15,16 @@ use crate::sys;
 
 /// The master's link to the service manager.
 pub struct Notifier {
+    /// NOTIFY_SOCKET is set: there is a service manager to tell.
     enabled: bool,
+    /// This master is the unit's main process. Only the main process may
+    /// say anything: under systemd, STOPPING=1 from any process of the unit
+    /// stops the unit, and watchdog pings from another one would hide a
+    /// wedged main process. The master's lifecycle sets it (`set_main`).
+    main: bool,
     /// Say MAINPID= with READY=1: this master replaced another one (binary
-    /// upgrade) and becomes the unit's main process.
-    pub announce_pid: bool,
+    /// upgrade, or taking over again) and becomes the unit's main process.
+    announce_pid: bool,
     /// Ping interval: half of WATCHDOG_USEC, as sd_watchdog_enabled(3) advises.
     watchdog_every: Option<Duration>,
     next_ping: Option<Instant>,
@@ -26,20 +32,37 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    pub fn from_env() -> Notifier {
+    /// `main`: whether this master starts as the unit's main process;
+    /// `announce_pid`: whether it replaced another one (a binary upgrade).
+    pub fn from_env(main: bool, announce_pid: bool) -> Notifier {
         let enabled = std::env::var_os("NOTIFY_SOCKET").is_some();
         let watchdog_every = sd_notify::watchdog_enabled().filter(|_| enabled).map(|d| d / 2);
         Notifier {
             enabled,
-            announce_pid: false,
+            main,
+            announce_pid,
             watchdog_every,
-            next_ping: watchdog_every.map(|_| Instant::now()),
+            next_ping: watchdog_every.filter(|_| main).map(|_| Instant::now()),
             last_status: String::new(),
         }
     }
 
+    /// This master becomes (or stops being) the unit's main process. One
+    /// that becomes main again says MAINPID= with its next READY=1 and
+    /// starts pinging the watchdog at once.
+    pub fn set_main(&mut self, main: bool) {
+        if main && !self.main {
+            self.announce_pid = true;
+            self.next_ping = self.watchdog_every.map(|_| Instant::now());
+        }
+        if !main {
+            self.next_ping = None;
+        }
+        self.main = main;
+    }
+
     fn send(&self, states: &[NotifyState]) {
-        if self.enabled {
+        if self.enabled() {
             if let Err(e) = sd_notify::notify(states) {
                 log::warn!("sd_notify: {e}");
             }
@@ -55,32 +78,23 @@ impl Notifier {
         }
     }
 
-    /// A binary upgrade handed over: `pid` is the unit's main process now.
-    /// This master says nothing more (no STOPPING=1, no watchdog pings)
-    /// while it drains.
+    /// A binary upgrade hands over: `pid` is the unit's main process now.
+    /// Sent while this master is still main; the master's next state then
+    /// makes it say nothing more (`set_main(false)`).
     pub fn hand_over(&mut self, pid: u32) {
         self.send(&[NotifyState::MainPid(pid)]);
-        self.enabled = false;
-        self.next_ping = None;
     }
 
-    /// A binary upgrade was rolled back: this master is the main process
-    /// again (READY=1 will carry MAINPID=), with its watchdog.
-    pub fn take_back(&mut self) {
-        self.enabled = std::env::var_os("NOTIFY_SOCKET").is_some();
-        self.announce_pid = true;
-        self.next_ping = self.watchdog_every.filter(|_| self.enabled).map(|_| Instant::now());
-    }
-
+    /// There is a service manager and this master speaks to it.
     pub fn enabled(&self) -> bool {
-        self.enabled
+        self.enabled && self.main
     }
 
     /// Puts `fds` into the service's fd store under `name`, replacing what
     /// was stored there, so that a restart gets them back (LISTEN_FDS) and
     /// no connect is refused while the service restarts.
     pub fn store_fds(&self, name: &str, fds: &[std::os::fd::BorrowedFd<'_>]) {
-        if !self.enabled {
+        if !self.enabled() {
             return;
         }
         if let Err(e) = sd_notify::notify(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]) {

@@ -534,3 +534,309 @@ fn a_scrape_in_progress_at_the_hand_over_is_answered() {
     kill(new, libc_sig::TERM);
     assert!(wait_gone(new, &[], Duration::from_secs(10)));
 }
+
+// ---- #27: between two events of an upgrade, and who speaks for the service ----
+
+/// Waits until connecting to `addr` is refused (nothing listens any more).
+fn wait_refused(addr: SocketAddr, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return true,
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    false
+}
+
+/// A stop sent to the new master while the old generation drains a long
+/// connection: the new master is MAINPID, so this is `systemctl stop`.
+fn stop_the_new_master_during_the_drain(sig: i32) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = start_upgradable(dir.path(), "shutdown_timeout = 20\nmetrics_listen = \"127.0.0.1:0\"\n");
+    let metrics = e.metrics_addr();
+    let old = e.pid();
+    let old_workers = e.workers();
+    let mut held = connect(e.addr);
+    assert_eq!(round_trip(&mut held, b"held").unwrap(), b"held");
+    let skip = e.log_len();
+    let new = upgrade(&e, old);
+    e.wait_log_after(skip, "this master accepts now", Duration::from_secs(10)).expect("the new master serves");
+    let new_workers = e.wait_children(new, 1);
+    echo_once(e.addr, "served by the new master");
+    kill(new, sig);
+    assert!(wait_gone(new, &new_workers, Duration::from_secs(15)), "the new master did not stop:\n{}", e.log_text());
+    // Nothing serves after the stop: the old generation refuses new
+    // clients while it finishes the old ones.
+    assert!(wait_refused(e.addr, Duration::from_secs(10)), "a stopped service still accepts:\n{}", e.log_text());
+    assert!(wait_refused(metrics, Duration::from_secs(5)), "a stopped service still answers /healthz");
+    if sig == libc_sig::QUIT {
+        closed_by_server(&mut held, Duration::from_secs(10))
+            .expect("a fast stop cuts the old generation's clients too");
+    } else {
+        assert_eq!(round_trip(&mut held, b"still draining").unwrap(), b"still draining", "a graceful stop drains");
+        drop(held);
+    }
+    assert_eq!(
+        e.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "the old master exits after its drain:\n{}",
+        e.log_text()
+    );
+    assert!(wait_gone(old, &old_workers, Duration::from_secs(5)));
+    let log = e.log_text();
+    assert!(!log.contains("taking over again"), "a stopped service was taken over again:\n{log}");
+    assert!(log.contains("this old generation finishes its drain"), "{log}");
+}
+
+/// #27.1: TERM to the new master during the drain stops the service.
+#[test]
+fn term_to_the_new_master_during_the_drain_stops_the_service() {
+    stop_the_new_master_during_the_drain(libc_sig::TERM);
+}
+
+/// #27.1: INT is TERM.
+#[test]
+fn int_to_the_new_master_during_the_drain_stops_the_service() {
+    stop_the_new_master_during_the_drain(libc_sig::INT);
+}
+
+/// #27.1: QUIT to the new master during the drain stops the service fast:
+/// the old generation's connections are cut too.
+#[test]
+fn quit_to_the_new_master_during_the_drain_stops_the_service_fast() {
+    stop_the_new_master_during_the_drain(libc_sig::QUIT);
+}
+
+/// #27.2: a new master that has not been told `go` sends nothing to
+/// NOTIFY_SOCKET: no WATCHDOG=1, no RELOADING=1 on a HUP, no STOPPING=1 on a
+/// TERM (from any process of the unit, systemd takes STOPPING=1 as the
+/// unit's stop). Checked by the sender's pid (SO_PASSCRED), as systemd does.
+#[test]
+fn a_new_master_before_go_says_nothing_to_systemd() {
+    let dir = tempfile::tempdir().unwrap();
+    let hang = faulty_echod(dir.path(), "hang");
+    let n = Notifications::new();
+    let path = n.path.to_str().unwrap().to_string();
+    let e = start_with(
+        &format!("workers = 1\nupgrade_timeout = 60\nupgrade_binary = \"{}\"\n", hang.display()),
+        &[],
+        &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "200000")],
+    );
+    n.wait(0, "READY=1", Duration::from_secs(5)).expect("READY=1");
+    let old = e.pid();
+    let new = start_upgrade(&e);
+    e.wait_children(new, 1); // its worker never reports ready: no `go`
+    let skip = e.log_len();
+    kill(new, libc_sig::HUP);
+    e.wait_log_after(skip, "reloaded", Duration::from_secs(10)).expect("the new master reloads");
+    // The old master, which is main, goes on pinging meanwhile.
+    let pings_from = |pid: i32| n.with_senders().iter().filter(|(p, m)| *p == pid && m.contains("WATCHDOG=1")).count();
+    let pinged = pings_from(old);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pings_from(old) < pinged + 3 {
+        assert!(Instant::now() < deadline, "the main master stopped pinging the watchdog");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill(new, libc_sig::TERM);
+    e.wait_log_after(skip, "upgrade failed", Duration::from_secs(10)).expect("the upgrade fails");
+    assert!(wait_gone(new, &[], Duration::from_secs(5)));
+    let spoken: Vec<String> = n.with_senders().into_iter().filter(|(p, _)| *p == new).map(|(_, m)| m).collect();
+    assert!(spoken.is_empty(), "a master that is not main spoke for the service: {spoken:?}");
+    assert!(n.with_senders().iter().all(|(p, _)| *p == old), "every message comes from the main master");
+    echo_once(e.addr, "the old master serves on");
+}
+
+/// #27.4: after a rollback the new master's counts are not lost: the old
+/// master carries them on, so no counter goes backwards.
+#[test]
+fn counters_go_on_through_a_rollback() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = start_upgradable(dir.path(), "shutdown_timeout = 30\nmetrics_listen = \"127.0.0.1:0\"\n");
+    let mut held = connect(e.addr);
+    assert_eq!(round_trip(&mut held, b"held").unwrap(), b"held");
+    let skip = e.log_len();
+    let new = upgrade(&e, e.pid());
+    e.wait_log_after(skip, "this master accepts now", Duration::from_secs(10)).expect("the new master serves");
+    for i in 0..20 {
+        echo_once(e.addr, &format!("on the new master {i}"));
+    }
+    let names = ["echod_connections_accepted_total", "echod_connections_closed_total", "echod_bytes_received_total"];
+    let on_new = e.scrape_until(Duration::from_secs(10), |m| m["echod_connections_closed_total"] >= 20.0);
+    kill(new, libc_sig::KILL);
+    e.wait_log_after(skip, "taking over again", Duration::from_secs(10)).expect("rollback");
+    // The first scrapes may still find the dead master's backlog: wait for
+    // the old master's answer, then compare.
+    let after = e.scrape_until(Duration::from_secs(10), |m| m["echod_workers"] >= 1.0);
+    for name in names {
+        assert!(
+            after[name] >= on_new[name],
+            "{name} went back from {} to {}:\n{}",
+            on_new[name],
+            after[name],
+            e.log_text()
+        );
+    }
+    assert_eq!(round_trip(&mut held, b"held on").unwrap(), b"held on");
+}
+
+/// #27.4: the endpoint's own counters (`echod_metrics_*_total`) are carried
+/// through an upgrade like every other counter.
+#[test]
+fn the_endpoints_counters_go_on_through_an_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = start_upgradable(dir.path(), "metrics_listen = \"127.0.0.1:0\"\n");
+    for _ in 0..5 {
+        e.scrape();
+    }
+    let before = e.scrape();
+    let skip = e.log_len();
+    let new = upgrade(&e, e.pid());
+    e.wait_log_after(skip, "this master accepts now", Duration::from_secs(10)).expect("the new master serves");
+    let after = e.scrape();
+    let series: Vec<&String> =
+        before.keys().filter(|k| k.starts_with("echod_metrics_") && k.ends_with("_total")).collect();
+    assert!(series.len() >= 4, "{series:?}");
+    assert!(before["echod_metrics_renders_total"] >= 6.0, "{before:?}");
+    for name in series {
+        assert!(after[name] >= before[name], "{name} went back from {} to {}", before[name], after[name]);
+    }
+    kill(new, libc_sig::TERM);
+    assert!(wait_gone(new, &[], Duration::from_secs(10)));
+}
+
+/// Whether `pid` has signal `sig` pending (process-directed, ShdPnd).
+fn signal_pending(pid: i32, sig: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("ShdPnd:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .unwrap_or(0);
+    mask & (1 << (sig - 1)) != 0
+}
+
+/// Sends `sig` to `pid` and waits until it was delivered (no longer
+/// pending), so the kernel cannot merge it with the next one.
+fn deliver(pid: i32, sig: i32) {
+    kill(pid, sig);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while signal_pending(pid, sig) {
+        assert!(Instant::now() < deadline, "signal {sig} to {pid} never delivered");
+        std::thread::yield_now();
+    }
+}
+
+/// #27.5: every TTIN and TTOU delivered counts, however fast they come
+/// (the loop, busy forking after the first, used to see one).
+#[test]
+fn a_burst_of_ttin_and_ttou_moves_the_target_by_each_signal() {
+    let e = start("workers = 1\nmetrics_listen = \"127.0.0.1:0\"\n");
+    for _ in 0..4 {
+        deliver(e.pid(), libc_sig::TTIN);
+    }
+    e.scrape_until(Duration::from_secs(10), |m| m["echod_workers_target"] >= 5.0);
+    e.wait_workers(5, Duration::from_secs(20));
+    for _ in 0..3 {
+        deliver(e.pid(), libc_sig::TTOU);
+    }
+    let m = e.scrape_until(Duration::from_secs(10), |m| m["echod_workers_target"] <= 2.0);
+    assert_eq!(m["echod_workers_target"], 2.0);
+    e.wait_workers(2, Duration::from_secs(20));
+}
+
+/// #27.8: HUP and TTIN sent to the old master after the hand-over (the
+/// process `pgrep -o` names during the drain) reach the new master, which
+/// serves, instead of vanishing.
+#[test]
+fn hup_and_ttin_to_the_old_master_after_the_hand_over_reach_the_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let next = second_binary(dir.path());
+    let base = format!("workers = 1\nshutdown_timeout = 20\nupgrade_binary = \"{}\"\n", next.display());
+    let e = start(&base);
+    let old = e.pid();
+    let mut held = connect(e.addr);
+    assert_eq!(round_trip(&mut held, b"held").unwrap(), b"held");
+    let skip = e.log_len();
+    let new = upgrade(&e, old);
+    e.wait_log_after(skip, "this master accepts now", Duration::from_secs(10)).expect("the new master serves");
+    e.wait_children(new, 1);
+    let extra: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    e.write_config(&format!("listen = [\"{}\", \"{extra}\"]\n{base}", e.addr));
+    let skip = e.log_len();
+    kill(old, libc_sig::HUP);
+    e.wait_log_after(skip, "passing it on", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("HUP to the old master dropped:\n{}", e.log_text()));
+    e.wait_log_after(skip, "reloaded", Duration::from_secs(10)).expect("the new master reloads");
+    echo_once(extra, "on the listener the reload added");
+    deliver(old, libc_sig::TTIN);
+    e.wait_children(new, 2);
+    assert_eq!(round_trip(&mut held, b"old still drains").unwrap(), b"old still drains");
+    kill(new, libc_sig::TERM);
+    assert!(wait_gone(new, &[], Duration::from_secs(15)));
+}
+
+/// Runs echod as root on `config`; its exit status and stderr. Killed by
+/// pid if it starts instead of refusing.
+fn start_as_root_expecting_refusal(config: &Path) -> (Option<i32>, String) {
+    let mut child = std::process::Command::new(ECHOD)
+        .arg("--config")
+        .arg(config)
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let _guard = Defer(move || {
+        children_of(pid).into_iter().for_each(|w| kill(w, libc_sig::KILL));
+        kill(pid, libc_sig::KILL);
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() >= deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if code.is_none() {
+        kill(pid, libc_sig::KILL);
+        let _ = child.wait();
+    }
+    let mut err = String::new();
+    let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+    (code, err)
+}
+
+/// #27.6: a config file that `user` cannot read, or an `upgrade_binary` it
+/// cannot execute, is refused at start (exit 78, file, line and key),
+/// instead of failing every later reload and upgrade.
+#[test]
+fn what_user_cannot_read_or_run_is_refused_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        return skip_or_fail("root (to start echod as root with `user`)");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = dir.path().join("echod.toml");
+    let base = "listen = [\"127.0.0.1:0\"]\nworkers = 1\nuser = \"nobody\"\n";
+    std::fs::write(&config, base).unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, err) = start_as_root_expecting_refusal(&config);
+    assert_eq!(code, Some(78), "a file only root can read was accepted:\n{err}");
+    let at = format!("{}:3: key `user`", config.display());
+    assert!(err.contains(&at) && err.contains("cannot read") && err.contains("chmod"), "{err}");
+
+    let binary = script(dir.path(), "next", "exit 0");
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::write(&config, format!("{base}upgrade_binary = \"{}\"\n", binary.display())).unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, err) = start_as_root_expecting_refusal(&config);
+    assert_eq!(code, Some(78), "an upgrade_binary `user` cannot run was accepted:\n{err}");
+    assert!(err.contains(&format!("{}:4: key `upgrade_binary`", config.display())), "{err}");
+}

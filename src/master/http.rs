@@ -45,6 +45,8 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
 
+use crate::stats::EndpointTotals;
+
 /// Poll token of the metrics listener.
 pub const LISTENER_TOKEN: Token = Token(1);
 /// FileDescriptorName= of a socket-activated metrics socket.
@@ -102,21 +104,29 @@ pub struct EndpointStats {
 }
 
 impl EndpointStats {
-    fn render(&self) -> String {
+    /// As carried across a binary upgrade.
+    fn totals(&self) -> EndpointTotals {
+        EndpointTotals { evicted: self.evicted, refused: self.refused, aborted: self.aborted, renders: self.renders }
+    }
+
+    /// The series: ours plus what earlier masters `carried` (an upgrade).
+    fn render(&self, carried: &EndpointTotals) -> String {
+        let mut sum = self.totals();
+        sum.add(carried);
         let conns = |what: &str| format!("echod_metrics_connections_{what}_total");
         let series = [
             (
                 conns("evicted"),
                 "Scrape connections closed to make room (the oldest one still sending its request).",
-                self.evicted,
+                sum.evicted,
             ),
-            (conns("refused"), "Scrape connections closed at accept: every slot was busy answering.", self.refused),
+            (conns("refused"), "Scrape connections closed at accept: every slot was busy answering.", sum.refused),
             (
                 conns("aborted"),
                 "Scrape connections reset at their deadline (a response not taken, or no close after it).",
-                self.aborted,
+                sum.aborted,
             ),
-            ("echod_metrics_renders_total".to_string(), "Times the exposition was rendered.", self.renders),
+            ("echod_metrics_renders_total".to_string(), "Times the exposition was rendered.", sum.renders),
         ];
         series
             .iter()
@@ -135,6 +145,9 @@ pub struct HttpServer {
     /// readiness of pending scrapes was consumed).
     retry_at: Option<Instant>,
     stats: EndpointStats,
+    /// The counters of earlier masters (binary upgrade), added to ours so
+    /// `echod_metrics_*_total` never goes backwards.
+    carried: EndpointTotals,
     /// The last rendered exposition, and the ration of fresh renders.
     rendered: Rendered,
     /// Not accepting (see `pause`).
@@ -189,9 +202,20 @@ impl HttpServer {
             next_id: 0,
             retry_at: None,
             stats: Default::default(),
+            carried: EndpointTotals::default(),
             rendered: Rendered::new(),
             paused: false,
         })
+    }
+
+    /// This endpoint's own counters, for the other master in an upgrade.
+    pub fn totals(&self) -> EndpointTotals {
+        self.stats.totals()
+    }
+
+    /// What earlier masters counted (replaces the last such report).
+    pub fn set_carried(&mut self, carried: EndpointTotals) {
+        self.carried = carried;
     }
 
     /// The listening socket, for a binary upgrade to pass on.
@@ -299,7 +323,8 @@ impl HttpServer {
     pub fn on_conn(&mut self, token: Token, registry: &Registry, app: &dyn Responder) {
         let id = token.0 - CONN_TOKEN_BASE;
         let Some(conn) = self.conns.get_mut(&id) else { return };
-        let mut exposition = Exposition { app, rendered: &mut self.rendered, stats: &mut self.stats };
+        let mut exposition =
+            Exposition { app, rendered: &mut self.rendered, stats: &mut self.stats, carried: &self.carried };
         let done = match advance(conn, &mut exposition) {
             Ok(done) => done,
             Err(e) => {
@@ -339,6 +364,7 @@ struct Exposition<'a> {
     app: &'a dyn Responder,
     rendered: &'a mut Rendered,
     stats: &'a mut EndpointStats,
+    carried: &'a EndpointTotals,
 }
 
 impl Exposition<'_> {
@@ -353,7 +379,7 @@ impl Exposition<'_> {
             self.stats.renders += 1;
             self.rendered.text = self.app.metrics();
         }
-        self.rendered.text.clone() + &self.stats.render()
+        self.rendered.text.clone() + &self.stats.render(self.carried)
     }
 }
 
@@ -468,7 +494,8 @@ mod tests {
 
     fn text(head: &str, healthy: bool) -> String {
         let (mut rendered, mut stats) = (Rendered::new(), EndpointStats::default());
-        let mut e = Exposition { app: &App(healthy), rendered: &mut rendered, stats: &mut stats };
+        let carried = EndpointTotals::default();
+        let mut e = Exposition { app: &App(healthy), rendered: &mut rendered, stats: &mut stats, carried: &carried };
         String::from_utf8(respond(head.as_bytes(), &mut e)).unwrap()
     }
 

@@ -10,10 +10,14 @@
 //! | worker channel readable/writable | [`Master::on_channel`] |
 //! | listener readable             | marks it ready for the dispatcher |
 //! | metrics listener / scrape     | [`http::HttpServer`]     |
+//! | upgrade channel to the new master | `Master::on_successor_channel` |
+//! | upgrade channel from the old master | `Master::on_predecessor_channel` |
 //! | timer (the poll timeout)      | [`Master::on_timers`]    |
 //!
 //! after which the supervisor takes one step towards its target and the
-//! dispatcher accepts and hands out connections. The master never blocks and
+//! dispatcher accepts and hands out connections, as far as the master's
+//! [`Lifecycle`] allows: that one state decides whether it accepts, whether
+//! it speaks for the service to systemd, and what each signal means now. The master never blocks and
 //! never starts a thread: it forks workers for its whole life (respawns,
 //! reloads, TTIN), and fork is only safe from a single-threaded process.
 
@@ -28,9 +32,8 @@ use std::io;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Poll, Token};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use signal_hook_mio::v1_0::Signals;
 
 use crate::config::{Config, Overrides};
 use crate::ipc::Notice;
@@ -42,8 +45,9 @@ use crate::{limits, logging, privileges};
 use dispatch::Dispatcher;
 use http::HttpServer;
 use listeners::{LISTENER_TOKEN_BASE, Listeners};
-use signals::Signal;
+use signals::{Signal, SignalSource};
 use supervisor::{Supervisor, WORKER_TOKEN_BASE};
+use upgrade::{Predecessor, Successor};
 
 const SIGNAL_TOKEN: Token = Token(0);
 /// How often worker heartbeats are checked.
@@ -99,14 +103,87 @@ fn read_notices(id: usize, channel: &crate::ipc::Channel) -> bool {
     }
 }
 
-/// A graceful or fast stop in progress.
-#[derive(Debug, Clone, Copy)]
-struct Stopping {
-    graceful: bool,
-    /// The stop is a binary upgrade's hand-over, not the operator's: if the
-    /// new master dies before this one has drained, this one takes over
-    /// again (see `upgrade.rs`).
-    handed_over: bool,
+/// Where the master is in its life. Each state decides, in one place,
+/// whether the master accepts, whether it speaks for the service (MAINPID,
+/// READY, STATUS, WATCHDOG, RELOADING, STOPPING, the fd store), what a
+/// signal means now, and what the exit of a new master means (DESIGN §3b).
+enum Lifecycle {
+    /// Started by a binary upgrade: the old master still accepts and is
+    /// the unit's main process. This one starts its workers, reports ready
+    /// to the old one, and accepts nothing and tells systemd nothing until
+    /// the old master says `go` (or is gone).
+    Starting,
+    /// The service's main master: accepts, speaks for the service.
+    Serving,
+    /// USR2 started a new master that is not ready yet; this one serves on.
+    Upgrading {
+        successor: Successor,
+        /// A HUP arrived meanwhile. The new master reads the file itself and
+        /// the sockets it inherits were fixed at fork, so the reload waits:
+        /// applied here if the upgrade fails, passed on if it succeeds.
+        reload_deferred: bool,
+    },
+    /// A graceful stop in its `shutdown_delay`: /healthz answers 503 while
+    /// the listeners still accept, so balancers notice first.
+    StopDelayed { at: Instant },
+    /// The new master serves and is the main process; this old generation
+    /// drains, its listeners kept open but unpolled. HUP, TTIN and TTOU are
+    /// passed on to the new master.
+    HandedOver {
+        successor: Successor,
+        /// Take over again if the new master dies before this one exits.
+        /// Off once the operator stopped this generation, or the new master
+        /// said it was told to stop (the service is stopping).
+        take_back: bool,
+        /// The drain is graceful (a QUIT makes it fast).
+        graceful: bool,
+    },
+    /// Stopping: workers finish (graceful) or are cut (fast); the master
+    /// exits once the last is reaped.
+    Stopping {
+        graceful: bool,
+        /// Whether this master is the unit's main process: not if it was
+        /// stopped while `Starting`, or after a hand-over.
+        main: bool,
+    },
+}
+
+impl Lifecycle {
+    /// Speaks for the service to systemd (MAINPID is this process).
+    fn is_main(&self) -> bool {
+        match self {
+            Lifecycle::Serving | Lifecycle::Upgrading { .. } | Lifecycle::StopDelayed { .. } => true,
+            Lifecycle::Stopping { main, .. } => *main,
+            Lifecycle::Starting | Lifecycle::HandedOver { .. } => false,
+        }
+    }
+
+    /// Keeps its worker pool at the target (respawns, reloads, scaling).
+    fn runs_workers(&self) -> bool {
+        matches!(
+            self,
+            Lifecycle::Starting | Lifecycle::Serving | Lifecycle::Upgrading { .. } | Lifecycle::StopDelayed { .. }
+        )
+    }
+
+    /// Accepts connections on its listeners.
+    fn accepts(&self) -> bool {
+        matches!(self, Lifecycle::Serving | Lifecycle::Upgrading { .. } | Lifecycle::StopDelayed { .. })
+    }
+
+    /// A stop was asked for, or this generation handed over: /healthz
+    /// says 503, reloads and scaling no longer apply here.
+    fn is_stopping(&self) -> bool {
+        matches!(self, Lifecycle::StopDelayed { .. } | Lifecycle::HandedOver { .. } | Lifecycle::Stopping { .. })
+    }
+
+    /// The new master this one started, while it is one of our concerns.
+    fn successor(&self) -> Option<&Successor> {
+        match self {
+            Lifecycle::Upgrading { successor, .. } | Lifecycle::HandedOver { successor, .. } => Some(successor),
+            _ => None,
+        }
+    }
 }
 
 /// The master's state.
@@ -123,15 +200,13 @@ pub struct Master {
     /// within the fd limit).
     capacity: usize,
     poll: Poll,
-    signals: Signals,
+    signals: SignalSource,
     listeners: Listeners,
     sup: Supervisor,
     disp: Dispatcher,
     notify: Notifier,
-    stopping: Option<Stopping>,
-    /// A graceful stop waits for this moment (`shutdown_delay`) before it
-    /// closes the listeners; /healthz answers 503 meanwhile.
-    stop_at: Option<Instant>,
+    /// Where this master is in its life; see [`Lifecycle`].
+    life: Lifecycle,
     /// READY=1 is owed to systemd once the current generation serves
     /// (at start-up and after each reload).
     ready_owed: bool,
@@ -146,18 +221,12 @@ pub struct Master {
     info: MasterInfo,
     /// How this master was started, for USR2.
     invocation: upgrade::Invocation,
-    /// The new master a USR2 started, until it takes over or fails.
-    successor: Option<upgrade::Successor>,
-    /// The old master that started this one, while it drains.
-    predecessor: Option<upgrade::Predecessor>,
+    /// The old master that started this one, while it drains: it sends its
+    /// totals, we send ours (and whether we were told to stop).
+    predecessor: Option<Predecessor>,
     /// The inherited metrics socket, served once the old master's totals
     /// arrived, so scraped counters never go backwards.
     pending_metrics: Option<std::net::TcpListener>,
-    /// A HUP arrived while a new master was starting. The new master reads
-    /// the config file itself, and the sockets it inherits were fixed at
-    /// fork, so the reload waits: applied here if the upgrade fails, passed
-    /// on to the new master if it takes over.
-    reload_pending: bool,
 }
 
 /// The sockets found in LISTEN_FDS at start, by kind.
@@ -201,12 +270,12 @@ impl Master {
         config: Config,
         source: Option<PathBuf>,
         overrides: Overrides,
-        mut signals: Signals,
+        mut signals: SignalSource,
     ) -> Result<Master, StartError> {
         let fd_limit = limits::raise_nofile();
         let capacity = limits::worker_capacity(&config, fd_limit);
         let poll = Poll::new()?;
-        poll.registry().register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
+        signals.register(poll.registry(), SIGNAL_TOKEN)?;
 
         // Sockets passed in at exec: systemd's socket unit (they win over
         // `listen`; the one named "metrics" serves /metrics), or an earlier
@@ -288,16 +357,32 @@ impl Master {
         }
 
         // Everything privileged is done: bind first, then drop.
+        // Read while the master still may: where to point if `user` turns
+        // out unable to read it (see privileges::check_reachable).
+        // (A regular file only: reading a FIFO would consume it.)
+        let text = source
+            .as_ref()
+            .filter(|p| p.metadata().is_ok_and(|m| m.is_file()))
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default();
         match privileges::drop(&config) {
             Ok(Some(msg)) => log::info!("{msg}"),
             Ok(None) => {}
             Err(msg) => return Err(StartError::Config(format!("key `user`: {msg}"))),
         }
+        if let Err((key, why)) = privileges::check_reachable(&config, source.as_deref()) {
+            return Err(StartError::Config(match &source {
+                Some(path) => crate::config::ConfigError::at_key(path, &text, key, why).to_string(),
+                None => format!("key `{key}`: {why}"),
+            }));
+        }
         let sup = Supervisor::new(config.worker_count())?;
         let now = Instant::now();
         let started = unix_now();
-        let mut notify = Notifier::from_env();
-        notify.announce_pid = predecessor.is_some();
+        // A new master is main at once only when its predecessor will not
+        // say "go" (a master from before that protocol).
+        let life = if predecessor.as_ref().is_some_and(|p| !p.go) { Lifecycle::Starting } else { Lifecycle::Serving };
+        let notify = Notifier::from_env(life.is_main(), predecessor.is_some());
         let master = Master {
             file_workers: config.worker_count(),
             next_stats: config.stats_interval.nonzero().map(|d| now + d),
@@ -311,8 +396,7 @@ impl Master {
             sup,
             disp: Dispatcher::default(),
             notify,
-            stopping: None,
-            stop_at: None,
+            life,
             ready_owed: true,
             next_heartbeat_check: now + HEARTBEAT_CHECK,
             next_status: now,
@@ -320,10 +404,8 @@ impl Master {
             http_activated,
             info: MasterInfo { start_time: started, last_reload_ok: true, last_reload_time: started },
             invocation: upgrade::Invocation::current(),
-            successor: None,
             predecessor,
             pending_metrics,
-            reload_pending: false,
         };
         master.store_fds();
         Ok(master)
@@ -353,8 +435,9 @@ impl Master {
                 let token = event.token();
                 match token.0 {
                     _ if token == SIGNAL_TOKEN => {
-                        let pending: Vec<i32> = self.signals.pending().collect();
-                        pending.into_iter().filter_map(Signal::from_raw).for_each(|s| self.on_signal(s));
+                        for (sig, times) in self.signals.take() {
+                            self.on_signal(sig, times);
+                        }
                     }
                     _ if token == upgrade::SUCCESSOR_TOKEN => self.on_successor_channel(),
                     _ if token == upgrade::PREDECESSOR_TOKEN => self.on_predecessor_channel(),
@@ -373,23 +456,35 @@ impl Master {
             }
             let now = Instant::now();
             self.on_timers(now);
-            if self.stopping.is_none() {
+            self.send_totals();
+            if self.life.runs_workers() {
                 self.sup.reconcile(&self.config, self.capacity, self.poll.registry(), now);
                 // A new master accepts only once the old one stopped: a
                 // connection it took and then lost to a failed upgrade
                 // would be cut.
-                if self.is_main() {
+                if self.life.accepts() {
                     self.disp.run(&mut self.listeners, &mut self.sup, dispatch::Limits::of(&self.config), now);
                 }
                 self.announce_ready();
-            } else {
-                self.send_totals_to_successor();
-                if self.sup.workers.is_empty() {
-                    log::info!("all workers exited; bye");
-                    return Ok(0);
-                }
+            } else if self.sup.workers.is_empty() {
+                log::info!("all workers exited; bye");
+                return Ok(0);
             }
         }
+    }
+
+    /// Moves to `life`, and tells the notifier whether this master speaks
+    /// for the service there: the one place that decides who talks to
+    /// systemd.
+    fn enter(&mut self, life: Lifecycle) {
+        self.notify.set_main(life.is_main());
+        self.life = life;
+    }
+
+    /// Takes the state out to move what it owns (the successor) into the
+    /// next one; the caller must `enter` a state before returning.
+    fn take_life(&mut self) -> Lifecycle {
+        std::mem::replace(&mut self.life, Lifecycle::Serving)
     }
 
     /// The earliest moment the loop must wake without an event.
@@ -402,25 +497,70 @@ impl Master {
             Some(self.next_heartbeat_check),
             Some(self.next_status),
             self.http.as_ref().and_then(|h| h.next_deadline()),
-            self.successor.as_ref().filter(|s| !s.ready).map(|s| s.deadline),
-            self.stop_at,
+            match &self.life {
+                Lifecycle::Upgrading { successor, .. } => Some(successor.deadline),
+                Lifecycle::StopDelayed { at } => Some(*at),
+                _ => None,
+            },
         ]
         .into_iter()
         .flatten()
         .min()
     }
 
-    /// Signal handler (run in the loop, not in signal context).
-    fn on_signal(&mut self, sig: Signal) {
+    /// Signal handler (run in the loop, not in signal context); `times`
+    /// is how often it was delivered (counted for TTIN and TTOU).
+    fn on_signal(&mut self, sig: Signal, times: usize) {
         match sig {
             Signal::Stop => self.on_stop_signal(true),
             Signal::Quit => self.on_stop_signal(false),
-            Signal::Reload => self.on_reload_signal(),
-            Signal::MoreWorkers => self.scale(1),
-            Signal::FewerWorkers => self.scale(-1),
+            Signal::Reload | Signal::MoreWorkers | Signal::FewerWorkers => self.on_config_signal(sig, times),
             Signal::Stats => self.log_stats(true),
             Signal::Upgrade => self.begin_upgrade(),
             Signal::Child => self.on_child_exit(),
+        }
+    }
+
+    /// HUP, TTIN, TTOU: applied here, deferred, passed on to the new master
+    /// that serves in this one's place, or refused, by state.
+    fn on_config_signal(&mut self, sig: Signal, times: usize) {
+        let name = match sig {
+            Signal::Reload => "HUP",
+            Signal::MoreWorkers => "TTIN",
+            _ => "TTOU",
+        };
+        match &mut self.life {
+            Lifecycle::Upgrading { successor, reload_deferred } if sig == Signal::Reload => {
+                log::info!(
+                    "reload deferred: the new master (pid {}) is starting; applied when the upgrade ends",
+                    successor.pid
+                );
+                *reload_deferred = true;
+            }
+            Lifecycle::HandedOver { successor, .. } => {
+                let pid = successor.pid;
+                log::info!(
+                    "{name} x{times}: this master handed over to the new master (pid {pid}), which serves; passing it on"
+                );
+                let raw = match sig {
+                    Signal::Reload => nix::sys::signal::Signal::SIGHUP,
+                    Signal::MoreWorkers => nix::sys::signal::Signal::SIGTTIN,
+                    _ => nix::sys::signal::Signal::SIGTTOU,
+                };
+                for _ in 0..times {
+                    if let Err(e) = nix::sys::signal::kill(pid, raw) {
+                        log::warn!("cannot pass {name} on to pid {pid}: {e}");
+                    }
+                }
+            }
+            Lifecycle::StopDelayed { .. } | Lifecycle::Stopping { .. } => {
+                log::info!("{name} ignored: this master is stopping");
+            }
+            _ => match sig {
+                Signal::Reload => self.reload(),
+                Signal::MoreWorkers => self.scale(times as isize),
+                _ => self.scale(-(times as isize)),
+            },
         }
     }
 
@@ -429,12 +569,12 @@ impl Master {
         loop {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) => return,
-                Ok(status) if self.successor.as_ref().is_some_and(|s| Some(s.pid) == status.pid()) => {
+                Ok(status) if self.life.successor().is_some_and(|s| Some(s.pid) == status.pid()) => {
                     self.on_successor_exit(status);
                 }
                 Ok(status) => {
-                    let stopping = self.stopping.is_some();
-                    self.sup.on_exit(status, self.poll.registry(), stopping, Instant::now());
+                    let draining = !self.life.runs_workers();
+                    self.sup.on_exit(status, self.poll.registry(), draining, Instant::now());
                 }
                 Err(nix::errno::Errno::EINTR) => {}
                 Err(_) => return, // ECHILD: none left
@@ -465,7 +605,7 @@ impl Master {
 
     /// Everything driven by the clock.
     fn on_timers(&mut self, now: Instant) {
-        if self.stop_at.is_some_and(|at| now >= at) {
+        if matches!(self.life, Lifecycle::StopDelayed { at } if now >= at) {
             self.begin_stop(true);
         }
         self.sup.kill_overdue(now);
@@ -483,10 +623,9 @@ impl Master {
                 self.next_stats = self.config.stats_interval.nonzero().map(|d| now + d);
             }
         }
+        // Both say nothing unless this master is main (see `enter`).
         self.notify.watchdog(now);
-        // A new master waiting for "go" is not the unit's main process yet:
-        // its status would overwrite the serving one's.
-        if now >= self.next_status && self.is_main() {
+        if now >= self.next_status && self.life.is_main() {
             let status = snapshot(&self.sup, &self.disp).status();
             self.notify.status(&status);
             self.next_status = now + STATUS_EVERY;
@@ -516,79 +655,80 @@ impl Master {
     /// upgrade: before the new master took over, the upgrade is abandoned
     /// (it is killed; it never accepted) and this master stops; after, only
     /// this old generation stops, and the new master, which is the
-    /// service's main process by then, serves on.
+    /// service's main process by then, serves on. A new master tells its
+    /// predecessor it is stopping: after the hand-over that is the service
+    /// stopping, and the old generation must not take over again.
     fn on_stop_signal(&mut self, graceful: bool) {
-        match &self.successor {
-            Some(s) if s.ready => log::info!(
-                "stop asked after the hand-over: this old generation stops; the new master (pid {}) serves on",
-                s.pid
-            ),
-            Some(_) => {
-                self.reload_pending = false; // stopping: nothing to reload
-                self.upgrade_failed("abandoned: this master is stopping".into());
-            }
-            None => {}
+        if let Some(p) = &mut self.predecessor {
+            p.announce_stopping(graceful);
         }
-        if graceful {
+        match &mut self.life {
+            Lifecycle::HandedOver { successor, take_back, graceful: drain_graceful } => {
+                log::info!(
+                    "stop asked after the hand-over: this old generation stops; the new master (pid {}) serves on",
+                    successor.pid
+                );
+                *take_back = false;
+                if !graceful && std::mem::replace(drain_graceful, false) {
+                    log::info!("fast stop: closing this old generation's connections now");
+                    self.sup.stop_all(false, Duration::ZERO, Instant::now());
+                }
+                return;
+            }
+            Lifecycle::Upgrading { .. } => {
+                // Stopping: a reload deferred meanwhile no longer applies.
+                log::error!("upgrade failed: abandoned: this master is stopping");
+                let _ = self.abandon_upgrade("this master is stopping");
+            }
+            _ => {}
+        }
+        if graceful && self.life.is_main() {
             self.announce_stop();
         } else {
-            self.begin_stop(false);
-        }
-        if let Some(st) = &mut self.stopping {
-            st.handed_over = false; // the operator's stop now: no taking over again
+            self.begin_stop(graceful);
         }
     }
 
-    /// HUP: reload, unless a new master is starting (see `reload_pending`).
-    fn on_reload_signal(&mut self) {
-        match &self.successor {
-            Some(s) if !s.ready => {
-                log::info!(
-                    "reload deferred: the new master (pid {}) is starting; applied when the upgrade ends",
-                    s.pid
-                );
-                self.reload_pending = true;
-            }
-            _ => self.reload(),
-        }
-    }
-
-    /// A stop was asked for (it may still be in its `shutdown_delay`).
+    /// A stop was asked for (it may still be in its `shutdown_delay`), or
+    /// this generation handed over.
     fn is_stopping(&self) -> bool {
-        self.stopping.is_some() || self.stop_at.is_some()
+        self.life.is_stopping()
     }
 
     /// TERM/INT: a graceful stop, after `shutdown_delay` during which
     /// /healthz says 503 and the listeners still accept (see the config).
     fn announce_stop(&mut self) {
         let delay = self.config.shutdown_delay.0;
-        if delay.is_zero() || self.stopping.is_some() {
-            return self.begin_stop(true);
-        }
-        if self.stop_at.is_none() {
-            log::info!(
-                "graceful stop: /healthz answers 503; listeners close in {:.1}s (shutdown_delay)",
-                delay.as_secs_f64()
-            );
-            self.notify.stopping();
-            self.stop_at = Some(Instant::now() + delay);
+        match self.life {
+            Lifecycle::StopDelayed { .. } => {}
+            Lifecycle::Stopping { .. } => self.begin_stop(true),
+            _ if delay.is_zero() => self.begin_stop(true),
+            _ => {
+                log::info!(
+                    "graceful stop: /healthz answers 503; listeners close in {:.1}s (shutdown_delay)",
+                    delay.as_secs_f64()
+                );
+                self.notify.stopping();
+                self.enter(Lifecycle::StopDelayed { at: Instant::now() + delay });
+            }
         }
     }
 
-    /// TERM/INT (graceful) or QUIT (fast).
+    /// TERM/INT (graceful) or QUIT (fast): close the listeners, stop the
+    /// workers. Not after a hand-over (see `on_stop_signal`).
     fn begin_stop(&mut self, graceful: bool) {
-        self.stop_at = None;
-        match self.stopping {
-            Some(s) if graceful || !s.graceful => return, // already stopping at least this fast
-            _ => {}
-        }
+        let main = match self.life {
+            Lifecycle::Stopping { graceful: was, .. } if graceful || !was => return, // at least this fast already
+            Lifecycle::Stopping { main, .. } => main,
+            Lifecycle::HandedOver { .. } => return,
+            ref life => life.is_main(),
+        };
         let timeout = self.config.shutdown_timeout.0;
-        self.notify.stopping(); // a no-op after a binary upgrade handed over
+        // Entered first, so that only a main master says STOPPING=1.
+        self.enter(Lifecycle::Stopping { graceful, main });
+        self.notify.stopping();
         // Closed before it is said: whoever reads the line may rely on it.
-        // After a hand-over they stay open, unpolled (`hand_over`).
-        if self.successor.as_ref().is_none_or(|s| !s.ready) {
-            self.listeners.close_all(self.poll.registry());
-        }
+        self.listeners.close_all(self.poll.registry());
         if graceful {
             log::info!(
                 "graceful stop: listeners closed; connections may finish for up to {:.1}s",
@@ -597,13 +737,18 @@ impl Master {
         } else {
             log::info!("fast stop: closing everything now");
         }
+        self.drain_workers(graceful, timeout);
+    }
+
+    /// Tells every worker to drain (or quit), closing first what the
+    /// dispatcher holds unsent.
+    fn drain_workers(&mut self, graceful: bool, timeout: Duration) {
         let dropped = self.disp.discard_held(&mut self.sup);
         if dropped > 0 {
             log::warn!("{dropped} accepted connection(s) not yet handed to a worker were closed");
         }
         self.sup.scoreboard.set_accept_paused(false);
         self.sup.stop_all(graceful, timeout, Instant::now());
-        self.stopping = Some(Stopping { graceful, handed_over: false });
     }
 
     /// HUP: re-read the config; apply it if valid, otherwise keep running as
@@ -749,8 +894,14 @@ impl Master {
 /// handed over. Every report (USR1, STATUS=, /metrics, the upgrade's
 /// totals) renders one of these.
 pub(crate) fn snapshot(sup: &Supervisor, disp: &Dispatcher) -> Snapshot {
+    snapshot_of(sup, disp, &sup.carried)
+}
+
+/// A snapshot with `carried` as what earlier masters handed over (nothing:
+/// this master's own counts, which it sends back to its predecessor).
+fn snapshot_of(sup: &Supervisor, disp: &Dispatcher, carried: &crate::stats::Carried) -> Snapshot {
     let mut totals = sup.retired;
-    totals.add_counters(&sup.carried.totals);
+    totals.add_counters(&carried.totals);
     let mut workers: Vec<WorkerView> = sup
         .workers
         .iter()
@@ -772,11 +923,11 @@ pub(crate) fn snapshot(sup: &Supervisor, disp: &Dispatcher) -> Snapshot {
     workers.sort_by_key(|w| w.id);
     let active = workers.iter().map(|w| w.active).sum::<u64>() + disp.held(sup) as u64;
     Snapshot {
-        accepted: disp.accepted + sup.carried.accepted,
+        accepted: disp.accepted + carried.accepted,
         // The master's rejections, and the workers' (PROXY listeners).
-        rejected: disp.rejected + sup.carried.rejected + totals.rejected,
+        rejected: disp.rejected + carried.rejected + totals.rejected,
         active,
-        restarts: sup.restarts + sup.carried.restarts,
+        restarts: sup.restarts + carried.restarts,
         generation: sup.generation,
         target: sup.target,
         totals,
@@ -790,15 +941,21 @@ pub(crate) fn snapshot(sup: &Supervisor, disp: &Dispatcher) -> Snapshot {
 impl Master {
     /// USR2: start the new binary as a new master.
     pub(super) fn begin_upgrade(&mut self) {
-        let refuse = if self.is_stopping() {
-            Some("stopping".to_string())
-        } else if let Some(s) = &self.successor {
-            Some(format!("an upgrade is already in progress (new master pid {})", s.pid))
-        } else {
+        let refuse = match (&self.life, &self.predecessor) {
+            (Lifecycle::Serving, None) => None,
+            (Lifecycle::Upgrading { successor, .. }, _) => {
+                Some(format!("an upgrade is already in progress (new master pid {})", successor.pid))
+            }
             // A third generation while the first still drains would leave
             // two masters serving the same sockets if it failed (nginx
             // refuses this too).
-            self.predecessor.as_ref().map(|p| format!("the previous master (pid {}) is still draining", p.pid))
+            (Lifecycle::Serving | Lifecycle::Starting, Some(p)) => {
+                Some(format!("the previous master (pid {}) is still draining", p.pid))
+            }
+            (Lifecycle::HandedOver { successor, .. }, _) => {
+                Some(format!("this master handed over to pid {}; signal that one", successor.pid))
+            }
+            _ => Some("stopping".to_string()),
         };
         if let Some(why) = refuse {
             log::warn!("upgrade refused: {why}");
@@ -812,14 +969,14 @@ impl Master {
         let deadline = Instant::now() + self.config.upgrade_timeout.0;
         let exe = binary.clone().unwrap_or_else(|| self.invocation.exe.clone());
         match upgrade::spawn(&self.invocation, binary, &handover, self.poll.registry(), deadline) {
-            Ok(s) => {
+            Ok(successor) => {
                 log::info!(
                     "upgrade: started new master (pid {}) from {}; waiting up to {:.0}s for it to serve",
-                    s.pid,
+                    successor.pid,
                     exe.display(),
                     self.config.upgrade_timeout.0.as_secs_f64()
                 );
-                self.successor = Some(s);
+                self.enter(Lifecycle::Upgrading { successor, reload_deferred: false });
             }
             Err(e) => log::error!("upgrade failed: cannot start {}: {e}; this master keeps serving", exe.display()),
         }
@@ -827,19 +984,46 @@ impl Master {
 
     /// The channel to the new master is readable.
     pub(super) fn on_successor_channel(&mut self) {
-        let Some(s) = &mut self.successor else { return };
-        let heard = s.on_readable();
-        if heard.ready {
-            self.hand_over();
-        }
-        let Some(s) = &mut self.successor else { return };
-        if heard.gone {
-            s.deregister(self.poll.registry());
-            if !s.ready {
-                // It is exiting: let it say why before it is killed. Its exit
-                // (SIGCHLD) ends the upgrade; the grace bounds the wait.
-                s.deadline = s.deadline.min(Instant::now() + upgrade::EXIT_GRACE);
+        match &mut self.life {
+            Lifecycle::Upgrading { successor, .. } => {
+                let heard = successor.on_readable();
+                if heard.gone {
+                    successor.deregister(self.poll.registry());
+                    // It is exiting: let it say why before it is killed. Its
+                    // exit (SIGCHLD) ends the upgrade; the grace bounds the wait.
+                    successor.deadline = successor.deadline.min(Instant::now() + upgrade::EXIT_GRACE);
+                }
+                if heard.ready {
+                    self.hand_over();
+                }
             }
+            Lifecycle::HandedOver { successor, .. } => {
+                let heard = successor.on_readable();
+                if heard.gone {
+                    successor.deregister(self.poll.registry());
+                }
+                if let Some(graceful) = heard.stopping {
+                    self.on_successor_stopping(graceful);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The new master, which serves as the unit's main process, was told to
+    /// stop: the service is stopping. This old generation will not take over
+    /// again, and a fast stop cuts its connections too.
+    fn on_successor_stopping(&mut self, graceful: bool) {
+        let Lifecycle::HandedOver { successor, take_back, graceful: drain_graceful } = &mut self.life else { return };
+        let how = if graceful { "gracefully" } else { "fast" };
+        log::info!(
+            "upgrade: the new master (pid {}) is stopping {how}: the service is stopping; this old generation \
+             will finish and not take over again",
+            successor.pid
+        );
+        *take_back = false;
+        if !graceful && std::mem::replace(drain_graceful, false) {
+            self.sup.stop_all(false, Duration::ZERO, Instant::now());
         }
     }
 
@@ -851,12 +1035,10 @@ impl Master {
         let (go, carried, pid) = (p.go, p.carried, p.pid);
         if go && !was_go {
             log::info!("upgrade: the old master (pid {pid}) stopped accepting; this master accepts now");
-            // Main from now on: the fd store is ours to keep (READY=1 with
-            // MAINPID= follows from `announce_ready`).
-            self.store_fds();
+            self.become_main();
         }
         if let Some(c) = carried {
-            self.sup.carried = c;
+            self.set_carried(c);
             self.serve_pending_metrics();
         }
         if gone {
@@ -869,25 +1051,49 @@ impl Master {
                 // It died (or was killed) before handing over: nobody else
                 // accepts, so this master does.
                 log::warn!("upgrade: the old master (pid {pid}) is gone without handing over; this master takes over");
-                self.store_fds();
+                self.become_main();
             }
             self.serve_pending_metrics();
         }
     }
 
+    /// A new master's predecessor said "go" (or is gone): this master is the
+    /// unit's main process from now on, whether it serves or was already
+    /// told to stop. READY=1 with MAINPID= follows from `announce_ready`.
+    fn become_main(&mut self) {
+        match self.life {
+            Lifecycle::Starting => self.enter(Lifecycle::Serving),
+            Lifecycle::Stopping { graceful, main: false } => {
+                self.enter(Lifecycle::Stopping { graceful, main: true });
+                self.notify.stopping();
+            }
+            _ => {}
+        }
+        // The fd store is ours to keep.
+        self.store_fds();
+    }
+
     /// Whether this master accepts connections and speaks for the service
-    /// (MAINPID, fd store): always, unless it is a new master whose
-    /// predecessor has not yet said "go".
+    /// (MAINPID, fd store).
     pub(super) fn is_main(&self) -> bool {
-        self.predecessor.as_ref().is_none_or(|p| p.go)
+        self.life.is_main()
+    }
+
+    /// What earlier masters counted, for every report from now on.
+    fn set_carried(&mut self, c: crate::stats::Carried) {
+        self.sup.carried = c;
+        if let Some(h) = &mut self.http {
+            h.set_carried(c.endpoint);
+        }
     }
 
     /// The inherited metrics socket goes live once the old totals are in.
     fn serve_pending_metrics(&mut self) {
         if let Some(l) = self.pending_metrics.take() {
             match HttpServer::adopt(l, self.poll.registry()) {
-                Ok(h) => {
+                Ok(mut h) => {
                     log::info!("metrics on http://{}/metrics", h.addr);
+                    h.set_carried(self.sup.carried.endpoint);
                     self.http = Some(h);
                 }
                 Err(e) => log::error!("cannot serve the inherited metrics socket: {e}"),
@@ -899,8 +1105,11 @@ impl Master {
     /// master can take over again if the new one dies), let it accept, make
     /// it systemd's main process, and drain this generation.
     fn hand_over(&mut self) {
-        let Some(s) = self.successor.as_mut() else { return };
-        let pid = s.pid;
+        let (mut successor, reload_deferred) = match self.take_life() {
+            Lifecycle::Upgrading { successor, reload_deferred } => (successor, reload_deferred),
+            other => return self.enter(other),
+        };
+        let pid = successor.pid;
         log::info!("upgrade: new master (pid {pid}) serves; this master stops accepting and drains");
         self.listeners.pause(self.poll.registry());
         // The new master serves /metrics from here; scrapes in progress
@@ -908,61 +1117,106 @@ impl Master {
         if let Some(h) = &mut self.http {
             h.pause(self.poll.registry());
         }
-        // MAINPID first: the new master's READY=1 (after "go") then always
-        // follows it.
+        // MAINPID first, while this master is still main: the new master's
+        // READY=1 (after "go") then always follows it.
         self.notify.hand_over(pid.as_raw() as u32);
-        s.go();
-        self.begin_stop(true);
-        if let Some(st) = &mut self.stopping {
-            st.handed_over = true;
-        }
-        self.send_totals_to_successor();
-        if std::mem::take(&mut self.reload_pending) {
+        successor.go();
+        let timeout = self.config.shutdown_timeout.0;
+        log::info!(
+            "upgrade: this old generation drains for up to {:.1}s; its sockets stay open, unpolled, in case the \
+             new master fails",
+            timeout.as_secs_f64()
+        );
+        self.drain_workers(true, timeout);
+        self.enter(Lifecycle::HandedOver { successor, take_back: true, graceful: true });
+        self.send_totals();
+        if reload_deferred {
             log::info!("upgrade: passing the reload asked for during the upgrade on to the new master (pid {pid})");
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP);
         }
     }
 
-    /// While draining after a hand-over: the new master carries our totals.
-    pub(super) fn send_totals_to_successor(&mut self) {
-        if let Some(s) = self.successor.as_mut().filter(|s| s.ready && !s.closed) {
-            s.send_totals(crate::stats::Carried::of(&snapshot(&self.sup, &self.disp)));
+    /// Each side of an upgrade keeps the other's counters current: after
+    /// the hand-over, the old master sends its totals (which the new one
+    /// carries on); the new master sends its own (which the old one adds if
+    /// it takes over again). Only changes are sent.
+    pub(super) fn send_totals(&mut self) {
+        let endpoint = self.http.as_ref().map(|h| h.totals()).unwrap_or_default();
+        if let Lifecycle::HandedOver { successor, .. } = &mut self.life {
+            if !successor.closed {
+                let mut c = crate::stats::Carried::of(&snapshot(&self.sup, &self.disp));
+                c.endpoint = endpoint;
+                c.endpoint.add(&self.sup.carried.endpoint);
+                successor.send_totals(c);
+            }
+        }
+        if let Some(p) = &mut self.predecessor {
+            let mut own = crate::stats::Carried::of(&snapshot_of(&self.sup, &self.disp, &Default::default()));
+            own.endpoint = endpoint;
+            p.send_totals(own);
         }
     }
 
-    /// The new master exited (reaped by SIGCHLD).
-    pub(super) fn on_successor_exit(&mut self, status: nix::sys::wait::WaitStatus) {
+    /// The new master exited (reaped by SIGCHLD). Before the hand-over the
+    /// upgrade failed; after it, this master takes over again, unless the
+    /// new one exited because it was told to stop: then the service is
+    /// stopping, and this old generation finishes its drain and exits.
+    pub(super) fn on_successor_exit(&mut self, status: WaitStatus) {
         let how = supervisor::describe(status);
-        let Some(s) = &self.successor else { return };
-        if !s.ready {
-            return self.upgrade_failed(format!("the new master exited ({how})"));
-        }
-        let pid = s.pid;
-        if let Some(mut s) = self.successor.take() {
-            s.deregister(self.poll.registry());
-        }
-        if self.stopping.is_some_and(|st| st.handed_over) {
-            log::warn!("upgrade: the new master (pid {pid}), which had taken over, exited ({how}); taking over again");
-            self.take_back();
-        } else {
-            log::warn!("upgrade: the new master (pid {pid}), which had taken over, exited ({how})");
+        match self.take_life() {
+            Lifecycle::Upgrading { successor, reload_deferred } => {
+                self.enter(Lifecycle::Upgrading { successor, reload_deferred });
+                self.upgrade_failed(format!("the new master exited ({how})"));
+            }
+            Lifecycle::HandedOver { mut successor, take_back, graceful } => {
+                // What it said last may still be unread.
+                let _ = successor.on_readable();
+                successor.deregister(self.poll.registry());
+                let pid = successor.pid;
+                // Told to stop, it said so first (even if it is then killed
+                // at the end of its own drain); any other exit is a failure.
+                let stopped = successor.stopping.is_some();
+                if take_back && !stopped {
+                    log::warn!(
+                        "upgrade: the new master (pid {pid}), which had taken over, exited ({how}); taking over again"
+                    );
+                    return self.take_back(successor.totals);
+                }
+                if stopped {
+                    log::info!(
+                        "upgrade: the new master (pid {pid}) stopped ({how}); this old generation finishes its drain \
+                         and exits"
+                    );
+                } else {
+                    log::warn!("upgrade: the new master (pid {pid}), which had taken over, exited ({how})");
+                }
+                // Nobody serves on the sockets any more: refuse, don't queue.
+                self.listeners.close_all(self.poll.registry());
+                if let Some(h) = self.http.take() {
+                    h.close(self.poll.registry());
+                }
+                self.enter(Lifecycle::Stopping { graceful, main: false });
+            }
+            other => self.enter(other),
         }
     }
 
     /// Rolls a hand-over back: the new master died while this one drained.
     /// Listen again on the sockets kept for this, serve /metrics again, be
-    /// systemd's main process again, and start a fresh generation of workers
-    /// (the draining ones finish on their own deadlines).
-    fn take_back(&mut self) {
+    /// systemd's main process again, carry on the new master's counters,
+    /// and start a fresh generation of workers (the draining ones finish on
+    /// their own deadlines).
+    fn take_back(&mut self, theirs: crate::stats::Carried) {
         if let Err(e) = self.listeners.resume(self.poll.registry()) {
             log::error!("upgrade: cannot listen again: {e}");
         }
         if let Some(Err(e)) = self.http.as_mut().map(|h| h.resume(self.poll.registry())) {
             log::error!("cannot serve metrics again: {e}");
         }
-        self.notify.take_back();
-        self.stopping = None;
-        self.stop_at = None;
+        let mut carried = self.sup.carried;
+        carried.add(&theirs);
+        self.set_carried(carried);
+        self.enter(Lifecycle::Serving);
         self.sup.generation += 1;
         self.sup.reset_backoff();
         self.ready_owed = true;
@@ -972,7 +1226,10 @@ impl Master {
     /// Gives up on a new master that did not become ready in time, or that
     /// closed its channel and did not exit.
     pub(super) fn check_upgrade_deadline(&mut self, now: Instant) {
-        let Some(s) = self.successor.as_ref().filter(|s| !s.ready && now >= s.deadline) else { return };
+        let Lifecycle::Upgrading { successor: s, .. } = &self.life else { return };
+        if now < s.deadline {
+            return;
+        }
         let why = if s.closed {
             format!("the new master closed its channel and did not exit within {}s", upgrade::EXIT_GRACE.as_secs())
         } else {
@@ -981,16 +1238,30 @@ impl Master {
         self.upgrade_failed(why);
     }
 
-    /// Ends a failed upgrade: the new master (and with it its workers, by
-    /// PR_SET_PDEATHSIG) is killed; it never accepted, and this master never
-    /// stopped serving. A reload asked for meanwhile is applied now.
+    /// Ends a failed upgrade: this master never stopped serving. A reload
+    /// asked for meanwhile is applied now.
     pub(super) fn upgrade_failed(&mut self, why: String) {
-        let Some(mut s) = self.successor.take() else { return };
-        s.deregister(self.poll.registry());
-        let _ = nix::sys::signal::kill(s.pid, nix::sys::signal::Signal::SIGKILL);
         log::error!("upgrade failed: {why}; this master keeps serving");
-        if std::mem::take(&mut self.reload_pending) {
+        if self.abandon_upgrade("the upgrade failed") {
             self.reload();
+        }
+    }
+
+    /// Kills the new master (and with it its workers, by PR_SET_PDEATHSIG):
+    /// it never accepted. Returns whether a reload was deferred for it.
+    fn abandon_upgrade(&mut self, why: &str) -> bool {
+        match self.take_life() {
+            Lifecycle::Upgrading { mut successor, reload_deferred } => {
+                successor.deregister(self.poll.registry());
+                let _ = nix::sys::signal::kill(successor.pid, nix::sys::signal::Signal::SIGKILL);
+                log::debug!("upgrade: killed the new master (pid {}): {why}", successor.pid);
+                self.enter(Lifecycle::Serving);
+                reload_deferred
+            }
+            other => {
+                self.enter(other);
+                false
+            }
         }
     }
 

@@ -28,9 +28,18 @@
 //! closed its listeners, only stopped polling them, so nothing is refused
 //! for longer than the moment it takes to notice.
 //!
-//! The channel carries lines of text: `ready PID` and nothing else from the
-//! new master; `go` and then `totals ...` ([`Carried`]) from the old one.
-//! Both ends are non-blocking in their master's poll.
+//! If the new master is *told to stop* (TERM, INT or QUIT: after the
+//! hand-over it is the unit's main process, so this is `systemctl stop`), it
+//! says so on the channel before it exits, and the old generation finishes
+//! its drain instead of taking over: a stopped service stays stopped.
+//!
+//! The channel carries one [`UpgradeMsg`] per line of text: `ready PID`,
+//! `stopping graceful|fast` and `totals ...` from the new master; `go` and
+//! `totals ...` from the old one. Each side sends its *own* totals (not
+//! those it carries from the other), so whichever master ends up serving
+//! adds the other's and no counter goes backwards, after a rollback too.
+//! A line this master does not know is ignored, so masters of different
+//! versions can talk. Both ends are non-blocking in their master's poll.
 
 use std::ffi::OsString;
 use std::io::{self, ErrorKind, Read, Write};
@@ -102,6 +111,49 @@ pub struct Handover {
 /// means that. Named ones keep their name (`proxy_protocol` may use it).
 const ACTIVATED_NAME: &str = "echo";
 
+/// One message on the upgrade channel (one line of text each).
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpgradeMsg {
+    /// New to old: every worker serves; the old master may hand over.
+    Ready(u32),
+    /// Old to new: the old master stopped accepting; accept now.
+    Go,
+    /// New to old: the new master was told to stop (gracefully or not).
+    /// After the hand-over that is the service stopping: the old generation
+    /// must not take over again.
+    Stopping { graceful: bool },
+    /// Either way: the sender's own totals, without what it carries from
+    /// the other master.
+    Totals(Box<Carried>),
+}
+
+impl UpgradeMsg {
+    /// The line, newline included.
+    pub fn encode(&self) -> String {
+        match self {
+            UpgradeMsg::Ready(pid) => format!("ready {pid}\n"),
+            UpgradeMsg::Go => "go\n".into(),
+            UpgradeMsg::Stopping { graceful } => {
+                format!("stopping {}\n", if *graceful { "graceful" } else { "fast" })
+            }
+            UpgradeMsg::Totals(c) => c.encode(),
+        }
+    }
+
+    /// Reads one line (without its newline); None for a line this master
+    /// does not know.
+    pub fn decode(line: &str) -> Option<UpgradeMsg> {
+        match line.split_once(' ').unwrap_or((line, "")) {
+            ("ready", pid) => pid.parse().ok().map(UpgradeMsg::Ready),
+            ("go", "") => Some(UpgradeMsg::Go),
+            ("stopping", "graceful") => Some(UpgradeMsg::Stopping { graceful: true }),
+            ("stopping", "fast") => Some(UpgradeMsg::Stopping { graceful: false }),
+            ("totals", _) => Carried::decode(line).map(|c| UpgradeMsg::Totals(Box::new(c))),
+            _ => None,
+        }
+    }
+}
+
 /// The old master's side: a new master that is starting.
 pub struct Successor {
     pub pid: Pid,
@@ -115,6 +167,11 @@ pub struct Successor {
     pub closed: bool,
     /// Last totals sent, so only changes are sent.
     sent: Option<Carried>,
+    /// It said it was told to stop (graceful or fast): its exit is the
+    /// service stopping, not a crash to take over from.
+    pub stopping: Option<bool>,
+    /// Its own totals, as last reported: added to ours if we take over again.
+    pub totals: Carried,
 }
 
 /// What the successor's channel said in one read; "ready" and EOF can come
@@ -122,6 +179,8 @@ pub struct Successor {
 #[derive(Debug, Default, PartialEq)]
 pub struct Heard {
     pub ready: bool,
+    /// It said it is stopping, in this read (graceful or fast).
+    pub stopping: Option<bool>,
     /// Closed: the new master exited (or never started).
     pub gone: bool,
 }
@@ -148,7 +207,17 @@ pub fn spawn(
             ours.set_nonblocking(true)?;
             let mut channel = UnixStream::from_std(ours);
             registry.register(&mut channel, SUCCESSOR_TOKEN, Interest::READABLE)?;
-            Ok(Successor { pid, channel, inbox: Vec::new(), deadline, ready: false, closed: false, sent: None })
+            Ok(Successor {
+                pid,
+                channel,
+                inbox: Vec::new(),
+                deadline,
+                ready: false,
+                closed: false,
+                sent: None,
+                stopping: None,
+                totals: Carried::default(),
+            })
         }
     }
 }
@@ -203,16 +272,25 @@ fn exec_new_master(exe: &std::path::Path, inv: &Invocation, h: &Handover, channe
 impl Successor {
     /// Reads what the new master said.
     pub fn on_readable(&mut self) -> Heard {
-        let (lines, gone) = read_or_gone(&mut self.channel, &mut self.inbox);
-        let ready = !self.ready && lines.iter().any(|l| l.starts_with("ready "));
-        self.ready |= ready;
+        let (msgs, gone) = read_or_gone(&mut self.channel, &mut self.inbox);
+        let mut heard = Heard { gone, ..Heard::default() };
+        for msg in msgs {
+            match msg {
+                UpgradeMsg::Ready(_) if !self.ready => heard.ready = true,
+                UpgradeMsg::Stopping { graceful } => heard.stopping = Some(graceful),
+                UpgradeMsg::Totals(c) => self.totals = *c,
+                UpgradeMsg::Ready(_) | UpgradeMsg::Go => {}
+            }
+        }
+        self.ready |= heard.ready;
+        self.stopping = heard.stopping.or(self.stopping);
         self.closed |= gone;
-        Heard { ready, gone }
+        heard
     }
 
     /// Tells the new master it may accept: this master no longer does.
     pub fn go(&mut self) {
-        if let Err(e) = self.channel.write_all(b"go\n") {
+        if let Err(e) = self.channel.write_all(UpgradeMsg::Go.encode().as_bytes()) {
             // It then takes over when this master's channel closes (EOF).
             log::warn!("upgrade: cannot tell the new master to accept: {e}");
         }
@@ -225,7 +303,7 @@ impl Successor {
         if self.sent == Some(c) {
             return;
         }
-        if self.channel.write_all(c.encode().as_bytes()).is_ok() {
+        if self.channel.write_all(UpgradeMsg::Totals(Box::new(c)).encode().as_bytes()).is_ok() {
             self.sent = Some(c);
         }
     }
@@ -247,6 +325,8 @@ pub struct Predecessor {
     pub go: bool,
     /// The old generation's totals, as last reported.
     pub carried: Option<Carried>,
+    /// Our own totals as last sent (only changes are sent).
+    sent: Option<Carried>,
 }
 
 impl Predecessor {
@@ -266,7 +346,7 @@ impl Predecessor {
         let pid = nix::unistd::getppid();
         // An old master that does not say "go" stops accepting on "ready".
         let go = std::env::var_os(ENV_SAYS_GO).is_none();
-        Ok(Some(Predecessor { pid, channel, inbox: Vec::new(), announced: false, go, carried: None }))
+        Ok(Some(Predecessor { pid, channel, inbox: Vec::new(), announced: false, go, carried: None, sent: None }))
     }
 
     /// Tells the old master that this one serves.
@@ -274,17 +354,41 @@ impl Predecessor {
         if std::mem::replace(&mut self.announced, true) {
             return;
         }
-        if let Err(e) = writeln!(self.channel, "ready {}", std::process::id()) {
+        if let Err(e) = self.channel.write_all(UpgradeMsg::Ready(std::process::id()).encode().as_bytes()) {
             log::warn!("upgrade: cannot tell the old master we are ready: {e}");
+        }
+    }
+
+    /// Tells the old master this one was told to stop: if it handed over,
+    /// the service is stopping and it must not take over again.
+    pub fn announce_stopping(&mut self, graceful: bool) {
+        if let Err(e) = self.channel.write_all(UpgradeMsg::Stopping { graceful }.encode().as_bytes()) {
+            log::warn!("upgrade: cannot tell the old master we are stopping: {e}");
+        }
+    }
+
+    /// Sends our own totals if they changed, so that the old master, if it
+    /// takes over again, carries them on. Best effort, as the other way.
+    /// Only once this master serves: before, it has counted nothing the old
+    /// one could lose, and "ready" stays the first line it sends.
+    pub fn send_totals(&mut self, c: Carried) {
+        if !self.announced || !self.go || self.sent == Some(c) {
+            return;
+        }
+        if self.channel.write_all(UpgradeMsg::Totals(Box::new(c)).encode().as_bytes()).is_ok() {
+            self.sent = Some(c);
         }
     }
 
     /// Reads "go" and totals; true when the old master is gone (EOF).
     pub fn on_readable(&mut self) -> bool {
-        let (lines, gone) = read_or_gone(&mut self.channel, &mut self.inbox);
-        self.go |= lines.iter().any(|l| l == "go");
-        if let Some(c) = lines.iter().rev().find_map(|l| Carried::decode(l)) {
-            self.carried = Some(c);
+        let (msgs, gone) = read_or_gone(&mut self.channel, &mut self.inbox);
+        for msg in msgs {
+            match msg {
+                UpgradeMsg::Go => self.go = true,
+                UpgradeMsg::Totals(c) => self.carried = Some(*c),
+                UpgradeMsg::Ready(_) | UpgradeMsg::Stopping { .. } => {}
+            }
         }
         gone
     }
@@ -294,10 +398,12 @@ impl Predecessor {
     }
 }
 
-/// Reads everything available; returns the complete lines and whether the
-/// peer closed (a read error counts as closed: the channel is no use).
-fn read_or_gone(stream: &mut UnixStream, inbox: &mut Vec<u8>) -> (Vec<String>, bool) {
-    read_lines(stream, inbox).unwrap_or_else(|_| (Vec::new(), true))
+/// Reads everything available; returns the messages in the complete lines
+/// and whether the peer closed (a read error counts as closed: the channel
+/// is no use).
+fn read_or_gone(stream: &mut UnixStream, inbox: &mut Vec<u8>) -> (Vec<UpgradeMsg>, bool) {
+    let (lines, gone) = read_lines(stream, inbox).unwrap_or_else(|_| (Vec::new(), true));
+    (lines.iter().filter_map(|l| UpgradeMsg::decode(l)).collect(), gone)
 }
 
 /// Reads everything available; returns the complete lines and whether the
@@ -346,10 +452,56 @@ mod tests {
         c.totals.bytes_in = u64::MAX;
         c.totals.duration[3] = 42;
         c.totals.err_timeout = 5;
+        c.endpoint.evicted = 11;
+        c.endpoint.renders = 12;
         let line = c.encode();
         assert!(line.ends_with('\n'));
         assert_eq!(Carried::decode(line.trim_end()), Some(c));
         assert_eq!(Carried::decode("totals 1 2"), None, "short lines are refused");
         assert_eq!(Carried::decode("ready 12"), None);
+        // A line from a master that did not carry the endpoint's counters.
+        let older = line.trim_end().rsplitn(5, ' ').last().unwrap().to_string();
+        let mut want = c;
+        want.endpoint = Default::default();
+        assert_eq!(Carried::decode(&older), Some(want));
+    }
+
+    #[test]
+    fn carried_totals_add_field_by_field() {
+        let mut a = Carried { accepted: 1, rejected: 2, restarts: 4, ..Carried::default() };
+        a.totals.bytes_in = 8;
+        a.endpoint.evicted = 16;
+        let mut b = Carried { accepted: 32, rejected: 64, restarts: 128, ..Carried::default() };
+        b.totals.bytes_in = 256;
+        b.endpoint = crate::stats::EndpointTotals { evicted: 512, refused: 1024, aborted: 2048, renders: 4096 };
+        a.add(&b);
+        assert_eq!((a.accepted, a.rejected, a.restarts, a.totals.bytes_in), (33, 66, 132, 264));
+        assert_eq!(
+            a.endpoint,
+            crate::stats::EndpointTotals { evicted: 528, refused: 1024, aborted: 2048, renders: 4096 }
+        );
+    }
+
+    #[test]
+    fn every_message_round_trips_and_unknown_lines_are_ignored() {
+        let mut c = Carried { accepted: 3, ..Carried::default() };
+        c.totals.bytes_out = 9;
+        for m in [
+            UpgradeMsg::Ready(4242),
+            UpgradeMsg::Go,
+            UpgradeMsg::Stopping { graceful: true },
+            UpgradeMsg::Stopping { graceful: false },
+            UpgradeMsg::Totals(Box::new(c)),
+        ] {
+            let line = m.encode();
+            assert!(line.ends_with('\n'), "{line:?}");
+            assert_eq!(UpgradeMsg::decode(line.trim_end()), Some(m));
+        }
+        // The lines masters of earlier versions send and expect, to the byte.
+        assert_eq!(UpgradeMsg::Ready(7).encode(), "ready 7\n");
+        assert_eq!(UpgradeMsg::Go.encode(), "go\n");
+        for unknown in ["", "go now", "ready", "ready x", "stopping", "stopping slowly", "hello"] {
+            assert_eq!(UpgradeMsg::decode(unknown), None, "{unknown:?}");
+        }
     }
 }

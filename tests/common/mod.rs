@@ -1022,11 +1022,35 @@ impl<F: FnMut()> Drop for Defer<F> {
 }
 
 /// A NOTIFY_SOCKET the test owns: collects every datagram with its arrival
-/// time.
+/// time and the pid that sent it (SO_PASSCRED: the kernel's word, as
+/// systemd reads it), so a test can check who spoke for the service.
 pub struct Notifications {
     pub path: std::path::PathBuf,
-    got: Arc<Mutex<Vec<(Instant, String)>>>,
+    got: Arc<Mutex<Vec<(Instant, String, i32)>>>,
     _dir: tempfile::TempDir,
+}
+
+/// One datagram from a NOTIFY_SOCKET and its sender's pid (0 if the kernel
+/// gave no credentials).
+fn recv_with_sender(sock: &std::os::unix::net::UnixDatagram, buf: &mut [u8]) -> std::io::Result<(usize, i32)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, UnixCredentials, recvmsg};
+    use std::os::fd::AsRawFd;
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    // FDSTORE=1 messages carry fds as well: room for them, so the
+    // credentials are never cut off.
+    let mut space = nix::cmsg_space!(UnixCredentials, [std::os::fd::RawFd; 32]);
+    let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut pid = 0;
+    for c in msg.cmsgs()? {
+        match c {
+            ControlMessageOwned::ScmCredentials(cred) => pid = cred.pid(),
+            ControlMessageOwned::ScmRights(fds) => fds.into_iter().for_each(|fd| {
+                let _ = nix::unistd::close(fd);
+            }),
+            _ => {}
+        }
+    }
+    Ok((msg.bytes, pid))
 }
 
 impl Notifications {
@@ -1034,6 +1058,7 @@ impl Notifications {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify.sock");
         let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::PassCred, &true).unwrap();
         // echod drops root to `nobody` after binding; it must still reach us.
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
@@ -1041,15 +1066,20 @@ impl Notifications {
         let sink = got.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
-            while let Ok(n) = sock.recv(&mut buf) {
-                sink.lock().unwrap().push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned()));
+            while let Ok((n, pid)) = recv_with_sender(&sock, &mut buf) {
+                sink.lock().unwrap().push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned(), pid));
             }
         });
         Notifications { path, got, _dir: dir }
     }
 
+    /// Every message with the pid that sent it.
+    pub fn with_senders(&self) -> Vec<(i32, String)> {
+        self.got.lock().unwrap().iter().map(|(_, m, pid)| (*pid, m.clone())).collect()
+    }
+
     pub fn all(&self) -> Vec<(Instant, String)> {
-        self.got.lock().unwrap().clone()
+        self.got.lock().unwrap().iter().map(|(t, m, _)| (*t, m.clone())).collect()
     }
 
     /// Waits for a message containing `pat` after index `skip`; returns its index.
