@@ -28,14 +28,15 @@ use echod::worker::queue::{Pop, PushError, Queue};
 /// Runs `f` under loom and says how many interleavings it explored (the
 /// figure the README quotes; `--nocapture` shows it).
 fn model(name: &str, f: impl Fn() + Sync + Send + 'static) {
-    static RUNS: AtomicUsize = AtomicUsize::new(0);
-    let before = RUNS.load(Ordering::Relaxed);
-    let f = std::sync::Arc::new(f);
+    // One counter per model: a static would be shared by the models that
+    // the test harness runs in parallel, and each would print their sum.
+    let runs = std::sync::Arc::new(AtomicUsize::new(0));
+    let (f, counted) = (std::sync::Arc::new(f), runs.clone());
     loom::model(move || {
-        RUNS.fetch_add(1, Ordering::Relaxed);
+        counted.fetch_add(1, Ordering::Relaxed);
         f()
     });
-    eprintln!("loom model {name}: {} interleavings explored", RUNS.load(Ordering::Relaxed) - before);
+    eprintln!("loom model {name}: {} interleavings explored", runs.load(Ordering::Relaxed));
 }
 
 fn item(p: Pop<u32>) -> Option<u32> {
