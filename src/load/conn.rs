@@ -16,6 +16,14 @@
 //! never sent, is one mismatch and the connection is reset (after a
 //! duplicated or extra echo nothing later on that connection lines up).
 //!
+//! At the end of the window (open loop) a connection closes its sending:
+//! what is not on the wire then is never written after it. Issued but
+//! unwritten messages of an open connection go back to the schedule and
+//! count as unsent with those never issued (the client did not send them
+//! in time); a message partly written is finished (the server has part of
+//! it); those held for a connection that is down at the end stay requests
+//! and end unanswered (the server was not there to take them).
+//!
 //! A measured message ends in exactly one bucket: `responses` (with its
 //! latency), `timeouts` (each one, its latency at least `--timeout`),
 //! `lost` (on the wire when its connection failed, or echoed wrong) or, when
@@ -174,6 +182,9 @@ pub struct Conn {
     /// here on is measured and none before it is.
     measured_from: Option<u64>,
     clock: Clock,
+    /// Set at the end of the window: nothing from this message on is
+    /// written (the run may still read echoes of what went before).
+    send_limit: Option<u64>,
 }
 
 impl Conn {
@@ -196,6 +207,7 @@ impl Conn {
                 Some((t0, period)) => Clock::Schedule { t0, period },
                 None => Clock::Sent(VecDeque::new()),
             },
+            send_limit: None,
         }
     }
 
@@ -242,7 +254,7 @@ impl Conn {
         if let State::Waiting { at } = self.state {
             // After the end a connection comes back only for messages
             // already issued (open loop): nothing new starts.
-            if ctx.now >= at && (issuing || self.issued > self.written) {
+            if ctx.now >= at && (issuing || (self.issued > self.written && self.send_limit.is_none())) {
                 self.connect(ctx);
             }
         }
@@ -280,7 +292,7 @@ impl Conn {
 
     /// Issues the next message, timed at `t`, if the run still wants it.
     fn issue(&mut self, t: Instant, ctx: &mut Ctx) -> bool {
-        if ctx.window.end.is_some_and(|e| t >= e) {
+        if self.send_limit.is_some() || ctx.window.end.is_some_and(|e| t >= e) {
             return false;
         }
         let measured = t >= ctx.window.start;
@@ -379,13 +391,14 @@ impl Conn {
             return Ok(());
         }
         let size = ctx.pool.size;
-        while self.written < self.issued {
+        let limit = self.send_limit.map_or(self.issued, |l| l.min(self.issued));
+        while self.written < limit {
             let Some(stream) = &mut self.stream else { return Ok(()) };
             let result = {
                 let mut slices = [IoSlice::new(&[]); WRITE_BATCH];
                 let mut k = 0;
                 let mut seq = self.written;
-                while k < WRITE_BATCH && seq < self.issued {
+                while k < WRITE_BATCH && seq < limit {
                     let m = ctx.pool.message(self.id, seq);
                     slices[k] = IoSlice::new(if k == 0 { &m[self.partial..] } else { m });
                     k += 1;
@@ -558,6 +571,28 @@ impl Conn {
         self.disconnect(ctx, ctx.now);
     }
 
+    /// The end of the window (open loop): from now on nothing new is
+    /// written. A message partly written is finished; the rest of what an
+    /// open connection issued but did not write goes back to the schedule,
+    /// so [`finish`](Self::finish) counts it as unsent; what a connection
+    /// that is down holds stays issued and ends unanswered.
+    pub fn close_sending(&mut self, ctx: &mut Ctx) {
+        if !self.open_loop() || self.send_limit.is_some() {
+            return;
+        }
+        let limit = self.on_wire_end();
+        self.send_limit = Some(limit);
+        if !matches!(self.state, State::Open { .. }) {
+            return;
+        }
+        let first = self.measured_from.map_or(self.issued, |m| m.max(limit));
+        ctx.tallies[self.addr].counts.requests -= self.issued.saturating_sub(first);
+        self.issued = limit.min(self.issued);
+        if self.measured_from.is_some_and(|m| m >= self.issued) {
+            self.measured_from = None; // none of its measured messages went out
+        }
+    }
+
     /// The run is over: what is still without an outcome is unanswered
     /// (with its age), and in open loop what was due but never issued is
     /// counted as unsent.
@@ -571,7 +606,7 @@ impl Conn {
             }
         }
         self.head = self.issued;
-        if let (Clock::Schedule { .. }, Some(end), None) = (&self.clock, ctx.window.end, ctx.opts.count) {
+        if let (Clock::Schedule { .. }, Some(end)) = (&self.clock, ctx.window.end) {
             let scheduled = self.first_due_from(end).saturating_sub(self.first_due_from(ctx.window.start));
             let requests = self.measured_from.map_or(0, |m| self.issued - m);
             ctx.tallies[self.addr].counts.unsent += scheduled.saturating_sub(requests);
