@@ -676,4 +676,235 @@ mod tests {
         let slow = Conn::new(0, 0, 0, t0, Some((t0, 1e12)));
         assert_eq!(slow.first_due_from(t0 + Duration::from_secs(5)), 1);
     }
+
+    /// What a connection needs to be driven outside a run: options for one
+    /// address, 8-byte messages, a 1 s timeout.
+    struct Env {
+        opts: Options,
+        pool: Pool,
+        poll: mio::Poll,
+        shared: Shared,
+        tallies: Vec<Tally>,
+    }
+
+    impl Env {
+        fn new(rate: Option<f64>) -> Env {
+            let opts = Options {
+                addrs: vec!["127.0.0.1:9".parse().unwrap()],
+                connections: 1,
+                duration: Some(Duration::from_secs(1)),
+                count: None,
+                size: 8,
+                pipeline: 1,
+                rate,
+                churn: false,
+                lines: false,
+                proxy: None,
+                threads: 1,
+                warmup: Duration::ZERO,
+                ramp_up: Duration::ZERO,
+                timeout: Duration::from_secs(1),
+            };
+            let pool = Pool::new(8, 1, false);
+            Env { opts, pool, poll: mio::Poll::new().unwrap(), shared: Shared::default(), tallies: vec![Tally::new()] }
+        }
+
+        fn ctx(&mut self, window: Window, now: Instant) -> Ctx<'_> {
+            let registry = self.poll.registry();
+            Ctx {
+                opts: &self.opts,
+                pool: &self.pool,
+                registry,
+                shared: &self.shared,
+                window,
+                now,
+                tallies: &mut self.tallies,
+            }
+        }
+
+        fn counts(&self) -> Counts {
+            self.tallies[0].counts
+        }
+    }
+
+    /// An open-loop connection due every millisecond from `t0`, open, with
+    /// messages `[head, written)` written whole, `partial` bytes of the
+    /// next, and `issued` issued, all measured.
+    fn open_loop(t0: Instant, head: u64, written: u64, partial: usize, issued: u64) -> Conn {
+        let mut c = Conn::new(0, 0, 7, t0, Some((t0, 0.001)));
+        c.state = State::Open { since: t0 };
+        (c.head, c.written, c.partial, c.issued, c.measured_from) = (head, written, partial, issued, Some(0));
+        c
+    }
+
+    /// Each way a connection fails lands in its own counter; the messages on
+    /// the wire (open loop: not the unwritten ones) are lost, each once.
+    #[test]
+    fn each_fault_is_counted_in_its_own_bucket_and_loses_what_was_on_the_wire() {
+        let t0 = Instant::now();
+        let window = Window { start: t0, end: None };
+        type Field = fn(&Counts) -> u64;
+        let cases: [(Fault, Field); 7] = [
+            (Fault::Io(ErrorKind::ConnectionReset), |c| c.resets),
+            (Fault::Io(ErrorKind::BrokenPipe), |c| c.resets),
+            (Fault::Io(ErrorKind::UnexpectedEof), |c| c.resets),
+            (Fault::Io(ErrorKind::ConnectionAborted), |c| c.resets),
+            (Fault::Io(ErrorKind::TimedOut), |c| c.other_errors),
+            (Fault::Wrong, |c| c.mismatches),
+            (Fault::Extra, |c| c.mismatches),
+        ];
+        for (fault, field) in cases {
+            let mut env = Env::new(Some(1000.0));
+            let mut c = open_loop(t0, 2, 4, 3, 10);
+            c.fail(fault, &mut env.ctx(window, t0 + Duration::from_millis(20)));
+            let k = env.counts();
+            assert_eq!(field(&k), 1, "{k:?}");
+            assert_eq!(k.resets + k.other_errors + k.mismatches, 1, "one bucket only: {k:?}");
+            // Messages 2, 3 (whole) and 4 (partly written) were on the wire.
+            assert_eq!(k.lost, 3, "{k:?}");
+            assert_eq!((c.head, c.written, c.partial, c.issued), (5, 5, 0, 10), "the unwritten wait for a reconnect");
+            assert!(matches!(c.state, State::Waiting { .. }));
+        }
+    }
+
+    /// Closed loop loses everything it issued; messages before the first
+    /// measured one are not counted; a churn connection's close after its
+    /// echo is its clean end.
+    #[test]
+    fn closed_loop_loses_all_it_issued_and_unmeasured_messages_count_nothing() {
+        let t0 = Instant::now();
+        let window = Window { start: t0, end: None };
+        let mut env = Env::new(None);
+        let mut c = Conn::new(0, 0, 7, t0, None);
+        c.state = State::Open { since: t0 };
+        c.clock = Clock::Sent([t0; 5].into_iter().collect());
+        (c.head, c.written, c.issued, c.measured_from) = (0, 1, 5, Some(2));
+        c.fail(Fault::Io(ErrorKind::ConnectionReset), &mut env.ctx(window, t0));
+        assert_eq!((env.counts().lost, env.counts().resets), (3, 1), "messages 2..5 of 0..5: {:?}", env.counts());
+        assert_eq!(c.head, 5);
+
+        let mut env = Env::new(None);
+        let mut c = Conn::new(0, 0, 7, t0, None);
+        c.state = State::Closing { since: t0 };
+        c.fail(Fault::Io(ErrorKind::UnexpectedEof), &mut env.ctx(window, t0));
+        assert_eq!(env.counts(), Counts::default(), "a churn close is not an error");
+        assert!(matches!(c.state, State::Waiting { .. }));
+    }
+
+    /// A timeout gives up every message on the wire, each counted, each
+    /// with a latency of at least the timeout; before the timeout nothing.
+    #[test]
+    fn a_timeout_counts_each_message_on_the_wire_at_least_the_timeout() {
+        let t0 = Instant::now();
+        let window = Window { start: t0, end: None };
+        let mut env = Env::new(Some(1000.0));
+        let mut c = open_loop(t0, 0, 3, 0, 6);
+        c.check_timeout(&mut env.ctx(window, t0 + Duration::from_millis(999)));
+        assert_eq!(env.counts().timeouts, 0, "not yet");
+        c.check_timeout(&mut env.ctx(window, t0 + Duration::from_millis(1500)));
+        let t = &env.tallies[0];
+        assert_eq!(t.counts.timeouts, 3, "{:?}", t.counts);
+        assert_eq!(t.latency.len(), 3);
+        assert!(t.latency.min() >= 1_000_000, "{}", t.latency.min());
+        assert_eq!((c.head, c.issued), (3, 6), "the unwritten are kept");
+    }
+
+    /// #27.13: at the end an open connection finishes the message it is
+    /// writing and gives the rest back (they become unsent); a connection
+    /// that is down keeps what it holds (unanswered). Nothing is issued or
+    /// written after that.
+    #[test]
+    fn closing_the_sending_gives_back_the_unwritten_of_an_open_connection_only() {
+        let t0 = Instant::now();
+        let end = t0 + Duration::from_millis(10);
+        let window = Window { start: t0, end: Some(end) };
+        let mut env = Env::new(Some(1000.0));
+        env.tallies[0].counts.requests = 10;
+        let mut c = open_loop(t0, 2, 4, 3, 10);
+        c.close_sending(&mut env.ctx(window, end));
+        assert_eq!((c.issued, c.send_limit), (5, Some(5)), "messages 0-4 are on the wire");
+        assert_eq!(env.counts().requests, 5);
+        assert!(!c.issue(t0, &mut env.ctx(window, end)), "nothing is issued after the end");
+        c.finish(&mut env.ctx(window, end));
+        // Ten were due in the window: the five given back are unsent; the
+        // three on the wire without an echo are unanswered.
+        assert_eq!((env.counts().unsent, env.counts().unanswered), (5, 3), "{:?}", env.counts());
+
+        let mut env = Env::new(Some(1000.0));
+        env.tallies[0].counts.requests = 10;
+        let mut c = open_loop(t0, 4, 4, 0, 10);
+        c.state = State::Waiting { at: t0 };
+        c.close_sending(&mut env.ctx(window, end));
+        assert_eq!((c.issued, c.send_limit, env.counts().requests), (10, Some(4), 10));
+        c.tick(&mut env.ctx(window, end + Duration::from_millis(1)));
+        assert!(matches!(c.state, State::Waiting { .. }), "no reconnect after the end to send them");
+        c.finish(&mut env.ctx(window, end));
+        assert_eq!((env.counts().unsent, env.counts().unanswered), (0, 6), "{:?}", env.counts());
+    }
+
+    /// Closed loop has no schedule: closing the sending changes nothing.
+    #[test]
+    fn closing_the_sending_leaves_closed_loop_alone() {
+        let t0 = Instant::now();
+        let window = Window { start: t0, end: Some(t0) };
+        let mut env = Env::new(None);
+        let mut c = Conn::new(0, 0, 7, t0, None);
+        c.state = State::Open { since: t0 };
+        (c.written, c.issued, c.measured_from) = (0, 2, Some(0));
+        c.close_sending(&mut env.ctx(window, t0));
+        assert_eq!((c.issued, c.send_limit), (2, None));
+    }
+
+    /// A connected pair: the client side as echo-load's connection, the
+    /// server side to write "echoes" with.
+    fn connected(c: &mut Conn, env: &Env) -> std::net::TcpStream {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        client.set_nonblocking(true).unwrap();
+        let mut s = TcpStream::from_std(client);
+        env.poll.registry().register(&mut s, c.token, Interest::READABLE).unwrap();
+        c.stream = Some(s);
+        l.accept().unwrap().0
+    }
+
+    /// Reads until `want` responses or a fault (bounded).
+    fn read_until(c: &mut Conn, env: &mut Env, window: Window, want: u64) -> Result<(), Fault> {
+        let mut buf = [0u8; 256];
+        for _ in 0..1000 {
+            c.read(&mut buf, &mut env.ctx(window, Instant::now()))?;
+            if env.counts().responses >= want {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    /// An echo is compared byte by byte: intact it is a response, a wrong
+    /// byte is `Wrong`, a byte beyond what was sent is `Extra`.
+    #[test]
+    fn echoes_are_classified_byte_by_byte() {
+        let t0 = Instant::now();
+        let window = Window { start: t0, end: None };
+        for (what, mangle) in [("intact", 0usize), ("wrong", 1), ("extra", 2)] {
+            let mut env = Env::new(Some(1000.0));
+            let mut c = open_loop(t0, 0, 2, 0, 2);
+            let mut peer = connected(&mut c, &env);
+            let mut echo = [env.pool.message(7, 0), env.pool.message(7, 1)].concat();
+            match mangle {
+                1 => echo[11] ^= 1,
+                2 => echo.push(b'+'),
+                _ => {}
+            }
+            peer.write_all(&echo).unwrap();
+            let r = read_until(&mut c, &mut env, window, if mangle == 2 { 3 } else { 2 });
+            let k = env.counts();
+            match (mangle, r) {
+                (0, Ok(())) => assert_eq!((k.responses, c.head), (2, 2), "{what}"),
+                (1, Err(Fault::Wrong)) => assert_eq!((k.responses, c.head), (1, 1), "{what}: the first was intact"),
+                (2, Err(Fault::Extra)) => assert_eq!(k.responses, 2, "{what}"),
+                (_, r) => panic!("{what}: {:?}", r.err().map(|f| matches!(f, Fault::Wrong))),
+            }
+        }
+    }
 }

@@ -457,3 +457,156 @@ fn totals(per_addr: &[Tally]) -> Counts {
     per_addr.iter().for_each(|t| c.add(&t.counts));
     c
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(counts: Counts, rate: Option<f64>) -> Outcome {
+        Outcome {
+            total: Tally { counts, ..Tally::new() },
+            per_addr: vec![],
+            elapsed: Duration::from_secs(1),
+            interrupted: false,
+            interrupted_unmeasured: false,
+            stalled: false,
+            rate,
+        }
+    }
+
+    /// The exit status: nothing measured, then mismatch, then client
+    /// behind, then errors (each kind alone is enough), else clean.
+    #[test]
+    fn the_exit_status_follows_its_documented_order() {
+        let ok = Counts { requests: 100, responses: 100, ..Counts::default() };
+        assert_eq!(outcome(ok, None).exit_code(), exit::CLEAN);
+        assert_eq!(outcome(ok, Some(100.0)).exit_code(), exit::CLEAN);
+        for bad in [
+            Counts { timeouts: 1, ..ok },
+            Counts { resets: 1, ..ok },
+            Counts { connect_errors: 1, ..ok },
+            Counts { unanswered: 1, ..ok },
+            Counts { other_errors: 1, ..ok },
+            Counts { lost: 1, ..ok },
+            Counts { responses: 0, ..ok },
+        ] {
+            assert_eq!(outcome(bad, None).exit_code(), exit::ERRORS, "{bad:?}");
+        }
+        let stalled = Outcome { stalled: true, ..outcome(ok, None) };
+        assert_eq!(stalled.exit_code(), exit::ERRORS);
+        // Over 1% of what was due unsent: behind, before errors.
+        let behind = Counts { unsent: 2, resets: 1, ..ok };
+        assert_eq!(outcome(behind, Some(100.0)).exit_code(), exit::CLIENT_BEHIND);
+        assert_eq!(outcome(behind, None).exit_code(), exit::ERRORS, "closed loop is never behind");
+        let mismatch = Counts { mismatches: 1, ..behind };
+        assert_eq!(outcome(mismatch, Some(100.0)).exit_code(), exit::MISMATCH);
+        let unmeasured = Outcome { interrupted: true, interrupted_unmeasured: true, ..outcome(mismatch, Some(1.0)) };
+        assert_eq!(unmeasured.exit_code(), exit::INTERRUPTED);
+    }
+
+    /// "Behind" is more than 1% of the scheduled messages unsent: exactly
+    /// 1% is not.
+    #[test]
+    fn a_client_is_behind_past_one_percent_unsent() {
+        let at = |unsent| {
+            outcome(
+                Counts { requests: 1000 - unsent, responses: 1000 - unsent, unsent, ..Counts::default() },
+                Some(1.0),
+            )
+        };
+        assert_eq!(at(10).scheduled(), 1000);
+        assert!(!at(10).client_behind());
+        assert!(at(11).client_behind());
+    }
+
+    /// A `--count` run never counts more due than `count`: the excess goes,
+    /// from the last address back, and no further.
+    #[test]
+    fn a_count_run_caps_what_was_due_at_its_count() {
+        let tally =
+            |requests, unsent| Tally { counts: Counts { requests, unsent, ..Counts::default() }, ..Tally::new() };
+        let mut t = vec![tally(40, 5), tally(50, 8)];
+        cap_unsent(&mut t, 100);
+        assert_eq!((t[0].counts.unsent, t[1].counts.unsent), (5, 5));
+        let mut t = vec![tally(40, 5), tally(50, 1)];
+        cap_unsent(&mut t, 93);
+        assert_eq!((t[0].counts.unsent, t[1].counts.unsent), (3, 0), "spills over to the next address");
+        let mut t = vec![tally(40, 5)];
+        cap_unsent(&mut t, 50);
+        assert_eq!(t[0].counts.unsent, 5, "nothing in excess");
+    }
+
+    fn options(duration: Option<Duration>, count: Option<u64>, rate: Option<f64>) -> Options {
+        Options {
+            addrs: vec!["127.0.0.1:9".parse().unwrap()],
+            connections: 1,
+            duration,
+            count,
+            size: 8,
+            pipeline: 1,
+            rate,
+            churn: false,
+            lines: false,
+            proxy: None,
+            threads: 1,
+            warmup: Duration::from_millis(300),
+            ramp_up: Duration::from_millis(200),
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// #27.14: the window opens after the ramp-up and the warm-up; a timed
+    /// run lasts its duration, a `--count` run at a rate until its count
+    /// was due (and half a gap), a closed-loop `--count` run has no end.
+    #[test]
+    fn the_window_opens_after_the_ramp_up_and_the_warm_up() {
+        let t = Instant::now();
+        let w = window(&options(Some(Duration::from_secs(2)), None, None), t);
+        assert_eq!((w.start, w.end), (t + Duration::from_millis(500), Some(t + Duration::from_millis(2500))));
+        let w = window(&options(None, Some(100), Some(1000.0)), t);
+        assert_eq!(w.end, Some(t + Duration::from_millis(500) + Duration::from_micros(100_500)));
+        assert_eq!(window(&options(None, Some(100), None), t).end, None);
+    }
+
+    /// #27.15: a timed run measures its window (cut by a stop); a `--count`
+    /// run from its first measured message (open loop: the window) to its
+    /// last activity, never the driver's notice.
+    #[test]
+    fn measured_time_is_the_window_or_the_activity() {
+        let t = Instant::now();
+        let ms = |n| t + Duration::from_millis(n);
+        let w = Window { start: ms(0), end: Some(ms(1000)) };
+        let span = Span { first: Some(ms(3)), last: Some(ms(20)) };
+        let timed = options(Some(Duration::from_secs(1)), None, None);
+        assert_eq!(measured(&timed, w, &span, None), (ms(0), ms(1000)));
+        assert_eq!(measured(&timed, w, &span, Some(ms(400))), (ms(0), ms(400)));
+        let count = options(None, Some(10), None);
+        let w = Window { start: ms(0), end: None };
+        assert_eq!(measured(&count, w, &span, None), (ms(3), ms(20)));
+        assert_eq!(measured(&count, w, &span, Some(ms(10))), (ms(3), ms(10)));
+        assert_eq!(measured(&count, w, &span, Some(ms(1))), (ms(3), ms(3)), "never negative");
+        let paced = options(None, Some(10), Some(100.0));
+        assert_eq!(measured(&paced, w, &span, None), (ms(0), ms(20)));
+    }
+
+    /// A pass that issued the first measured message starts the span; any
+    /// pass that issued or settled one moves its end; others do not.
+    #[test]
+    fn the_span_follows_issues_and_outcomes() {
+        let t = Instant::now();
+        let ms = |n| t + Duration::from_millis(n);
+        let mut s = Span::default();
+        let zero = Counts::default();
+        s.note(ms(1), &zero, &Counts { bytes_sent: 5, ..zero });
+        assert_eq!((s.first, s.last), (None, None));
+        let issued = Counts { requests: 1, ..zero };
+        s.note(ms(2), &zero, &issued);
+        let answered = Counts { responses: 1, ..issued };
+        s.note(ms(3), &issued, &answered);
+        s.note(ms(4), &answered, &answered);
+        assert_eq!((s.first, s.last), (Some(ms(2)), Some(ms(3))));
+        let mut other = Span { first: Some(ms(1)), last: Some(ms(9)) };
+        other.merge(&s);
+        assert_eq!((other.first, other.last), (Some(ms(1)), Some(ms(9))));
+    }
+}
