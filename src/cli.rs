@@ -46,9 +46,11 @@ Exit status:
   1  mismatch: an echo differed from what was sent, or bytes nobody sent arrived
   2  bad usage: a flag out of range or an address that does not resolve
   3  errors: timeouts, resets, failed connects, lost or unanswered messages, or no response
-  4  client behind: with --rate, over 1% of the due messages were never sent
+  4  client behind: with --rate, over 1% of the due messages were not sent by the end
+  130  interrupted (Ctrl-C, TERM) during the ramp-up or warm-up: nothing was measured
 When several apply, the lowest of 1, 4 and 3 in that order wins: a wrong byte first, then a run
-whose client could not keep its schedule (its errors describe the client), then errors.";
+whose client could not keep its schedule (its errors describe the client), then errors. Ctrl-C
+during the measurement prints the partial result, and the exit status is that result's.";
 
 /// TCP echo server daemon (RFC 862): a master process dispatching
 /// connections to a prefork pool of threaded workers.
@@ -94,9 +96,10 @@ pub struct EchoLoadCli {
     /// Messages in flight per connection (closed loop only)
     #[arg(short, long, default_value_t = 1, value_name = "K", conflicts_with_all = ["rate", "churn"])]
     pub pipeline: usize,
-    /// Open loop: total messages per second on a fixed schedule; latency is
-    /// measured from the scheduled send time, and a schedule the client
-    /// cannot keep is reported (exit 4)
+    /// Open loop: total messages per second on a fixed schedule, starting
+    /// when the ramp-up ends; latency is measured from the scheduled send
+    /// time; a message not sent by the end is unsent, and a schedule the
+    /// client cannot keep is reported (exit 4)
     #[arg(short, long, value_name = "MSGS_PER_SEC")]
     pub rate: Option<f64>,
     /// Each connection: connect, one round trip, close, again
@@ -117,7 +120,8 @@ pub struct EchoLoadCli {
     /// Seconds of load before measuring starts
     #[arg(short, long, default_value_t = 0.0, value_name = "SECS")]
     pub warmup: f64,
-    /// Seconds over which connections are opened [default: 1 s per 5000]
+    /// Seconds over which connections are opened, before the warm-up and
+    /// the measurement (not part of --duration) [default: 1 s per 5000]
     #[arg(long, value_name = "SECS")]
     pub ramp_up: Option<f64>,
     /// A message not echoed within this many seconds is a timeout (each

@@ -225,3 +225,76 @@ fn a_fleet_of_addresses_shares_the_connections_and_is_reported_per_address() {
     let text = String::from_utf8_lossy(&human.stdout);
     assert!(text.contains(&aa) && text.contains(&ba) && text.contains("1 conns"), "{text}");
 }
+
+both_modes! {
+    /// #27.14: the ramp-up does not stretch the schedule. 200 connections
+    /// opened over 1 s, 1,000 msg/s for 1 s: 1,000 messages are due in the
+    /// measured window. Before, each connection's schedule started at its
+    /// own ramp-up slot and the window opened at the start, so only the
+    /// connections opened early enough had anything due: 166 of 1,000
+    /// ("offered 1,000/s sent 166/s", exit 0).
+    fn the_ramp_up_does_not_stretch_the_schedule() {
+        let e = start("workers = 1\n");
+        let out = run_load(&[
+            "--addr", &e.addr.to_string(), "-c", "200", "--ramp-up", "1", "--rate", "1000", "-d", "1", "--json",
+        ]);
+        let j = output_json(&out);
+        let scheduled = j["scheduled"].as_u64().unwrap();
+        assert!((998..=1002).contains(&scheduled), "rate x duration are due in the window: {j}");
+        assert_eq!(j["requests"].as_u64().unwrap() + j["unsent"].as_u64().unwrap(), scheduled, "{j}");
+        assert!(j["sent_rps"].as_f64().unwrap() >= 990.0, "the whole rate was offered: {j}");
+        assert_eq!(j["client_behind"], false, "{j}");
+        assert_eq!(j["errors"].as_u64(), Some(0), "{j}");
+        assert_eq!(out.status.code(), Some(0), "{j}");
+    }
+
+    /// #27.16: Ctrl-C during the warm-up is the user's doing: exit 130 and
+    /// a summary that says nothing was measured. Before: "measured 0.00 s
+    /// ... interrupted", then exit 3, "nothing came back", blaming the
+    /// server.
+    fn ctrl_c_during_the_warm_up_exits_130_and_blames_no_one() {
+        let e = start("workers = 1\n");
+        for json in [true, false] {
+            let mut args = vec!["--addr".to_string(), e.addr.to_string(), "-c".into(), "2".into()];
+            args.extend(["-w", "60", "-d", "1"].map(String::from));
+            if json {
+                args.push("--json".into());
+            }
+            let child = Command::new(ECHO_LOAD)
+                .args(&args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            // The warm-up's echoes are flowing (echod's live byte counters).
+            let before = e.stats_until(Duration::from_secs(10), |s| s["active"] == 2)["bytes_out"];
+            e.stats_until(Duration::from_secs(10), |s| s["bytes_out"] > before);
+            kill(child.id() as i32, libc_sig::INT);
+            let out = child.wait_with_output().unwrap();
+            assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stdout));
+            if json {
+                let j = output_json(&out);
+                assert_eq!((&j["interrupted"], &j["interrupted_unmeasured"], &j["exit_code"]), (&true.into(), &true.into(), &130.into()), "{j}");
+            } else {
+                let text = String::from_utf8_lossy(&out.stdout);
+                assert!(text.contains("nothing was measured") && text.contains("(exit 130)"), "{text}");
+                assert!(!text.contains("ERRORS"), "the server is not blamed: {text}");
+            }
+        }
+    }
+
+    /// Ctrl-C during the measurement prints the partial result, whose
+    /// verdict is the exit status (as ping and wrk do): clean here.
+    fn ctrl_c_during_the_measurement_exits_with_the_partial_verdict() {
+        let e = start("workers = 1\n");
+        let child = spawn_load(e.addr, &["-c", "2", "-d", "60", "--ramp-up", "0"]);
+        e.stats_until(Duration::from_secs(10), |s| s["bytes_out"] > 0);
+        kill(child.id() as i32, libc_sig::INT);
+        let out = child.wait_with_output().unwrap();
+        let j = output_json(&out);
+        assert_eq!((&j["interrupted"], &j["interrupted_unmeasured"]), (&true.into(), &false.into()), "{j}");
+        assert_eq!(out.status.code(), Some(0), "{j}");
+        assert_eq!(j["exit_code"], 0, "{j}");
+    }
+}

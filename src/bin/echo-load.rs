@@ -3,7 +3,9 @@
 //!
 //! Exit status (`echod::load::exit`): 0 clean; 1 an echo differed; 2 bad
 //! usage; 3 errors (timeouts, resets, lost or unanswered messages, nothing
-//! came back); 4 the client could not send at the offered `--rate`.
+//! came back); 4 the client could not send at the offered `--rate`; 130
+//! interrupted before anything was measured (during the ramp-up or
+//! warm-up). Interrupted during the measurement: the partial result's.
 
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};

@@ -16,6 +16,14 @@
 //! never sent, is one mismatch and the connection is reset (after a
 //! duplicated or extra echo nothing later on that connection lines up).
 //!
+//! At the end of the window (open loop) a connection closes its sending:
+//! what is not on the wire then is never written after it. Issued but
+//! unwritten messages of an open connection go back to the schedule and
+//! count as unsent with those never issued (the client did not send them
+//! in time); a message partly written is finished (the server has part of
+//! it); those held for a connection that is down at the end stay requests
+//! and end unanswered (the server was not there to take them).
+//!
 //! A measured message ends in exactly one bucket: `responses` (with its
 //! latency), `timeouts` (each one, its latency at least `--timeout`),
 //! `lost` (on the wire when its connection failed, or echoed wrong) or, when
@@ -174,6 +182,9 @@ pub struct Conn {
     /// here on is measured and none before it is.
     measured_from: Option<u64>,
     clock: Clock,
+    /// Set at the end of the window: nothing from this message on is
+    /// written (the run may still read echoes of what went before).
+    send_limit: Option<u64>,
 }
 
 impl Conn {
@@ -196,6 +207,7 @@ impl Conn {
                 Some((t0, period)) => Clock::Schedule { t0, period },
                 None => Clock::Sent(VecDeque::new()),
             },
+            send_limit: None,
         }
     }
 
@@ -242,7 +254,7 @@ impl Conn {
         if let State::Waiting { at } = self.state {
             // After the end a connection comes back only for messages
             // already issued (open loop): nothing new starts.
-            if ctx.now >= at && (issuing || self.issued > self.written) {
+            if ctx.now >= at && (issuing || (self.issued > self.written && self.send_limit.is_none())) {
                 self.connect(ctx);
             }
         }
@@ -280,7 +292,7 @@ impl Conn {
 
     /// Issues the next message, timed at `t`, if the run still wants it.
     fn issue(&mut self, t: Instant, ctx: &mut Ctx) -> bool {
-        if ctx.window.end.is_some_and(|e| t >= e) {
+        if self.send_limit.is_some() || ctx.window.end.is_some_and(|e| t >= e) {
             return false;
         }
         let measured = t >= ctx.window.start;
@@ -379,13 +391,14 @@ impl Conn {
             return Ok(());
         }
         let size = ctx.pool.size;
-        while self.written < self.issued {
+        let limit = self.send_limit.map_or(self.issued, |l| l.min(self.issued));
+        while self.written < limit {
             let Some(stream) = &mut self.stream else { return Ok(()) };
             let result = {
                 let mut slices = [IoSlice::new(&[]); WRITE_BATCH];
                 let mut k = 0;
                 let mut seq = self.written;
-                while k < WRITE_BATCH && seq < self.issued {
+                while k < WRITE_BATCH && seq < limit {
                     let m = ctx.pool.message(self.id, seq);
                     slices[k] = IoSlice::new(if k == 0 { &m[self.partial..] } else { m });
                     k += 1;
@@ -558,6 +571,28 @@ impl Conn {
         self.disconnect(ctx, ctx.now);
     }
 
+    /// The end of the window (open loop): from now on nothing new is
+    /// written. A message partly written is finished; the rest of what an
+    /// open connection issued but did not write goes back to the schedule,
+    /// so [`finish`](Self::finish) counts it as unsent; what a connection
+    /// that is down holds stays issued and ends unanswered.
+    pub fn close_sending(&mut self, ctx: &mut Ctx) {
+        if !self.open_loop() || self.send_limit.is_some() {
+            return;
+        }
+        let limit = self.on_wire_end();
+        self.send_limit = Some(limit);
+        if !matches!(self.state, State::Open { .. }) {
+            return;
+        }
+        let first = self.measured_from.map_or(self.issued, |m| m.max(limit));
+        ctx.tallies[self.addr].counts.requests -= self.issued.saturating_sub(first);
+        self.issued = limit.min(self.issued);
+        if self.measured_from.is_some_and(|m| m >= self.issued) {
+            self.measured_from = None; // none of its measured messages went out
+        }
+    }
+
     /// The run is over: what is still without an outcome is unanswered
     /// (with its age), and in open loop what was due but never issued is
     /// counted as unsent.
@@ -571,7 +606,7 @@ impl Conn {
             }
         }
         self.head = self.issued;
-        if let (Clock::Schedule { .. }, Some(end), None) = (&self.clock, ctx.window.end, ctx.opts.count) {
+        if let (Clock::Schedule { .. }, Some(end)) = (&self.clock, ctx.window.end) {
             let scheduled = self.first_due_from(end).saturating_sub(self.first_due_from(ctx.window.start));
             let requests = self.measured_from.map_or(0, |m| self.issued - m);
             ctx.tallies[self.addr].counts.unsent += scheduled.saturating_sub(requests);
@@ -640,5 +675,236 @@ mod tests {
         // A rate far below one message per run never panics.
         let slow = Conn::new(0, 0, 0, t0, Some((t0, 1e12)));
         assert_eq!(slow.first_due_from(t0 + Duration::from_secs(5)), 1);
+    }
+
+    /// What a connection needs to be driven outside a run: options for one
+    /// address, 8-byte messages, a 1 s timeout.
+    struct Env {
+        opts: Options,
+        pool: Pool,
+        poll: mio::Poll,
+        shared: Shared,
+        tallies: Vec<Tally>,
+    }
+
+    impl Env {
+        fn new(rate: Option<f64>) -> Env {
+            let opts = Options {
+                addrs: vec!["127.0.0.1:9".parse().unwrap()],
+                connections: 1,
+                duration: Some(Duration::from_secs(1)),
+                count: None,
+                size: 8,
+                pipeline: 1,
+                rate,
+                churn: false,
+                lines: false,
+                proxy: None,
+                threads: 1,
+                warmup: Duration::ZERO,
+                ramp_up: Duration::ZERO,
+                timeout: Duration::from_secs(1),
+            };
+            let pool = Pool::new(8, 1, false);
+            Env { opts, pool, poll: mio::Poll::new().unwrap(), shared: Shared::default(), tallies: vec![Tally::new()] }
+        }
+
+        fn ctx(&mut self, window: Window, now: Instant) -> Ctx<'_> {
+            let registry = self.poll.registry();
+            Ctx {
+                opts: &self.opts,
+                pool: &self.pool,
+                registry,
+                shared: &self.shared,
+                window,
+                now,
+                tallies: &mut self.tallies,
+            }
+        }
+
+        fn counts(&self) -> Counts {
+            self.tallies[0].counts
+        }
+    }
+
+    /// An open-loop connection due every millisecond from `t0`, open, with
+    /// messages `[head, written)` written whole, `partial` bytes of the
+    /// next, and `issued` issued, all measured.
+    fn open_loop(t0: Instant, head: u64, written: u64, partial: usize, issued: u64) -> Conn {
+        let mut c = Conn::new(0, 0, 7, t0, Some((t0, 0.001)));
+        c.state = State::Open { since: t0 };
+        (c.head, c.written, c.partial, c.issued, c.measured_from) = (head, written, partial, issued, Some(0));
+        c
+    }
+
+    /// Each way a connection fails lands in its own counter; the messages on
+    /// the wire (open loop: not the unwritten ones) are lost, each once.
+    #[test]
+    fn each_fault_is_counted_in_its_own_bucket_and_loses_what_was_on_the_wire() {
+        let t0 = Instant::now();
+        let window = Window { start: t0, end: None };
+        type Field = fn(&Counts) -> u64;
+        let cases: [(Fault, Field); 7] = [
+            (Fault::Io(ErrorKind::ConnectionReset), |c| c.resets),
+            (Fault::Io(ErrorKind::BrokenPipe), |c| c.resets),
+            (Fault::Io(ErrorKind::UnexpectedEof), |c| c.resets),
+            (Fault::Io(ErrorKind::ConnectionAborted), |c| c.resets),
+            (Fault::Io(ErrorKind::TimedOut), |c| c.other_errors),
+            (Fault::Wrong, |c| c.mismatches),
+            (Fault::Extra, |c| c.mismatches),
+        ];
+        for (fault, field) in cases {
+            let mut env = Env::new(Some(1000.0));
+            let mut c = open_loop(t0, 2, 4, 3, 10);
+            c.fail(fault, &mut env.ctx(window, t0 + Duration::from_millis(20)));
+            let k = env.counts();
+            assert_eq!(field(&k), 1, "{k:?}");
+            assert_eq!(k.resets + k.other_errors + k.mismatches, 1, "one bucket only: {k:?}");
+            // Messages 2, 3 (whole) and 4 (partly written) were on the wire.
+            assert_eq!(k.lost, 3, "{k:?}");
+            assert_eq!((c.head, c.written, c.partial, c.issued), (5, 5, 0, 10), "the unwritten wait for a reconnect");
+            assert!(matches!(c.state, State::Waiting { .. }));
+        }
+    }
+
+    /// Closed loop loses everything it issued; messages before the first
+    /// measured one are not counted; a churn connection's close after its
+    /// echo is its clean end.
+    #[test]
+    fn closed_loop_loses_all_it_issued_and_unmeasured_messages_count_nothing() {
+        let t0 = Instant::now();
+        let window = Window { start: t0, end: None };
+        let mut env = Env::new(None);
+        let mut c = Conn::new(0, 0, 7, t0, None);
+        c.state = State::Open { since: t0 };
+        c.clock = Clock::Sent([t0; 5].into_iter().collect());
+        (c.head, c.written, c.issued, c.measured_from) = (0, 1, 5, Some(2));
+        c.fail(Fault::Io(ErrorKind::ConnectionReset), &mut env.ctx(window, t0));
+        assert_eq!((env.counts().lost, env.counts().resets), (3, 1), "messages 2..5 of 0..5: {:?}", env.counts());
+        assert_eq!(c.head, 5);
+
+        let mut env = Env::new(None);
+        let mut c = Conn::new(0, 0, 7, t0, None);
+        c.state = State::Closing { since: t0 };
+        c.fail(Fault::Io(ErrorKind::UnexpectedEof), &mut env.ctx(window, t0));
+        assert_eq!(env.counts(), Counts::default(), "a churn close is not an error");
+        assert!(matches!(c.state, State::Waiting { .. }));
+    }
+
+    /// A timeout gives up every message on the wire, each counted, each
+    /// with a latency of at least the timeout; before the timeout nothing.
+    #[test]
+    fn a_timeout_counts_each_message_on_the_wire_at_least_the_timeout() {
+        let t0 = Instant::now();
+        let window = Window { start: t0, end: None };
+        let mut env = Env::new(Some(1000.0));
+        let mut c = open_loop(t0, 0, 3, 0, 6);
+        c.check_timeout(&mut env.ctx(window, t0 + Duration::from_millis(999)));
+        assert_eq!(env.counts().timeouts, 0, "not yet");
+        c.check_timeout(&mut env.ctx(window, t0 + Duration::from_millis(1500)));
+        let t = &env.tallies[0];
+        assert_eq!(t.counts.timeouts, 3, "{:?}", t.counts);
+        assert_eq!(t.latency.len(), 3);
+        assert!(t.latency.min() >= 1_000_000, "{}", t.latency.min());
+        assert_eq!((c.head, c.issued), (3, 6), "the unwritten are kept");
+    }
+
+    /// #27.13: at the end an open connection finishes the message it is
+    /// writing and gives the rest back (they become unsent); a connection
+    /// that is down keeps what it holds (unanswered). Nothing is issued or
+    /// written after that.
+    #[test]
+    fn closing_the_sending_gives_back_the_unwritten_of_an_open_connection_only() {
+        let t0 = Instant::now();
+        let end = t0 + Duration::from_millis(10);
+        let window = Window { start: t0, end: Some(end) };
+        let mut env = Env::new(Some(1000.0));
+        env.tallies[0].counts.requests = 10;
+        let mut c = open_loop(t0, 2, 4, 3, 10);
+        c.close_sending(&mut env.ctx(window, end));
+        assert_eq!((c.issued, c.send_limit), (5, Some(5)), "messages 0-4 are on the wire");
+        assert_eq!(env.counts().requests, 5);
+        assert!(!c.issue(t0, &mut env.ctx(window, end)), "nothing is issued after the end");
+        c.finish(&mut env.ctx(window, end));
+        // Ten were due in the window: the five given back are unsent; the
+        // three on the wire without an echo are unanswered.
+        assert_eq!((env.counts().unsent, env.counts().unanswered), (5, 3), "{:?}", env.counts());
+
+        let mut env = Env::new(Some(1000.0));
+        env.tallies[0].counts.requests = 10;
+        let mut c = open_loop(t0, 4, 4, 0, 10);
+        c.state = State::Waiting { at: t0 };
+        c.close_sending(&mut env.ctx(window, end));
+        assert_eq!((c.issued, c.send_limit, env.counts().requests), (10, Some(4), 10));
+        c.tick(&mut env.ctx(window, end + Duration::from_millis(1)));
+        assert!(matches!(c.state, State::Waiting { .. }), "no reconnect after the end to send them");
+        c.finish(&mut env.ctx(window, end));
+        assert_eq!((env.counts().unsent, env.counts().unanswered), (0, 6), "{:?}", env.counts());
+    }
+
+    /// Closed loop has no schedule: closing the sending changes nothing.
+    #[test]
+    fn closing_the_sending_leaves_closed_loop_alone() {
+        let t0 = Instant::now();
+        let window = Window { start: t0, end: Some(t0) };
+        let mut env = Env::new(None);
+        let mut c = Conn::new(0, 0, 7, t0, None);
+        c.state = State::Open { since: t0 };
+        (c.written, c.issued, c.measured_from) = (0, 2, Some(0));
+        c.close_sending(&mut env.ctx(window, t0));
+        assert_eq!((c.issued, c.send_limit), (2, None));
+    }
+
+    /// A connected pair: the client side as echo-load's connection, the
+    /// server side to write "echoes" with.
+    fn connected(c: &mut Conn, env: &Env) -> std::net::TcpStream {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        client.set_nonblocking(true).unwrap();
+        let mut s = TcpStream::from_std(client);
+        env.poll.registry().register(&mut s, c.token, Interest::READABLE).unwrap();
+        c.stream = Some(s);
+        l.accept().unwrap().0
+    }
+
+    /// Reads until `want` responses or a fault (bounded).
+    fn read_until(c: &mut Conn, env: &mut Env, window: Window, want: u64) -> Result<(), Fault> {
+        let mut buf = [0u8; 256];
+        for _ in 0..1000 {
+            c.read(&mut buf, &mut env.ctx(window, Instant::now()))?;
+            if env.counts().responses >= want {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    /// An echo is compared byte by byte: intact it is a response, a wrong
+    /// byte is `Wrong`, a byte beyond what was sent is `Extra`.
+    #[test]
+    fn echoes_are_classified_byte_by_byte() {
+        let t0 = Instant::now();
+        let window = Window { start: t0, end: None };
+        for (what, mangle) in [("intact", 0usize), ("wrong", 1), ("extra", 2)] {
+            let mut env = Env::new(Some(1000.0));
+            let mut c = open_loop(t0, 0, 2, 0, 2);
+            let mut peer = connected(&mut c, &env);
+            let mut echo = [env.pool.message(7, 0), env.pool.message(7, 1)].concat();
+            match mangle {
+                1 => echo[11] ^= 1,
+                2 => echo.push(b'+'),
+                _ => {}
+            }
+            peer.write_all(&echo).unwrap();
+            let r = read_until(&mut c, &mut env, window, if mangle == 2 { 3 } else { 2 });
+            let k = env.counts();
+            match (mangle, r) {
+                (0, Ok(())) => assert_eq!((k.responses, c.head), (2, 2), "{what}"),
+                (1, Err(Fault::Wrong)) => assert_eq!((k.responses, c.head), (1, 1), "{what}: the first was intact"),
+                (2, Err(Fault::Extra)) => assert_eq!(k.responses, 2, "{what}"),
+                (_, r) => panic!("{what}: {:?}", r.err().map(|f| matches!(f, Fault::Wrong))),
+            }
+        }
     }
 }

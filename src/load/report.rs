@@ -119,6 +119,7 @@ pub fn json(o: &Outcome, opts: &Options) -> Value {
         "duration_s": o.elapsed.as_secs_f64(),
         "warmup_s": opts.warmup.as_secs_f64(),
         "interrupted": o.interrupted,
+        "interrupted_unmeasured": o.interrupted_unmeasured,
         "stalled": o.stalled,
         "mbps": mbps,
         "exit_code": o.exit_code(),
@@ -147,6 +148,14 @@ pub fn summary(o: &Outcome, opts: &Options) -> String {
         opts.size,
         opts.threads
     ));
+    if o.interrupted_unmeasured {
+        out.push_str(&format!(
+            "  interrupted  before the measurement began ({}): nothing was measured\n",
+            if opts.warmup.is_zero() { "during the ramp-up" } else { "during the ramp-up or warm-up" }
+        ));
+        out.push_str(&format!("  result       {} (exit {})\n", verdict(o.exit_code()), o.exit_code()));
+        return out;
+    }
     out.push_str(&format!(
         "  measured     {:.2} s{}{}\n",
         o.elapsed.as_secs_f64(),
@@ -234,8 +243,8 @@ fn warnings(o: &Outcome) -> Vec<String> {
     let mut w = Vec::new();
     if o.client_behind() {
         w.push(format!(
-            "offered {}/s, sent {}/s: the client is the bottleneck ({} of {} due messages never sent); \
-             the figures describe echo-load, not the server",
+            "offered {}/s, sent {}/s: the client is the bottleneck ({} of {} due messages not sent by the \
+             end); the figures describe echo-load, not the server",
             group(o.rate.unwrap_or(0.0) as u64),
             group(per_second(c.requests, o) as u64),
             group(c.unsent),
@@ -267,6 +276,7 @@ fn verdict(code: u8) -> &'static str {
         exit::MISMATCH => "MISMATCHES: echoed bytes differed",
         exit::ERRORS => "ERRORS: messages timed out, were lost or went unanswered, or nothing came back",
         exit::CLIENT_BEHIND => "CLIENT BEHIND: echo-load could not send at the offered rate",
+        exit::INTERRUPTED => "INTERRUPTED: stopped before anything was measured",
         _ => "unknown",
     }
 }
@@ -306,6 +316,7 @@ mod tests {
             per_addr: vec![Tally::new()],
             elapsed: Duration::from_secs(2),
             interrupted: false,
+            interrupted_unmeasured: false,
             stalled: false,
             rate: None,
         };
