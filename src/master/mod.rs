@@ -293,7 +293,7 @@ impl Master {
             Ok(None) => {}
             Err(msg) => return Err(StartError::Config(format!("key `user`: {msg}"))),
         }
-        let sup = Supervisor::new(config.worker_count())?;
+        let sup = Supervisor::new(config.worker_count(), capacity)?;
         let now = Instant::now();
         let started = unix_now();
         let mut notify = Notifier::from_env();
