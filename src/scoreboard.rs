@@ -94,6 +94,14 @@ const _: () = assert!(OCCUPIED + MAX_SLOTS.div_ceil(64) <= STRIDE);
 /// IPv4-mapped IPv6) as two words. 24 bytes.
 const ENTRY_WORDS: usize = 3;
 
+/// Entries per group of the `touched` bitmap: 24 bytes each, 4 KiB.
+const GROUP: usize = 4096 / (ENTRY_WORDS * 8);
+
+/// Words of a slot's `touched` bitmap (both tables).
+fn touched_words(table_len: usize) -> usize {
+    (2 * table_len).div_ceil(GROUP).div_ceil(64)
+}
+
 /// Smallest address table: room for a reload to raise a small capacity
 /// (tables are sized once, when the master maps the scoreboard).
 #[cfg(not(loom))]
@@ -180,6 +188,11 @@ pub struct Scoreboard {
     addrs: &'static [AtomicU64],
     /// Per slot and table: the reach (see `addrs`).
     reach: &'static [AtomicU64],
+    /// Per slot: a bitmap of the groups of [`GROUP`] entries (about a page)
+    /// an address was ever written in since the slot was last cleared, so
+    /// clearing reads only those and never faults in the rest of a table
+    /// (a worker with few clients keeps a few pages, not megabytes).
+    touched: &'static [AtomicU64],
     /// Entries per table, a power of two.
     table_len: usize,
     /// The SipHash key of the probe start.
@@ -206,7 +219,8 @@ impl Scoreboard {
         let words = shared_zeroed::<AtomicU64>((slots + 1) * STRIDE)?;
         let addrs = shared_zeroed::<AtomicU64>(slots * 2 * table_len * ENTRY_WORDS)?;
         let reach = shared_zeroed::<AtomicU64>(slots * 2)?;
-        Ok(Scoreboard { words, addrs, reach, table_len, hash_key: hash_key(), slots })
+        let touched = shared_zeroed::<AtomicU64>(slots * touched_words(table_len))?;
+        Ok(Scoreboard { words, addrs, reach, touched, table_len, hash_key: hash_key(), slots })
     }
 
     /// The most connections a worker may hold for its tables never to fill.
@@ -225,6 +239,15 @@ impl Scoreboard {
         &self.addrs[at..at + ENTRY_WORDS]
     }
 
+    /// The address writer, before it writes entry `index`'s address.
+    fn touch(&self, slot: usize, index: usize) {
+        let group = index / GROUP;
+        let word = &self.touched[slot * touched_words(self.table_len) + group / 64];
+        if word.load(Ordering::Relaxed) & (1 << (group % 64)) == 0 {
+            word.fetch_or(1 << (group % 64), Ordering::Relaxed);
+        }
+    }
+
     fn reach_of(&self, slot: usize, table: Table) -> &AtomicU64 {
         &self.reach[slot * 2 + table as usize]
     }
@@ -235,7 +258,7 @@ impl Scoreboard {
         {
             // Every address collides under the model checker: the worst
             // case, and every step of a probe is taken.
-            let _ = key;
+            let _ = (key, self.hash_key);
             0
         }
         #[cfg(not(loom))]
@@ -296,6 +319,7 @@ impl Scoreboard {
             if d > far {
                 reach.store(d as u64, Ordering::Release);
             }
+            self.touch(slot, i);
             rekey(e, tag, key, 1);
             return Some(Charge(i as u32));
         }
@@ -379,14 +403,25 @@ impl Scoreboard {
     }
 
     /// Re-keys every used entry of `slot` to address 0, count 0 (no process
-    /// writes the slot's tables meanwhile; readers may, hence the seqlock).
+    /// writes the slot's tables meanwhile: its worker is reaped or not yet
+    /// forked, and waitpid/fork order its writes before these; readers may
+    /// read, hence the seqlock). Only groups ever written are read.
     fn clear_ips(&self, slot: usize) {
-        for i in 0..2 * self.table_len {
-            let e = self.entry(slot, i);
-            let tag = e[0].load(Ordering::Relaxed);
-            if tag as u32 != 0 || e[1].load(Ordering::Relaxed) != 0 || e[2].load(Ordering::Relaxed) != 0 {
-                rekey(e, tag, 0, 0);
+        let words = &self.touched[slot * touched_words(self.table_len)..(slot + 1) * touched_words(self.table_len)];
+        for (w, word) in words.iter().enumerate() {
+            let mut bits = word.load(Ordering::Relaxed);
+            while bits != 0 {
+                let group = w * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                for i in group * GROUP..((group + 1) * GROUP).min(2 * self.table_len) {
+                    let e = self.entry(slot, i);
+                    let tag = e[0].load(Ordering::Relaxed);
+                    if tag as u32 != 0 || e[1].load(Ordering::Relaxed) != 0 || e[2].load(Ordering::Relaxed) != 0 {
+                        rekey(e, tag, 0, 0);
+                    }
+                }
             }
+            word.store(0, Ordering::Relaxed);
         }
         for table in [Table::Direct, Table::Proxied] {
             self.reach_of(slot, table).store(0, Ordering::Release);
@@ -710,7 +745,12 @@ mod tests {
             (2, 0),
             "one direct, one proxied; the old address gone"
         );
+        sb.vacate(0);
+        sb.occupy(0);
+        assert!((0..2048).chain([5000]).all(|i| sb.ip_total(addr(i)) == 0), "every touched group cleared");
+        assert!((0..2048).all(|i| sb.charge_direct(0, addr(i)).is_some()), "and every entry free again");
     }
+
     /// The heartbeat clock is CLOCK_MONOTONIC in ms (the same clock in
     /// every process), and it advances.
     #[test]
