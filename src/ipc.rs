@@ -21,6 +21,7 @@ use nix::sys::socket::{
 };
 use nix::sys::time::TimeVal;
 
+use crate::scoreboard::Charge;
 use crate::sys;
 
 /// Connections per message. The kernel caps SCM_RIGHTS at 253 fds
@@ -45,28 +46,32 @@ pub enum Command {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
     /// The peer itself; the master checked `max_connections_per_ip` and
-    /// charged this address bucket (scoreboard::ip_bucket) to the worker.
-    Direct(u16),
+    /// charged the peer's address to the worker's table: this entry, which
+    /// the worker discharges when the connection ends (it never reads or
+    /// writes the entry's address: the master owns it).
+    Direct(Charge),
     /// From a PROXY protocol listener: the peer is a balancer, the client is
     /// in a header the worker reads first. Nothing is charged yet; the
     /// worker checks and charges the real address (worker::proxied).
     Proxied,
 }
 
-/// `Origin::Proxied` on the wire, where buckets (below IP_BUCKETS) go.
-const WIRE_PROXIED: u16 = u16::MAX;
-const _: () = assert!(crate::scoreboard::IP_BUCKETS < WIRE_PROXIED as usize);
+/// `Origin::Proxied` on the wire, where entry indexes (below 2^31: a slot
+/// has at most 2^31 entries) go.
+const WIRE_PROXIED: u32 = u32::MAX;
+/// Bytes per connection in a Serve message's payload.
+const WIRE_ORIGIN: usize = 4;
 
 impl Origin {
-    fn to_wire(self) -> u16 {
+    fn to_wire(self) -> u32 {
         match self {
-            Origin::Direct(bucket) => bucket,
+            Origin::Direct(Charge(entry)) => entry,
             Origin::Proxied => WIRE_PROXIED,
         }
     }
 
-    fn from_wire(v: u16) -> Origin {
-        if v == WIRE_PROXIED { Origin::Proxied } else { Origin::Direct(v) }
+    fn from_wire(v: u32) -> Origin {
+        if v == WIRE_PROXIED { Origin::Proxied } else { Origin::Direct(Charge(v)) }
     }
 }
 
@@ -134,7 +139,7 @@ impl Channel {
     pub fn send_serve(&self, conns: &[(BorrowedFd<'_>, Origin)]) -> io::Result<()> {
         debug_assert!(!conns.is_empty() && conns.len() <= MAX_FDS_PER_MESSAGE);
         let raw: Vec<RawFd> = conns.iter().map(|(f, _)| f.as_raw_fd()).collect();
-        let mut payload = Vec::with_capacity(1 + 2 * conns.len());
+        let mut payload = Vec::with_capacity(1 + WIRE_ORIGIN * conns.len());
         payload.push(TAG_SERVE);
         for (_, origin) in conns {
             payload.extend_from_slice(&origin.to_wire().to_le_bytes());
@@ -184,7 +189,7 @@ impl Channel {
 
     /// Worker side: waits for the next command (up to the receive timeout).
     pub fn recv_command(&self) -> io::Result<Received> {
-        let mut payload = [0u8; 1 + 2 * MAX_FDS_PER_MESSAGE];
+        let mut payload = [0u8; 1 + WIRE_ORIGIN * MAX_FDS_PER_MESSAGE];
         let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
         let mut iov = [IoSliceMut::new(&mut payload)];
         let msg = loop {
@@ -216,9 +221,13 @@ impl Channel {
         }
         let command = match payload[0] {
             TAG_SERVE => {
-                let origins =
-                    payload[1..len].chunks_exact(2).map(|b| Origin::from_wire(u16::from_le_bytes([b[0], b[1]])));
-                Command::Serve(fds.into_iter().zip(origins.chain(std::iter::repeat(Origin::Direct(0)))).collect())
+                let origins = payload[1..len]
+                    .chunks_exact(WIRE_ORIGIN)
+                    .map(|b| Origin::from_wire(u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+                // An fd without its origin (cannot happen: one message
+                // carries both) is served as charged to nothing.
+                let none = std::iter::repeat(Origin::Direct(Charge::NONE));
+                Command::Serve(fds.into_iter().zip(origins.chain(none)).collect())
             }
             TAG_DRAIN if len >= 9 => {
                 let ms = u64::from_le_bytes(payload[1..9].try_into().unwrap_or_default());
@@ -278,10 +287,10 @@ mod tests {
         worker.set_receive_timeout(Duration::from_millis(50)).unwrap();
         let (mut a, b) = UnixStream::pair().unwrap();
         let (_c, d) = UnixStream::pair().unwrap();
-        master.send_serve(&[(b.as_fd(), Origin::Direct(4242)), (d.as_fd(), Origin::Proxied)]).unwrap();
+        master.send_serve(&[(b.as_fd(), Origin::Direct(Charge(4242))), (d.as_fd(), Origin::Proxied)]).unwrap();
         drop(b); // the master closes its copy after sending
         let Received::Command(Command::Serve(conns)) = worker.recv_command().unwrap() else { panic!("no Serve") };
-        assert_eq!(conns.iter().map(|(_, o)| *o).collect::<Vec<_>>(), [Origin::Direct(4242), Origin::Proxied]);
+        assert_eq!(conns.iter().map(|(_, o)| *o).collect::<Vec<_>>(), [Origin::Direct(Charge(4242)), Origin::Proxied]);
         let (fd, _) = conns.into_iter().next().unwrap();
         let mut passed = UnixStream::from(fd);
         passed.write_all(b"hi").unwrap();
@@ -311,7 +320,7 @@ mod tests {
         let (_a, b) = UnixStream::pair().unwrap();
         let mut sent = 0;
         let err = loop {
-            match master.send_serve(&[(b.as_fd(), Origin::Direct(0))]) {
+            match master.send_serve(&[(b.as_fd(), Origin::Direct(Charge(0)))]) {
                 Ok(()) => sent += 1,
                 Err(e) => break e,
             }

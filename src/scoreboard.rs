@@ -16,7 +16,7 @@ use std::io;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 
-use crate::sync::{AtomicU32, AtomicU64, fence};
+use crate::sync::{AtomicU64, fence};
 #[cfg(not(loom))]
 use crate::sys;
 
@@ -89,85 +89,306 @@ const MAX_SLOTS: usize = (STRIDE - OCCUPIED) * 64;
 // slot 0's words.
 const _: () = assert!(OCCUPIED + MAX_SLOTS.div_ceil(64) <= STRIDE);
 
-/// Client addresses are counted per hash bucket: two addresses that share a
-/// bucket (rarely) share a `max_connections_per_ip` budget. Per worker that
-/// is 64 KiB of shared memory, touched only where clients hash.
+/// Words of one address entry: the tag (a generation in the high half, the
+/// connection count in the low half), then the address (16 bytes, IPv4 as
+/// IPv4-mapped IPv6) as two words. 24 bytes.
+const ENTRY_WORDS: usize = 3;
+
+/// Entries per group of the `touched` bitmap: 24 bytes each, 4 KiB.
+const GROUP: usize = 4096 / (ENTRY_WORDS * 8);
+
+/// Words of a slot's `touched` bitmap (both tables).
+fn touched_words(table_len: usize) -> usize {
+    (2 * table_len).div_ceil(GROUP).div_ceil(64)
+}
+
+/// Smallest address table: room for a reload to raise a small capacity
+/// (tables are sized once, when the master maps the scoreboard).
 #[cfg(not(loom))]
-pub const IP_BUCKETS: usize = 16384;
-/// Under the model checker, a few buckets: every cell is an object loom
+const MIN_TABLE: usize = 1024;
+/// Under the model checker, a few entries: every word is an object loom
 /// tracks, and clearing a slot touches them all.
 #[cfg(loom)]
-pub const IP_BUCKETS: usize = 4;
+const MIN_TABLE: usize = 4;
 
-/// The shared mapping. Cheap to copy: it is a `'static` slice.
+/// Which of a slot's two address tables, by who writes its addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Table {
+    /// Clients of plain listeners: the master inserts (at dispatch).
+    Direct = 0,
+    /// Clients PROXY headers name: the slot's worker inserts (at admission).
+    Proxied = 1,
+}
+
+/// A charge held for one connection: the entry of its worker's address
+/// table that counts it. The connection's owner gives it back with
+/// [`Scoreboard::discharge`] when the connection ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Charge(pub u32);
+
+impl Charge {
+    /// Charged nothing (a peer without an address): discharging it does
+    /// nothing (no slot has that many entries).
+    pub const NONE: Charge = Charge(u32::MAX - 1);
+}
+
+/// What [`Scoreboard::admit_proxied`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Charged, and under the limit: discharge it when the connection ends.
+    Admitted(Charge),
+    /// Over `max_connections_per_ip` (nothing left charged).
+    OverLimit,
+    /// The worker's table has no free entry (see [`Scoreboard::new`]).
+    TableFull,
+}
+
+/// The shared mapping. Cheap to copy: `'static` slices and a few numbers.
 #[derive(Clone, Copy)]
 pub struct Scoreboard {
     words: &'static [AtomicU64],
-    /// Per worker, per client-address bucket: connections the worker holds.
-    /// The master adds when it sends a connection, the worker subtracts when
-    /// it closes one.
+    /// Per slot, two open-addressing tables of `table_len` entries
+    /// (`Table::Direct`, then `Table::Proxied`): client address ->
+    /// connections the slot's worker holds from it. Counted by exact
+    /// address (nginx's limit_conn keys on the binary address).
     ///
     /// The per-address total is the sum over *occupied* slots (the header's
     /// bitmap, one bit per slot the master has handed to a live worker), not
-    /// a row of its own: a charge or discharge is then one atomic, so a
-    /// worker killed at any instant leaves nothing half-counted, and a dead
-    /// worker's connections stop counting the moment the master vacates its
-    /// slot. Summing costs one load per live worker, not one per slot
-    /// (there are 2 x MAX_WORKERS + 8 slots, most of them empty).
-    ip_counts: &'static [AtomicU32],
+    /// a row of its own: a charge or discharge is then one atomic on the
+    /// entry's tag, so a worker killed at any instant leaves nothing
+    /// half-counted, and a dead worker's connections stop counting the
+    /// moment the master vacates its slot. Summing costs one probe per live
+    /// worker and table.
+    ///
+    /// Who writes what (the races, as Apache's fdqueue explains its own):
+    /// - an entry's *address* has one writer per table: the master for
+    ///   `Direct` (its loop is one thread), the slot's worker for `Proxied`
+    ///   (its handler threads serialize on a lock of their own, see
+    ///   `worker::proxied`), and the master again when it clears a slot no
+    ///   process runs in. It re-keys an entry only while its count is 0:
+    ///   then no connection holds the entry, so nobody else writes its tag;
+    /// - the *count* goes up by the address writer only (a charge), and
+    ///   down by whoever holds the connection (a discharge: the worker), one
+    ///   RMW each, which keeps the generation bits;
+    /// - a *reader* (any process, summing an address) must not be fooled
+    ///   by an entry re-keyed under it: re-keying is a seqlock write (the
+    ///   generation made odd, fence, address, then the tag with the next
+    ///   even generation, Release), and the reader takes the count from a
+    ///   tag read with Acquire, reads the address, and trusts the pair only
+    ///   if the generation is unchanged after an Acquire fence; a count of 0
+    ///   is 0 whatever the address. A 32-bit generation could only be
+    ///   fooled by 2^31 re-keys of one entry inside one read.
+    ///
+    /// Probing is linear from a keyed hash (SipHash, a random key per
+    /// master start), so nobody can compute addresses that crowd one
+    /// another's entries; correctness does not depend on it (addresses are
+    /// compared whole). Each table's writer records the farthest it ever
+    /// placed an address from its home (`reach`, only growing until the
+    /// slot is cleared), which bounds every lookup.
+    addrs: &'static [AtomicU64],
+    /// Per slot and table: the reach (see `addrs`).
+    reach: &'static [AtomicU64],
+    /// Per slot: a bitmap of the groups of [`GROUP`] entries (about a page)
+    /// an address was ever written in since the slot was last cleared, so
+    /// clearing reads only those and never faults in the rest of a table
+    /// (a worker with few clients keeps a few pages, not megabytes).
+    touched: &'static [AtomicU64],
+    /// Entries per table, a power of two.
+    table_len: usize,
+    /// The SipHash key of the probe start.
+    hash_key: (u64, u64),
     slots: usize,
 }
 
 impl Scoreboard {
-    /// Maps room for `slots` workers. Call before forking.
-    pub fn new(slots: usize) -> io::Result<Scoreboard> {
+    /// Maps room for `slots` workers of up to `capacity` connections each.
+    /// Call before forking.
+    ///
+    /// Each address table has at least twice `capacity` entries, so it is
+    /// never full: a worker holds at most its capacity (and a handful
+    /// finishing), each holding one entry at most. A reload that raises a
+    /// worker's capacity past [`Scoreboard::max_capacity`] is held to it
+    /// (the supervisor says so); a table that is full anyway refuses the
+    /// connection, counted as rejected.
+    pub fn new(slots: usize, capacity: usize) -> io::Result<Scoreboard> {
         if slots > MAX_SLOTS {
             return Err(io::Error::other(format!("at most {MAX_SLOTS} scoreboard slots")));
         }
+        let table_len = capacity.saturating_mul(2).max(MIN_TABLE).checked_next_power_of_two();
+        let table_len = table_len.filter(|&n| n <= 1 << 30).ok_or_else(|| io::Error::other("capacity too large"))?;
         let words = shared_zeroed::<AtomicU64>((slots + 1) * STRIDE)?;
-        let ip_counts = shared_zeroed::<AtomicU32>(slots * IP_BUCKETS)?;
-        Ok(Scoreboard { words, ip_counts, slots })
+        let addrs = shared_zeroed::<AtomicU64>(slots * 2 * table_len * ENTRY_WORDS)?;
+        let reach = shared_zeroed::<AtomicU64>(slots * 2)?;
+        let touched = shared_zeroed::<AtomicU64>(slots * touched_words(table_len))?;
+        Ok(Scoreboard { words, addrs, reach, touched, table_len, hash_key: hash_key(), slots })
     }
 
-    fn ip_cell(&self, slot: usize, bucket: u16) -> &AtomicU32 {
-        &self.ip_counts[slot * IP_BUCKETS + bucket as usize % IP_BUCKETS]
+    /// The most connections a worker may hold for its tables never to fill.
+    pub fn max_capacity(&self) -> usize {
+        self.table_len / 2
     }
 
-    /// Connections worker `slot` holds from addresses in `bucket`.
-    #[cfg(test)]
-    pub fn ip_count(&self, slot: usize, bucket: u16) -> u32 {
-        self.ip_cell(slot, bucket).load(Ordering::Relaxed)
+    /// Bytes of address tables per worker slot.
+    pub fn table_bytes_per_slot(&self) -> usize {
+        2 * self.table_len * ENTRY_WORDS * 8
     }
 
-    /// Master (or a worker, for a client a PROXY header named): worker
-    /// `slot` holds one more connection from `bucket`.
-    pub fn charge_ip(&self, slot: usize, bucket: u16) {
-        self.ip_cell(slot, bucket).fetch_add(1, Ordering::Relaxed);
+    /// The words of entry `index` (0..2 x table_len) of `slot`.
+    fn entry(&self, slot: usize, index: usize) -> &[AtomicU64] {
+        let at = (slot * 2 * self.table_len + index) * ENTRY_WORDS;
+        &self.addrs[at..at + ENTRY_WORDS]
     }
 
-    /// Worker: it closed a connection from `bucket`.
-    pub fn discharge_ip(&self, slot: usize, bucket: u16) {
-        let _ = self.ip_cell(slot, bucket).fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    /// The address writer, before it writes entry `index`'s address.
+    fn touch(&self, slot: usize, index: usize) {
+        let group = index / GROUP;
+        let word = &self.touched[slot * touched_words(self.table_len) + group / 64];
+        if word.load(Ordering::Relaxed) & (1 << (group % 64)) == 0 {
+            word.fetch_or(1 << (group % 64), Ordering::Relaxed);
+        }
     }
 
-    /// Connections all live workers hold from addresses in `bucket`: what
+    fn reach_of(&self, slot: usize, table: Table) -> &AtomicU64 {
+        &self.reach[slot * 2 + table as usize]
+    }
+
+    /// The table's first entry of a probe sequence for `key`.
+    fn home(&self, key: u128) -> usize {
+        #[cfg(loom)]
+        {
+            // Every address collides under the model checker: the worst
+            // case, and every step of a probe is taken.
+            let _ = (key, self.hash_key);
+            0
+        }
+        #[cfg(not(loom))]
+        {
+            use std::hash::Hasher;
+            #[allow(deprecated)] // std's SipHash; keyed, which is the point
+            let mut h = std::hash::SipHasher::new_with_keys(self.hash_key.0, self.hash_key.1);
+            h.write_u128(key);
+            h.finish() as usize & (self.table_len - 1)
+        }
+    }
+
+    /// The count entry `index` of `slot` holds for `key` (0 for another
+    /// address): the seqlock read described at `addrs`.
+    fn count_for(&self, slot: usize, index: usize, key: u128) -> u64 {
+        let e = self.entry(slot, index);
+        loop {
+            let tag = e[0].load(Ordering::Acquire);
+            if tag as u32 == 0 {
+                return 0;
+            }
+            let addr = (u128::from(e[1].load(Ordering::Relaxed)) << 64) | u128::from(e[2].load(Ordering::Relaxed));
+            fence(Ordering::Acquire);
+            if e[0].load(Ordering::Relaxed) >> 32 == tag >> 32 {
+                return if addr == key { u64::from(tag as u32) } else { 0 };
+            }
+            // Re-keyed while we read: read it again.
+        }
+    }
+
+    /// The address writer of `table`: charges `ip` to `slot`, re-using the
+    /// entry that has its address, else re-keying the first free entry of
+    /// its probe sequence. None when every entry is in use.
+    fn charge(&self, slot: usize, table: Table, ip: IpAddr) -> Option<Charge> {
+        let key = addr_key(ip);
+        let base = table as usize * self.table_len;
+        let mask = self.table_len - 1;
+        let home = self.home(key);
+        let reach = self.reach_of(slot, table);
+        // Our own writes (or the master's clear, before this worker ran).
+        let far = reach.load(Ordering::Acquire) as usize;
+        for d in 0..=far {
+            let i = base + ((home + d) & mask);
+            let e = self.entry(slot, i);
+            let addr = (u128::from(e[1].load(Ordering::Relaxed)) << 64) | u128::from(e[2].load(Ordering::Relaxed));
+            if addr == key {
+                e[0].fetch_add(1, Ordering::Release);
+                return Some(Charge(i as u32));
+            }
+        }
+        for d in 0..self.table_len {
+            let i = base + ((home + d) & mask);
+            let e = self.entry(slot, i);
+            let tag = e[0].load(Ordering::Acquire);
+            if tag as u32 != 0 {
+                continue;
+            }
+            if d > far {
+                reach.store(d as u64, Ordering::Release);
+            }
+            self.touch(slot, i);
+            rekey(e, tag, key, 1);
+            return Some(Charge(i as u32));
+        }
+        None
+    }
+
+    /// Master, sending a connection from `ip` to the worker of `slot`.
+    pub fn charge_direct(&self, slot: usize, ip: IpAddr) -> Option<Charge> {
+        self.charge(slot, Table::Direct, ip)
+    }
+
+    /// The worker of `slot`, for the client a PROXY header named: charges
+    /// its own table, then sums every worker's (a SeqCst fence in between,
+    /// as on every admitting worker, so of two workers admitting the same
+    /// client at once each sees the other's charge: both may refuse, never
+    /// both admit past `max`). The caller serializes the worker's threads.
+    pub fn admit_proxied(&self, slot: usize, ip: IpAddr, max: u32) -> Admission {
+        let Some(charge) = self.charge(slot, Table::Proxied, ip) else { return Admission::TableFull };
+        fence(Ordering::SeqCst);
+        if max > 0 && self.ip_total(ip) > u64::from(max) {
+            self.discharge(slot, charge);
+            return Admission::OverLimit;
+        }
+        Admission::Admitted(charge)
+    }
+
+    /// The connection's owner: it ended (never below zero, and the
+    /// generation bits are kept).
+    pub fn discharge(&self, slot: usize, charge: Charge) {
+        if charge.0 as usize >= 2 * self.table_len || slot >= self.slots {
+            return;
+        }
+        let tag = &self.entry(slot, charge.0 as usize)[0];
+        let _ =
+            tag.fetch_update(Ordering::Release, Ordering::Relaxed, |t| if t as u32 == 0 { None } else { Some(t - 1) });
+    }
+
+    /// Connections worker `slot` holds from `ip` (both tables).
+    pub fn ip_count(&self, slot: usize, ip: IpAddr) -> u64 {
+        let key = addr_key(ip);
+        let home = self.home(key);
+        let mut n = 0;
+        for table in [Table::Direct, Table::Proxied] {
+            let base = table as usize * self.table_len;
+            let far = self.reach_of(slot, table).load(Ordering::Acquire) as usize;
+            for d in 0..=far {
+                n += self.count_for(slot, base + ((home + d) & (self.table_len - 1)), key);
+            }
+        }
+        n
+    }
+
+    /// Connections all live workers hold from `ip`: what
     /// `max_connections_per_ip` is checked against, by the master for plain
     /// listeners and by a worker for clients only it knows (PROXY).
-    pub fn ip_total(&self, bucket: u16) -> u64 {
+    pub fn ip_total(&self, ip: IpAddr) -> u64 {
         let mut total = 0;
         for (w, word) in self.words[OCCUPIED..OCCUPIED + self.slots.div_ceil(64)].iter().enumerate() {
             let mut bits = word.load(Ordering::Acquire);
             while bits != 0 {
-                let slot = w * 64 + bits.trailing_zeros() as usize;
-                total += self.ip_cell(slot, bucket).load(Ordering::Relaxed) as u64;
+                total += self.ip_count(w * 64 + bits.trailing_zeros() as usize, ip);
                 bits &= bits - 1;
             }
         }
         total
     }
 
-    /// Master, before forking a worker into `slot`: zeroes its address
-    /// counts and makes them count.
+    /// Master, before forking a worker into `slot`: empties its address
+    /// tables and makes them count.
     pub fn occupy(&self, slot: usize) {
         self.clear_ips(slot);
         self.words[OCCUPIED + slot / 64].fetch_or(1 << (slot % 64), Ordering::Release);
@@ -175,17 +396,35 @@ impl Scoreboard {
 
     /// Master, once the worker of `slot` is reaped: its connections died
     /// with it, so its address counts stop counting (whatever it was doing
-    /// when it died) and are zeroed.
+    /// when it died) and are emptied.
     pub fn vacate(&self, slot: usize) {
         self.words[OCCUPIED + slot / 64].fetch_and(!(1 << (slot % 64)), Ordering::Release);
         self.clear_ips(slot);
     }
 
+    /// Re-keys every used entry of `slot` to address 0, count 0 (no process
+    /// writes the slot's tables meanwhile: its worker is reaped or not yet
+    /// forked, and waitpid/fork order its writes before these; readers may
+    /// read, hence the seqlock). Only groups ever written are read.
     fn clear_ips(&self, slot: usize) {
-        for cell in &self.ip_counts[slot * IP_BUCKETS..(slot + 1) * IP_BUCKETS] {
-            if cell.load(Ordering::Relaxed) != 0 {
-                cell.store(0, Ordering::Relaxed);
+        let words = &self.touched[slot * touched_words(self.table_len)..(slot + 1) * touched_words(self.table_len)];
+        for (w, word) in words.iter().enumerate() {
+            let mut bits = word.load(Ordering::Relaxed);
+            while bits != 0 {
+                let group = w * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                for i in group * GROUP..((group + 1) * GROUP).min(2 * self.table_len) {
+                    let e = self.entry(slot, i);
+                    let tag = e[0].load(Ordering::Relaxed);
+                    if tag as u32 != 0 || e[1].load(Ordering::Relaxed) != 0 || e[2].load(Ordering::Relaxed) != 0 {
+                        rekey(e, tag, 0, 0);
+                    }
+                }
             }
+            word.store(0, Ordering::Relaxed);
+        }
+        for table in [Table::Direct, Table::Proxied] {
+            self.reach_of(slot, table).store(0, Ordering::Release);
         }
     }
 
@@ -357,22 +596,42 @@ impl SlotStats {
     }
 }
 
-/// The bucket of a client address (FNV-1a over its bytes; IPv4-mapped IPv6
-/// counts as the IPv4 address).
-pub fn ip_bucket(ip: IpAddr) -> u16 {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
-    let bytes = match ip {
-        IpAddr::V4(a) => a.octets().to_vec(),
-        IpAddr::V6(a) => a.octets().to_vec(),
-    };
-    let mut h: u32 = 0x811c_9dc5;
-    for b in bytes {
-        h = (h ^ b as u32).wrapping_mul(0x0100_0193);
+/// A client address as the tables key it: IPv4 as its IPv4-mapped IPv6
+/// form, so a dual-stack listener's `::ffff:192.0.2.7` and a v4
+/// listener's `192.0.2.7` are one client.
+fn addr_key(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u128::from(a.to_ipv6_mapped()),
+        IpAddr::V6(a) => u128::from(a),
     }
-    ((h ^ (h >> 16)) as usize % IP_BUCKETS) as u16
+}
+
+/// Gives entry `e` (tag `tag`, count 0: nobody else writes it) the
+/// address `key` and the count `count`: a seqlock write (see
+/// `Scoreboard::addrs`).
+fn rekey(e: &[AtomicU64], tag: u64, key: u128, count: u32) {
+    let generation = (tag >> 32) | 1; // odd: being re-keyed
+    e[0].store(generation << 32, Ordering::Relaxed);
+    fence(Ordering::Release);
+    e[1].store((key >> 64) as u64, Ordering::Relaxed);
+    e[2].store(key as u64, Ordering::Relaxed);
+    let next = generation.wrapping_add(1) & 0xffff_ffff;
+    e[0].store((next << 32) | u64::from(count), Ordering::Release);
+}
+
+/// A random SipHash key per scoreboard (so per master start): std's
+/// RandomState draws it from the OS (getrandom).
+#[cfg(not(loom))]
+fn hash_key() -> (u64, u64) {
+    use std::hash::BuildHasher;
+    let random = std::collections::hash_map::RandomState::new();
+    (random.hash_one(0x6563_686f_u64), random.hash_one(0x006b_6579_u64))
+}
+
+/// Under loom the model must be deterministic (and `home` ignores it).
+#[cfg(loom)]
+fn hash_key() -> (u64, u64) {
+    (0, 0)
 }
 
 /// CLOCK_MONOTONIC in milliseconds: one clock for every process, so the
@@ -420,14 +679,14 @@ mod tests {
 
     #[test]
     fn header_words_and_size() {
-        let sb = Scoreboard::new(3).unwrap();
+        let sb = Scoreboard::new(3, 1).unwrap();
         assert_eq!(sb.slots(), 3);
         assert!(!sb.accept_paused());
         sb.set_accept_paused(true);
         assert!(sb.accept_paused());
         sb.set_accept_paused(false);
         assert!(!sb.accept_paused());
-        assert!(Scoreboard::new(MAX_SLOTS + 1).is_err());
+        assert!(Scoreboard::new(MAX_SLOTS + 1, 1).is_err());
         // Slot 0 lives after the header block: its pid word is not the
         // accept-paused flag, its heartbeat not the occupied bitmap.
         sb.slot(0).set(Field::Pid, 42);
@@ -436,18 +695,60 @@ mod tests {
         assert_eq!(sb.words[OCCUPIED].load(Ordering::Relaxed), 0, "slot 0 overlaps the occupied bitmap");
     }
 
-    /// FNV-1a, pinned: 127.0.0.1 and its IPv4-mapped form share a bucket,
-    /// and distinct addresses spread over the buckets.
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    /// Addresses count exactly: 127.1.25.8 and 127.0.0.2 shared a bucket
+    /// of the old unkeyed FNV-1a, and so did 2001:db8::1 and
+    /// 2001:db8::1:1d96; an IPv4-mapped IPv6 address is its IPv4 one.
     #[test]
-    fn addresses_hash_to_stable_spread_buckets() {
-        let v4: IpAddr = "127.0.0.1".parse().unwrap();
-        assert_eq!(ip_bucket(v4), 6722);
-        assert_eq!(ip_bucket("::ffff:127.0.0.1".parse().unwrap()), 6722);
-        assert_eq!(ip_bucket("192.0.2.7".parse().unwrap()), 11013);
-        assert_eq!(ip_bucket("2001:db8::1".parse().unwrap()), 10927);
-        let buckets: std::collections::HashSet<u16> =
-            (0..2000u32).map(|i| ip_bucket(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)))).collect();
-        assert!(buckets.len() > 1800, "2000 addresses in only {} buckets", buckets.len());
+    fn addresses_count_exactly_and_mapped_v4_is_v4() {
+        let sb = Scoreboard::new(2, 4).unwrap();
+        sb.occupy(0);
+        sb.occupy(1);
+        for _ in 0..3 {
+            sb.charge_direct(0, ip("127.1.25.8")).unwrap();
+        }
+        assert_eq!((sb.ip_total(ip("127.1.25.8")), sb.ip_total(ip("127.0.0.2"))), (3, 0));
+        sb.charge_direct(1, ip("2001:db8::1")).unwrap();
+        assert_eq!((sb.ip_total(ip("2001:db8::1")), sb.ip_total(ip("2001:db8::1:1d96"))), (1, 0));
+        let v4 = sb.charge_direct(0, ip("192.0.2.7")).unwrap();
+        let mapped = sb.admit_proxied(1, ip("::ffff:192.0.2.7"), 0);
+        assert_eq!(sb.ip_total(ip("192.0.2.7")), 2, "v4 and v4-mapped are one client");
+        assert_eq!(sb.ip_total(ip("::ffff:192.0.2.7")), 2);
+        sb.discharge(0, v4);
+        assert!(matches!(mapped, Admission::Admitted(c) if { sb.discharge(1, c); true }));
+        assert_eq!(sb.ip_total(ip("192.0.2.7")), 0);
+    }
+
+    /// The tables hold twice the capacity, never fewer than MIN_TABLE; a
+    /// full table says so instead of counting wrong, and a freed entry is
+    /// re-used (re-keyed) for another address.
+    #[test]
+    fn a_table_holds_twice_the_capacity_and_says_when_full() {
+        let sb = Scoreboard::new(1, 1000).unwrap();
+        assert_eq!((sb.max_capacity(), sb.table_bytes_per_slot()), (1024, 2 * 2048 * 24));
+        assert_eq!(Scoreboard::new(1, 2).unwrap().max_capacity(), MIN_TABLE / 2);
+        sb.occupy(0);
+        let addr = |i: u32| IpAddr::from(std::net::Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i)));
+        let charges: Vec<Charge> = (0..2048).map(|i| sb.charge_direct(0, addr(i)).expect("room")).collect();
+        assert_eq!(sb.charge_direct(0, addr(5000)), None, "full");
+        assert_eq!(sb.charge_direct(0, addr(7)), Some(charges[7]), "a held address is still counted");
+        assert_eq!(sb.ip_total(addr(7)), 2);
+        assert!(matches!(sb.admit_proxied(0, addr(5000), 0), Admission::Admitted(_)), "the PROXY table is separate");
+        sb.discharge(0, charges[100]);
+        let reused = sb.charge_direct(0, addr(5000)).expect("a freed entry");
+        assert_eq!(reused, charges[100], "re-keyed");
+        assert_eq!(
+            (sb.ip_total(addr(5000)), sb.ip_total(addr(100))),
+            (2, 0),
+            "one direct, one proxied; the old address gone"
+        );
+        sb.vacate(0);
+        sb.occupy(0);
+        assert!((0..2048).chain([5000]).all(|i| sb.ip_total(addr(i)) == 0), "every touched group cleared");
+        assert!((0..2048).all(|i| sb.charge_direct(0, addr(i)).is_some()), "and every entry free again");
     }
 
     /// The heartbeat clock is CLOCK_MONOTONIC in ms (the same clock in
@@ -465,7 +766,7 @@ mod tests {
 
     #[test]
     fn slots_are_separate() {
-        let sb = Scoreboard::new(4).unwrap();
+        let sb = Scoreboard::new(4, 1).unwrap();
         sb.slot(1).set(Field::BytesIn, 7);
         sb.slot(1).set_duration_bucket(DURATION_BUCKETS.len() - 1, 3);
         assert_eq!(sb.slot(0).get(Field::BytesIn), 0);
@@ -479,46 +780,66 @@ mod tests {
     }
 
     #[test]
-    fn ip_counts_per_worker_and_bucket() {
-        let sb = Scoreboard::new(2).unwrap();
-        let b = ip_bucket("192.0.2.7".parse().unwrap());
-        assert_eq!(b, ip_bucket("::ffff:192.0.2.7".parse().unwrap()), "mapped v4 is v4");
-        assert_ne!(b, ip_bucket("192.0.2.8".parse().unwrap()));
+    fn ip_counts_per_worker_and_address() {
+        let sb = Scoreboard::new(2, 4).unwrap();
+        let (a, b) = (ip("192.0.2.7"), ip("192.0.2.8"));
         sb.occupy(0);
         sb.occupy(1);
-        sb.charge_ip(0, b);
-        sb.charge_ip(0, b);
-        sb.charge_ip(1, b);
-        sb.discharge_ip(0, b);
-        assert_eq!((sb.ip_count(0, b), sb.ip_count(1, b)), (1, 1));
-        assert_eq!(sb.ip_total(b), 2);
+        let c0 = sb.charge_direct(0, a).unwrap();
+        assert_eq!(sb.charge_direct(0, a), Some(c0), "one entry per address");
+        sb.charge_direct(1, a).unwrap();
+        sb.discharge(0, c0);
+        assert_eq!((sb.ip_count(0, a), sb.ip_count(1, a)), (1, 1));
+        assert_eq!(sb.ip_total(a), 2);
         sb.vacate(0);
-        sb.discharge_ip(0, b); // never below zero
-        assert_eq!((sb.ip_count(0, b), sb.ip_count(1, b)), (0, 1));
-        assert_eq!(sb.ip_total(b), 1, "the total follows charges, discharges and a vacated slot");
-        assert_eq!(sb.ip_total(ip_bucket("192.0.2.8".parse().unwrap())), 0);
+        sb.discharge(0, c0); // never below zero
+        assert_eq!((sb.ip_count(0, a), sb.ip_count(1, a)), (0, 1));
+        assert_eq!(sb.ip_total(a), 1, "the total follows charges, discharges and a vacated slot");
+        assert_eq!(sb.ip_total(b), 0);
+        sb.discharge(1, Charge(u32::MAX)); // out of range: ignored
+        assert_eq!(sb.ip_total(a), 1);
+    }
+
+    /// A PROXY client is charged to the admitting worker's own table and
+    /// checked against every worker's: at the limit it is refused and
+    /// nothing stays charged.
+    #[test]
+    fn proxied_admission_charges_then_checks_the_total() {
+        let sb = Scoreboard::new(2, 4).unwrap();
+        sb.occupy(0);
+        sb.occupy(1);
+        let a = ip("198.51.100.1");
+        sb.charge_direct(0, a).unwrap();
+        let Admission::Admitted(c) = sb.admit_proxied(1, a, 2) else { panic!("under the limit") };
+        assert_eq!(sb.admit_proxied(1, a, 2), Admission::OverLimit);
+        assert_eq!((sb.ip_count(1, a), sb.ip_total(a)), (1, 2), "the refused charge was given back");
+        sb.discharge(1, c);
+        assert!(matches!(sb.admit_proxied(1, a, 2), Admission::Admitted(_)));
+        assert!(matches!(sb.admit_proxied(1, a, 0), Admission::Admitted(_)), "0 = no limit");
     }
 
     #[test]
     fn a_dead_workers_counts_stop_counting_whatever_it_was_doing() {
-        // A worker killed mid-charge (or mid-discharge) leaves its own row
-        // at whatever it reached; vacating the slot must take the row out
-        // of every total, and a new worker in the slot starts from zero.
-        let sb = Scoreboard::new(300).unwrap();
-        let b = ip_bucket("198.51.100.1".parse().unwrap());
+        // A worker killed mid-charge (or mid-discharge) leaves its own
+        // table at whatever it reached; vacating the slot must take the
+        // table out of every total, and a new worker in the slot starts
+        // from zero.
+        let sb = Scoreboard::new(300, 8).unwrap();
+        let a = ip("198.51.100.1");
         sb.occupy(3);
         sb.occupy(299);
         for _ in 0..5 {
-            sb.charge_ip(299, b);
+            sb.charge_direct(299, a).unwrap();
         }
-        sb.charge_ip(3, b);
-        assert_eq!(sb.ip_total(b), 6);
+        sb.admit_proxied(299, a, 0);
+        sb.charge_direct(3, a).unwrap();
+        assert_eq!(sb.ip_total(a), 7);
         sb.vacate(299);
-        assert_eq!(sb.ip_total(b), 1, "the dead slot's five are gone");
-        sb.charge_ip(299, b); // a straggler write after the reap
-        assert_eq!(sb.ip_total(b), 1, "a vacated slot does not count");
+        assert_eq!(sb.ip_total(a), 1, "the dead slot's six are gone");
+        sb.charge_direct(299, a); // a straggler write after the reap
+        assert_eq!(sb.ip_total(a), 1, "a vacated slot does not count");
         sb.occupy(299);
-        assert_eq!((sb.ip_count(299, b), sb.ip_total(b)), (0, 1), "a reused slot starts empty");
+        assert_eq!((sb.ip_count(299, a), sb.ip_total(a)), (0, 1), "a reused slot starts empty");
     }
 
     #[test]

@@ -50,6 +50,12 @@ mod sealed {
     impl Sealed for std::sync::atomic::AtomicU32 {}
 }
 
+/// MAP_NORESERVE: the scoreboard's per-address tables reserve room for
+/// every slot a reload could use (MBs per slot in event mode), of which
+/// only the occupied slots' pages are ever touched; without it the whole
+/// reservation would be charged against the commit limit up front.
+const SHARED_FLAGS: MapFlags = MapFlags::MAP_SHARED.union(MapFlags::MAP_NORESERVE);
+
 /// Maps `len` zeroed atomics in an anonymous `MAP_SHARED` region.
 ///
 /// Created by the master before it forks, the region is the same physical
@@ -63,8 +69,7 @@ pub fn shared_zeroed<T: SharedAtomic>(len: usize) -> io::Result<&'static [T]> {
     // SAFETY: an anonymous mapping has no file behind it; the kernel returns
     // page-aligned (so suitably aligned for T), zero-filled memory of the
     // requested size, or an error.
-    let ptr =
-        unsafe { mmap_anonymous(None, bytes, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED) }?;
+    let ptr = unsafe { mmap_anonymous(None, bytes, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, SHARED_FLAGS) }?;
     // SAFETY: the region is `len * size_of::<T>()` bytes, aligned and zeroed;
     // zero is a valid value of every SharedAtomic type; the mapping is never
     // unmapped so the lifetime is 'static; atomics make concurrent access from

@@ -21,7 +21,9 @@ use loom::thread;
 
 use std::time::Duration;
 
-use echod::scoreboard::Scoreboard;
+use std::net::IpAddr;
+
+use echod::scoreboard::{Admission, Scoreboard};
 use echod::worker::counters::{Counters, Ending, Tally};
 use echod::worker::queue::{Pop, PushError, Queue};
 
@@ -155,7 +157,7 @@ fn close_wakes_an_idle_handler() {
 #[test]
 fn a_freed_slot_is_never_missed_by_both_master_and_worker() {
     model("a_freed_slot_is_never_missed_by_both_master_and_worker", || {
-        let sb = Scoreboard::new(1).expect("a scoreboard");
+        let sb = Scoreboard::new(1, 1).expect("a scoreboard");
         let worker = thread::spawn(move || {
             sb.slot(0).set_finished(1);
             sb.accept_paused()
@@ -167,6 +169,10 @@ fn a_freed_slot_is_never_missed_by_both_master_and_worker() {
     });
 }
 
+fn ip(text: &str) -> IpAddr {
+    text.parse().expect("an address")
+}
+
 /// Per-address counts: the master charges and reads the total while one
 /// worker discharges and another is reaped (its slot vacated). The total
 /// seen is always whole (before or after the vacate, never half-cleared),
@@ -174,25 +180,72 @@ fn a_freed_slot_is_never_missed_by_both_master_and_worker() {
 #[test]
 fn per_address_totals_are_exact_and_a_dead_workers_counts_vanish_whole() {
     model("per_address_totals_are_exact_and_a_dead_workers_counts_vanish_whole", || {
-        let sb = Scoreboard::new(2).expect("a scoreboard");
-        let bucket = 1;
+        let sb = Scoreboard::new(2, 1).expect("a scoreboard");
+        let a = ip("192.0.2.1");
         sb.occupy(0);
         sb.occupy(1);
-        sb.charge_ip(0, bucket);
-        sb.charge_ip(1, bucket);
-        sb.charge_ip(1, bucket);
+        let c0 = sb.charge_direct(0, a).expect("room");
+        sb.charge_direct(1, a).expect("room");
+        let c1 = sb.charge_direct(1, a).expect("room");
         // Worker 0 closes its connection; worker 1 dies and is reaped.
-        let w0 = thread::spawn(move || sb.discharge_ip(0, bucket));
+        let w0 = thread::spawn(move || sb.discharge(0, c0));
         let reaper = thread::spawn(move || sb.vacate(1));
-        let seen = sb.ip_total(bucket);
+        let seen = sb.ip_total(a);
         assert!(matches!(seen, 0..=3), "a whole total: {seen}");
         w0.join().unwrap();
         reaper.join().unwrap();
-        assert_eq!(sb.ip_total(bucket), 0, "nothing left: worker 0 discharged, worker 1 is gone");
+        assert_eq!(sb.ip_total(a), 0, "nothing left: worker 0 discharged, worker 1 is gone");
         // A discharge after the vacate (a late close) does not wrap around.
-        sb.discharge_ip(1, bucket);
+        sb.discharge(1, c1);
         sb.occupy(1);
-        assert_eq!(sb.ip_total(bucket), 0, "a new worker in the slot starts from zero");
+        assert_eq!(sb.ip_total(a), 0, "a new worker in the slot starts from zero");
+    });
+}
+
+/// #27.7: an entry re-keyed while another process sums an address. Under
+/// loom every address hashes to the same entry, so the master re-uses
+/// entry 0 for `b` as soon as the worker has discharged `a`. The reader
+/// sums `a` and `torn`, an address made of `a`'s high half and `b`'s low
+/// half: it must never take `b`'s count for `a`, nor a half-written
+/// address for a real one (a read without the generation check fails
+/// here: "a half-written address was counted").
+#[test]
+fn a_reader_is_never_fooled_by_an_entry_re_keyed_under_it() {
+    model("a_reader_is_never_fooled_by_an_entry_re_keyed_under_it", || {
+        let sb = Scoreboard::new(1, 1).expect("a scoreboard");
+        let (a, b, torn) = (ip("2001:db8::1"), ip("2001:db9::2"), ip("2001:db8::2"));
+        sb.occupy(0);
+        let ca = sb.charge_direct(0, a).expect("room");
+        let worker = thread::spawn(move || sb.discharge(0, ca));
+        let reader = thread::spawn(move || (sb.ip_total(a), sb.ip_total(torn)));
+        // The master, after the worker's close: b twice, in the entry a
+        // had (re-keyed while the reader may be reading it).
+        worker.join().unwrap();
+        assert_eq!(sb.charge_direct(0, b).map(|c| c.0), Some(0), "re-keyed in place");
+        sb.charge_direct(0, b).expect("room");
+        let (seen_a, seen_torn) = reader.join().unwrap();
+        assert!(seen_a <= 1, "b's count taken for a: {seen_a}");
+        assert_eq!(seen_torn, 0, "a half-written address was counted");
+        assert_eq!((sb.ip_total(a), sb.ip_total(b)), (0, 2), "exact afterwards");
+    });
+}
+
+/// Two workers admit the same PROXY client at once, with room for one:
+/// each charges its own table and then sums both, so at most one admits
+/// (both may refuse), and nothing stays charged for a refusal.
+#[test]
+fn two_workers_never_both_admit_a_proxy_client_past_the_limit() {
+    model("two_workers_never_both_admit_a_proxy_client_past_the_limit", || {
+        let sb = Scoreboard::new(2, 1).expect("a scoreboard");
+        let a = ip("198.51.100.7");
+        sb.occupy(0);
+        sb.occupy(1);
+        let other = thread::spawn(move || sb.admit_proxied(1, a, 1));
+        let mine = sb.admit_proxied(0, a, 1);
+        let theirs = other.join().unwrap();
+        let admitted = [mine, theirs].iter().filter(|x| matches!(x, Admission::Admitted(_))).count();
+        assert!(admitted <= 1, "both admitted: {mine:?} {theirs:?}");
+        assert_eq!(sb.ip_total(a), admitted as u64, "a refusal leaves nothing charged");
     });
 }
 
@@ -202,7 +255,7 @@ fn per_address_totals_are_exact_and_a_dead_workers_counts_vanish_whole() {
 #[test]
 fn counters_total_exactly_under_concurrent_finishes() {
     model("counters_total_exactly_under_concurrent_finishes", || {
-        let sb = Scoreboard::new(1).expect("a scoreboard");
+        let sb = Scoreboard::new(1, 1).expect("a scoreboard");
         let counters = Arc::new(Counters::new(sb.slot(0)));
         let handlers: Vec<_> = (0..2)
             .map(|_| {

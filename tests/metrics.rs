@@ -308,3 +308,75 @@ fn a_scrape_flood_renders_at_most_twenty_times_a_second() {
     assert!(renders <= bound, "{renders} renders for {scrapes} scrapes in {elapsed:?}");
     assert!(scrapes as f64 > 3.0 * renders, "the flood was a flood: {scrapes} scrapes, {renders} renders");
 }
+
+/// A client that sends a whole `GET /metrics` and never reads: a tiny
+/// receive buffer, so its response cannot drain and the master's side of
+/// the connection stays answering (writing, or lingering after it).
+fn non_reader(maddr: std::net::SocketAddr) -> Option<socket2::Socket> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).ok()?;
+    s.set_recv_buffer_size(1024).ok()?;
+    s.connect_timeout(&maddr.into(), Duration::from_secs(2)).ok()?;
+    (&s).write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    Some(s)
+}
+
+/// One health probe with a bound: Ok(status) if the whole response came
+/// within `within`, else why not.
+fn probe(maddr: std::net::SocketAddr, path: &str, within: Duration) -> Result<u16, String> {
+    let deadline = Instant::now() + within;
+    let mut s = std::net::TcpStream::connect_timeout(&maddr, within).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(within)).map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").map_err(|e| format!("write: {e}"))?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| format!("read: {e} after {text:?}"))?;
+    if Instant::now() > deadline {
+        return Err(format!("answered after {within:?}"));
+    }
+    text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or(format!("no status line: {text:?}"))
+}
+
+/// #27.3: clients that send a whole request and never read hold connections
+/// in the answering phases (writing, lingering), which eviction must also
+/// take: 70 of them opened at once and then a flood reconnecting ~250 times
+/// a second cannot keep a single `/healthz` or `/livez` probe from its 200
+/// within 1 s. (The endpoint is the master's, so this runs once, not per
+/// handler mode.)
+#[test]
+fn health_probes_get_through_clients_that_never_read_their_response() {
+    let e = start(&format!("{M}workers = 1\n"));
+    let maddr = e.metrics_addr();
+    let mut held: std::collections::VecDeque<socket2::Socket> = (0..70).filter_map(|_| non_reader(maddr)).collect();
+    assert!(held.len() >= 64, "could open only {} clients", held.len());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let mut opened = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                held.extend(non_reader(maddr));
+                opened += 1;
+                if held.len() > 80 {
+                    held.pop_front();
+                }
+                thread::sleep(Duration::from_millis(4));
+            }
+            opened
+        })
+    };
+    let mut failed = Vec::new();
+    let n = 30;
+    for i in 0..n {
+        let path = if i % 2 == 0 { "/healthz" } else { "/livez" };
+        match probe(maddr, path, Duration::from_secs(1)) {
+            Ok(200) => {}
+            other => failed.push(format!("probe {i} ({path}): {other:?}")),
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let opened = flood.join().unwrap();
+    eprintln!("{} of {n} probes answered within 1 s while {opened} non-readers reconnected", n - failed.len());
+    assert!(failed.is_empty(), "{} of {n} probes failed: {failed:#?}", failed.len());
+    let m = e.scrape();
+    assert!(m["echod_metrics_connections_evicted_total"] >= 64.0, "{m:?}");
+}

@@ -205,3 +205,57 @@ both_modes! {
         assert_eq!(errors, 0.0);
     }
 }
+
+both_modes! {
+    /// #27.7: `max_connections_per_ip` counts exact addresses. Under the
+    /// old unkeyed hash (FNV-1a mod 16,384) 127.1.25.8 shares 127.0.0.2's
+    /// bucket, so three connections from it locked 127.0.0.2 out.
+    fn the_per_address_limit_counts_exact_addresses_not_hash_buckets() {
+        let e = start("workers = 2\nmax_connections_per_ip = 3\n");
+        let mut hogs: Vec<TcpStream> = (0..3).map(|_| connect_from("127.1.25.8", e.addr)).collect();
+        for s in &mut hogs {
+            assert_eq!(round_trip(s, b"in").unwrap(), b"in");
+        }
+        let mut victim = connect_from("127.0.0.2", e.addr);
+        let echoed = round_trip(&mut victim, b"me").unwrap_or_else(|err| panic!("127.0.0.2: {err}\n{}", e.log_text()));
+        assert_eq!(echoed, b"me");
+        let mut fourth = connect_from("127.1.25.8", e.addr);
+        closed_unechoed(&mut fourth, Duration::from_secs(5)).unwrap();
+        e.wait_log("max_connections_per_ip (3) reached for 127.1.25.8", Duration::from_secs(5)).expect("logged");
+        assert!(!e.log_text().contains("reached for 127.0.0.2"), "{}", e.log_text());
+        drop((hogs, victim));
+    }
+
+    /// #27.7, behind a balancer: the addresses PROXY headers name count
+    /// exactly too, IPv6 included (2001:db8::1:1d96 shared 2001:db8::1's
+    /// old bucket), and an IPv4-mapped IPv6 client is its IPv4 address.
+    fn behind_a_proxy_the_limit_counts_exact_v4_and_v6_addresses() {
+        let e = start(&format!("{PROXIED}max_connections_per_ip = 3\n"));
+        let v1_6 = |client: &str, port: u16| format!("PROXY TCP6 {client} ::1 {port} 7\r\n").into_bytes();
+        let mut held = Vec::new();
+        let mut serve = |first: Vec<u8>, what: &str| {
+            let mut s = send(e.addr, &first);
+            let echoed = round_trip(&mut s, b"x").unwrap_or_else(|err| panic!("{what}: {err}\n{}", e.log_text()));
+            assert_eq!(echoed, b"x");
+            held.push(s);
+        };
+        for port in 1..=3 {
+            serve(v1("127.1.25.8", port), "127.1.25.8 under the limit");
+        }
+        serve(v1("127.0.0.2", 9), "127.0.0.2 (127.1.25.8's old bucket)");
+        for port in 1..=3 {
+            serve(v1_6("2001:db8::1", port), "2001:db8::1 under the limit");
+        }
+        serve(v1_6("2001:db8::1:1d96", 9), "2001:db8::1:1d96 (2001:db8::1's old bucket)");
+        serve(v1_6("::ffff:192.0.2.7", 1), "::ffff:192.0.2.7");
+        serve(v1_6("::ffff:192.0.2.7", 2), "::ffff:192.0.2.7");
+        serve(v1("192.0.2.7", 3), "192.0.2.7");
+        for refused in [v1("127.1.25.8", 4), v1_6("2001:db8::1", 4), v1("192.0.2.7", 4)] {
+            let mut s = send(e.addr, &refused);
+            closed_unechoed(&mut s, Duration::from_secs(5)).unwrap();
+        }
+        let m = e.scrape_until(Duration::from_secs(5), |m| m.get("echod_connections_rejected_total") == Some(&3.0));
+        assert_eq!(m["echod_connections_rejected_total"], 3.0, "{m:?}");
+        drop(held);
+    }
+}

@@ -16,8 +16,10 @@
 //! Over `max_connections` or `max_connections_per_ip` a connection is
 //! closed right after accept (counted as rejected, logged at most once per
 //! five seconds) instead of taking a thread. Per-address counts live in the
-//! scoreboard: the master charges a worker's row when it sends it a
-//! connection, the worker discharges it when the connection ends. On a
+//! scoreboard, by exact address: the master charges the client's entry of
+//! the worker's table when it sends it a connection (and puts the entry in
+//! the `Serve` command), the worker discharges it when the connection
+//! ends. On a
 //! PROXY protocol listener the peer is the balancer, so the master applies
 //! only `max_connections`; the worker applies the per-address limit once
 //! the header has named the client (`worker::proxied`).
@@ -29,7 +31,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, ErrorKind};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
@@ -38,7 +40,6 @@ use crate::ipc::{MAX_FDS_PER_MESSAGE, Origin};
 use crate::master::listeners::Listeners;
 use crate::master::supervisor::{Pending, Phase, Supervisor, WorkerHandle};
 use crate::ratelimit::RateLimited;
-use crate::scoreboard::ip_bucket;
 
 /// First pause after an EMFILE with nothing to free; doubles up to the max.
 const FD_BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -157,20 +158,23 @@ impl Dispatcher {
                         // Behind a PROXY listener the peer is the balancer:
                         // the worker learns the client and applies the
                         // per-address limit to it.
-                        let origin = match peer.as_socket() {
-                            _ if listener.proxy => Origin::Proxied,
-                            Some(a) => Origin::Direct(ip_bucket(a.ip())),
-                            None => Origin::Direct(0),
+                        // (A peer without an address cannot happen on TCP;
+                        // it would count as the unspecified address.)
+                        let client = match peer.as_socket() {
+                            _ if listener.proxy => None,
+                            Some(a) => Some(a.ip().to_canonical()),
+                            None => Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
                         };
-                        if let Some(why) = self.over_limit(sup, limits, origin) {
+                        if let Some(why) = self.over_limit(sup, limits, client) {
                             self.reject(why, peer.as_socket(), now);
                             continue; // dropping `socket` closes it
                         }
                         self.accepted += 1;
                         let w = &mut sup.workers[i];
-                        w.outbox.push(Pending { fd: OwnedFd::from(socket), origin });
+                        w.outbox.push(Pending { fd: OwnedFd::from(socket), client });
                         if w.outbox.len() >= MAX_FDS_PER_MESSAGE {
-                            send_outbox(w, &mut self.stash, &mut self.send_log, sup.scoreboard);
+                            let full = send_outbox(w, &mut self.stash, &mut self.send_log, sup.scoreboard);
+                            self.refused_for_full_tables(full);
                         }
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -195,8 +199,16 @@ impl Dispatcher {
         }
     }
 
-    /// Whether one more connection from `origin` would break a limit.
-    fn over_limit(&self, sup: &Supervisor, limits: Limits, origin: Origin) -> Option<Rejection> {
+    /// Connections `send_outbox` closed because their worker's address
+    /// table was full: rejected, not accepted after all.
+    fn refused_for_full_tables(&mut self, n: u64) {
+        self.accepted -= n;
+        self.rejected += n;
+    }
+
+    /// Whether one more connection from `client` (None: a PROXY listener's
+    /// balancer) would break a limit.
+    fn over_limit(&self, sup: &Supervisor, limits: Limits, client: Option<IpAddr>) -> Option<Rejection> {
         if limits.max_connections > 0 {
             // load_of counts each worker's outbox; add only the stash.
             let held = self.stash.len() as u64 + sup.workers.iter().map(|w| load_of(w, sup)).sum::<u64>();
@@ -204,10 +216,10 @@ impl Dispatcher {
                 return Some(Rejection::Total(limits.max_connections));
             }
         }
-        if let (Origin::Direct(bucket), true) = (origin, limits.max_per_ip > 0) {
-            let in_workers = sup.scoreboard.ip_total(bucket);
+        if let (Some(ip), true) = (client, limits.max_per_ip > 0) {
+            let in_workers = sup.scoreboard.ip_total(ip);
             let unsent = self.stash.iter().chain(sup.workers.iter().flat_map(|w| &w.outbox));
-            let held = unsent.filter(|p| p.origin == origin).count() as u64;
+            let held = unsent.filter(|p| p.client == client).count() as u64;
             if in_workers + held >= limits.max_per_ip as u64 {
                 return Some(Rejection::PerIp(limits.max_per_ip));
             }
@@ -277,9 +289,11 @@ impl Dispatcher {
     fn flush(&mut self, sup: &mut Supervisor) -> usize {
         let before = self.stash.len();
         let scoreboard = sup.scoreboard;
+        let mut full = 0;
         for w in sup.workers.iter_mut().filter(|w| !w.outbox.is_empty()) {
-            send_outbox(w, &mut self.stash, &mut self.send_log, scoreboard);
+            full += send_outbox(w, &mut self.stash, &mut self.send_log, scoreboard);
         }
+        self.refused_for_full_tables(full);
         self.stash.len() - before
     }
 
@@ -327,31 +341,52 @@ fn load_of(w: &WorkerHandle, sup: &Supervisor) -> u64 {
     (w.dispatched + w.outbox.len() as u64).saturating_sub(finished)
 }
 
-/// Sends a worker's outbox in messages of up to MAX_FDS_PER_MESSAGE fds and
-/// charges the worker's per-address counts. On success our copies are
-/// closed; what could not be sent goes to `stash`.
+/// Sends a worker's outbox in messages of up to MAX_FDS_PER_MESSAGE fds,
+/// each direct connection charged to its client's entry of the worker's
+/// table first (the worker may close, and discharge, a connection before
+/// this process runs again). On success our copies are closed; what could
+/// not be sent is discharged and goes to `stash`. Returns how many
+/// connections were closed instead because the worker's table was full
+/// (never, while its capacity is at most the table's bound: see
+/// `Supervisor::table_bound`).
 fn send_outbox(
     w: &mut WorkerHandle,
     stash: &mut VecDeque<Pending>,
     log_limit: &mut RateLimited,
     scoreboard: crate::scoreboard::Scoreboard,
-) {
-    let outbox = std::mem::take(&mut w.outbox);
-    let mut rest = &outbox[..];
+) -> u64 {
+    let mut full = 0;
+    let mut charged: Vec<(Pending, Origin)> = Vec::with_capacity(w.outbox.len());
+    for p in std::mem::take(&mut w.outbox) {
+        let origin = match p.client {
+            None => Origin::Proxied,
+            Some(ip) => match scoreboard.charge_direct(w.id, ip) {
+                Some(charge) => Origin::Direct(charge),
+                None => {
+                    full += 1;
+                    if let Some(s) = log_limit.allow(Instant::now()) {
+                        log::warn!(
+                            "rejected a connection from {ip}: worker {}'s per-address table is full{}",
+                            w.id,
+                            RateLimited::suffix(s)
+                        );
+                    }
+                    continue; // dropping `p` closes it
+                }
+            },
+        };
+        charged.push((p, origin));
+    }
+    let mut rest = &charged[..];
     while !rest.is_empty() {
         let n = rest.len().min(MAX_FDS_PER_MESSAGE);
-        let batch: Vec<(BorrowedFd, Origin)> = rest[..n].iter().map(|p| (p.fd.as_fd(), p.origin)).collect();
-        let buckets = || rest[..n].iter().filter_map(|p| if let Origin::Direct(b) = p.origin { Some(b) } else { None });
-        // Charge first: once sent, the worker may close (and discharge) a
-        // connection before this process runs again.
-        buckets().for_each(|b| scoreboard.charge_ip(w.id, b));
+        let batch: Vec<(BorrowedFd, Origin)> = rest[..n].iter().map(|(p, o)| (p.fd.as_fd(), *o)).collect();
         match w.channel.send_serve(&batch) {
             Ok(()) => {
                 w.dispatched += n as u64;
                 rest = &rest[n..];
             }
             Err(e) => {
-                buckets().for_each(|b| scoreboard.discharge_ip(w.id, b));
                 if e.kind() == ErrorKind::WouldBlock {
                     w.congested = true;
                 } else if let Some(s) = log_limit.allow(Instant::now()) {
@@ -362,9 +397,16 @@ fn send_outbox(
             }
         }
     }
-    let sent = outbox.len() - rest.len();
-    // Keep what was not sent; the sent ones are dropped (closed) here.
-    stash.extend(outbox.into_iter().skip(sent));
+    let sent = charged.len() - rest.len();
+    // Keep what was not sent, its charges given back; the sent ones are
+    // dropped (closed) here.
+    for (p, origin) in charged.into_iter().skip(sent) {
+        if let Origin::Direct(charge) = origin {
+            scoreboard.discharge(w.id, charge);
+        }
+        stash.push_back(p);
+    }
+    full
 }
 
 fn is_fd_exhaustion(e: &io::Error) -> bool {

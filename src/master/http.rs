@@ -23,10 +23,18 @@
 //! A request head arriving a byte at a time is scanned only where it grew.
 //!
 //! Health probes must get through whatever holds the port: when every slot
-//! is taken, a new connection evicts the oldest one still sending its
-//! request (a probe or a scraper sends its request at once; a connection
-//! that has not is idle or slow, and is the one to go), so idle or slowloris
-//! clients cannot starve `/healthz` and `/livez`.
+//! is taken, a new connection always gets one, by evicting (with a reset) an
+//! older connection in any phase, cheapest first: one already answered and
+//! lingering for its client's close (its response is with the kernel, or
+//! the client does not read it), then one still writing its response (a
+//! client that does not read), then one still sending its request (idle or
+//! slowloris); oldest first within a phase. A probe sends its request at
+//! once, and it is read and answered in the loop turn that accepts it when
+//! it is already there, so it is the newest connection in the table when
+//! anything is evicted: a flood of reconnecting clients, whatever phase it
+//! holds connections in, evicts its own older connections, not the probe.
+//! The table stays at [`MAX_CONNS`], and each eviction frees what the
+//! kernel held for the victim (SO_LINGER 0), so memory stays bounded.
 //!
 //! Responses are delivered whole: after the last byte is written the master
 //! half-closes and reads (discarding) until the client closes, for up to
@@ -83,6 +91,21 @@ enum State {
     Closing,
 }
 
+impl State {
+    /// Eviction order at the cap (lowest first): an answered connection
+    /// costs nothing to drop (its client has had its response, or does not
+    /// read it), one still writing is a client that does not read, one
+    /// still reading its request is idle or slow, and the newest of those
+    /// may be a probe whose request is on its way.
+    fn eviction_rank(&self) -> u8 {
+        match self {
+            State::Closing => 0,
+            State::Writing(..) => 1,
+            State::Reading(_) => 2,
+        }
+    }
+}
+
 struct Conn {
     stream: TcpStream,
     state: State,
@@ -93,9 +116,11 @@ struct Conn {
 /// The endpoint's own counters, rendered after the master's series.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct EndpointStats {
-    /// Connections closed to make room: the oldest still sending a request.
+    /// Connections reset to make room for a new one (see the module doc
+    /// for which go first).
     pub evicted: u64,
-    /// Connections closed at accept: every slot was writing a response.
+    /// Connections closed at accept because they could not be registered
+    /// with the poll (a full table evicts instead).
     pub refused: u64,
     /// Connections reset at their deadline, a response possibly unsent.
     pub aborted: u64,
@@ -117,10 +142,10 @@ impl EndpointStats {
         let series = [
             (
                 conns("evicted"),
-                "Scrape connections closed to make room (the oldest one still sending its request).",
+                "Scrape connections reset to make room (answered ones first, then ones writing, then ones reading; oldest first).",
                 sum.evicted,
             ),
-            (conns("refused"), "Scrape connections closed at accept: every slot was busy answering.", sum.refused),
+            (conns("refused"), "Scrape connections closed at accept: they could not be polled.", sum.refused),
             (
                 conns("aborted"),
                 "Scrape connections reset at their deadline (a response not taken, or no close after it).",
@@ -265,7 +290,7 @@ impl HttpServer {
         if self.retry_at.is_some_and(|t| now >= t) {
             self.retry_at = None;
             if !self.paused {
-                self.on_listener(registry, now);
+                self.accept_pending(registry, now, None);
             }
         }
         let late: Vec<usize> = self.conns.iter().filter(|(_, c)| now >= c.deadline).map(|(id, _)| *id).collect();
@@ -283,29 +308,36 @@ impl HttpServer {
         }
     }
 
-    /// Accepts pending scrape connections.
-    pub fn on_listener(&mut self, registry: &Registry, now: Instant) {
+    /// Accepts pending scrape connections, and answers each one whose
+    /// request is already there in the same turn (see the module doc).
+    pub fn on_listener(&mut self, registry: &Registry, now: Instant, app: &dyn Responder) {
+        self.accept_pending(registry, now, Some(app));
+    }
+
+    /// Accepts until the backlog is empty. Without `app` (an accept retry
+    /// from the timer) a new connection is only registered: its request,
+    /// left unread, raises a readiness event for the next turn.
+    fn accept_pending(&mut self, registry: &Registry, now: Instant, app: Option<&dyn Responder>) {
         loop {
             match self.listener.accept() {
                 Ok((mut stream, _)) => {
                     if self.conns.len() >= MAX_CONNS {
-                        match self.oldest_reading() {
-                            Some(victim) => {
-                                self.abort_conn(victim, registry);
-                                self.stats.evicted += 1;
-                            }
-                            None => {
-                                self.stats.refused += 1;
-                                continue; // dropped: closed at once
-                            }
+                        if let Some(victim) = self.eviction_victim() {
+                            self.abort_conn(victim, registry);
+                            self.stats.evicted += 1;
                         }
                     }
                     let id = self.next_id;
                     self.next_id = self.next_id.wrapping_add(1) % (1 << 20);
                     let token = Token(CONN_TOKEN_BASE + id);
-                    if registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE).is_ok() {
-                        let state = State::Reading(Vec::with_capacity(512));
-                        self.conns.insert(id, Conn { stream, state, deadline: now + DEADLINE, accepted: now });
+                    if registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE).is_err() {
+                        self.stats.refused += 1;
+                        continue; // dropped: closed at once
+                    }
+                    let state = State::Reading(Vec::with_capacity(512));
+                    self.conns.insert(id, Conn { stream, state, deadline: now + DEADLINE, accepted: now });
+                    if let Some(app) = app {
+                        self.on_conn(token, registry, app);
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
@@ -337,10 +369,12 @@ impl HttpServer {
         }
     }
 
-    /// The connection that has been sending its request the longest.
-    fn oldest_reading(&self) -> Option<usize> {
-        let reading = self.conns.iter().filter(|(_, c)| matches!(c.state, State::Reading(_)));
-        reading.min_by_key(|(_, c)| c.accepted).map(|(id, _)| *id)
+    /// The connection to reset for a new one: lowest phase rank, then the
+    /// oldest (ids break ties between connections accepted in the same
+    /// instant, in accept order modulo wrap-around).
+    fn eviction_victim(&self) -> Option<usize> {
+        let key = |(id, c): (&usize, &Conn)| (c.state.eviction_rank(), c.accepted, *id);
+        self.conns.iter().min_by_key(|e| key(*e)).map(|(id, _)| *id)
     }
 
     fn drop_conn(&mut self, id: usize, registry: &Registry) {

@@ -376,7 +376,7 @@ impl Master {
                 None => format!("key `{key}`: {why}"),
             }));
         }
-        let sup = Supervisor::new(config.worker_count())?;
+        let sup = Supervisor::new(config.worker_count(), capacity)?;
         let now = Instant::now();
         let started = unix_now();
         // A new master is main at once only when its predecessor will not
@@ -441,11 +441,7 @@ impl Master {
                     }
                     _ if token == upgrade::SUCCESSOR_TOKEN => self.on_successor_channel(),
                     _ if token == upgrade::PREDECESSOR_TOKEN => self.on_predecessor_channel(),
-                    _ if token == http::LISTENER_TOKEN => {
-                        if let Some(h) = &mut self.http {
-                            h.on_listener(self.poll.registry(), Instant::now());
-                        }
-                    }
+                    _ if token == http::LISTENER_TOKEN => self.on_metrics_listener(),
                     t if t >= LISTENER_TOKEN_BASE => self.listeners.mark_ready(token),
                     t if t >= http::CONN_TOKEN_BASE => self.on_scrape(token),
                     t if t >= WORKER_TOKEN_BASE => {
@@ -592,6 +588,15 @@ impl Master {
         }
         if readable && read_notices(id, &w.channel) {
             self.sup.mark_ready(id);
+        }
+    }
+
+    /// Scrape connections wait: accept them (answering at once those whose
+    /// request is there, see `http`).
+    fn on_metrics_listener(&mut self) {
+        let app = Endpoint { sup: &self.sup, disp: &self.disp, info: self.info, stopping: self.is_stopping() };
+        if let Some(h) = &mut self.http {
+            h.on_listener(self.poll.registry(), Instant::now(), &app);
         }
     }
 

@@ -21,8 +21,10 @@ use std::os::fd::{AsRawFd, OwnedFd};
 #[derive(Debug)]
 pub struct Pending {
     pub fd: OwnedFd,
-    /// Its client address's bucket, or that a PROXY header will tell.
-    pub origin: crate::ipc::Origin,
+    /// The client's address, charged to the worker's table when the
+    /// connection is sent; None on a PROXY listener (the peer is a
+    /// balancer: the worker charges the client its header names).
+    pub client: Option<std::net::IpAddr>,
 }
 use std::time::{Duration, Instant};
 
@@ -149,11 +151,13 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(target: usize) -> std::io::Result<Supervisor> {
+    /// `capacity`: connections per worker at start, which sizes the
+    /// scoreboard's per-address tables (see `spawn` for a reload past it).
+    pub fn new(target: usize, capacity: usize) -> std::io::Result<Supervisor> {
         Ok(Supervisor {
             workers: Vec::new(),
             // Room for a full second set during a reload, plus TTIN headroom.
-            scoreboard: Scoreboard::new(2 * MAX_WORKERS + 8)?,
+            scoreboard: Scoreboard::new(2 * MAX_WORKERS + 8, capacity)?,
             retired: SlotStats::default(),
             generation: 1,
             target,
@@ -237,6 +241,7 @@ impl Supervisor {
         let id = (0..self.scoreboard.slots())
             .find(|i| !self.workers.iter().any(|w| w.id == *i))
             .ok_or_else(|| std::io::Error::other("no free scoreboard slot"))?;
+        let capacity = self.table_bound(capacity);
         let (ours, theirs) = Channel::pair()?;
         self.scoreboard.slot(id).reset();
         self.scoreboard.occupy(id);
@@ -271,6 +276,22 @@ impl Supervisor {
                 Ok(())
             }
         }
+    }
+
+    /// A worker's capacity, held to what the scoreboard's per-address
+    /// tables were sized for at start (twice the capacity then): past it a
+    /// table could fill, and connections would be refused for it. Only a
+    /// reload that raises `threads_per_worker` / `worker_connections` gets
+    /// here; a restart or a binary upgrade sizes the tables anew.
+    fn table_bound(&self, capacity: usize) -> usize {
+        let max = self.scoreboard.max_capacity();
+        if capacity > max {
+            log::warn!(
+                "a worker gets {max} connections, not {capacity}: the per-address tables were sized at start \
+                 (restart or upgrade, USR2, to raise it)"
+            );
+        }
+        capacity.min(max)
     }
 
     /// Tells a worker to drain and stops giving it connections.

@@ -172,7 +172,7 @@ mod tests {
 
     #[test]
     fn concurrent_flushes_lose_nothing() {
-        let sb = Scoreboard::new(1).unwrap();
+        let sb = Scoreboard::new(1, 1).unwrap();
         let c = Arc::new(Counters::new(sb.slot(0)));
         let threads: Vec<_> = (0..8)
             .map(|_| {
@@ -200,7 +200,7 @@ mod tests {
     /// overwrites instead of adding shows).
     #[test]
     fn every_ending_and_refusal_is_counted_where_the_metrics_read_it() {
-        let sb = Scoreboard::new(1).unwrap();
+        let sb = Scoreboard::new(1, 1).unwrap();
         let c = Counters::new(sb.slot(0));
         for round in 1..=2u64 {
             let mut t = Tally { bytes_in: 5, bytes_out: 4 };

@@ -40,6 +40,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::config::Transform;
 use crate::ipc::{Notice, Origin};
 use crate::proxy::{Handshake, HeaderError, Step};
+use crate::scoreboard::Charge;
 use crate::worker::counters::{Ending, Refusal, Tally};
 use crate::worker::echo::ending_of;
 use crate::worker::handles::{self, Handle};
@@ -105,9 +106,9 @@ pub fn spawn(w: &Arc<Worker>, index: usize, poll: Poll) -> io::Result<()> {
 /// One client connection in a loop.
 struct Conn {
     stream: TcpStream,
-    /// Client-address bucket, discharged when the connection ends (None
-    /// while a PROXY header is awaited: nothing is charged yet).
-    bucket: Option<u16>,
+    /// The client address's charge, given back when the connection ends
+    /// (None while a PROXY header is awaited: nothing is charged yet).
+    charge: Option<Charge>,
     /// The PROXY header being read, with the balancer's address; None once
     /// admitted (or on a plain listener).
     header: Option<Box<(Handshake, std::net::SocketAddr)>>,
@@ -266,8 +267,8 @@ impl EventLoop {
     }
 
     fn register(&mut self, stream: StdStream, origin: Origin) {
-        let (bucket, header) = match origin {
-            Origin::Direct(bucket) => (Some(bucket), None),
+        let (charge, header) = match origin {
+            Origin::Direct(charge) => (Some(charge), None),
             Origin::Proxied => {
                 let trusted = proxied::peer_of(&self.w, &stream).and_then(|peer| {
                     proxied::check_trusted(&self.w, peer)?;
@@ -300,7 +301,7 @@ impl EventLoop {
             Ok(stream) => {
                 self.conns[i] = Some(Conn {
                     stream,
-                    bucket,
+                    charge,
                     header,
                     started,
                     last_active,
@@ -316,7 +317,7 @@ impl EventLoop {
             Err(e) => {
                 log::warn!("cannot poll a connection: {e}");
                 self.free.push(i);
-                self.finish(bucket, started, Ending::Other);
+                self.finish(charge, started, Ending::Other);
             }
         }
     }
@@ -395,16 +396,16 @@ impl EventLoop {
         let _ = self.poll.registry().deregister(&mut conn.stream);
         drop(conn.stream);
         self.free.push(i);
-        self.finish(conn.bucket, conn.started, ending);
+        self.finish(conn.charge, conn.started, ending);
         log::trace!("connection closed: {ending:?}");
     }
 
     /// Records a connection that ended. Its bytes are in the loop's tally,
     /// flushed with it so totals are exact the moment it counts as finished.
-    fn finish(&mut self, bucket: Option<u16>, started: Instant, ending: Ending) {
+    fn finish(&mut self, charge: Option<Charge>, started: Instant, ending: Ending) {
         self.w.counters.finish(&mut self.tally, ending, started.elapsed());
-        if let Some(bucket) = bucket {
-            self.w.scoreboard.discharge_ip(self.w.id, bucket);
+        if let Some(charge) = charge {
+            self.w.scoreboard.discharge(self.w.id, charge);
         }
         self.forget();
     }
@@ -444,7 +445,7 @@ fn read_header(w: &Worker, c: &mut Conn, transform: Transform, tally: &mut Tally
         }
     };
     let admitted = proxied::admit(w, peer, header, Vec::new())?;
-    c.bucket = admitted.bucket;
+    c.charge = admitted.charge;
     c.header = None;
     if !early.is_empty() {
         if transform == Transform::Upper {

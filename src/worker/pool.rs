@@ -120,10 +120,10 @@ fn serve(w: &Worker, slot: &ConnSlot, mut stream: TcpStream, origin: Origin, buf
     // still sending its PROXY header.
     slot.open(stream.as_raw_fd(), seen);
     let mut tally = Tally::default();
-    let (bucket, mut early) = match origin {
-        Origin::Direct(bucket) => (Some(bucket), Vec::new()),
+    let (charge, mut early) = match origin {
+        Origin::Direct(charge) => (Some(charge), Vec::new()),
         Origin::Proxied => match proxied::handshake_blocking(w, &mut stream) {
-            Ok(a) => (a.bucket, a.early),
+            Ok(a) => (a.charge, a.early),
             Err(_) => {
                 // Counted (as finished) by `proxied`; nothing was charged.
                 slot.close();
@@ -164,8 +164,8 @@ fn serve(w: &Worker, slot: &ConnSlot, mut stream: TcpStream, origin: Origin, buf
     // once nothing is busy, and must neither lose this connection's last
     // bytes nor leave its client charged in the scoreboard.
     w.counters.finish(&mut tally, ending, started.elapsed());
-    if let Some(bucket) = bucket {
-        w.scoreboard.discharge_ip(w.id, bucket);
+    if let Some(charge) = charge {
+        w.scoreboard.discharge(w.id, charge);
     }
     w.busy.fetch_sub(1, Ordering::Release);
     log::trace!("connection closed: {ending:?}");

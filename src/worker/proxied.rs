@@ -19,17 +19,26 @@
 //! something takes down one worker, not the master.
 //!
 //! The cost is that the per-address limit for these clients is checked here,
-//! against every worker's row of the scoreboard, instead of in the master.
-//! The worker charges its own row first and then reads the total, so two
-//! workers admitting the same client at once both see each other: at worst
-//! both refuse, never both admit past the limit.
+//! against every worker's tables of the scoreboard, instead of in the
+//! master. The worker charges the client's exact address in its own PROXY
+//! table first and then reads the total (a SeqCst fence between, on every
+//! worker), so two workers admitting the same client at once both see each
+//! other: at worst both refuse, never both admit past the limit.
+//!
+//! The worker is the only writer of its PROXY table's addresses (the master
+//! writes the other table, of plain listeners' clients), and its handler
+//! threads (or event loops) take turns through [`ADMITTING`]: one entry is
+//! never re-keyed by two threads at once. A discharge needs no turn (one
+//! atomic on a count the connection holds). A full table (it has twice the
+//! worker's capacity of entries, so it cannot fill) refuses the client as
+//! over the limit, with a log line.
 
 use std::net::{SocketAddr, TcpStream};
 use std::time::Instant;
 
 use crate::proxy::{Handshake, Header, HeaderError, Step};
 use crate::ratelimit::RateLimited;
-use crate::scoreboard::ip_bucket;
+use crate::scoreboard::{Admission, Charge};
 use crate::worker::counters::{Refusal, Tally};
 use crate::worker::echo::write_counted;
 use crate::worker::shared::Worker;
@@ -37,11 +46,11 @@ use crate::worker::shared::Worker;
 /// A connection whose header was accepted.
 #[derive(Debug)]
 pub struct Admitted {
-    /// The client's address bucket, charged to this worker: discharge it
-    /// when the connection ends. None for a LOCAL (or UNKNOWN, UNSPEC,
-    /// AF_UNIX) header: the balancer speaking for itself names no client,
-    /// and its health checks must not eat a client's per-address budget.
-    pub bucket: Option<u16>,
+    /// The client's address, charged to this worker: discharge it when the
+    /// connection ends. None for a LOCAL (or UNKNOWN, UNSPEC, AF_UNIX)
+    /// header: the balancer speaking for itself names no client, and its
+    /// health checks must not eat a client's per-address budget.
+    pub charge: Option<Charge>,
     /// Bytes the client sent right after the header, read with it: the
     /// first bytes to echo.
     pub early: Vec<u8>,
@@ -98,6 +107,10 @@ pub fn handshake_blocking(w: &Worker, stream: &mut TcpStream) -> Result<Admitted
     }
 }
 
+/// Turns of this worker's threads at writing its PROXY address table (a
+/// worker process holds one scoreboard slot, so one lock per process).
+static ADMITTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Step 3, once a header is complete: charges the client it names and
 /// checks `max_connections_per_ip` across all workers.
 pub fn admit(w: &Worker, peer: SocketAddr, header: Header, early: Vec<u8>) -> Result<Admitted, Refusal> {
@@ -106,18 +119,34 @@ pub fn admit(w: &Worker, peer: SocketAddr, header: Header, early: Vec<u8>) -> Re
         // trusted already; no client to charge.
         w.counters.proxied();
         log::trace!("connection from {peer} (the balancer itself)");
-        return Ok(Admitted { bucket: None, early });
+        return Ok(Admitted { charge: None, early });
     };
-    let bucket = ip_bucket(client.ip());
-    w.scoreboard.charge_ip(w.id, bucket);
-    let max = w.config.max_connections_per_ip;
-    if max > 0 && w.scoreboard.ip_total(bucket) > u64::from(max) {
-        w.scoreboard.discharge_ip(w.id, bucket);
-        return Err(refused(w, peer, Some(client), Refusal::PerIp));
-    }
+    let admission = {
+        // A poisoned turn only means another thread panicked holding it;
+        // the table itself is atomics, consistent at every step.
+        let _turn = ADMITTING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        w.scoreboard.admit_proxied(w.id, client.ip().to_canonical(), w.config.max_connections_per_ip)
+    };
+    let charge = match admission {
+        Admission::Admitted(charge) => charge,
+        Admission::OverLimit => return Err(refused(w, peer, Some(client), Refusal::PerIp)),
+        Admission::TableFull => {
+            w.counters.refuse(Refusal::PerIp);
+            let allowed = w.refusal_log.lock().map(|mut l| l.allow(Instant::now())).unwrap_or(None);
+            if let Some(suppressed) = allowed {
+                log::warn!(
+                    "rejected a connection from {} (via {peer}): worker {}'s per-address table is full{}",
+                    client.ip(),
+                    w.id,
+                    RateLimited::suffix(suppressed)
+                );
+            }
+            return Err(Refusal::PerIp);
+        }
+    };
     w.counters.proxied();
     log::trace!("connection from {client} via {peer}");
-    Ok(Admitted { bucket: Some(bucket), early })
+    Ok(Admitted { charge: Some(charge), early })
 }
 
 /// Counts a refusal and logs it (rate-limited); the caller closes.

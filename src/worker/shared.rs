@@ -55,8 +55,8 @@ impl Worker {
     /// Gives back what the master charged for a connection that is gone
     /// (a proxied one is charged only once its header is read).
     pub fn release(&self, origin: Origin) {
-        if let Origin::Direct(bucket) = origin {
-            self.scoreboard.discharge_ip(self.id, bucket);
+        if let Origin::Direct(charge) = origin {
+            self.scoreboard.discharge(self.id, charge);
         }
     }
 
