@@ -39,6 +39,28 @@ fn connect_and_reset(addr: SocketAddr) {
     s.set_linger(Some(Duration::ZERO)).unwrap();
 }
 
+/// Lowers RLIMIT_NOFILE of a running process. prlimit(2) on another
+/// process needs CAP_SYS_RESOURCE or the target's uids and gids; a root
+/// without the capability (a container) runs prlimit as the worker's user.
+fn set_nofile(pid: i32, n: usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let id = |key: &str| {
+        status.lines().find_map(|l| l.strip_prefix(key)).and_then(|r| r.split_whitespace().next()).map(str::to_string)
+    };
+    let (uid, gid) = (id("Uid:").expect("worker uid"), id("Gid:").expect("worker gid"));
+    let prlimit = [format!("--pid={pid}"), format!("--nofile={n}:{n}")];
+    let direct = std::process::Command::new("prlimit").args(&prlimit).stderr(std::process::Stdio::null()).status();
+    if direct.is_ok_and(|s| s.success()) {
+        return;
+    }
+    let status = std::process::Command::new("setpriv")
+        .args([format!("--reuid={uid}"), format!("--regid={gid}"), "--clear-groups".into(), "prlimit".into()])
+        .args(&prlimit)
+        .status()
+        .expect("setpriv prlimit");
+    assert!(status.success(), "cannot lower RLIMIT_NOFILE of {pid} (as uid {uid})");
+}
+
 fn metric(m: &std::collections::HashMap<String, f64>, name: &str) -> f64 {
     m.get(name).copied().unwrap_or_else(|| panic!("no {name} in {m:?}"))
 }
@@ -181,5 +203,79 @@ both_modes! {
         assert_eq!(round_trip(&mut a, b"a").unwrap(), b"a", "the balancer's address as a client has its budget");
         let mut b = send(e.addr, &v1("127.0.0.1", 2));
         closed_unechoed(&mut b, Duration::from_secs(5)).unwrap();
+    }
+
+    /// #27.9: capacity counts every fd a worker holds that is not a
+    /// connection (in event mode, each loop's epoll fd and waker). With 64
+    /// loops under `ulimit -n 200`, a full worker used to run out of fds at
+    /// 75 connections while its stated capacity was 184, and died with all
+    /// of them. Now every connection up to the stated capacity is served,
+    /// by the same worker, all at once.
+    fn a_full_worker_at_the_fd_limit_serves_its_whole_capacity() {
+        let e = start_with_nofile("workers = 1\nevent_threads = 64\nmin_spare_threads = 1\n", 200);
+        let worker = e.wait_workers(1, Duration::from_secs(5))[0];
+        let line = e.wait_log("connections per worker", Duration::from_secs(5)).expect("the lowered capacity is logged");
+        let capacity: usize = line
+            .split("holds only ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no capacity in {line:?}"));
+        let mut held: Vec<TcpStream> = Vec::new();
+        for i in 0..capacity {
+            let mut s = connect(e.addr);
+            let msg = format!("client {i}");
+            let got = round_trip(&mut s, msg.as_bytes());
+            assert!(
+                got.as_deref().ok() == Some(msg.as_bytes()),
+                "client {i} of {capacity}: {got:?} (worker alive: {})\n{}",
+                alive(worker),
+                e.log_text()
+            );
+            held.push(s);
+        }
+        for (i, s) in held.iter_mut().enumerate() {
+            assert_eq!(round_trip(s, b"again").unwrap(), b"again", "client {i} still served");
+        }
+        assert_eq!(e.workers(), [worker], "the same worker holds them all");
+        assert!(!e.log_text().contains("closing all connections"), "{}", e.log_text());
+    }
+
+    /// #27.9: a worker that runs out of fds anyway (here its limit is
+    /// lowered behind the master's back) loses only the connections the
+    /// kernel could not hand it, counts each as finished (or it looks
+    /// loaded for ever), and goes on serving the ones it holds. It used to
+    /// take the truncated message for a broken channel and exit, cutting
+    /// every client.
+    fn a_worker_out_of_fds_loses_only_what_it_could_not_take() {
+        let e = start("workers = 1\nmin_spare_threads = 1\n");
+        let worker = e.wait_workers(1, Duration::from_secs(5))[0];
+        let mut held: Vec<TcpStream> = (0..3).map(|_| connect(e.addr)).collect();
+        for s in held.iter_mut() {
+            assert_eq!(round_trip(s, b"held").unwrap(), b"held");
+        }
+        // Room for nothing more: the worker's own fds are all it may have.
+        let limit = fd_count(worker);
+        set_nofile(worker, limit);
+        let mut lost: Vec<TcpStream> = (0..4).map(|_| connect(e.addr)).collect();
+        for (i, s) in lost.iter_mut().enumerate() {
+            let _ = s.write_all(b"x");
+            closed_by_server(s, Duration::from_secs(10)).unwrap_or_else(|err| panic!("lost client {i}: {err}"));
+        }
+        for (i, s) in held.iter_mut().enumerate() {
+            let got = round_trip(s, b"still");
+            assert!(got.as_deref().ok() == Some(b"still"), "held client {i}: {got:?}\n{}", e.log_text());
+        }
+        assert!(alive(worker), "{}", e.log_text());
+        // Each lost connection counted as finished: only the held ones are active.
+        let s = e.stats_until(Duration::from_secs(10), |s| s["accepted"] == 7 && s["closed"] == 4);
+        assert_eq!(s["active"], 3, "{s:?}");
+        e.wait_log("the kernel dropped", Duration::from_secs(5)).expect("the loss is logged");
+        // With its fds back, the same worker serves new clients again.
+        drop(held);
+        e.stats_until(Duration::from_secs(10), |s| s["active"] == 0);
+        let mut after = connect(e.addr);
+        assert_eq!(round_trip(&mut after, b"after").unwrap(), b"after", "{}", e.log_text());
+        assert_eq!(e.workers(), [worker]);
     }
 }

@@ -199,12 +199,22 @@ fn receive(w: &Arc<Worker>) -> i32 {
     loop {
         match w.channel.recv_command() {
             Ok(Received::Command(Command::Serve(fds))) => take(w, fds, &mut last_tick),
+            Ok(Received::Truncated { conns, lost }) => {
+                lose(w, lost);
+                take(w, conns, &mut last_tick);
+            }
             Ok(Received::Command(Command::Drain { timeout })) => return drain(w, timeout),
             Ok(Received::Command(Command::Quit)) => return quit(w),
             Ok(Received::Idle) => {}
             Ok(Received::Closed) => {
                 log::warn!("master is gone; closing all connections");
                 return quit(w);
+            }
+            Err(e) if transient(&e) => {
+                // Out of fds or kernel memory for one message: that message
+                // is lost, not the connections this worker holds.
+                log::error!("channel: {e}; a message from the master may be lost, serving on");
+                std::thread::sleep(Duration::from_millis(10));
             }
             Err(e) => {
                 log::error!("channel: {e}; closing all connections");
@@ -215,6 +225,36 @@ fn receive(w: &Arc<Worker>) -> i32 {
             tick(w);
             last_tick = Instant::now();
         }
+    }
+}
+
+/// A receive error that says the process (or the machine) is short of fds
+/// or memory right now, not that the channel is broken.
+fn transient(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    e.raw_os_error()
+        .is_some_and(|n| [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM].contains(&Errno::from_raw(n)))
+}
+
+/// Accounts for connections the kernel closed on their way to us (this
+/// worker was out of fds): each counts as finished, as it would had it
+/// been served (DESIGN rule 6), and gives back its client's charge.
+fn lose(w: &Worker, lost: Vec<Origin>) {
+    if lost.is_empty() {
+        return;
+    }
+    w.slot.set(Field::Received, w.slot.get(Field::Received) + lost.len() as u64);
+    w.counters.abandon(lost.len() as u64);
+    for origin in &lost {
+        w.release(*origin);
+    }
+    log::error!(
+        "out of file descriptors: the kernel dropped {} connection(s) passed to this worker; serving on \
+         (raise LimitNOFILE= or `ulimit -n`)",
+        lost.len()
+    );
+    if w.scoreboard.accept_paused() {
+        let _ = w.channel.send_notice(Notice::SlotFreed);
     }
 }
 
@@ -318,8 +358,10 @@ fn drain(w: &Arc<Worker>, timeout: Duration) -> i32 {
         }
         match w.channel.recv_command() {
             Ok(Received::Command(Command::Quit)) => return quit(w),
-            Ok(Received::Closed) | Err(_) => return quit(w),
-            Ok(_) => {}
+            Ok(Received::Closed) => return quit(w),
+            Ok(Received::Truncated { lost, .. }) => lose(w, lost),
+            Err(e) if !transient(&e) => return quit(w),
+            Ok(_) | Err(_) => {}
         }
         if last_tick.elapsed() >= TICK {
             tick(w);
