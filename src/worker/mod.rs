@@ -267,7 +267,15 @@ fn take(w: &Arc<Worker>, conns: Vec<(std::os::fd::OwnedFd, Origin)>, last_tick: 
         let mut stream = (TcpStream::from(fd), origin);
         loop {
             match w.queue.push(stream, Some(TICK)) {
-                Ok(_) if !w.loops.is_empty() => break,
+                Ok(depth) if !w.loops.is_empty() => {
+                    // The next push would wait for room that only a loop
+                    // makes: wake one now, not after the batch (or after
+                    // that push has waited out its timeout).
+                    if depth.queued >= w.queue.capacity() {
+                        handles::notify(&w.loops);
+                    }
+                    break;
+                }
                 Ok(depth) => {
                     // With a thread waiting, the one that pops will start
                     // helpers as needed (pool::handler); the receiver, which
@@ -281,6 +289,15 @@ fn take(w: &Arc<Worker>, conns: Vec<(std::os::fd::OwnedFd, Origin)>, last_tick: 
                     // Every thread is busy and the queue is full; keep the
                     // heartbeat going while we wait for room.
                     stream = s;
+                    if !w.loops.is_empty() {
+                        // Loops were woken when it filled and never block
+                        // on a client: this is a worker starved of CPU.
+                        log::warn!(
+                            "the event loops took nothing from the full queue ({}) for {} ms",
+                            w.config.queue_capacity,
+                            TICK.as_millis()
+                        );
+                    }
                     handles::notify(&w.loops);
                     tick(w);
                     *last_tick = Instant::now();

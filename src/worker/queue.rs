@@ -186,6 +186,11 @@ impl<T> Queue<T> {
         items
     }
 
+    /// Items the queue holds before `push` waits.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// (waiting items, idle consumers), for the scoreboard.
     pub fn stats(&self) -> (usize, usize) {
         let st = self.lock();
