@@ -334,3 +334,48 @@ fn first_echo_times(e: &Echod, n: usize) -> Vec<Duration> {
     times.sort();
     times
 }
+
+/// #27.11: `min_spare_threads` keeps that many threads *idle* (Apache's
+/// MinSpareThreads), on top of the busy ones, up to the worker's capacity.
+/// It used to bound the whole pool: with 10 held connections the idle
+/// spares retired until none was left (busy 10, idle 0). Thread mode only
+/// (event mode has no thread pool).
+#[test]
+fn min_spare_threads_keeps_idle_threads_beside_busy_ones() {
+    in_mode("thread", || {
+        let e =
+            start("workers = 1\nmin_spare_threads = 4\nthread_idle_timeout = 1\nmetrics_listen = \"127.0.0.1:0\"\n");
+        let mut held: Vec<TcpStream> = (0..10).map(|_| connect(e.addr)).collect();
+        for s in held.iter_mut() {
+            assert_eq!(round_trip(s, b"held").unwrap(), b"held");
+        }
+        let burst: Vec<_> = (0..20)
+            .map(|i| {
+                let addr = e.addr;
+                std::thread::spawn(move || {
+                    let mut s = connect(addr);
+                    let msg = format!("burst {i}");
+                    assert_eq!(round_trip(&mut s, msg.as_bytes()).unwrap(), msg.as_bytes());
+                })
+            })
+            .collect();
+        burst.into_iter().for_each(|t| t.join().unwrap());
+        let busy = "echod_worker_threads{worker=\"0\",state=\"busy\"}";
+        let idle = "echod_worker_threads{worker=\"0\",state=\"idle\"}";
+        // The burst's extra threads retire after 1 s idle, down to 4 spares.
+        let m = e.scrape_until(Duration::from_secs(20), |m| {
+            m.get(busy) == Some(&10.0)
+                && m.get(idle) == Some(&4.0)
+                && m.get("echod_connections_closed_total") == Some(&20.0)
+        });
+        assert_eq!((metric(&m, busy), metric(&m, idle)), (10.0, 4.0), "{m:?}");
+        // And it stays so: more idle seconds retire nobody below 4.
+        let until = Instant::now() + Duration::from_millis(2500);
+        while Instant::now() < until {
+            let m = e.scrape();
+            assert!(metric(&m, idle) >= 4.0, "spares fell below min_spare_threads: {m:?}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        drop(held);
+    });
+}
