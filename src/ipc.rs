@@ -28,6 +28,9 @@ use crate::sys;
 /// (SCM_MAX_FD); a round number below it keeps the control buffer small.
 pub const MAX_FDS_PER_MESSAGE: usize = 128;
 
+/// The kernel's cap on fds in one SCM_RIGHTS message.
+const SCM_MAX_FD: usize = 253;
+
 /// What the master tells a worker. The one type of everything that crosses
 /// the channel in that direction, as nginx's channel commands.
 #[derive(Debug)]
@@ -100,6 +103,14 @@ pub enum Received {
     Idle,
     /// The master closed its end (it exited).
     Closed,
+    /// A `Serve` the kernel could not deliver whole (MSG_CTRUNC: this
+    /// process is out of fds). `conns` arrived; the kernel closed the
+    /// others, whose origins are `lost`: their clients see the connection
+    /// end, and the worker must still count each one as finished.
+    Truncated {
+        conns: Vec<(OwnedFd, Origin)>,
+        lost: Vec<Origin>,
+    },
 }
 
 /// One end of a master–worker channel.
@@ -189,45 +200,62 @@ impl Channel {
 
     /// Worker side: waits for the next command (up to the receive timeout).
     pub fn recv_command(&self) -> io::Result<Received> {
-        let mut payload = [0u8; 1 + WIRE_ORIGIN * MAX_FDS_PER_MESSAGE];
+        // Room for the kernel's most (SCM_MAX_FD), not only ours: origins
+        // beyond the fds that fit are still read, and counted as lost.
+        let mut payload = [0u8; 1 + WIRE_ORIGIN * SCM_MAX_FD];
         let mut cmsg_space = nix::cmsg_space!([RawFd; MAX_FDS_PER_MESSAGE]);
         let mut iov = [IoSliceMut::new(&mut payload)];
-        let msg = loop {
+        let (len, truncated, mut fds) = loop {
             match recvmsg::<()>(self.fd.as_raw_fd(), &mut iov, Some(&mut cmsg_space), MsgFlags::MSG_CMSG_CLOEXEC) {
-                Ok(msg) => break msg,
+                Ok(msg) => {
+                    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+                    let mut fds = Vec::new();
+                    // nix refuses to walk control data marked truncated
+                    // (ENOBUFS); what the kernel did install is read below.
+                    if let Ok(cmsgs) = msg.cmsgs() {
+                        for cmsg in cmsgs {
+                            if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                                fds.extend(raw);
+                            }
+                        }
+                    }
+                    break (msg.bytes, truncated, fds);
+                }
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(nix::errno::Errno::EAGAIN) => return Ok(Received::Idle),
                 Err(e) => return Err(e.into()),
             }
         };
-        let mut fds = Vec::new();
-        for cmsg in msg.cmsgs()? {
-            if let ControlMessageOwned::ScmRights(raw) = cmsg {
-                // The kernel just installed these fds in our table; nothing
-                // else refers to them, so each gets exactly one owner.
-                fds.extend(raw.into_iter().filter_map(sys::adopt_fd));
-            }
+        if truncated {
+            // This process is out of fds (EMFILE), or was sent more than it
+            // has room for: the kernel installed the first connections of
+            // the message and closed the rest. Those it installed are ours
+            // all the same, and must not leak.
+            fds = rights_in_truncated(&cmsg_space);
         }
-        let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
-        let len = msg.bytes;
+        // The kernel just installed these fds in our table; nothing else
+        // refers to them, so each gets exactly one owner.
+        let fds: Vec<OwnedFd> = fds.into_iter().filter_map(sys::adopt_fd).collect();
         if len == 0 {
             return Ok(Received::Closed);
         }
-        if truncated {
-            // Happens when this process is out of fds (EMFILE): the kernel
-            // drops the connections it could not install. The master sizes
-            // capacity from RLIMIT_NOFILE so this should not occur.
-            log::error!("channel: control data truncated: some connections were lost (out of file descriptors?)");
-        }
         let command = match payload[0] {
             TAG_SERVE => {
-                let origins = payload[1..len]
+                let mut origins = payload[1..len]
                     .chunks_exact(WIRE_ORIGIN)
                     .map(|b| Origin::from_wire(u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
-                // An fd without its origin (cannot happen: one message
-                // carries both) is served as charged to nothing.
-                let none = std::iter::repeat(Origin::Direct(Charge::NONE));
-                Command::Serve(fds.into_iter().zip(origins.chain(none)).collect())
+                // The kernel installs in order and stops at the first fd it
+                // cannot: the fds we got are the message's first ones. (An
+                // fd without its origin cannot happen: one message carries
+                // both; it would be served as charged to nothing.)
+                let conns: Vec<(OwnedFd, Origin)> = fds
+                    .into_iter()
+                    .map(|fd| (fd, origins.next().unwrap_or(Origin::Direct(Charge::NONE))))
+                    .collect();
+                if truncated {
+                    return Ok(Received::Truncated { conns, lost: origins.collect() });
+                }
+                Command::Serve(conns)
             }
             TAG_DRAIN if len >= 9 => {
                 let ms = u64::from_le_bytes(payload[1..9].try_into().unwrap_or_default());
@@ -261,6 +289,25 @@ impl Channel {
             (_, tag) => Err(io::Error::new(io::ErrorKind::InvalidData, format!("unknown notice tag {tag}"))),
         }
     }
+}
+
+/// The fds of the SCM_RIGHTS message at the start of `control`, a control
+/// buffer the kernel marked truncated (which nix will not walk). The kernel
+/// writes a whole header for the fds it installed (CMSG_LEN of their
+/// count; nothing when it installed none, and the buffer starts zeroed),
+/// laid out as `struct cmsghdr { size_t len; int level; int type; }`.
+fn rights_in_truncated(control: &[u8]) -> Vec<RawFd> {
+    const WORD: usize = std::mem::size_of::<usize>();
+    let header = std::mem::size_of::<libc::cmsghdr>();
+    let int = |at: usize| control.get(at..at + 4).map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+    let Some(len) = control.get(..WORD).and_then(|b| b.try_into().ok()).map(usize::from_ne_bytes) else {
+        return Vec::new();
+    };
+    if int(WORD) != Some(libc::SOL_SOCKET) || int(WORD + 4) != Some(libc::SCM_RIGHTS) || len < header {
+        return Vec::new();
+    }
+    let count = (len.min(control.len()) - header) / 4;
+    (0..count).filter_map(|k| int(header + 4 * k)).collect()
 }
 
 impl AsRawFd for Channel {
@@ -312,6 +359,33 @@ mod tests {
         assert_eq!(master.try_recv_notice().unwrap(), Some(Notice::Ready));
         drop(master);
         assert!(matches!(worker.recv_command().unwrap(), Received::Closed));
+    }
+
+    /// More fds than the receiver has room for: the kernel installs the
+    /// first ones and drops the rest (MSG_CTRUNC, as when the worker is out
+    /// of fds). The ones installed are delivered with their own origins,
+    /// the rest are reported lost, not turned into an error.
+    #[test]
+    fn a_truncated_serve_delivers_what_arrived_and_names_what_was_lost() {
+        let (master, worker) = Channel::pair().unwrap();
+        let n = MAX_FDS_PER_MESSAGE + 3;
+        let pairs: Vec<(UnixStream, UnixStream)> = (0..n).map(|_| UnixStream::pair().unwrap()).collect();
+        let raw: Vec<RawFd> = pairs.iter().map(|(_, b)| b.as_raw_fd()).collect();
+        let mut payload = vec![TAG_SERVE];
+        for i in 0..n {
+            payload.extend_from_slice(&(i as u16).to_le_bytes());
+        }
+        master.send(&payload, &[ControlMessage::ScmRights(&raw)]).unwrap();
+        let Received::Truncated { conns, lost } = worker.recv_command().unwrap() else { panic!("not truncated") };
+        let got: Vec<Origin> = conns.iter().map(|(_, o)| *o).collect();
+        assert_eq!(got, (0..MAX_FDS_PER_MESSAGE as u16).map(Origin::Direct).collect::<Vec<_>>());
+        assert_eq!(lost, (MAX_FDS_PER_MESSAGE as u16..n as u16).map(Origin::Direct).collect::<Vec<_>>());
+        // And each delivered fd is the connection its origin names.
+        let (fd, _) = conns.into_iter().nth(5).unwrap();
+        UnixStream::from(fd).write_all(b"5").unwrap();
+        let mut got = [0u8; 1];
+        (&pairs[5].0).read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"5");
     }
 
     #[test]

@@ -10,9 +10,23 @@ use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
 use crate::config::{Config, Handler};
 
-/// Fds a worker needs besides connections: stdio, its channel, and slack for
-/// the logger and libc.
+/// Fds a worker needs besides connections and its handler's own: stdio,
+/// its channel, and slack for the logger and libc.
 pub const WORKER_RESERVED_FDS: u64 = 16;
+
+/// Fds each event loop holds for its whole life: its epoll instance and
+/// the eventfd of its waker.
+pub const FDS_PER_EVENT_LOOP: u64 = 2;
+
+/// Fds a worker holds that are not connections: the reserve, plus every
+/// event loop's own in event mode (thread mode's threads hold none).
+pub fn worker_overhead_fds(config: &Config) -> u64 {
+    let handler = match config.handler {
+        Handler::Thread => 0,
+        Handler::Event => FDS_PER_EVENT_LOOP * config.event_threads as u64,
+    };
+    WORKER_RESERVED_FDS + handler
+}
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit; returns the soft limit in
 /// effect.
@@ -39,7 +53,7 @@ pub fn current_nofile() -> u64 {
 /// `worker_connections` in event mode), unless the fd limit cannot hold
 /// that many.
 pub fn worker_capacity(config: &Config, fd_limit: u64) -> usize {
-    let fits = fd_limit.saturating_sub(WORKER_RESERVED_FDS).max(1) as usize;
+    let fits = fd_limit.saturating_sub(worker_overhead_fds(config)).max(1) as usize;
     let wanted = config.connections_per_worker();
     if fits < wanted {
         let key = match config.handler {
@@ -47,8 +61,10 @@ pub fn worker_capacity(config: &Config, fd_limit: u64) -> usize {
             Handler::Event => "worker_connections",
         };
         log::warn!(
-            "RLIMIT_NOFILE {fd_limit} holds only {fits} connections per worker; {key} = {wanted} is lowered to \
-             that (raise LimitNOFILE= or `ulimit -n`)"
+            "RLIMIT_NOFILE {fd_limit} holds only {fits} connections per worker (after {} fds of the worker's own{}); \
+             {key} = {wanted} is lowered to that (raise LimitNOFILE= or `ulimit -n`)",
+            worker_overhead_fds(config),
+            if config.handler == Handler::Event { ", 2 per event loop" } else { "" }
         );
     }
     fits.min(wanted)
@@ -141,4 +157,22 @@ fn memory_limit() -> Option<(u64, &'static str)> {
 
 fn read_number(path: &str) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// #27.9: every fd a worker holds that is not a connection comes off
+    /// the limit, including each event loop's epoll fd and waker.
+    #[test]
+    fn capacity_counts_the_event_loops_own_fds() {
+        let mut c = Config { worker_connections: 10_000, threads_per_worker: 10_000, ..Config::default() };
+        c.handler = Handler::Thread;
+        assert_eq!(worker_capacity(&c, 200), 200 - 16);
+        c.handler = Handler::Event;
+        c.event_threads = 64;
+        assert_eq!(worker_capacity(&c, 200), 200 - 16 - 128);
+        assert_eq!(worker_capacity(&c, 100), 1, "never zero");
+    }
 }

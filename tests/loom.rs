@@ -273,3 +273,40 @@ fn counters_total_exactly_under_concurrent_finishes() {
         assert_eq!((s.finished, s.bytes_in, s.bytes_out), (2, 20, 20), "exact totals");
     });
 }
+
+/// Close wakes *every* waiter, not one: two handlers blocked in pop on an
+/// empty queue both return Closed, and two pushers blocked on a full one
+/// both get their item back. (With one waiter per side, as in the models
+/// above, a close that notifies one waiter looks right; this model
+/// deadlocks on it.)
+#[test]
+fn close_wakes_every_blocked_waiter() {
+    model("close_wakes_every_blocked_waiter", || {
+        let q: Arc<Queue<u32>> = Arc::new(Queue::new(1));
+        let handlers: Vec<_> = (0..2)
+            .map(|_| {
+                let q = q.clone();
+                thread::spawn(move || matches!(q.pop(None), Pop::Closed))
+            })
+            .collect();
+        q.close();
+        for h in handlers {
+            assert!(h.join().unwrap(), "every blocked handler woken with Closed");
+        }
+        assert_eq!(q.stats(), (0, 0), "nobody left idle");
+    });
+    model("close_wakes_every_blocked_pusher", || {
+        let q: Arc<Queue<u32>> = Arc::new(Queue::new(1));
+        q.push(0, None).ok().expect("room for one");
+        let pushers: Vec<_> = (1..3)
+            .map(|i| {
+                let q = q.clone();
+                thread::spawn(move || matches!(q.push(i, None), Err(PushError::Closed(v)) if v == i))
+            })
+            .collect();
+        assert_eq!(q.close_and_take(), vec![0]);
+        for p in pushers {
+            assert!(p.join().unwrap(), "every blocked pusher gets its item back");
+        }
+    });
+}

@@ -199,12 +199,22 @@ fn receive(w: &Arc<Worker>) -> i32 {
     loop {
         match w.channel.recv_command() {
             Ok(Received::Command(Command::Serve(fds))) => take(w, fds, &mut last_tick),
+            Ok(Received::Truncated { conns, lost }) => {
+                lose(w, lost);
+                take(w, conns, &mut last_tick);
+            }
             Ok(Received::Command(Command::Drain { timeout })) => return drain(w, timeout),
             Ok(Received::Command(Command::Quit)) => return quit(w),
             Ok(Received::Idle) => {}
             Ok(Received::Closed) => {
                 log::warn!("master is gone; closing all connections");
                 return quit(w);
+            }
+            Err(e) if transient(&e) => {
+                // Out of fds or kernel memory for one message: that message
+                // is lost, not the connections this worker holds.
+                log::error!("channel: {e}; a message from the master may be lost, serving on");
+                std::thread::sleep(Duration::from_millis(10));
             }
             Err(e) => {
                 log::error!("channel: {e}; closing all connections");
@@ -218,6 +228,36 @@ fn receive(w: &Arc<Worker>) -> i32 {
     }
 }
 
+/// A receive error that says the process (or the machine) is short of fds
+/// or memory right now, not that the channel is broken.
+fn transient(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    e.raw_os_error()
+        .is_some_and(|n| [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM].contains(&Errno::from_raw(n)))
+}
+
+/// Accounts for connections the kernel closed on their way to us (this
+/// worker was out of fds): each counts as finished, as it would had it
+/// been served (DESIGN rule 6), and gives back its client's charge.
+fn lose(w: &Worker, lost: Vec<Origin>) {
+    if lost.is_empty() {
+        return;
+    }
+    w.slot.set(Field::Received, w.slot.get(Field::Received) + lost.len() as u64);
+    w.counters.abandon(lost.len() as u64);
+    for origin in &lost {
+        w.release(*origin);
+    }
+    log::error!(
+        "out of file descriptors: the kernel dropped {} connection(s) passed to this worker; serving on \
+         (raise LimitNOFILE= or `ulimit -n`)",
+        lost.len()
+    );
+    if w.scoreboard.accept_paused() {
+        let _ = w.channel.send_notice(Notice::SlotFreed);
+    }
+}
+
 /// Queues newly received connections, starting threads (thread mode) or
 /// waking a loop (event mode) as needed.
 fn take(w: &Arc<Worker>, conns: Vec<(std::os::fd::OwnedFd, Origin)>, last_tick: &mut Instant) {
@@ -227,7 +267,15 @@ fn take(w: &Arc<Worker>, conns: Vec<(std::os::fd::OwnedFd, Origin)>, last_tick: 
         let mut stream = (TcpStream::from(fd), origin);
         loop {
             match w.queue.push(stream, Some(TICK)) {
-                Ok(_) if !w.loops.is_empty() => break,
+                Ok(depth) if !w.loops.is_empty() => {
+                    // The next push would wait for room that only a loop
+                    // makes: wake one now, not after the batch (or after
+                    // that push has waited out its timeout).
+                    if depth.queued >= w.queue.capacity() {
+                        handles::notify(&w.loops);
+                    }
+                    break;
+                }
                 Ok(depth) => {
                     // With a thread waiting, the one that pops will start
                     // helpers as needed (pool::handler); the receiver, which
@@ -241,6 +289,15 @@ fn take(w: &Arc<Worker>, conns: Vec<(std::os::fd::OwnedFd, Origin)>, last_tick: 
                     // Every thread is busy and the queue is full; keep the
                     // heartbeat going while we wait for room.
                     stream = s;
+                    if !w.loops.is_empty() {
+                        // Loops were woken when it filled and never block
+                        // on a client: this is a worker starved of CPU.
+                        log::warn!(
+                            "the event loops took nothing from the full queue ({}) for {} ms",
+                            w.config.queue_capacity,
+                            TICK.as_millis()
+                        );
+                    }
                     handles::notify(&w.loops);
                     tick(w);
                     *last_tick = Instant::now();
@@ -318,8 +375,10 @@ fn drain(w: &Arc<Worker>, timeout: Duration) -> i32 {
         }
         match w.channel.recv_command() {
             Ok(Received::Command(Command::Quit)) => return quit(w),
-            Ok(Received::Closed) | Err(_) => return quit(w),
-            Ok(_) => {}
+            Ok(Received::Closed) => return quit(w),
+            Ok(Received::Truncated { lost, .. }) => lose(w, lost),
+            Err(e) if !transient(&e) => return quit(w),
+            Ok(_) | Err(_) => {}
         }
         if last_tick.elapsed() >= TICK {
             tick(w);

@@ -5,8 +5,10 @@
 //! thread creation. The pool starts with `min_spare_threads` and grows (up
 //! to the worker's capacity) whenever more connections wait than threads
 //! are idle, noticed by the receiver when it pushes and by a handler when it
-//! pops; a thread idle for `thread_idle_timeout` exits while more than
-//! `min_spare_threads` remain, as Apache's MaxSpareThreads.
+//! pops, and whenever fewer than `min_spare_threads` would be left idle; a
+//! thread idle for `thread_idle_timeout` exits while more than
+//! `min_spare_threads` idle ones remain (Apache's MinSpareThreads: spares
+//! on top of the busy threads).
 //!
 //! Stacks are small, and the echo buffer (one per thread, reused) is a
 //! mapping of its own whose pages become resident only when written
@@ -80,8 +82,9 @@ fn handler(w: Arc<Worker>) {
     loop {
         match w.queue.pop(retire_after) {
             Pop::Item((stream, origin), depth) => {
-                if depth.needs_thread() {
-                    // More waiting than idle threads: start a helper before
+                if depth.needs_thread() || depth.idle < w.config.min_spare_threads {
+                    // More waiting than idle threads, or fewer idle ones
+                    // left than min_spare_threads: start a helper before
                     // serving. The receiver does this too, but under load it
                     // is one thread among thousands; spreading the spawning
                     // over the handlers lets the pool grow with demand.
@@ -103,10 +106,17 @@ fn handler(w: Arc<Worker>) {
     w.open.unregister(&slot);
 }
 
-/// Leaves the pool if more than `min_spare_threads` would remain.
+/// Leaves the pool if more than `min_spare_threads` *idle* threads would
+/// remain (Apache's MinSpareThreads: spares kept ready on top of the busy
+/// ones, not a floor on the whole pool). Idle is alive minus busy, this
+/// thread included; the update on `threads` serialises threads retiring
+/// at once, so they never take the spares below the minimum together.
 fn retire_if_spare(w: &Worker) -> bool {
     w.threads
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n > w.config.min_spare_threads).then(|| n - 1))
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            let idle = n.saturating_sub(w.busy.load(Ordering::Acquire));
+            (idle > w.config.min_spare_threads).then(|| n - 1)
+        })
         .is_ok()
 }
 

@@ -186,6 +186,11 @@ impl<T> Queue<T> {
         items
     }
 
+    /// Items the queue holds before `push` waits.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// (waiting items, idle consumers), for the scoreboard.
     pub fn stats(&self) -> (usize, usize) {
         let st = self.lock();
@@ -398,8 +403,19 @@ mod tests {
                 thread::spawn(move || (0..1000).for_each(|i| q.push(p * 1000 + i, None).map(|_| ()).unwrap()))
             })
             .collect();
+        // Bounded: a lost wake-up (a close that wakes one waiter, a push
+        // that wakes nobody) fails the test instead of hanging it.
+        let give_up = Instant::now() + Duration::from_secs(60);
+        let all_done = |ts: &[thread::JoinHandle<()>]| {
+            while !ts.iter().all(|t| t.is_finished()) {
+                assert!(Instant::now() < give_up, "a thread is still blocked after 60 s: a lost wake-up");
+                thread::sleep(Duration::from_millis(5));
+            }
+        };
+        all_done(&producers);
         producers.into_iter().for_each(|t| t.join().unwrap());
         q.close();
+        all_done(&consumers);
         consumers.into_iter().for_each(|t| t.join().unwrap());
         assert_eq!(sum.load(Ordering::Relaxed), (0..4000).sum::<usize>());
     }
