@@ -373,13 +373,14 @@ mod tests {
         let raw: Vec<RawFd> = pairs.iter().map(|(_, b)| b.as_raw_fd()).collect();
         let mut payload = vec![TAG_SERVE];
         for i in 0..n {
-            payload.extend_from_slice(&(i as u16).to_le_bytes());
+            payload.extend_from_slice(&Origin::Direct(Charge(i as u32)).to_wire().to_le_bytes());
         }
         master.send(&payload, &[ControlMessage::ScmRights(&raw)]).unwrap();
         let Received::Truncated { conns, lost } = worker.recv_command().unwrap() else { panic!("not truncated") };
         let got: Vec<Origin> = conns.iter().map(|(_, o)| *o).collect();
-        assert_eq!(got, (0..MAX_FDS_PER_MESSAGE as u16).map(Origin::Direct).collect::<Vec<_>>());
-        assert_eq!(lost, (MAX_FDS_PER_MESSAGE as u16..n as u16).map(Origin::Direct).collect::<Vec<_>>());
+        let direct = |i: usize| Origin::Direct(Charge(i as u32));
+        assert_eq!(got, (0..MAX_FDS_PER_MESSAGE).map(direct).collect::<Vec<_>>());
+        assert_eq!(lost, (MAX_FDS_PER_MESSAGE..n).map(direct).collect::<Vec<_>>());
         // And each delivered fd is the connection its origin names.
         let (fd, _) = conns.into_iter().nth(5).unwrap();
         UnixStream::from(fd).write_all(b"5").unwrap();
