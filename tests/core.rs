@@ -161,6 +161,10 @@ both_modes! {
         assert!(e.wait_log("died unexpectedly", Duration::from_secs(5)).is_some());
         let now = e.wait_workers(2, Duration::from_secs(5));
         assert!(now.len() == 2 && !now.contains(&victim), "respawned: {now:?}");
+        // Two processes are not two serving workers: wait for the new one's
+        // Ready, or least-loaded dispatch rightly sends everything to the
+        // survivor.
+        e.stats_until(Duration::from_secs(10), |s| s.get("workers") == Some(&2));
         // New connections are served by both, including the new worker.
         let mut served_by = std::collections::HashSet::new();
         let conns: Vec<_> = (0..10).map(|_| connect(e.addr)).collect();

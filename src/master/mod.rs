@@ -660,11 +660,17 @@ impl Master {
     /// upgrade: before the new master took over, the upgrade is abandoned
     /// (it is killed; it never accepted) and this master stops; after, only
     /// this old generation stops, and the new master, which is the
-    /// service's main process by then, serves on. A new master tells its
-    /// predecessor it is stopping: after the hand-over that is the service
-    /// stopping, and the old generation must not take over again.
+    /// service's main process by then, serves on. A new master that is main
+    /// tells its predecessor it is stopping: that is the service stopping,
+    /// and the old generation must not take over again.
     fn on_stop_signal(&mut self, graceful: bool) {
-        if let Some(p) = &mut self.predecessor {
+        // Only a stop of the main process is the service's stop: a new
+        // master told to stop before `go` is a failed upgrade, and the old
+        // master serves on. A `go` may be waiting unread: read it first.
+        if self.predecessor.is_some() {
+            self.on_predecessor_channel();
+        }
+        if let Some(p) = self.predecessor.as_mut().filter(|_| self.life.is_main()) {
             p.announce_stopping(graceful);
         }
         match &mut self.life {
