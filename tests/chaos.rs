@@ -809,7 +809,8 @@ impl Chaos {
     fn fail(&self, step: usize, why: &str) -> ! {
         let log = self.echod.as_ref().map(|e| e.log_lines()).unwrap_or_default();
         let tail = &log[log.len().saturating_sub(60)..];
-        let enable = std::env::var("ECHOD_CHAOS_ENABLE").map(|e| format!("ECHOD_CHAOS_ENABLE={e} ")).unwrap_or_default();
+        let enable =
+            std::env::var("ECHOD_CHAOS_ENABLE").map(|e| format!("ECHOD_CHAOS_ENABLE={e} ")).unwrap_or_default();
         panic!(
             "chaos {} failed at step {step}: {why}\nreplay: ECHOD_CHAOS_SEED={} ECHOD_CHAOS_MODE={} ECHOD_CHAOS_STEPS={} \
              {enable}cargo test --release --test chaos -- --nocapture\ntrace:\n{}\nlast log lines:\n{}",
@@ -829,8 +830,7 @@ impl Chaos {
 
     fn report(&self, steps: usize, took: Duration) {
         let s = &self.stats;
-        let outages: Vec<String> =
-            s.outages.iter().map(|(k, (d, n))| format!("{k} {:.0?} (x{n})", d)).collect();
+        let outages: Vec<String> = s.outages.iter().map(|(k, (d, n))| format!("{k} {:.0?} (x{n})", d)).collect();
         println!(
             "chaos {} seed {}: {steps} steps in {took:.0?}: {} restarts, {} upgrades, {} rollbacks, {} quiescent checks, \
              {} address probes, {} client connections, {} round trips, {} client errors (all forgiven: {} in steps that \
@@ -923,9 +923,10 @@ impl Chaos {
 impl Chaos {
     fn apply(&mut self, event: &Event) {
         match *event {
-            Event::Reload { workers, buffer, extras, per_ip, idle_timeout, write_timeout, queue } => {
-                self.ev_reload(workers, Shape { buffer, extras, per_ip, idle_timeout, write_timeout, queue, ..self.shape.clone() })
-            }
+            Event::Reload { workers, buffer, extras, per_ip, idle_timeout, write_timeout, queue } => self.ev_reload(
+                workers,
+                Shape { buffer, extras, per_ip, idle_timeout, write_timeout, queue, ..self.shape.clone() },
+            ),
             Event::BrokenReload => self.ev_broken_reload(),
             Event::Ttin => self.ev_scale(libc_sig::TTIN, 1),
             Event::Ttou => self.ev_scale(libc_sig::TTOU, 1),
@@ -1139,6 +1140,12 @@ impl Chaos {
             }
             Phase::InDrain => {
                 let (held, skip, new) = self.upgrade_with_drain();
+                // Let the new master serve a while and read its counters:
+                // the rollback must not set them back.
+                self.master = new;
+                self.serve_a_while();
+                self.check(self.now_step(), "while the new master serves", |c| c.check_counters());
+                self.master = old;
                 (skip, new, Some(held))
             }
         };
@@ -1168,11 +1175,24 @@ impl Chaos {
             if let Err(e) = round_trip(&mut held, b"still here").map(|g| g == b"still here") {
                 self.fail(self.now_step(), &format!("the held connection broke in the rollback: {e}"));
             }
-            if !on("counters_after_rollback") {
+            if on("counters_after_rollback") {
+                // At once: the clients soon make up for what was lost.
+                self.check(self.now_step(), "after the rollback", |c| c.check_counters());
+            } else {
                 self.counters.clear();
             }
         }
         self.settle_master();
+    }
+
+    /// Waits until the clients got 300 more connections served (so the
+    /// current master's counters have moved).
+    fn serve_a_while(&self) {
+        let from = self.clients.connections.load(Relaxed);
+        let deadline = Instant::now() + SETTLE;
+        while self.clients.connections.load(Relaxed) < from + 300 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Whether the old master logged the hand-over to `new` (after `skip`).
@@ -1232,7 +1252,10 @@ impl Chaos {
             // handed over to a dead master and takes over again).
             self.wait_log_any(skip, &["upgrade failed", "taking over again"]);
             if !alive(old) {
-                self.fail(self.now_step(), &format!("a stop to the new master {new} before `go` ended the old one {old}"));
+                self.fail(
+                    self.now_step(),
+                    &format!("a stop to the new master {new} before `go` ended the old one {old}"),
+                );
             }
             self.settle_master();
         } else {
@@ -1352,7 +1375,8 @@ impl Chaos {
         let hogs = thread::spawn(move || {
             while !flag.load(Relaxed) {
                 let held: Vec<socket2::Socket> = (0..conns).filter_map(|_| metrics_hog(metrics)).collect();
-                let until = Instant::now() + Duration::from_millis(if reconnect_ms == 0 { 60_000 } else { reconnect_ms });
+                let until =
+                    Instant::now() + Duration::from_millis(if reconnect_ms == 0 { 60_000 } else { reconnect_ms });
                 while Instant::now() < until && !flag.load(Relaxed) {
                     thread::sleep(Duration::from_millis(5));
                 }
@@ -1426,7 +1450,10 @@ impl Chaos {
         if on("burst_first_echo") && median > Duration::from_millis(500) {
             self.fail(
                 self.now_step(),
-                &format!("a burst of {} connections into queue_capacity = 4: median first echo {median:.1?}, max {max:.1?}", times.len()),
+                &format!(
+                    "a burst of {} connections into queue_capacity = 4: median first echo {median:.1?}, max {max:.1?}",
+                    times.len()
+                ),
             );
         }
     }
@@ -1531,6 +1558,8 @@ impl Chaos {
             self.fail(self.now_step(), &format!("old master {old} still alive {SETTLE:?} after the hand-over"));
         }
         self.check_child_exit(old, 0);
+        // The new master's first scrape: every counter carried.
+        self.check(self.now_step(), "after the hand-over", |c| c.check_counters());
     }
 
     /// If `pid` is the master the test started (its child), it exited
@@ -1752,17 +1781,16 @@ impl Chaos {
         loop {
             let all = self.notify.all();
             let since = &all[self.notify_from..];
-            let states: Vec<&Notice> = since
-                .iter()
-                .filter(|n| n.text.contains("READY=1") || n.text.contains("RELOADING=1"))
-                .collect();
+            let states: Vec<&Notice> =
+                since.iter().filter(|n| n.text.contains("READY=1") || n.text.contains("RELOADING=1")).collect();
             let last = states.last().map(|n| (n.pid, n.text.as_str()));
             let main_pid = since
                 .iter()
                 .filter_map(|n| fields(&n.text).get("MAINPID").and_then(|p| p.parse::<i32>().ok()))
                 .next_back()
                 .unwrap_or(self.masters[0]);
-            if matches!(last, Some((pid, m)) if m.contains("READY=1") && pid == self.master) && main_pid == self.master {
+            if matches!(last, Some((pid, m)) if m.contains("READY=1") && pid == self.master) && main_pid == self.master
+            {
                 break;
             }
             if Instant::now() > deadline {
@@ -1856,12 +1884,16 @@ impl Chaos {
                 if Instant::now() > deadline {
                     let others: Vec<i32> =
                         all[before..].iter().filter(|n| n.text.contains("STOPPING=1")).map(|n| n.pid).collect();
-                    return Err(format!("stopped without STOPPING=1 from the main process {master} (from: {others:?})"));
+                    return Err(format!(
+                        "stopped without STOPPING=1 from the main process {master} (from: {others:?})"
+                    ));
                 }
                 thread::sleep(Duration::from_millis(10));
             };
-            let at = before + all[before..].iter().position(|n| n.pid == master && n.text.contains("STOPPING=1")).unwrap_or(0);
-            if let Some(n) = all[at + 1..].iter().find(|n| n.text.contains("READY=1") || n.text.contains("RELOADING=1")) {
+            let at = before
+                + all[before..].iter().position(|n| n.pid == master && n.text.contains("STOPPING=1")).unwrap_or(0);
+            if let Some(n) = all[at + 1..].iter().find(|n| n.text.contains("READY=1") || n.text.contains("RELOADING=1"))
+            {
                 return Err(format!("`{}` from pid {} after STOPPING=1", n.text, n.pid));
             }
         }
@@ -1977,7 +2009,10 @@ impl Chaos {
                 let mut s = connect(self.main);
                 let _ = s.write_all(b"x");
                 if let Err(e) = closed_unechoed(&mut s, Duration::from_secs(5)) {
-                    return Err(format!("connection {} from 127.0.0.1 over max_connections_per_ip = {per}: {e}", per + 1));
+                    return Err(format!(
+                        "connection {} from 127.0.0.1 over max_connections_per_ip = {per}: {e}",
+                        per + 1
+                    ));
                 }
             }
         }
@@ -2230,7 +2265,13 @@ impl Clients {
         }
     }
 
-    fn one_connection(&self, kind: Kind, addr: SocketAddr, rng: &mut Rng, port: &mut Option<u16>) -> Result<(), String> {
+    fn one_connection(
+        &self,
+        kind: Kind,
+        addr: SocketAddr,
+        rng: &mut Rng,
+        port: &mut Option<u16>,
+    ) -> Result<(), String> {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| format!("connect: {e}"))?;
         *port = s.local_addr().ok().map(|a| a.port());
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -2288,7 +2329,8 @@ impl Clients {
     /// back 1 KiB every 2 ms through a small receive buffer, so the server
     /// waits on the client's window.
     fn slow_connection(&self, addr: SocketAddr, rng: &mut Rng, port: &mut Option<u16>) -> Result<(), String> {
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(|e| e.to_string())?;
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).map_err(|e| e.to_string())?;
         let _ = sock.set_recv_buffer_size(4096);
         sock.connect_timeout(&addr.into(), Duration::from_secs(2)).map_err(|e| format!("connect: {e}"))?;
         let mut s = TcpStream::from(sock);

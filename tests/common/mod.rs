@@ -1200,24 +1200,26 @@ impl CredNotifications {
             use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
             loop {
                 let mut buf = [0u8; 4096];
-                // Room for the credentials only: the fds of FDSTORE=1 do not
-                // fit, and the kernel closes them (MSG_CTRUNC).
-                let mut cmsg = nix::cmsg_space!(libc::ucred);
+                // Room for the credentials and the fds of an FDSTORE=1
+                // (closed at once: a kept listening socket would hold the
+                // service's port across a restart).
+                let mut cmsg = nix::cmsg_space!(libc::ucred, [std::os::fd::RawFd; 32]);
                 let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-                let Ok(msg) = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::empty()) else {
+                let Ok(msg) = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+                else {
                     break;
                 };
                 let n = msg.bytes;
-                let pid = msg
-                    .cmsgs()
-                    .ok()
-                    .and_then(|mut c| {
-                        c.find_map(|c| match c {
-                            ControlMessageOwned::ScmCredentials(cred) => Some(cred.pid()),
-                            _ => None,
-                        })
-                    })
-                    .unwrap_or(0);
+                let mut pid = 0;
+                for c in msg.cmsgs().into_iter().flatten() {
+                    match c {
+                        ControlMessageOwned::ScmCredentials(cred) => pid = cred.pid(),
+                        ControlMessageOwned::ScmRights(fds) => {
+                            fds.into_iter().for_each(|fd| drop(echod::sys::adopt_fd(fd)))
+                        }
+                        _ => {}
+                    }
+                }
                 let text = String::from_utf8_lossy(&buf[..n]).into_owned();
                 sink.lock().unwrap().push(Notice { at: Instant::now(), pid, text });
             }
