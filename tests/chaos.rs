@@ -796,6 +796,7 @@ impl Chaos {
         }
         if let Some(trace) = self.trace.last_mut() {
             trace.push_str(&format!(" ({:.0?}, outage {outage:.0?})", t.elapsed()));
+            println!("  done: {trace}");
         }
     }
 
