@@ -810,8 +810,8 @@ impl Chaos {
     fn fail(&self, step: usize, why: &str) -> ! {
         let log = self.echod.as_ref().map(|e| e.log_lines()).unwrap_or_default();
         let tail = &log[log.len().saturating_sub(60)..];
-        let enable =
-            std::env::var("ECHOD_CHAOS_ENABLE").map(|e| format!("ECHOD_CHAOS_ENABLE={e} ")).unwrap_or_default();
+        let env = |k: &str| std::env::var(k).map(|v| format!("{k}={v} ")).unwrap_or_default();
+        let enable = env("ECHOD_CHAOS_ENABLE") + &env("ECHOD_CHAOS_FIRST");
         panic!(
             "chaos {} failed at step {step}: {why}\nreplay: ECHOD_CHAOS_SEED={} ECHOD_CHAOS_MODE={} ECHOD_CHAOS_STEPS={} \
              {enable}cargo test --release --test chaos -- --nocapture\ntrace:\n{}\nlast log lines:\n{}",
