@@ -1271,7 +1271,7 @@ impl Chaos {
     /// names; what must follow depends on what that turned out to be.
     fn ev_signal_in_drain(&mut self, to: Target, sig: i32) {
         let old = self.master;
-        let (held, skip, new) = self.upgrade_with_drain();
+        let (held, _, new) = self.upgrade_with_drain();
         self.stats.upgrades += 1;
         let pid = match to {
             Target::NewMaster => Some(new),
@@ -1342,7 +1342,6 @@ impl Chaos {
         }
         self.check_child_exit(old, 0);
         self.settle_master();
-        let _ = skip;
     }
 
     /// What `pgrep -o -x echod` would pick among our processes: the oldest
