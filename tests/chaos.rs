@@ -904,8 +904,11 @@ impl Chaos {
     fn owners(&self) -> HashMap<u16, i32> {
         let procs = self.our_processes();
         let mut owners = HashMap::new();
-        for addr in [self.main, self.proxied, self.extras[0], self.extras[1]] {
-            owners.extend(socket_owners(&procs, addr.port()));
+        // Twice: a socket dump of a changing table may skip an entry.
+        for _ in 0..2 {
+            for addr in [self.main, self.proxied, self.extras[0], self.extras[1]] {
+                owners.extend(socket_owners(&procs, addr.port()));
+            }
         }
         owners
     }

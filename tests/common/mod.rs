@@ -1260,9 +1260,11 @@ pub fn start_with_env_nofile(extra: &str, env: &[(&str, &str)], nofile: u64) -> 
 }
 
 /// As [`connection_owners`], from the kernel's socket dump (`ss`, over
-/// netlink) rather than /proc/net/tcp, whose reading is not atomic: on a
-/// busy machine (tens of thousands of TIME_WAIT entries) a changing table
-/// makes it skip live connections. Client port -> owning pid.
+/// netlink, established connections only) rather than /proc/net/tcp, which
+/// on a busy machine (tens of thousands of TIME_WAIT entries) skips live
+/// connections more often. Neither dump is atomic: a table that changes
+/// while it is read may still lose an entry, so callers that must not miss
+/// one take the union of two. Client port -> owning pid.
 pub fn socket_owners(pids: &[i32], server_port: u16) -> HashMap<u16, i32> {
     let mut inode_owner = HashMap::new();
     for &p in pids {
@@ -1277,7 +1279,7 @@ pub fn socket_owners(pids: &[i32], server_port: u16) -> HashMap<u16, i32> {
         }
     }
     let filter = format!("( sport = :{server_port} )");
-    let out = Command::new("ss").args(["-tnHe", "state", "connected", &filter]).output().expect("run ss");
+    let out = Command::new("ss").args(["-tnHe", "state", "established", &filter]).output().expect("run ss");
     let mut owners = HashMap::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
