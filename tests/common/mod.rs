@@ -1192,3 +1192,133 @@ pub fn watch_counters(
         (backwards, scrapes)
     })
 }
+
+// ---- Lifecycle chaos (tests/chaos.rs): who talks to systemd, tight limits ----
+
+/// One datagram on a [`CredNotifications`] socket: when, from which pid
+/// (the kernel's SCM_CREDENTIALS, not what the sender claims), and its text.
+#[derive(Debug, Clone)]
+pub struct Notice {
+    pub at: Instant,
+    pub pid: i32,
+    pub text: String,
+}
+
+/// A NOTIFY_SOCKET that records the sender of every datagram (SO_PASSCRED),
+/// so a test can check that only the service's main process speaks to
+/// systemd (with `NotifyAccess=all` systemd acts on anyone's STOPPING=1).
+pub struct CredNotifications {
+    pub path: PathBuf,
+    got: Arc<Mutex<Vec<Notice>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl CredNotifications {
+    pub fn new() -> CredNotifications {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::PassCred, &true).expect("SO_PASSCRED");
+        // echod drops root to `nobody` after binding; it must still reach us.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let sink = got.clone();
+        std::thread::spawn(move || {
+            use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+            loop {
+                let mut buf = [0u8; 4096];
+                // Room for the credentials and the fds of an FDSTORE=1
+                // (closed at once: a kept listening socket would hold the
+                // service's port across a restart).
+                let mut cmsg = nix::cmsg_space!(libc::ucred, [std::os::fd::RawFd; 32]);
+                let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+                let Ok(msg) = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+                else {
+                    break;
+                };
+                let n = msg.bytes;
+                let mut pid = 0;
+                for c in msg.cmsgs().into_iter().flatten() {
+                    match c {
+                        ControlMessageOwned::ScmCredentials(cred) => pid = cred.pid(),
+                        ControlMessageOwned::ScmRights(fds) => {
+                            fds.into_iter().for_each(|fd| drop(echod::sys::adopt_fd(fd)))
+                        }
+                        _ => {}
+                    }
+                }
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                sink.lock().unwrap().push(Notice { at: Instant::now(), pid, text });
+            }
+        });
+        CredNotifications { path, got, _dir: dir }
+    }
+
+    pub fn all(&self) -> Vec<Notice> {
+        self.got.lock().unwrap().clone()
+    }
+
+    pub fn len(&self) -> usize {
+        self.got.lock().unwrap().len()
+    }
+
+    /// Waits for a message containing `pat` after index `skip`; returns its index.
+    pub fn wait(&self, skip: usize, pat: &str, timeout: Duration) -> Option<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.all().iter().skip(skip).position(|n| n.text.contains(pat)) {
+                return Some(skip + i);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// As [`start_with`] with no arguments, under `prlimit --nofile=N:N` (which
+/// execs echod: same pid); `extra` must set `workers` and `shutdown_timeout`
+/// itself if it cares.
+pub fn start_with_env_nofile(extra: &str, env: &[(&str, &str)], nofile: u64) -> Echod {
+    let mut e = spawn_cmd(extra, &[], env, Some(nofile));
+    e.wait_ready();
+    e
+}
+
+/// As [`connection_owners`], from the kernel's socket dump (`ss`, over
+/// netlink, established connections only) rather than /proc/net/tcp, which
+/// on a busy machine (tens of thousands of TIME_WAIT entries) skips live
+/// connections more often. Neither dump is atomic: a table that changes
+/// while it is read may still lose an entry, so callers that must not miss
+/// one take the union of two. Client port -> owning pid.
+pub fn socket_owners(pids: &[i32], server_port: u16) -> HashMap<u16, i32> {
+    let mut inode_owner = HashMap::new();
+    for &p in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{p}/fd")) else { continue };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let t = target.to_string_lossy().to_string();
+                if let Some(inode) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                    inode_owner.insert(inode.to_string(), p);
+                }
+            }
+        }
+    }
+    let filter = format!("( sport = :{server_port} )");
+    let out = Command::new("ss").args(["-tnHe", "state", "established", &filter]).output().expect("run ss");
+    let mut owners = HashMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let peer = f.iter().position(|w| w.contains(&format!(":{server_port}"))).and_then(|i| f.get(i + 1));
+        let port = peer.and_then(|p| p.rsplit(':').next()).and_then(|p| p.parse::<u16>().ok());
+        let inode = f.iter().find_map(|w| w.strip_prefix("ino:"));
+        if let (Some(port), Some(owner)) = (port, inode.and_then(|i| inode_owner.get(i))) {
+            owners.insert(port, *owner);
+        }
+    }
+    owners
+}
