@@ -248,10 +248,8 @@ impl Channel {
                 // cannot: the fds we got are the message's first ones. (An
                 // fd without its origin cannot happen: one message carries
                 // both; it would be served as charged to nothing.)
-                let conns: Vec<(OwnedFd, Origin)> = fds
-                    .into_iter()
-                    .map(|fd| (fd, origins.next().unwrap_or(Origin::Direct(Charge::NONE))))
-                    .collect();
+                let conns: Vec<(OwnedFd, Origin)> =
+                    fds.into_iter().map(|fd| (fd, origins.next().unwrap_or(Origin::Direct(Charge::NONE)))).collect();
                 if truncated {
                     return Ok(Received::Truncated { conns, lost: origins.collect() });
                 }

@@ -48,10 +48,14 @@ impl Notifier {
     }
 
     /// This master becomes (or stops being) the unit's main process. One
-    /// that becomes main again says MAINPID= with its next READY=1 and
-    /// starts pinging the watchdog at once.
+    /// that becomes main says MAINPID= at once and again with its next
+    /// READY=1, and starts pinging the watchdog.
     pub fn set_main(&mut self, main: bool) {
         if main && !self.main {
+            self.main = true;
+            // Named at once, so that systemd (and whoever checks who speaks)
+            // knows the sender of what follows (fd store, pings) is main.
+            self.send(&[NotifyState::MainPid(std::process::id())]);
             self.announce_pid = true;
             self.next_ping = self.watchdog_every.map(|_| Instant::now());
         }

@@ -1217,7 +1217,16 @@ impl Master {
     /// systemd's main process again, carry on the new master's counters,
     /// and start a fresh generation of workers (the draining ones finish on
     /// their own deadlines).
-    fn take_back(&mut self, theirs: crate::stats::Carried) {
+    fn take_back(&mut self, mut theirs: crate::stats::Carried) {
+        // The connections it held died with it (its workers have
+        // PR_SET_PDEATHSIG): they count as closed with an error, as a dead
+        // worker's do, so accepted = closed + active holds on.
+        let lost = theirs.accepted.saturating_sub(theirs.totals.finished);
+        if lost > 0 {
+            log::warn!("upgrade: {lost} connection(s) the new master held were lost with it");
+            theirs.totals.finished += lost;
+            theirs.totals.err_other += lost;
+        }
         if let Err(e) = self.listeners.resume(self.poll.registry()) {
             log::error!("upgrade: cannot listen again: {e}");
         }

@@ -1152,6 +1152,30 @@ pub fn use_upgrade_binary(e: &Echod, binary: &Path, upgrade_timeout: u32) {
     e.wait_log_after(skip, "reloaded", Duration::from_secs(5)).expect("reloaded");
 }
 
+/// Whether `pid` has signal `sig` pending (process-directed, ShdPnd).
+pub fn signal_pending(pid: i32, sig: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("ShdPnd:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .unwrap_or(0);
+    mask & (1 << (sig - 1)) != 0
+}
+
+/// Sends `sig` to `pid` and waits until it was delivered (no longer
+/// pending), so the kernel cannot merge it with the next one: a standard
+/// signal sent again while still pending is dropped by the kernel, which no
+/// handler can count (a burst of `kill`s faster than delivery is one).
+pub fn deliver(pid: i32, sig: i32) {
+    kill(pid, sig);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while signal_pending(pid, sig) {
+        assert!(Instant::now() < deadline, "signal {sig} to {pid} never delivered");
+        std::thread::yield_now();
+    }
+}
+
 /// Waits until `pid` and its workers are gone.
 pub fn wait_gone(pid: i32, workers: &[i32], timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
