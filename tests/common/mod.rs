@@ -676,43 +676,11 @@ impl Fnv {
     }
 }
 
-/// Which worker pid serves each client port: matches the workers' socket
-/// inodes (/proc/PID/fd) with the kernel's TCP table (/proc/net/tcp{,6}).
+/// Which worker pid serves each client port (see [`socket_owners`], which
+/// reads ss rather than /proc/net/tcp: that table skips live entries on a
+/// busy machine, and a test then misjudged whose clients a kill hit).
 pub fn connection_owners(workers: &[i32], server_port: u16) -> HashMap<u16, i32> {
-    let mut inode_owner = HashMap::new();
-    for &w in workers {
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{w}/fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            if let Ok(target) = std::fs::read_link(fd.path()) {
-                let t = target.to_string_lossy().to_string();
-                if let Some(inode) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
-                    inode_owner.insert(inode.to_string(), w);
-                }
-            }
-        }
-    }
-    let mut owners = HashMap::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 10 {
-                continue;
-            }
-            let port = |s: &str| u16::from_str_radix(s.rsplit(':').next().unwrap_or(""), 16).ok();
-            if port(f[1]) != Some(server_port) {
-                continue;
-            }
-            if let (Some(remote), Some(owner)) = (port(f[2]), inode_owner.get(f[9])) {
-                owners.insert(remote, *owner);
-            }
-        }
-    }
-    owners
+    socket_owners(workers, server_port)
 }
 
 /// Waits until the owner map names `n` client ports (the workers have
