@@ -562,7 +562,7 @@ struct Chaos {
     shape: Shape,
     /// Worker count the master should run (config, TTIN/TTOU).
     target: usize,
-    notify: CredNotifications,
+    notify: Notifications,
     echod: Option<Echod>,
     /// The master serving now (changes with upgrades and restarts).
     master: i32,
@@ -621,7 +621,7 @@ impl Chaos {
                 tight: false,
             },
             target: 2,
-            notify: CredNotifications::new(),
+            notify: Notifications::new(),
             echod: None,
             master: 0,
             masters: Vec::new(),
@@ -1774,7 +1774,7 @@ impl Chaos {
         self.check_no_stopping()?;
         let deadline = Instant::now() + SETTLE;
         loop {
-            let all = self.notify.all();
+            let all = self.notify.notices();
             let since = &all[self.notify_from..];
             let states: Vec<&Notice> =
                 since.iter().filter(|n| n.text.contains("READY=1") || n.text.contains("RELOADING=1")).collect();
@@ -1809,7 +1809,7 @@ impl Chaos {
     fn notices_by_main(&self) -> Vec<(Notice, bool)> {
         let mut main = self.masters[0];
         let mut out = Vec::new();
-        for n in &self.notify.all()[self.notify_from..] {
+        for n in &self.notify.notices()[self.notify_from..] {
             let named = fields(&n.text).get("MAINPID").and_then(|p| p.parse::<i32>().ok());
             let is_main = n.pid == main || (named == Some(n.pid) && !alive(main));
             if is_main {
@@ -1872,7 +1872,7 @@ impl Chaos {
             let master = self.master;
             let deadline = Instant::now() + Duration::from_secs(5);
             let all = loop {
-                let all = self.notify.all();
+                let all = self.notify.notices();
                 if all[before..].iter().any(|n| n.pid == master && n.text.contains("STOPPING=1")) {
                     break all;
                 }

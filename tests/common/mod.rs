@@ -994,7 +994,7 @@ impl<F: FnMut()> Drop for Defer<F> {
 /// systemd reads it), so a test can check who spoke for the service.
 pub struct Notifications {
     pub path: std::path::PathBuf,
-    got: Arc<Mutex<Vec<(Instant, String, i32)>>>,
+    got: Arc<Mutex<Vec<Notice>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -1035,7 +1035,8 @@ impl Notifications {
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok((n, pid)) = recv_with_sender(&sock, &mut buf) {
-                sink.lock().unwrap().push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned(), pid));
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                sink.lock().unwrap().push(Notice { at: Instant::now(), pid, text });
             }
         });
         Notifications { path, got, _dir: dir }
@@ -1043,11 +1044,20 @@ impl Notifications {
 
     /// Every message with the pid that sent it.
     pub fn with_senders(&self) -> Vec<(i32, String)> {
-        self.got.lock().unwrap().iter().map(|(_, m, pid)| (*pid, m.clone())).collect()
+        self.got.lock().unwrap().iter().map(|n| (n.pid, n.text.clone())).collect()
+    }
+
+    /// Every message, as received.
+    pub fn notices(&self) -> Vec<Notice> {
+        self.got.lock().unwrap().clone()
+    }
+
+    pub fn len(&self) -> usize {
+        self.got.lock().unwrap().len()
     }
 
     pub fn all(&self) -> Vec<(Instant, String)> {
-        self.got.lock().unwrap().iter().map(|(t, m, _)| (*t, m.clone())).collect()
+        self.got.lock().unwrap().iter().map(|n| (n.at, n.text.clone())).collect()
     }
 
     /// Waits for a message containing `pat` after index `skip`; returns its index.
@@ -1187,89 +1197,13 @@ pub fn watch_counters(
 
 // ---- Lifecycle chaos (tests/chaos.rs): who talks to systemd, tight limits ----
 
-/// One datagram on a [`CredNotifications`] socket: when, from which pid
+/// One datagram on a [`Notifications`] socket: when, from which pid
 /// (the kernel's SCM_CREDENTIALS, not what the sender claims), and its text.
 #[derive(Debug, Clone)]
 pub struct Notice {
     pub at: Instant,
     pub pid: i32,
     pub text: String,
-}
-
-/// A NOTIFY_SOCKET that records the sender of every datagram (SO_PASSCRED),
-/// so a test can check that only the service's main process speaks to
-/// systemd (with `NotifyAccess=all` systemd acts on anyone's STOPPING=1).
-pub struct CredNotifications {
-    pub path: PathBuf,
-    got: Arc<Mutex<Vec<Notice>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl CredNotifications {
-    pub fn new() -> CredNotifications {
-        use std::os::fd::AsRawFd;
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("notify.sock");
-        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
-        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::PassCred, &true).expect("SO_PASSCRED");
-        // echod drops root to `nobody` after binding; it must still reach us.
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let sink = got.clone();
-        std::thread::spawn(move || {
-            use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-            loop {
-                let mut buf = [0u8; 4096];
-                // Room for the credentials and the fds of an FDSTORE=1
-                // (closed at once: a kept listening socket would hold the
-                // service's port across a restart).
-                let mut cmsg = nix::cmsg_space!(libc::ucred, [std::os::fd::RawFd; 32]);
-                let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-                let Ok(msg) = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-                else {
-                    break;
-                };
-                let n = msg.bytes;
-                let mut pid = 0;
-                for c in msg.cmsgs().into_iter().flatten() {
-                    match c {
-                        ControlMessageOwned::ScmCredentials(cred) => pid = cred.pid(),
-                        ControlMessageOwned::ScmRights(fds) => {
-                            fds.into_iter().for_each(|fd| drop(echod::sys::adopt_fd(fd)))
-                        }
-                        _ => {}
-                    }
-                }
-                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                sink.lock().unwrap().push(Notice { at: Instant::now(), pid, text });
-            }
-        });
-        CredNotifications { path, got, _dir: dir }
-    }
-
-    pub fn all(&self) -> Vec<Notice> {
-        self.got.lock().unwrap().clone()
-    }
-
-    pub fn len(&self) -> usize {
-        self.got.lock().unwrap().len()
-    }
-
-    /// Waits for a message containing `pat` after index `skip`; returns its index.
-    pub fn wait(&self, skip: usize, pat: &str, timeout: Duration) -> Option<usize> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(i) = self.all().iter().skip(skip).position(|n| n.text.contains(pat)) {
-                return Some(skip + i);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
 }
 
 /// As [`start_with`] with no arguments, under `prlimit --nofile=N:N` (which
