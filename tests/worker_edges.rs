@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -298,6 +298,69 @@ both_modes! {
         // Structural: no push waited out its whole timeout for a loop.
         let stalls = e.log_lines().into_iter().filter(|l| l.contains("took nothing from the full queue")).count();
         assert_eq!(stalls, 0, "pushes waited a whole tick for the loops\n{}", e.log_text());
+    }
+
+    /// #27.12: `write_timeout` is time without progress, in both modes: a
+    /// client that never reads is cut one `write_timeout` after the kernel
+    /// last took a byte of its echo on a writable socket. Thread mode used
+    /// SO_SNDTIMEO, which bounds each write call: a call that took a few
+    /// bytes returned them and the next call started a fresh timeout, and
+    /// each retry found room the send buffer's autotuning opened without the
+    /// client taking anything. A client that never read was cut 2.9 s after
+    /// its last visible progress with `write_timeout = 1` (event mode 0.8
+    /// s), 1.8 s with one retry when the wait ran out. The client sends and
+    /// never reads, watching its receive queue: the gap from its last growth
+    /// (the server's last progress) to the reset must stay within the
+    /// timeout plus 1.25 s (a 250 ms tick in event mode, a loaded CI
+    /// machine); one timeout more, as before, is past it.
+    fn a_client_that_never_reads_is_cut_one_write_timeout_after_its_last_progress() {
+        let e = start("workers = 1\nwrite_timeout = 2\nmin_spare_threads = 1\n");
+        for round in 0..2 {
+            let gap = stall_to_reset(e.addr);
+            eprintln!("#27.12 {} round {round}: write_timeout = 2: reset {gap:?} after the server's last progress", mode());
+            assert!(gap < Duration::from_millis(3250), "cut {gap:?} after the last progress\n{}", e.log_text());
+            let s = e.stats_until(Duration::from_secs(10), |s| s["timeout"] == round + 1);
+            assert_eq!(s["timeout"], round + 1, "ended as a write timeout: {s:?}");
+        }
+    }
+}
+
+/// Sends to `addr` and never reads, until the server resets the
+/// connection; returns the time from the server's last progress (the last
+/// growth of the client's receive queue) to the reset.
+fn stall_to_reset(addr: SocketAddr) -> Duration {
+    let mut s = connect(addr);
+    s.set_write_timeout(Some(Duration::from_millis(20))).unwrap();
+    // More than any receive buffer grows to (tcp_rmem's maximum is 6 MiB
+    // by default); reserved, never written, so never resident.
+    let mut room: Vec<u8> = Vec::with_capacity(1 << 28);
+    let chunk = vec![b'x'; 64 * 1024];
+    let (mut queued, mut last_progress) = (0, Instant::now());
+    let give_up = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < give_up, "a client that never reads was never cut");
+        match receive_queue(&s, &mut room) {
+            Some(q) if q != queued => (queued, last_progress) = (q, Instant::now()),
+            Some(_) => {}
+            None => return last_progress.elapsed(),
+        }
+        match s.write(&chunk) {
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+            Err(_) => return last_progress.elapsed(),
+        }
+    }
+}
+
+/// Bytes waiting, unread, in `s`'s receive queue: a peek that copies
+/// nothing (MSG_TRUNC) into reserved, untouched room; None once the
+/// connection was reset.
+fn receive_queue(s: &TcpStream, room: &mut Vec<u8>) -> Option<u64> {
+    let flags = libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_DONTWAIT;
+    match socket2::SockRef::from(s).recv_with_flags(room.spare_capacity_mut(), flags) {
+        Ok(n) => Some(n as u64),
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => Some(0),
+        Err(_) => None,
     }
 }
 

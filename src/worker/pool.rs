@@ -150,7 +150,7 @@ fn serve(w: &Worker, slot: &ConnSlot, mut stream: TcpStream, origin: Origin, buf
     let mut next_flush = seen + FLUSH_TICKS;
     let mut echoes = 0u32;
     let ending = early_end.unwrap_or_else(|| {
-        echo(&mut stream, buf, w.config.transform, &mut tally, |t| {
+        echo(&mut stream, buf, w.config.transform, w.config.write_timeout.nonzero(), &mut tally, |t| {
             echoes = echoes.wrapping_add(1);
             if echoes % BEAT_EVERY == 0 {
                 w.beat();
