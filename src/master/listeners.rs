@@ -6,9 +6,11 @@
 //! passed by systemd (LISTEN_FDS) are used as they are and survive reloads.
 //!
 //! Per-connection options are set once here, on the listener, because Linux
-//! copies them to every accepted socket: TCP_NODELAY and SO_SNDTIMEO (the
-//! write timeout, which costs nothing until a write actually blocks).
-//! Workers thus serve a connection without a single setsockopt. The idle
+//! copies them to every accepted socket: TCP_NODELAY and SO_SNDTIMEO. The
+//! latter bounds only the blocking write-back of bytes that came with a
+//! PROXY header (`worker::proxied`); echoes measure `write_timeout` as time
+//! since the last byte the kernel took, in both handlers (`worker::echo`,
+//! `worker::event`). Workers thus serve a connection without a setsockopt. The idle
 //! timeout is *not* SO_RCVTIMEO: see `worker::pool::ConnSlot` for why.
 
 use std::io;
