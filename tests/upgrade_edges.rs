@@ -830,3 +830,21 @@ fn what_user_cannot_read_or_run_is_refused_at_start() {
     assert_eq!(code, Some(78), "an upgrade_binary `user` cannot run was accepted:\n{err}");
     assert!(err.contains(&format!("{}:4: key `upgrade_binary`", config.display())), "{err}");
 }
+
+/// A new master that closes its channel but does not exit is given
+/// EXIT_GRACE (2 s) to say why and go, then killed: the upgrade fails then,
+/// not at `upgrade_timeout`.
+#[test]
+fn a_new_master_that_closes_its_channel_and_lingers_is_killed_after_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let lingers = script(dir.path(), "lingers", "eval \"exec $ECHOD_UPGRADE_CHANNEL>&-\"\nexec sleep 60");
+    let e = start(&format!("workers = 1\nupgrade_timeout = 60\nupgrade_binary = \"{}\"\n", lingers.display()));
+    let skip = e.log_len();
+    let new = start_upgrade(&e);
+    let line = e
+        .wait_log_after(skip, "upgrade failed", Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("still waiting for a new master that closed its channel:\n{}", e.log_text()));
+    assert!(line.contains("closed its channel and did not exit within 2s"), "{line}");
+    assert!(wait_gone(new, &[], Duration::from_secs(5)), "the lingering new master was not killed");
+    echo_once(e.addr, "the old master serves on");
+}
