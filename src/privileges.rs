@@ -53,8 +53,15 @@ pub fn drop(config: &Config) -> Result<Option<String>, String> {
 /// rather than at the first HUP or USR2. A config file only root can read
 /// would pass every check at start and then fail every reload and upgrade
 /// until a restart; an `upgrade_binary` the user cannot execute would fail
-/// every upgrade. Returns the key to blame and why.
-pub fn check_reachable(config: &Config, source: Option<&std::path::Path>) -> Result<(), (&'static str, String)> {
+/// every upgrade. Returns the key to blame and why; or, when only the
+/// default upgrade binary (`own_exe`, echod's own path, `upgrade_binary`
+/// unset) is out of reach, a warning: nobody asked for upgrades then, and
+/// refusing to start over it would be harsh.
+pub fn check_reachable(
+    config: &Config,
+    own_exe: &std::path::Path,
+    source: Option<&std::path::Path>,
+) -> Result<Option<String>, (&'static str, String)> {
     let who = if config.user.is_empty() {
         format!("uid {}", nix::unistd::getuid())
     } else {
@@ -77,16 +84,22 @@ pub fn check_reachable(config: &Config, source: Option<&std::path::Path>) -> Res
             ));
         }
     }
-    let binary = &config.upgrade_binary;
-    if !binary.is_empty() {
-        if let Err(e) = nix::unistd::access(binary.as_str(), nix::unistd::AccessFlags::X_OK) {
-            return Err((
-                "upgrade_binary",
-                format!("{who} cannot execute `{binary}` ({e}), so every upgrade (USR2) would fail"),
-            ));
-        }
+    let binary = match config.upgrade_binary.as_str() {
+        "" => own_exe.to_path_buf(),
+        b => std::path::PathBuf::from(b),
+    };
+    match nix::unistd::access(&binary, nix::unistd::AccessFlags::X_OK) {
+        Ok(()) => Ok(None),
+        Err(e) if config.upgrade_binary.is_empty() => Ok(Some(format!(
+            "{who} cannot execute echod's own path `{}` ({e}): an upgrade (USR2) would fail; set `upgrade_binary` to \
+             a path it can execute",
+            binary.display()
+        ))),
+        Err(e) => Err((
+            "upgrade_binary",
+            format!("{who} cannot execute `{}` ({e}), so every upgrade (USR2) would fail", binary.display()),
+        )),
     }
-    Ok(())
 }
 
 /// Supplementary groups first, then the group, then the user (after setuid

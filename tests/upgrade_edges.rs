@@ -78,21 +78,32 @@ fn a_new_master_that_dies_after_taking_over_hands_back_to_the_old_one() {
     assert_eq!(http_get(metrics, "/healthz").0, 200, "the old master serves /metrics and /healthz again");
 }
 
-/// #18.6: "ready" and EOF in one read (a new master that reports ready and
-/// dies at once) still ends with the old master serving.
+/// #18.6, #27 review: "ready" and EOF in one read (a new master that
+/// reports ready and dies at once) is a failed upgrade: the old master does
+/// not hand over to it (no MAINPID to a dead pid, no drain of its own
+/// generation for nothing), and serves on. The liar stops its parent before
+/// it speaks, so both arrive in one read.
 #[test]
 fn ready_and_exit_in_one_breath_leaves_the_old_master_serving() {
     let dir = tempfile::tempdir().unwrap();
     let e = start("workers = 1\nshutdown_timeout = 30\n");
-    // One listener, no metrics socket: the channel is fd 4.
-    let liar = script(dir.path(), "liar", "echo \"ready $$\" >&\"$ECHOD_UPGRADE_CHANNEL\"\nexit 0");
+    let liar = script(dir.path(), "liar", "kill -STOP $PPID\necho \"ready $$\" >&\"$ECHOD_UPGRADE_CHANNEL\"\nexit 0");
     use_upgrade_binary(&e, &liar, 30);
     let mut held = connect(e.addr);
     assert_eq!(round_trip(&mut held, b"held").unwrap(), b"held");
     let skip = e.log_len();
-    e.signal(libc_sig::USR2);
-    e.wait_log_after(skip, "taking over again", Duration::from_secs(10))
-        .unwrap_or_else(|| panic!("no take-over:\n{}", e.log_text()));
+    let new = start_upgrade(&e);
+    // The liar exits while the old master is stopped: it stays a zombie.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(format!("/proc/{new}/stat")).is_ok_and(|st| st.contains(") Z ")) {
+        assert!(Instant::now() < deadline, "the liar did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    kill(e.pid(), libc_sig::CONT);
+    e.wait_log_after(skip, "upgrade failed", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("not a failed upgrade:\n{}", e.log_text()));
+    let log = e.log_text();
+    assert!(!log.contains("stops accepting and drains"), "handed over to a dead master:\n{log}");
     for i in 0..10 {
         echo_once(e.addr, &format!("after {i}"));
     }
@@ -829,6 +840,15 @@ fn what_user_cannot_read_or_run_is_refused_at_start() {
     let (code, err) = start_as_root_expecting_refusal(&config);
     assert_eq!(code, Some(78), "an upgrade_binary `user` cannot run was accepted:\n{err}");
     assert!(err.contains(&format!("{}:4: key `upgrade_binary`", config.display())), "{err}");
+
+    // A reload is checked the same way: the running config stays.
+    let e = start("workers = 1\n");
+    e.write_config(&format!("listen = [\"{}\"]\nworkers = 1\nupgrade_binary = \"{}\"\n", e.addr, binary.display()));
+    let skip = e.log_len();
+    e.signal(libc_sig::HUP);
+    e.wait_log_after(skip, "reload failed: key `upgrade_binary`", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("a reload to an upgrade_binary `user` cannot run was applied:\n{}", e.log_text()));
+    echo_once(e.addr, "still serving");
 }
 
 /// A new master that closes its channel but does not exit is given

@@ -370,11 +370,15 @@ impl Master {
             Ok(None) => {}
             Err(msg) => return Err(StartError::Config(format!("key `user`: {msg}"))),
         }
-        if let Err((key, why)) = privileges::check_reachable(&config, source.as_deref()) {
-            return Err(StartError::Config(match &source {
-                Some(path) => crate::config::ConfigError::at_key(path, &text, key, why).to_string(),
-                None => format!("key `{key}`: {why}"),
-            }));
+        let exe = upgrade::Invocation::current().exe;
+        match privileges::check_reachable(&config, &exe, source.as_deref()) {
+            Ok(warning) => warning.iter().for_each(|w| log::warn!("{w}")),
+            Err((key, why)) => {
+                return Err(StartError::Config(match &source {
+                    Some(path) => crate::config::ConfigError::at_key(path, &text, key, why).to_string(),
+                    None => format!("key `{key}`: {why}"),
+                }));
+            }
         }
         let sup = Supervisor::new(config.worker_count(), capacity)?;
         let now = Instant::now();
@@ -780,6 +784,16 @@ impl Master {
                 return;
             }
         };
+        // What this master (already `user`) will need later: checked now, not
+        // at the next USR2.
+        match privileges::check_reachable(&new, &self.invocation.exe, self.source.as_deref()) {
+            Ok(warning) => warning.iter().for_each(|w| log::warn!("{w}")),
+            Err((key, why)) => {
+                log::error!("reload failed: key `{key}`: {why}; keeping the running configuration");
+                self.info.last_reload_ok = false;
+                return;
+            }
+        }
         // Bind everything new before changing anything, so a failure leaves
         // the running state untouched.
         let new_http = match self.rebind_metrics(&new) {
@@ -1004,7 +1018,10 @@ impl Master {
                     // exit (SIGCHLD) ends the upgrade; the grace bounds the wait.
                     successor.deadline = successor.deadline.min(Instant::now() + upgrade::EXIT_GRACE);
                 }
-                if heard.ready {
+                // "ready" and EOF in one read: it said ready and is gone (or
+                // going). Handing over to it would drain this generation for
+                // nothing; its exit ends the upgrade as failed instead.
+                if heard.ready && !heard.gone {
                     self.hand_over();
                 }
             }
@@ -1069,19 +1086,17 @@ impl Master {
     }
 
     /// A new master's predecessor said "go" (or is gone): this master is the
-    /// unit's main process from now on, whether it serves or was already
-    /// told to stop. READY=1 with MAINPID= follows from `announce_ready`.
+    /// unit's main process from now on, unless it was already told to stop.
+    /// READY=1 with MAINPID= follows from `announce_ready`.
     fn become_main(&mut self) {
-        match self.life {
-            Lifecycle::Starting => self.enter(Lifecycle::Serving),
-            Lifecycle::Stopping { graceful, main: false } => {
-                self.enter(Lifecycle::Stopping { graceful, main: true });
-                self.notify.stopping();
-            }
-            _ => {}
+        // A new master told to stop before `go` stays what it was: a failed
+        // upgrade. It says nothing to systemd, and its exit without a
+        // `stopping` makes the old master take over again.
+        if let Lifecycle::Starting = self.life {
+            self.enter(Lifecycle::Serving);
+            // The fd store is ours to keep.
+            self.store_fds();
         }
-        // The fd store is ours to keep.
-        self.store_fds();
     }
 
     /// Whether this master accepts connections and speaks for the service
