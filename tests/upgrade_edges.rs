@@ -868,3 +868,35 @@ fn a_new_master_that_closes_its_channel_and_lingers_is_killed_after_the_grace() 
     assert!(wait_gone(new, &[], Duration::from_secs(5)), "the lingering new master was not killed");
     echo_once(e.addr, "the old master serves on");
 }
+
+/// #27 review: the new master's `stopping` reaches an old master that was
+/// not reading (stopped) while traffic filled the channel with totals:
+/// it waits in an outbox instead of being dropped on EAGAIN, so the old
+/// generation still does not take over a stopped service.
+#[test]
+fn stopping_reaches_an_old_master_whose_channel_filled_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = start_upgradable(dir.path(), "shutdown_timeout = 30\n");
+    let old = e.pid();
+    let mut held = connect(e.addr);
+    assert_eq!(round_trip(&mut held, b"held").unwrap(), b"held");
+    let skip = e.log_len();
+    let new = upgrade(&e, old);
+    e.wait_log_after(skip, "this master accepts now", Duration::from_secs(10)).expect("the new master serves");
+    let new_workers = e.wait_children(new, 1);
+    kill(old, libc_sig::STOP);
+    let _cont = Defer(move || kill(old, libc_sig::CONT));
+    // Every connection changes the totals the new master sends back.
+    let out = run_load(&["--addr", &e.addr.to_string(), "--churn", "-c", "4", "-d", "3", "--json"]);
+    assert_eq!(output_json(&out)["mismatches"], 0);
+    kill(new, libc_sig::TERM);
+    e.wait_log_after(skip, &format!("[master {new}] graceful stop"), Duration::from_secs(10)).expect("stopping");
+    kill(old, libc_sig::CONT);
+    assert!(wait_gone(new, &new_workers, Duration::from_secs(15)), "the new master did not stop:\n{}", e.log_text());
+    assert!(wait_refused(e.addr, Duration::from_secs(10)), "a stopped service still accepts:\n{}", e.log_text());
+    assert_eq!(round_trip(&mut held, b"drains").unwrap(), b"drains");
+    drop(held);
+    assert_eq!(e.wait_exit(Duration::from_secs(15)), Some(0), "{}", e.log_text());
+    let log = e.log_text();
+    assert!(!log.contains("taking over again"), "a stopped service was taken over again:\n{log}");
+}

@@ -227,6 +227,9 @@ pub struct Master {
     /// The inherited metrics socket, served once the old master's totals
     /// arrived, so scraped counters never go backwards.
     pending_metrics: Option<std::net::TcpListener>,
+    /// Stopped with messages to the old master still queued: exit by then
+    /// at the latest (see `owes_predecessor`).
+    exit_grace_until: Option<Instant>,
 }
 
 /// The sockets found in LISTEN_FDS at start, by kind.
@@ -410,6 +413,7 @@ impl Master {
             invocation: upgrade::Invocation::current(),
             predecessor,
             pending_metrics,
+            exit_grace_until: None,
         };
         master.store_fds();
         Ok(master)
@@ -466,11 +470,26 @@ impl Master {
                     self.disp.run(&mut self.listeners, &mut self.sup, dispatch::Limits::of(&self.config), now);
                 }
                 self.announce_ready();
-            } else if self.sup.workers.is_empty() {
+            } else if self.sup.workers.is_empty() && !self.owes_predecessor(now) {
                 log::info!("all workers exited; bye");
                 return Ok(0);
             }
         }
+    }
+
+    /// A stopping new master waits (up to EXIT_GRACE past its last worker)
+    /// for the old one to take what is queued for it: its `stopping` above
+    /// all, without which the old master would take over a stopped service.
+    fn owes_predecessor(&mut self, now: Instant) -> bool {
+        if !self.predecessor.as_ref().is_some_and(|p| p.unsent()) {
+            return false;
+        }
+        let until = *self.exit_grace_until.get_or_insert(now + upgrade::EXIT_GRACE);
+        if now >= until {
+            log::warn!("upgrade: the old master did not read what this master told it; exiting anyway");
+            return false;
+        }
+        true
     }
 
     /// Moves to `life`, and tells the notifier whether this master speaks
@@ -502,6 +521,8 @@ impl Master {
                 Lifecycle::StopDelayed { at } => Some(*at),
                 _ => None,
             },
+            // Retry what waits for room on the channel to the old master.
+            self.predecessor.as_ref().filter(|p| p.unsent()).map(|_| now + Duration::from_millis(20)),
         ]
         .into_iter()
         .flatten()

@@ -154,6 +154,45 @@ impl UpgradeMsg {
     }
 }
 
+/// Lines on their way to the other master, in order. The channel is
+/// non-blocking and the other master may not read for a while (stopped,
+/// busy): what does not fit waits here, so a line is never cut in half,
+/// and a message that matters (`stopping`) is never dropped for lack of
+/// room. Totals, of which only the latest counts, are queued only when
+/// nothing is waiting, so the queue stays small.
+#[derive(Default)]
+struct Outbox {
+    pending: Vec<u8>,
+}
+
+impl Outbox {
+    /// Queues `msg` and writes what fits; false if it was totals and left
+    /// out (the caller sends newer ones later).
+    fn send(&mut self, msg: &UpgradeMsg, channel: &mut UnixStream) -> io::Result<bool> {
+        if matches!(msg, UpgradeMsg::Totals(_)) && !self.pending.is_empty() {
+            self.flush(channel)?;
+            return Ok(false);
+        }
+        self.pending.extend_from_slice(msg.encode().as_bytes());
+        self.flush(channel)?;
+        Ok(true)
+    }
+
+    /// Writes what the channel takes now.
+    fn flush(&mut self, channel: &mut UnixStream) -> io::Result<()> {
+        while !self.pending.is_empty() {
+            match channel.write(&self.pending) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => drop(self.pending.drain(..n)),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The old master's side: a new master that is starting.
 pub struct Successor {
     pub pid: Pid,
@@ -167,6 +206,8 @@ pub struct Successor {
     pub closed: bool,
     /// Last totals sent, so only changes are sent.
     sent: Option<Carried>,
+    /// What did not fit in the channel yet.
+    outbox: Outbox,
     /// It said it was told to stop (graceful or fast): its exit is the
     /// service stopping, not a crash to take over from.
     pub stopping: Option<bool>,
@@ -215,6 +256,7 @@ pub fn spawn(
                 ready: false,
                 closed: false,
                 sent: None,
+                outbox: Outbox::default(),
                 stopping: None,
                 totals: Carried::default(),
             })
@@ -290,7 +332,7 @@ impl Successor {
 
     /// Tells the new master it may accept: this master no longer does.
     pub fn go(&mut self) {
-        if let Err(e) = self.channel.write_all(UpgradeMsg::Go.encode().as_bytes()) {
+        if let Err(e) = self.outbox.send(&UpgradeMsg::Go, &mut self.channel) {
             // It then takes over when this master's channel closes (EOF).
             log::warn!("upgrade: cannot tell the new master to accept: {e}");
         }
@@ -303,7 +345,7 @@ impl Successor {
         if self.sent == Some(c) {
             return;
         }
-        if self.channel.write_all(UpgradeMsg::Totals(Box::new(c)).encode().as_bytes()).is_ok() {
+        if let Ok(true) = self.outbox.send(&UpgradeMsg::Totals(Box::new(c)), &mut self.channel) {
             self.sent = Some(c);
         }
     }
@@ -327,6 +369,8 @@ pub struct Predecessor {
     pub carried: Option<Carried>,
     /// Our own totals as last sent (only changes are sent).
     sent: Option<Carried>,
+    /// What did not fit in the channel yet.
+    outbox: Outbox,
 }
 
 impl Predecessor {
@@ -346,7 +390,16 @@ impl Predecessor {
         let pid = nix::unistd::getppid();
         // An old master that does not say "go" stops accepting on "ready".
         let go = std::env::var_os(ENV_SAYS_GO).is_none();
-        Ok(Some(Predecessor { pid, channel, inbox: Vec::new(), announced: false, go, carried: None, sent: None }))
+        Ok(Some(Predecessor {
+            pid,
+            channel,
+            inbox: Vec::new(),
+            announced: false,
+            go,
+            carried: None,
+            sent: None,
+            outbox: Outbox::default(),
+        }))
     }
 
     /// Tells the old master that this one serves.
@@ -354,7 +407,7 @@ impl Predecessor {
         if std::mem::replace(&mut self.announced, true) {
             return;
         }
-        if let Err(e) = self.channel.write_all(UpgradeMsg::Ready(std::process::id()).encode().as_bytes()) {
+        if let Err(e) = self.outbox.send(&UpgradeMsg::Ready(std::process::id()), &mut self.channel) {
             log::warn!("upgrade: cannot tell the old master we are ready: {e}");
         }
     }
@@ -362,7 +415,7 @@ impl Predecessor {
     /// Tells the old master this one was told to stop: if it handed over,
     /// the service is stopping and it must not take over again.
     pub fn announce_stopping(&mut self, graceful: bool) {
-        if let Err(e) = self.channel.write_all(UpgradeMsg::Stopping { graceful }.encode().as_bytes()) {
+        if let Err(e) = self.outbox.send(&UpgradeMsg::Stopping { graceful }, &mut self.channel) {
             log::warn!("upgrade: cannot tell the old master we are stopping: {e}");
         }
     }
@@ -372,12 +425,18 @@ impl Predecessor {
     /// Only once this master serves: before, it has counted nothing the old
     /// one could lose, and "ready" stays the first line it sends.
     pub fn send_totals(&mut self, c: Carried) {
+        let _ = self.outbox.flush(&mut self.channel);
         if !self.announced || !self.go || self.sent == Some(c) {
             return;
         }
-        if self.channel.write_all(UpgradeMsg::Totals(Box::new(c)).encode().as_bytes()).is_ok() {
+        if let Ok(true) = self.outbox.send(&UpgradeMsg::Totals(Box::new(c)), &mut self.channel) {
             self.sent = Some(c);
         }
+    }
+
+    /// Something is still waiting for room in the channel (see `Outbox`).
+    pub fn unsent(&self) -> bool {
+        !self.outbox.pending.is_empty()
     }
 
     /// Reads "go" and totals; true when the old master is gone (EOF).
