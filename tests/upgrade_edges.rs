@@ -597,7 +597,9 @@ fn stop_the_new_master_during_the_drain(sig: i32) {
     assert!(wait_gone(old, &old_workers, Duration::from_secs(5)));
     let log = e.log_text();
     assert!(!log.contains("taking over again"), "a stopped service was taken over again:\n{log}");
-    assert!(log.contains("this old generation finishes its drain"), "{log}");
+    // Heard as it came (a fast stop may then end the old generation before
+    // the new master's exit is reaped), or read with its exit.
+    assert!(log.contains("the service is stopping") || log.contains("this old generation finishes its drain"), "{log}");
 }
 
 /// #27.1: TERM to the new master during the drain stops the service.
