@@ -49,6 +49,30 @@ pub fn current_nofile() -> u64 {
     getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
 }
 
+/// Whether a worker fits in the fd limit at all: its own fds (channel,
+/// stdio, one epoll fd and waker per event loop) and one connection. A
+/// worker that cannot would fail at start, and be respawned, for ever.
+/// The error names the key to change.
+pub fn check_fits(config: &Config, fd_limit: u64) -> Result<(), (&'static str, String)> {
+    let own = worker_overhead_fds(config);
+    if fd_limit > own {
+        return Ok(());
+    }
+    let key = match config.handler {
+        Handler::Thread => "threads_per_worker",
+        Handler::Event => "event_threads",
+    };
+    Err((
+        key,
+        format!(
+            "RLIMIT_NOFILE {fd_limit} cannot hold a worker's own {own} fds and one connection{}: raise LimitNOFILE= \
+             or `ulimit -n`{}",
+            if config.handler == Handler::Event { " (2 per event loop)" } else { "" },
+            if config.handler == Handler::Event { ", or lower `event_threads`" } else { "" }
+        ),
+    ))
+}
+
 /// Connections one worker may hold (`threads_per_worker` in thread mode,
 /// `worker_connections` in event mode), unless the fd limit cannot hold
 /// that many.

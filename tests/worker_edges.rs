@@ -442,3 +442,52 @@ fn min_spare_threads_keeps_idle_threads_beside_busy_ones() {
         drop(held);
     });
 }
+
+/// #27 review: an fd limit that cannot hold even a worker's own fds (64
+/// event loops under `ulimit -n 120`) is refused at start, exit 78 naming
+/// `event_threads`, instead of a crash loop of workers failing with EMFILE.
+#[test]
+fn an_fd_limit_too_small_for_the_event_loops_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("echod.toml");
+    let user = if nix::unistd::geteuid().is_root() { "user = \"nobody\"\n" } else { "" };
+    std::fs::write(
+        &config,
+        format!("listen = [\"127.0.0.1:0\"]\nworkers = 1\nhandler = \"event\"\nevent_threads = 64\n{user}"),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new("prlimit")
+        .arg("--nofile=120:120")
+        .arg(ECHOD)
+        .arg("--config")
+        .arg(&config)
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("prlimit (util-linux)");
+    let pid = child.id() as i32;
+    let _guard = Defer(move || {
+        children_of(pid).into_iter().for_each(|w| kill(w, libc_sig::KILL));
+        kill(pid, libc_sig::KILL);
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() >= deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    if code.is_none() {
+        kill(pid, libc_sig::KILL);
+        let _ = child.wait();
+    }
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    assert_eq!(code, Some(78), "started (or crashed) instead of refusing:\n{err}");
+    assert!(err.contains("key `event_threads`") && err.contains("RLIMIT_NOFILE 120"), "{err}");
+}

@@ -276,6 +276,9 @@ impl Master {
         mut signals: SignalSource,
     ) -> Result<Master, StartError> {
         let fd_limit = limits::raise_nofile();
+        if let Err((key, why)) = limits::check_fits(&config, fd_limit) {
+            return Err(StartError::Config(format!("key `{key}`: {why}")));
+        }
         let capacity = limits::worker_capacity(&config, fd_limit);
         let poll = Poll::new()?;
         signals.register(poll.registry(), SIGNAL_TOKEN)?;
@@ -805,6 +808,11 @@ impl Master {
                 return;
             }
         };
+        if let Err((key, why)) = limits::check_fits(&new, limits::current_nofile()) {
+            log::error!("reload failed: key `{key}`: {why}; keeping the running configuration");
+            self.info.last_reload_ok = false;
+            return;
+        }
         // What this master (already `user`) will need later: checked now, not
         // at the next USR2.
         match privileges::check_reachable(&new, &self.invocation.exe, self.source.as_deref()) {
