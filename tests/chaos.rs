@@ -1903,7 +1903,13 @@ impl Chaos {
     /// no worker of this instance is alive.
     fn check_down(&self, orphans: bool) -> Result<(), String> {
         if orphans {
-            let left: Vec<i32> = self.started_pids().into_iter().filter(|&p| alive(p)).collect();
+            // A worker whose master was just killed dies by PDEATHSIG, which
+            // takes a moment for one with 64 event-loop threads: wait a
+            // bounded while before calling it an orphan.
+            let mut left: Vec<i32> = self.started_pids().into_iter().filter(|&p| alive(p)).collect();
+            if !left.is_empty() && wait_gone(left[0], &left[1..], Duration::from_secs(5)) {
+                left.clear();
+            }
             if !left.is_empty() {
                 return Err(format!("orphan workers {left:?}"));
             }
