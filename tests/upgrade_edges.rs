@@ -779,40 +779,12 @@ fn hup_and_ttin_to_the_old_master_after_the_hand_over_reach_the_new_one() {
     assert!(wait_gone(new, &[], Duration::from_secs(15)));
 }
 
-/// Runs echod as root on `config`; its exit status and stderr. Killed by
-/// pid if it starts instead of refusing.
+/// Runs echod as root on `config`; its exit status and stderr (None: it
+/// started instead of refusing, and was killed).
 fn start_as_root_expecting_refusal(config: &Path) -> (Option<i32>, String) {
-    let mut child = std::process::Command::new(ECHOD)
-        .arg("--config")
-        .arg(config)
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id() as i32;
-    let _guard = Defer(move || {
-        children_of(pid).into_iter().for_each(|w| kill(w, libc_sig::KILL));
-        kill(pid, libc_sig::KILL);
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let code = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status.code();
-        }
-        if Instant::now() >= deadline {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    if code.is_none() {
-        kill(pid, libc_sig::KILL);
-        let _ = child.wait();
-    }
-    let mut err = String::new();
-    let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
-    (code, err)
+    let mut cmd = std::process::Command::new(ECHOD);
+    cmd.arg("--config").arg(config).env_remove("NOTIFY_SOCKET");
+    run_bounded(cmd, Duration::from_secs(10))
 }
 
 /// #27.6: a config file that `user` cannot read, or an `upgrade_binary` it

@@ -456,38 +456,9 @@ fn an_fd_limit_too_small_for_the_event_loops_is_refused_at_start() {
         format!("listen = [\"127.0.0.1:0\"]\nworkers = 1\nhandler = \"event\"\nevent_threads = 64\n{user}"),
     )
     .unwrap();
-    let mut child = std::process::Command::new("prlimit")
-        .arg("--nofile=120:120")
-        .arg(ECHOD)
-        .arg("--config")
-        .arg(&config)
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("prlimit (util-linux)");
-    let pid = child.id() as i32;
-    let _guard = Defer(move || {
-        children_of(pid).into_iter().for_each(|w| kill(w, libc_sig::KILL));
-        kill(pid, libc_sig::KILL);
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let code = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status.code();
-        }
-        if Instant::now() >= deadline {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    if code.is_none() {
-        kill(pid, libc_sig::KILL);
-        let _ = child.wait();
-    }
-    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.arg("--nofile=120:120").arg(ECHOD).arg("--config").arg(&config).env_remove("NOTIFY_SOCKET");
+    let (code, err) = run_bounded(cmd, Duration::from_secs(10));
     assert_eq!(code, Some(78), "started (or crashed) instead of refusing:\n{err}");
     assert!(err.contains("key `event_threads`") && err.contains("RLIMIT_NOFILE 120"), "{err}");
 }

@@ -1154,6 +1154,37 @@ pub fn deliver(pid: i32, sig: i32) {
     }
 }
 
+/// Runs `cmd` (stdin closed, stderr captured) until it exits or `timeout`
+/// passes, then kills it and its children by pid. Returns its exit code
+/// (None: it was still running, e.g. started where it should have refused)
+/// and what it wrote to stderr.
+pub fn run_bounded(mut cmd: Command, timeout: Duration) -> (Option<i32>, String) {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let pid = child.id() as i32;
+    let _guard = Defer(move || {
+        children_of(pid).into_iter().for_each(|w| kill(w, libc_sig::KILL));
+        kill(pid, libc_sig::KILL);
+    });
+    let deadline = Instant::now() + timeout;
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() >= deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if code.is_none() {
+        children_of(pid).into_iter().for_each(|w| kill(w, libc_sig::KILL));
+        kill(pid, libc_sig::KILL);
+        let _ = child.wait();
+    }
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    (code, err)
+}
+
 /// Waits until `pid` and its workers are gone.
 pub fn wait_gone(pid: i32, workers: &[i32], timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
