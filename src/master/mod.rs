@@ -566,15 +566,16 @@ impl Master {
                 log::info!(
                     "{name} x{times}: this master handed over to the new master (pid {pid}), which serves; passing it on"
                 );
-                let raw = match sig {
-                    Signal::Reload => nix::sys::signal::Signal::SIGHUP,
-                    Signal::MoreWorkers => nix::sys::signal::Signal::SIGTTIN,
-                    _ => nix::sys::signal::Signal::SIGTTOU,
-                };
-                for _ in 0..times {
-                    if let Err(e) = nix::sys::signal::kill(pid, raw) {
-                        log::warn!("cannot pass {name} on to pid {pid}: {e}");
+                match sig {
+                    // HUPs may merge: one reload is all they ask.
+                    Signal::Reload => {
+                        if let Err(e) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP) {
+                            log::warn!("cannot pass HUP on to pid {pid}: {e}");
+                        }
                     }
+                    // A count on the channel: re-sent signals could merge.
+                    Signal::MoreWorkers => successor.scale(times as i64),
+                    _ => successor.scale(-(times as i64)),
                 }
             }
             Lifecycle::StopDelayed { .. } | Lifecycle::Stopping { .. } => {
@@ -1097,6 +1098,12 @@ impl Master {
         if let Some(c) = carried {
             self.set_carried(c);
             self.serve_pending_metrics();
+        }
+        let scale = self.predecessor.as_mut().map_or(0, |p| std::mem::take(&mut p.scale));
+        if scale != 0 {
+            let (sig, n) = if scale > 0 { (Signal::MoreWorkers, scale) } else { (Signal::FewerWorkers, -scale) };
+            log::info!("upgrade: the old master passed on {n} {}", if scale > 0 { "TTIN" } else { "TTOU" });
+            self.on_config_signal(sig, n as usize);
         }
         if gone {
             if let Some(mut p) = self.predecessor.take() {

@@ -34,8 +34,8 @@
 //! its drain instead of taking over: a stopped service stays stopped.
 //!
 //! The channel carries one [`UpgradeMsg`] per line of text: `ready PID`,
-//! `stopping graceful|fast` and `totals ...` from the new master; `go` and
-//! `totals ...` from the old one. Each side sends its *own* totals (not
+//! `stopping graceful|fast` and `totals ...` from the new master; `go`,
+//! `totals ...` and `scale N` (TTIN/TTOU passed on) from the old one. Each side sends its *own* totals (not
 //! those it carries from the other), so whichever master ends up serving
 //! adds the other's and no counter goes backwards, after a rollback too.
 //! A line this master does not know is ignored, so masters of different
@@ -125,6 +125,10 @@ pub enum UpgradeMsg {
     /// Either way: the sender's own totals, without what it carries from
     /// the other master.
     Totals(Box<Carried>),
+    /// Old to new: TTIN (+) or TTOU (-) deliveries sent to the old master
+    /// after the hand-over, passed on as a count (signals re-sent with
+    /// kill(2) could merge in the kernel).
+    Scale(i64),
 }
 
 impl UpgradeMsg {
@@ -137,6 +141,7 @@ impl UpgradeMsg {
                 format!("stopping {}\n", if *graceful { "graceful" } else { "fast" })
             }
             UpgradeMsg::Totals(c) => c.encode(),
+            UpgradeMsg::Scale(n) => format!("scale {n}\n"),
         }
     }
 
@@ -149,6 +154,7 @@ impl UpgradeMsg {
             ("stopping", "graceful") => Some(UpgradeMsg::Stopping { graceful: true }),
             ("stopping", "fast") => Some(UpgradeMsg::Stopping { graceful: false }),
             ("totals", _) => Carried::decode(line).map(|c| UpgradeMsg::Totals(Box::new(c))),
+            ("scale", n) => n.parse().ok().map(UpgradeMsg::Scale),
             _ => None,
         }
     }
@@ -321,13 +327,20 @@ impl Successor {
                 UpgradeMsg::Ready(_) if !self.ready => heard.ready = true,
                 UpgradeMsg::Stopping { graceful } => heard.stopping = Some(graceful),
                 UpgradeMsg::Totals(c) => self.totals = *c,
-                UpgradeMsg::Ready(_) | UpgradeMsg::Go => {}
+                UpgradeMsg::Ready(_) | UpgradeMsg::Go | UpgradeMsg::Scale(_) => {}
             }
         }
         self.ready |= heard.ready;
         self.stopping = heard.stopping.or(self.stopping);
         self.closed |= gone;
         heard
+    }
+
+    /// Passes TTIN (+n) or TTOU (-n) deliveries on to the new master.
+    pub fn scale(&mut self, n: i64) {
+        if let Err(e) = self.outbox.send(&UpgradeMsg::Scale(n), &mut self.channel) {
+            log::warn!("upgrade: cannot pass the worker count change on to the new master: {e}");
+        }
     }
 
     /// Tells the new master it may accept: this master no longer does.
@@ -371,6 +384,8 @@ pub struct Predecessor {
     sent: Option<Carried>,
     /// What did not fit in the channel yet.
     outbox: Outbox,
+    /// TTIN/TTOU the old master passed on, not yet applied (`Scale`).
+    pub scale: i64,
 }
 
 impl Predecessor {
@@ -399,6 +414,7 @@ impl Predecessor {
             carried: None,
             sent: None,
             outbox: Outbox::default(),
+            scale: 0,
         }))
     }
 
@@ -446,6 +462,7 @@ impl Predecessor {
             match msg {
                 UpgradeMsg::Go => self.go = true,
                 UpgradeMsg::Totals(c) => self.carried = Some(*c),
+                UpgradeMsg::Scale(n) => self.scale += n,
                 UpgradeMsg::Ready(_) | UpgradeMsg::Stopping { .. } => {}
             }
         }
@@ -551,6 +568,8 @@ mod tests {
             UpgradeMsg::Stopping { graceful: true },
             UpgradeMsg::Stopping { graceful: false },
             UpgradeMsg::Totals(Box::new(c)),
+            UpgradeMsg::Scale(3),
+            UpgradeMsg::Scale(-2),
         ] {
             let line = m.encode();
             assert!(line.ends_with('\n'), "{line:?}");
