@@ -35,9 +35,10 @@
 //!
 //! The channel carries one [`UpgradeMsg`] per line of text: `ready PID`,
 //! `stopping graceful|fast` and `totals ...` from the new master; `go`,
-//! `totals ...` and `scale N` (TTIN/TTOU passed on) from the old one. Each side sends its *own* totals (not
-//! those it carries from the other), so whichever master ends up serving
-//! adds the other's and no counter goes backwards, after a rollback too.
+//! `totals ...` and `scale N` (TTIN/TTOU passed on) from the old one. Each
+//! side sends its *own* totals (not those it carries from the other), so
+//! whichever master ends up serving adds the other's and no counter goes
+//! backwards, after a rollback too.
 //! A line this master does not know is ignored, so masters of different
 //! versions can talk. Both ends are non-blocking in their master's poll.
 
