@@ -153,6 +153,26 @@ impl HaProxy {
     }
 }
 
+/// Backend 1 (thread mode) on free ports of 127.0.0.2, and backend 2
+/// (event mode) on the same ports of 127.0.0.3, so HAProxy's single `check
+/// port` fits both, as in production; with backend 2's listen and metrics
+/// addresses, for restarting it. Another process may hold one of backend 1's
+/// ports on 127.0.0.3 or on the wildcard address (seen once in CI: "Address
+/// already in use"), so a pair that cannot be had is given up for another.
+fn backends_on_the_same_ports() -> (Echod, Echod, String, String) {
+    let mut refusals = Vec::new();
+    for _ in 0..5 {
+        let a = backend("127.0.0.2:0", "127.0.0.2:0", "thread", PER_IP);
+        let (port, mport) = (a.addr.port(), a.metrics_addr().port());
+        let (listen, metrics) = (format!("127.0.0.3:{port}"), format!("127.0.0.3:{mport}"));
+        match try_start(&backend_config(&listen, &metrics, "event", PER_IP)) {
+            Ok(b) => return (a, b, listen, metrics),
+            Err(log) => refusals.push(log),
+        }
+    }
+    panic!("backend 2 could not take backend 1's ports in 5 tries:\n{}", refusals.join("\n"));
+}
+
 /// Starts one backend from the shipped config.
 fn backend(listen: &str, metrics: &str, handler: &str, per_ip: u32) -> Echod {
     start(&backend_config(listen, metrics, handler, per_ip))
@@ -173,13 +193,8 @@ fn metric(e: &Echod, name: &str) -> f64 {
 #[test]
 fn two_echod_behind_haproxy_with_proxy_v2() {
     let dir = tempfile::tempdir().unwrap();
-    // Backend 1 picks free ports; backend 2 takes the same ports on its own
-    // address, so HAProxy's single `check port` fits both, as in production.
-    let a = backend("127.0.0.2:0", "127.0.0.2:0", "thread", PER_IP);
-    let (port, mport) = (a.addr.port(), a.metrics_addr().port());
-    let b1_listen = format!("127.0.0.3:{port}");
-    let b1_metrics = format!("127.0.0.3:{mport}");
-    let mut b = backend(&b1_listen, &b1_metrics, "event", PER_IP);
+    let (a, mut b, b1_listen, b1_metrics) = backends_on_the_same_ports();
+    let mport = a.metrics_addr().port();
     let front: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let hap = HaProxy::start(dir.path(), front, [a.addr, b.addr], mport);
     hap.wait_status("echod1", "UP", Duration::from_secs(10));
@@ -295,3 +310,17 @@ fn haproxy_bin() -> &'static str {
 /// `max_connections_per_ip` on each backend. echo-load's connections all
 /// come from 127.0.0.1, so every phase stays below it on one host.
 const PER_IP: u32 = 20;
+
+/// What `backends_on_the_same_ports` relies on to try another pair: a
+/// backend whose port another process holds is an `Err` with the reason,
+/// not a panic or a hang.
+#[test]
+fn a_backend_on_a_taken_port_is_an_error_to_retry() {
+    let held = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
+    let taken = held.local_addr().unwrap().to_string();
+    let log = match try_start(&backend_config(&taken, "127.0.0.3:0", "event", PER_IP)) {
+        Ok(_) => panic!("echod listened on {taken}, which this test holds"),
+        Err(log) => log,
+    };
+    assert!(log.contains("Address already in use"), "{log}");
+}

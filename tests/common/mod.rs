@@ -154,6 +154,33 @@ pub fn start(extra: &str) -> Echod {
 }
 
 pub fn start_with(extra: &str, args: &[&str], env: &[(&str, &str)]) -> Echod {
+    let mut e = spawn(&with_test_defaults(extra), args, env);
+    e.wait_ready();
+    e
+}
+
+/// As `start`, but a daemon that refuses to start (a port taken by another
+/// process, say) is an `Err` with its log, for tests that pick fixed ports
+/// and can try others.
+pub fn try_start(extra: &str) -> Result<Echod, String> {
+    let mut e = spawn(&with_test_defaults(extra), &[], &[]);
+    let outcome = e.wait_lines(0, Duration::from_secs(10), |lines| {
+        lines.iter().find_map(|(_, l)| {
+            (l.contains("listening on ") || l.contains("cannot start")).then(|| l.contains("listening on "))
+        })
+    });
+    match outcome {
+        Some(true) => {
+            e.wait_ready();
+            Ok(e)
+        }
+        _ => Err(e.log_text()),
+    }
+}
+
+/// `extra` plus the settings every test wants unless it sets them: two
+/// workers and a short shutdown timeout.
+fn with_test_defaults(extra: &str) -> String {
     let mut text = String::new();
     if !sets(extra, "workers") {
         text.push_str("workers = 2\n");
@@ -162,9 +189,7 @@ pub fn start_with(extra: &str, args: &[&str], env: &[(&str, &str)]) -> Echod {
         text.push_str("shutdown_timeout = 5\n");
     }
     text.push_str(extra);
-    let mut e = spawn(&text, args, env);
-    e.wait_ready();
-    e
+    text
 }
 
 /// Whether a TOML text assigns `key` (not merely mentions it).
