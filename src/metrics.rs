@@ -34,7 +34,7 @@ pub fn render(snap: &Snapshot, info: &MasterInfo) -> String {
     let version = format!("version=\"{}\",commit=\"{}\"", env!("CARGO_PKG_VERSION"), env!("ECHOD_GIT_COMMIT"));
     metric(o, "echod_build_info", "gauge", "Build information.", &[(&version, 1.0)]);
     // (name, type, help, value) of every unlabelled series.
-    let scalars: [(&str, &str, &str, f64); 13] = [
+    let scalars: [(&str, &str, &str, f64); 14] = [
         ("echod_start_time_seconds", "gauge", "Unix time the master started.", info.start_time),
         (
             "echod_config_generation",
@@ -65,6 +65,12 @@ pub fn render(snap: &Snapshot, info: &MasterInfo) -> String {
             "gauge",
             "Connections held now (in workers or being handed over).",
             snap.active as f64,
+        ),
+        (
+            "echod_connections_draining",
+            "gauge",
+            "Connections the previous generation still drains during a binary upgrade.",
+            snap.draining as f64,
         ),
         (
             "echod_connections_rejected_total",
@@ -242,6 +248,7 @@ mod tests {
             accepted: 4,
             rejected: 1,
             active: 1,
+            draining: 0,
             restarts: 0,
             generation: 2,
             target: 1,

@@ -91,6 +91,22 @@ impl Carried {
         }
     }
 
+    /// Connections counted as accepted and not yet as closed: on a new
+    /// master, those its predecessor still drains.
+    pub fn open(&self) -> u64 {
+        self.accepted.saturating_sub(self.totals.finished)
+    }
+
+    /// Counts every open connection as closed with an error: they died
+    /// with the master that held them (its workers have PR_SET_PDEATHSIG).
+    /// Returns how many.
+    pub fn close_lost(&mut self) -> u64 {
+        let lost = self.open();
+        self.totals.finished += lost;
+        self.totals.err_other += lost;
+        lost
+    }
+
     /// Adds `other`'s counters to these.
     pub fn add(&mut self, other: &Carried) {
         self.accepted += other.accepted;
@@ -164,6 +180,11 @@ pub struct Snapshot {
     pub rejected: u64,
     /// Connections held by echod: in workers, or accepted and not yet sent.
     pub active: u64,
+    /// Connections the previous generation still drains during a binary
+    /// upgrade: counted in `accepted` (carried over), not yet in `closed`,
+    /// and held by no worker of this master, so without them accepted =
+    /// closed + active would not hold on the new master until the drain ends.
+    pub draining: u64,
     pub restarts: u64,
     pub generation: u64,
     pub target: usize,

@@ -324,6 +324,7 @@ impl Event {
             Event::SignalInDrain { to: Target::OldMaster | Target::PgrepOldest, sig: libc_sig::HUP } => {
                 "hup_old_master"
             }
+            Event::SignalInDrain { to: Target::OldMaster, sig: libc_sig::KILL } => "kill_old_master_in_drain",
             Event::SignalInDrain { .. } => "signal_in_drain",
             Event::SlowUpgrade => "slow_upgrade",
             Event::TermDuringUpgrade { .. } => "term_during_upgrade",
@@ -406,7 +407,7 @@ impl Event {
         for sig in [libc_sig::TERM, libc_sig::HUP, libc_sig::TTIN, libc_sig::USR2] {
             v.push(Event::SignalInDrain { to: Target::NewMaster, sig });
         }
-        for sig in [libc_sig::HUP, libc_sig::TERM] {
+        for sig in [libc_sig::HUP, libc_sig::TERM, libc_sig::KILL] {
             v.push(Event::SignalInDrain { to: Target::OldMaster, sig });
         }
         v.push(Event::SignalInDrain { to: Target::PgrepOldest, sig: libc_sig::HUP });
@@ -589,6 +590,9 @@ struct Chaos {
     hit: Hit,
     /// Every client address used: (through the PROXY listener, address).
     used: Vec<(bool, String)>,
+    /// The test's child, when the driver SIGKILLed it as an old master in
+    /// its drain: its exit status is the kill's, not 0.
+    killed_child: Option<i32>,
 }
 
 impl Chaos {
@@ -637,6 +641,7 @@ impl Chaos {
             firsts,
             hit: Hit::None,
             used,
+            killed_child: None,
         };
         let off: Vec<&str> = KNOWN_OPEN.iter().copied().filter(|n| !on(n)).collect();
         println!(
@@ -1296,8 +1301,11 @@ impl Chaos {
             let _held = held;
             return self.stop_service(new, sig, "a stop to the new master during the drain");
         }
-        if pid == old && sig == libc_sig::QUIT {
-            // A fast stop of the old generation cuts its connections.
+        if pid == old && (sig == libc_sig::QUIT || sig == libc_sig::KILL) {
+            // A fast stop of the old generation cuts its connections, and
+            // so does its death (its workers die with it); the new master
+            // must then count them as closed, or accepted = closed never
+            // holds again (review of #27).
             let mut pids = children_of(old);
             pids.push(old);
             self.hit_processes(pids, false);
@@ -1333,7 +1341,14 @@ impl Chaos {
         if !wait_gone(old, &[], Duration::from_secs(SHUTDOWN_TIMEOUT) + SETTLE) {
             self.fail(self.now_step(), &format!("old master {old} still alive after its drain"));
         }
-        self.check_child_exit(old, 0);
+        if sig == libc_sig::KILL {
+            if old == self.child() {
+                let _ = self.echod.as_mut().and_then(|e| e.wait_exit(Duration::from_secs(5)));
+                self.killed_child = Some(old);
+            }
+        } else {
+            self.check_child_exit(old, 0);
+        }
         self.settle_master();
     }
 
@@ -1559,7 +1574,7 @@ impl Chaos {
     /// with `code` (it is gone by now); an upgraded master's parent is
     /// gone, so for it being gone is all there is to check.
     fn check_child_exit(&mut self, pid: i32, code: i32) {
-        if pid != self.child() {
+        if pid != self.child() || self.killed_child == Some(pid) {
             return;
         }
         let got = self.echod.as_mut().and_then(|e| e.wait_exit(Duration::from_secs(5)));
@@ -2056,13 +2071,14 @@ impl Chaos {
             let m = scrape(self.metrics);
             let g = |k: &str| m.get(k).copied().unwrap_or(-1.0);
             if g("echod_connections_active") == 0.0
+                && m.get("echod_connections_draining").copied().unwrap_or(0.0) == 0.0
                 && g("echod_connections_accepted_total") == g("echod_connections_closed_total")
                 && (0.0..=self.unread as f64).contains(&(g("echod_bytes_received_total") - g("echod_bytes_sent_total")))
             {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                let keys = ["active", "accepted_total", "closed_total"].map(|k| format!("connections_{k}"));
+                let keys = ["active", "draining", "accepted_total", "closed_total"].map(|k| format!("connections_{k}"));
                 let shown: Vec<String> = keys
                     .iter()
                     .chain(["bytes_received_total".to_string(), "bytes_sent_total".to_string()].iter())

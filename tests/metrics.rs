@@ -67,7 +67,7 @@ both_modes! {
         e.write_config(&format!("listen = [\"{}\"]\n{M}workers = 3\nshutdown_timeout = 2\n", e.addr));
         e.signal(libc_sig::HUP);
         let m = e.scrape_until(Duration::from_secs(10), |m| {
-            m["echod_config_generation"] == 2.0 && m["echod_workers"] == 3.0 && !m.keys().any(|k| k.contains("draining"))
+            m["echod_config_generation"] == 2.0 && m["echod_workers"] == 3.0 && !m.keys().any(|k| k.contains("state=\"draining\""))
         });
         assert_eq!(m["echod_config_generation"], 2.0);
         let (c, b) = known_traffic(e.addr, 25, 4, 3);
@@ -100,6 +100,7 @@ both_modes! {
         for name in [
             "echod_connections_accepted_total",
             "echod_connections_active",
+            "echod_connections_draining",
             "echod_connections_rejected_total",
             "echod_bytes_received_total",
             "echod_bytes_sent_total",

@@ -878,3 +878,66 @@ fn stopping_reaches_an_old_master_whose_channel_filled_up() {
     let log = e.log_text();
     assert!(!log.contains("taking over again"), "a stopped service was taken over again:\n{log}");
 }
+
+/// Upgrades with one connection left on the old generation, and returns
+/// it with the new master's pid once the new master serves.
+fn upgrade_with_one_held(e: &Echod) -> (TcpStream, i32) {
+    let mut held = connect(e.addr);
+    assert_eq!(round_trip(&mut held, b"held").unwrap(), b"held");
+    let skip = e.log_len();
+    let new = upgrade(e, e.pid());
+    e.wait_log_after(skip, "this master accepts now", Duration::from_secs(10)).expect("the new master serves");
+    for i in 0..3 {
+        echo_once(e.addr, &format!("on the new master {i}"));
+    }
+    (held, new)
+}
+
+/// accepted = closed + active + draining, from one scrape.
+fn balanced(m: &std::collections::HashMap<String, f64>) -> bool {
+    let g = |k: &str| m.get(k).copied().unwrap_or(0.0);
+    g("echod_connections_accepted_total")
+        == g("echod_connections_closed_total") + g("echod_connections_active") + g("echod_connections_draining")
+}
+
+/// Review of #27: on the new master, accepted (carried from the old one)
+/// counted the old generation's open connections, which neither its
+/// `closed` nor its `active` held: accepted = closed + active failed for the
+/// whole drain. The old generation's share is `echod_connections_draining`.
+#[test]
+fn the_old_generations_open_connections_are_draining_on_the_new_master() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = start_upgradable(dir.path(), "shutdown_timeout = 30\nmetrics_listen = \"127.0.0.1:0\"\n");
+    let (held, _new) = upgrade_with_one_held(&e);
+    let during = e.scrape_until(Duration::from_secs(10), |m| {
+        m.get("echod_connections_closed_total") >= Some(&3.0) && m.get("echod_connections_active") == Some(&0.0)
+    });
+    assert_eq!(during.get("echod_connections_draining"), Some(&1.0), "{during:?}");
+    assert!(balanced(&during), "accepted = closed + active + draining during the drain: {during:?}");
+    drop(held);
+    assert_eq!(e.wait_exit(Duration::from_secs(10)), Some(0), "the old master ends its drain:\n{}", e.log_text());
+    let after = e.scrape_until(Duration::from_secs(10), |m| m.get("echod_connections_draining") == Some(&0.0));
+    assert!(balanced(&after), "{after:?}");
+    assert_eq!(after.get("echod_connection_errors_total{kind=\"other\"}"), Some(&0.0), "{after:?}");
+}
+
+/// Review of #27: an old generation killed while it drained never sent the
+/// closes of what it held, so accepted = closed never held again on the
+/// new master. Those connections died with it (PR_SET_PDEATHSIG): they
+/// count as closed with an error, as a dead worker's do.
+#[test]
+fn an_old_generation_killed_in_its_drain_leaves_the_counts_balanced() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = start_upgradable(dir.path(), "shutdown_timeout = 30\nmetrics_listen = \"127.0.0.1:0\"\n");
+    let (mut held, _new) = upgrade_with_one_held(&e);
+    e.scrape_until(Duration::from_secs(10), |m| m.get("echod_connections_draining") == Some(&1.0));
+    e.signal(libc_sig::KILL);
+    let _ = e.wait_exit(Duration::from_secs(10));
+    closed_by_server(&mut held, Duration::from_secs(10)).expect("the old worker died with its master");
+    let after = e.scrape_until(Duration::from_secs(10), |m| {
+        m.get("echod_connections_draining") == Some(&0.0) && m.get("echod_connections_active") == Some(&0.0)
+    });
+    assert!(balanced(&after), "accepted = closed after the old generation died: {after:?}\n{}", e.log_text());
+    assert_eq!(after.get("echod_connection_errors_total{kind=\"other\"}"), Some(&1.0), "{after:?}");
+    assert!(e.log_text().contains("the old generation still drained were lost with it"), "{}", e.log_text());
+}

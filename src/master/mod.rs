@@ -982,6 +982,7 @@ fn snapshot_of(sup: &Supervisor, disp: &Dispatcher, carried: &crate::stats::Carr
         // The master's rejections, and the workers' (PROXY listeners).
         rejected: disp.rejected + carried.rejected + totals.rejected,
         active,
+        draining: carried.open(),
         restarts: sup.restarts + carried.restarts,
         generation: sup.generation,
         target: sup.target,
@@ -1111,6 +1112,14 @@ impl Master {
             }
             if go {
                 log::info!("upgrade: the previous generation has exited");
+                // Killed while it drained, it could not send the closes of
+                // what it held: those died with it.
+                let mut carried = self.sup.carried;
+                let lost = carried.close_lost();
+                if lost > 0 {
+                    log::warn!("upgrade: {lost} connection(s) the old generation still drained were lost with it");
+                    self.set_carried(carried);
+                }
             } else {
                 // It died (or was killed) before handing over: nobody else
                 // accepts, so this master does.
@@ -1269,14 +1278,12 @@ impl Master {
     /// and start a fresh generation of workers (the draining ones finish on
     /// their own deadlines).
     fn take_back(&mut self, mut theirs: crate::stats::Carried) {
-        // The connections it held died with it (its workers have
-        // PR_SET_PDEATHSIG): they count as closed with an error, as a dead
-        // worker's do, so accepted = closed + active holds on.
-        let lost = theirs.accepted.saturating_sub(theirs.totals.finished);
+        // The connections it held died with it: they count as closed with
+        // an error, as a dead worker's do, so accepted = closed + active
+        // holds on.
+        let lost = theirs.close_lost();
         if lost > 0 {
             log::warn!("upgrade: {lost} connection(s) the new master held were lost with it");
-            theirs.totals.finished += lost;
-            theirs.totals.err_other += lost;
         }
         if let Err(e) = self.listeners.resume(self.poll.registry()) {
             log::error!("upgrade: cannot listen again: {e}");
