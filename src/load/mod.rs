@@ -605,8 +605,20 @@ mod tests {
         s.note(ms(3), &issued, &answered);
         s.note(ms(4), &answered, &answered);
         assert_eq!((s.first, s.last), (Some(ms(2)), Some(ms(3))));
-        let mut other = Span { first: Some(ms(1)), last: Some(ms(9)) };
+        // Merged, the threads' spans run from the earliest first to the
+        // latest last, whichever side holds them.
+        let wider = Span { first: Some(ms(1)), last: Some(ms(9)) };
+        let mut other = wider;
         other.merge(&s);
         assert_eq!((other.first, other.last), (Some(ms(1)), Some(ms(9))));
+        let mut inner = s;
+        inner.merge(&wider);
+        assert_eq!((inner.first, inner.last), (Some(ms(1)), Some(ms(9))));
+        let mut idle = Span::default();
+        idle.merge(&s);
+        assert_eq!((idle.first, idle.last), (Some(ms(2)), Some(ms(3))), "a thread that measured nothing adds nothing");
+        let mut late = Span { first: Some(ms(5)), last: Some(ms(6)) };
+        late.merge(&Span { first: None, last: Some(ms(7)) });
+        assert_eq!((late.first, late.last), (Some(ms(5)), Some(ms(7))));
     }
 }
