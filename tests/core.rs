@@ -79,7 +79,7 @@ both_modes! {
 
     fn ipv6_loopback_is_served() {
         if std::net::TcpListener::bind("[::1]:0").is_err() {
-            return skip_or_fail("no IPv6 loopback");
+            return skip_or_fail("an IPv6 loopback");
         }
         let e = start("listen = [\"[::1]:0\", \"127.0.0.1:0\"]\n");
         let line = e.log_lines().into_iter().find(|l| l.contains("listening on [::1]")).expect("v6 listener");

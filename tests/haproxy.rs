@@ -81,7 +81,7 @@ impl HaProxy {
         let path = dir.join("haproxy.cfg");
         std::fs::write(&path, cfg).unwrap();
         let check =
-            Command::new("haproxy").arg("-c").arg("-f").arg(&path).output().expect(
+            Command::new(haproxy_bin()).arg("-c").arg("-f").arg(&path).output().expect(
                 "haproxy is not installed: `apt-get install haproxy` (the Debian package; .ci/run installs it)",
             );
         assert!(check.status.success(), "haproxy -c: {}", String::from_utf8_lossy(&check.stderr));

@@ -236,7 +236,7 @@ both_modes! {
 
     fn root_drops_to_the_configured_user_and_refuses_to_stay_root() {
         if !nix::unistd::geteuid().is_root() {
-            return skip_or_fail("not root (the privilege drop)");
+            return skip_or_fail("root (the privilege drop)");
         }
         let e = start("workers = 2\nuser = \"nobody\"\n");
         for pid in std::iter::once(e.pid()).chain(e.workers()) {
