@@ -118,8 +118,8 @@ both_modes! {
         // #22: the labels the README documents, with their values.
         let build = format!("echod_build_info{{version=\"{}\",commit=\"", env!("CARGO_PKG_VERSION"));
         assert!(body.lines().any(|l| l.starts_with(&build) && l.ends_with("\"} 1")), "{build}:\n{body}");
-        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-        assert!(readme.contains("`echod_build_info{version,commit}`"), "README documents the labels");
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/OPERATIONS.md")).unwrap();
+        assert!(readme.contains("`echod_build_info{version,commit}`"), "docs/OPERATIONS.md documents the labels");
     }
 
     fn silent_scrapers_delay_neither_echo_nor_other_scrapes() {

@@ -1,6 +1,7 @@
 //! The shape of the source tree, checked: the import graph of `src/` has no
-//! circle (each module uses only modules below it), and DESIGN's layout and
-//! the README's development list name every source and test file.
+//! circle (each module uses only modules below it), DESIGN's layout names
+//! every source and test file, and the testing page names what the set-up
+//! installs.
 //!
 //! The graph is read from the text: every `use crate::…`/`super::…`/
 //! `self::…` path (braces expanded) and every inline `crate::…`/`super::…`
@@ -246,7 +247,7 @@ fn block_after(doc: &str, heading: &str) -> String {
 }
 
 #[test]
-fn design_and_readme_name_every_file() {
+fn design_names_every_file() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut names = Vec::new();
     for dir in ["src", "tests"] {
@@ -259,7 +260,7 @@ fn design_and_readme_name_every_file() {
             names.push((rel.display().to_string(), if stem == "mod" { "mod.rs".to_string() } else { stem }));
         }
     }
-    for (doc, heading) in [("docs/DESIGN.md", "## 8. Layout"), ("README.md", "## Development")] {
+    for (doc, heading) in [("docs/DESIGN.md", "## 8. Layout")] {
         let block = block_after(doc, heading);
         let words: BTreeSet<&str> =
             block.split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '-' || c == '.')).collect();
@@ -270,25 +271,40 @@ fn design_and_readme_name_every_file() {
     }
 }
 
-/// The README says what `.ci/run` installs: every Debian package it may
-/// apt-get and every tool it may cargo-install is named there.
+/// docs/TESTING.md says what the set-up installs: every Debian package
+/// `test.sh` may apt-get is named where it describes `./test.sh`, and every
+/// package and tool only `.ci/run` installs where it describes CI.
 #[test]
-fn the_readme_names_what_ci_installs() {
+fn the_testing_page_names_what_the_set_up_installs() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let ci = std::fs::read_to_string(root.join(".ci/run")).expect("read .ci/run");
-    let readme = std::fs::read_to_string(root.join("README.md")).expect("read README.md");
-    let at = readme.find("`bash .ci/run` installs").expect("the README describes .ci/run");
-    let described = &readme[at..at + 1200.min(readme.len() - at)];
+    let read = |f: &str| std::fs::read_to_string(root.join(f)).unwrap_or_else(|e| panic!("read {f}: {e}"));
+    let page = read("docs/TESTING.md");
+    let section = |heading: &str| {
+        let at = page.find(heading).unwrap_or_else(|| panic!("docs/TESTING.md has no `{heading}`"));
+        let end = page[at + heading.len()..].find("\n## ").map_or(page.len(), |e| at + heading.len() + e);
+        page[at..end].to_string()
+    };
     let mut named = 0;
-    for part in ci.split("need+=(").skip(1) {
-        let pkg = part.split(')').next().unwrap_or_default();
-        assert!(described.contains(pkg), "README's .ci/run description does not name `{pkg}`");
-        named += 1;
+    for (script, heading) in [("test.sh", "## Running the tests"), (".ci/run", "## What CI runs")] {
+        let text = read(script);
+        let described = section(heading);
+        for part in text.split("need+=(").skip(1) {
+            for pkg in part.split(')').next().unwrap_or_default().split_whitespace() {
+                assert!(
+                    described.contains(pkg),
+                    "docs/TESTING.md ({heading}) does not name `{pkg}`, which {script} installs"
+                );
+                named += 1;
+            }
+        }
+        for part in text.split("cargo install --locked ").skip(1) {
+            let tool = part.split_whitespace().next().unwrap_or_default();
+            assert!(
+                described.contains(tool),
+                "docs/TESTING.md ({heading}) does not name `{tool}`, which {script} installs"
+            );
+            named += 1;
+        }
     }
-    for part in ci.split("cargo install --locked ").skip(1) {
-        let tool = part.split_whitespace().next().unwrap_or_default();
-        assert!(described.contains(tool), "README's .ci/run description does not name `{tool}`");
-        named += 1;
-    }
-    assert!(named >= 10, "read the packages from .ci/run ({named})");
+    assert!(named >= 14, "read the packages from test.sh and .ci/run ({named})");
 }
