@@ -48,7 +48,7 @@ fi
 skipped=target/tmp/skipped
 rm -rf "$skipped"
 status=0
-cargo test --release "$@" || status=$?
+cargo test --release --no-fail-fast "$@" || status=$?
 if [ -d "$skipped" ] && [ -n "$(ls -A "$skipped")" ]; then
     reasons=$(cat "$skipped"/* | cut -d' ' -f2- | sort | uniq -c | sed 's/^ *//' | paste -sd ';' | sed 's/;/; /g')
     echo "skipped $(ls "$skipped" | wc -l) test(s) this machine cannot run, by what they need: $reasons (list: ls $skipped)"

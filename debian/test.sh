@@ -25,7 +25,7 @@ for path in /usr/bin/echod /usr/bin/echo-load /etc/echod/echod.toml \
     /usr/share/fish/vendor_completions.d/echod.fish /usr/share/fish/vendor_completions.d/echo-load.fish \
     /usr/share/doc/echod/copyright /usr/share/doc/echod/changelog.Debian.gz /usr/share/doc/echod/README.md \
     /usr/share/doc/echod/docs/DESIGN.md /usr/share/doc/echod/docs/OPERATIONS.md /usr/share/doc/echod/docs/TESTING.md \
-    /usr/share/doc/echod/docs/PERFORMANCE.md /usr/share/doc/echod/docs/echo-load.md; do
+    /usr/share/doc/echod/docs/PERFORMANCE.md /usr/share/doc/echod/echo-load/README.md; do
     grep -qx "$path" <<<"$contents" || fail "$path missing from the package"
 done
 [[ $(dpkg-deb -f "$deb" Package) == echod ]] || fail "wrong package name"

@@ -1,6 +1,6 @@
 //! Generates the files a package ships besides the binaries: a man page per
 //! binary and shell completions for bash, zsh and fish, from the same clap
-//! definitions the binaries parse (`echod::cli`), so they never drift.
+//! definitions the binaries parse (`echod::cli`, `echo_load::cli`), so they never drift.
 //!
 //!     cargo run --release --example dist-assets -- target/assets
 //!
@@ -14,7 +14,8 @@ use std::path::Path;
 
 use clap::CommandFactory;
 use clap_complete::Shell;
-use echod::cli::{EchoLoadCli, EchodCli};
+use echo_load::cli::EchoLoadCli;
+use echod::cli::EchodCli;
 
 fn main() -> io::Result<()> {
     let out = std::env::args().nth(1).unwrap_or_else(|| "target/assets".into());

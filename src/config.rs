@@ -689,7 +689,7 @@ impl<'de> Deserialize<'de> for ProxyProtocol {
 
 /// One `proxy_trusted` entry: `"10.0.0.0/8"`, `"::1/128"` or an address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CidrSetting(pub crate::proxy::Cidr);
+pub struct CidrSetting(pub proxy_protocol::Cidr);
 
 impl Serialize for CidrSetting {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

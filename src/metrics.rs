@@ -10,7 +10,7 @@
 
 use std::fmt::Write;
 
-use crate::proxy::HeaderError;
+use proxy_protocol::HeaderError;
 
 use crate::scoreboard::DURATION_BUCKETS;
 use crate::stats::Snapshot;

@@ -66,7 +66,7 @@ pub enum Field {
     /// (those from PROXY listeners, whose client only the worker knows).
     Rejected,
     /// C: PROXY header errors, one word per kind of
-    /// [`HeaderError::ALL`](crate::proxy::HeaderError::ALL).
+    /// [`HeaderError::ALL`](proxy_protocol::HeaderError::ALL).
     ProxyErr0,
     /// C: connection-duration histogram, one (non-cumulative) count per
     /// bucket of [`DURATION_BUCKETS`].
@@ -74,7 +74,7 @@ pub enum Field {
 }
 
 /// Kinds of PROXY header error, each with a slot word.
-const PROXY_KINDS: usize = crate::proxy::HeaderError::ALL.len();
+const PROXY_KINDS: usize = proxy_protocol::HeaderError::ALL.len();
 
 const _: () = assert!(Field::Duration0 as usize + DURATION_BUCKETS.len() <= STRIDE);
 
@@ -562,7 +562,7 @@ pub struct SlotStats {
     pub duration: [u64; DURATION_BUCKETS.len()],
     pub proxied: u64,
     pub rejected: u64,
-    /// By kind, in the order of `proxy::HeaderError::ALL`.
+    /// By kind, in the order of `proxy_protocol::HeaderError::ALL`.
     pub proxy_errors: [u64; PROXY_KINDS],
     // Gauges (not summed into retired totals).
     pub threads: u64,

@@ -441,7 +441,7 @@ fn help_texts_match_the_binaries() {
         assert!(out.lines().any(|l| l.trim_start().split([',', ' ']).any(|w| w == sig)), "{sig} missing:\n{out}");
     }
     assert!(out.contains("auto"), "--workers auto missing:\n{out}");
-    let load = std::process::Command::new(ECHO_LOAD).arg("--help").output().unwrap();
+    let load = std::process::Command::new(echo_load()).arg("--help").output().unwrap();
     let text = String::from_utf8_lossy(&load.stdout);
     assert!(text.starts_with("Load-test an echo server"), "{text}");
 }

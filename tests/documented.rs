@@ -135,6 +135,9 @@ fn rust_log_overrides_log_level() {
 /// "`group`": started as root, master and workers take the configured group.
 #[test]
 fn group_is_the_process_group() {
+    if !nix::unistd::geteuid().is_root() {
+        return skip_or_fail("root (to start echod as root with `user`)");
+    }
     let daemon = nix::unistd::Group::from_name("daemon").unwrap().expect("group daemon").gid.as_raw();
     let e = start("workers = 1\nuser = \"nobody\"\ngroup = \"daemon\"\n");
     for pid in std::iter::once(e.pid()).chain(e.workers()) {

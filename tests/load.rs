@@ -161,7 +161,7 @@ both_modes! {
 
     fn interactive_mode_echoes_lines() {
         let e = start("workers = 1\ntransform = \"upper\"\n");
-        let mut child = Command::new(ECHO_LOAD)
+        let mut child = Command::new(echo_load())
             .args(["--addr", &e.addr.to_string(), "--interactive"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -260,7 +260,7 @@ both_modes! {
             if json {
                 args.push("--json".into());
             }
-            let child = Command::new(ECHO_LOAD)
+            let child = Command::new(echo_load())
                 .args(&args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())

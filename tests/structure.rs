@@ -12,14 +12,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+/// The workspace's crates, by directory ("" is the daemon, at the top).
+const CRATES: [&str; 3] = ["", "echo-load", "proxy-protocol"];
+
 /// Module path ("" for the crate root, "master::dispatch") -> source text
-/// without comments and test code.
-fn modules() -> BTreeMap<String, String> {
+/// without comments and test code, of the crate in directory `krate`.
+fn modules(krate: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join(krate).join("src");
     for file in rust_files(&root) {
         let rel = file.strip_prefix(&root).expect("under src");
-        if rel.starts_with("bin") {
+        if rel.starts_with("bin") || rel == Path::new("main.rs") {
             continue;
         }
         let mut parts: Vec<String> = rel.with_extension("").iter().map(|p| p.to_string_lossy().into_owned()).collect();
@@ -207,7 +210,7 @@ fn find_circle(edges: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>
 
 #[test]
 fn the_import_graph_of_src_has_no_circle() {
-    let mods = modules();
+    let mods = modules("");
     assert!(mods.len() > 20 && mods.contains_key("master::dispatch"), "read the tree: {:?}", mods.keys());
     let edges = graph(&mods);
     // The reader sees what it must: the known downward edges are there.
@@ -219,6 +222,50 @@ fn the_import_graph_of_src_has_no_circle() {
     if let Some(circle) = find_circle(&edges) {
         let names: Vec<&str> = circle.iter().map(|m| if m.is_empty() { "(crate)" } else { m }).collect();
         panic!("an import circle: {}", names.join(" -> "));
+    }
+}
+
+/// The same in the other crates of the workspace.
+#[test]
+fn the_harness_and_the_parser_have_no_import_circle() {
+    for krate in &CRATES[1..] {
+        let mods = modules(krate);
+        assert!(mods.contains_key(""), "read {krate}/src: {:?}", mods.keys());
+        if let Some(circle) = find_circle(&graph(&mods)) {
+            panic!("an import circle in {krate}: {}", circle.join(" -> "));
+        }
+    }
+    assert!(graph(&modules("echo-load"))["conn"].contains("plan"), "the reader sees echo-load's edges");
+}
+
+/// The daemon does not depend on the harness or on what only the harness
+/// needs (it may use echo-load's command line for its man pages, as a
+/// dev-dependency); each crate inherits the workspace's lints, so
+/// `unsafe_code` is denied everywhere but in `sys`, which says why.
+#[test]
+fn the_daemon_leaves_the_harness_out_and_unsafe_code_is_denied_but_in_sys() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).expect("read Cargo.toml");
+    let deps = manifest.split("\n[dependencies]\n").nth(1).expect("[dependencies]");
+    let deps = deps.split("\n[").next().unwrap_or_default();
+    for harness_only in ["echo-load", "hdrhistogram", "indicatif", "serde_json"] {
+        assert!(!deps.contains(harness_only), "the daemon depends on {harness_only}:\n{deps}");
+    }
+    assert!(manifest.contains("[workspace.lints.rust]\nunsafe_code = \"deny\""), "the workspace denies unsafe_code");
+    for krate in CRATES {
+        let m = std::fs::read_to_string(root.join(krate).join("Cargo.toml")).expect("read a crate's Cargo.toml");
+        assert!(m.contains("[lints]\nworkspace = true"), "{krate}/Cargo.toml does not inherit the workspace lints");
+        for f in rust_files(&root.join(krate).join("src")) {
+            let text = std::fs::read_to_string(&f).expect("read a source file");
+            for (n, line) in text.lines().enumerate() {
+                if line.contains("allow(unsafe_code)") {
+                    let sys = f.ends_with("src/lib.rs")
+                        && krate.is_empty()
+                        && text.lines().nth(n + 1) == Some("pub mod sys;");
+                    assert!(sys, "{}:{}: unsafe_code allowed outside sys", f.display(), n + 1);
+                }
+            }
+        }
     }
 }
 
@@ -250,7 +297,8 @@ fn block_after(doc: &str, heading: &str) -> String {
 fn design_names_every_file() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut names = Vec::new();
-    for dir in ["src", "tests"] {
+    let dirs = CRATES.iter().flat_map(|k| ["src", "tests"].map(|d| Path::new(k).join(d)));
+    for dir in dirs {
         for f in rust_files(&root.join(dir)) {
             let rel = f.strip_prefix(root).expect("in the tree");
             if rel.starts_with("tests/common") || rel.starts_with("tests/bench") {

@@ -87,7 +87,10 @@ def check_containerfile():
     if one(runtime, "STOPSIGNAL").value[0] != "SIGTERM":
         fail("STOPSIGNAL must be SIGTERM (echod's graceful stop)")
     arg = next(c for c in cmds if c.cmd == "ARG" and c.value[0].startswith("RUST_VERSION="))
-    want = tomllib.load(open(os.path.join(ROOT, "Cargo.toml"), "rb"))["package"]["rust-version"]
+    manifest = tomllib.load(open(os.path.join(ROOT, "Cargo.toml"), "rb"))
+    want = manifest["package"]["rust-version"]
+    if isinstance(want, dict):  # rust-version.workspace = true
+        want = manifest["workspace"]["package"]["rust-version"]
     if arg.value[0].split("=")[1] != want:
         fail(f"ARG RUST_VERSION {arg.value[0]} differs from Cargo.toml rust-version {want}")
     ok(f"Containerfile parses; stages {build_name} -> {run_name}; runs as uid {uid}; exec ENTRYPOINT; Rust {want}")

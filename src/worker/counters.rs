@@ -11,8 +11,8 @@
 use crate::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::proxy::HeaderError;
 use crate::scoreboard::{DURATION_BUCKETS, Field, Slot};
+use proxy_protocol::HeaderError;
 
 /// What one handler counted since its last flush.
 #[derive(Debug, Default, Clone, Copy)]

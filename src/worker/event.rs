@@ -39,7 +39,6 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::config::Transform;
 use crate::ipc::{Notice, Origin};
-use crate::proxy::{Handshake, HeaderError, Step};
 use crate::scoreboard::Charge;
 use crate::worker::counters::{Ending, Refusal, Tally};
 use crate::worker::echo::ending_of;
@@ -47,6 +46,7 @@ use crate::worker::handles::{self, Handle};
 use crate::worker::proxied;
 use crate::worker::queue::Pop;
 use crate::worker::shared::{TICK, Worker};
+use proxy_protocol::{Handshake, HeaderError, Step};
 
 /// Token of each loop's waker; connections use their slab index.
 const WAKER: Token = Token(usize::MAX);

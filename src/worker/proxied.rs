@@ -2,7 +2,7 @@
 //! worker does before the echo begins.
 //!
 //! 1. The peer must be in `proxy_trusted`; anyone else is refused unread.
-//! 2. The header (v1 or v2, parsed by [`crate::proxy`]) must arrive whole
+//! 2. The header (v1 or v2, parsed by [`proxy_protocol`]) must arrive whole
 //!    within `proxy_timeout`.
 //! 3. The client it names must be under `max_connections_per_ip`.
 //!
@@ -36,12 +36,12 @@
 use std::net::{SocketAddr, TcpStream};
 use std::time::Instant;
 
-use crate::proxy::{Handshake, Header, HeaderError, Step};
 use crate::ratelimit::RateLimited;
 use crate::scoreboard::{Admission, Charge};
 use crate::worker::counters::{Refusal, Tally};
 use crate::worker::echo::write_counted;
 use crate::worker::shared::Worker;
+use proxy_protocol::{Handshake, Header, HeaderError, Step};
 
 /// A connection whose header was accepted.
 #[derive(Debug)]

@@ -12,12 +12,23 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub const ECHOD: &str = env!("CARGO_BIN_EXE_echod");
-pub const ECHO_LOAD: &str = env!("CARGO_BIN_EXE_echo-load");
+
+/// echo-load, built beside echod: it is another package of the workspace, so
+/// Cargo gives its path only to that package's own tests; `cargo test` at
+/// the top (`./test.sh`) builds every package first (default-members).
+pub fn echo_load() -> &'static Path {
+    static PATH: std::sync::LazyLock<PathBuf> = std::sync::LazyLock::new(|| {
+        let path = Path::new(ECHOD).with_file_name("echo-load");
+        assert!(path.exists(), "{} is missing: run the tests at the top of the workspace (./test.sh)", path.display());
+        path
+    });
+    &PATH
+}
 
 /// echo-load in the background against `addr`, with `--json` (read it with
 /// [`load_json`]) and a 5 s echo timeout; `args` add to or override that.
 pub fn spawn_load(addr: SocketAddr, args: &[&str]) -> Child {
-    Command::new(ECHO_LOAD)
+    Command::new(echo_load())
         .args(["--addr", &addr.to_string(), "--json", "--timeout", "5"])
         .args(args)
         .stdin(Stdio::null())
@@ -30,7 +41,7 @@ pub fn spawn_load(addr: SocketAddr, args: &[&str]) -> Child {
 /// echo-load in the foreground with `args` as given (no `--addr` added);
 /// its stdin is closed.
 pub fn run_load(args: &[&str]) -> std::process::Output {
-    Command::new(ECHO_LOAD).args(args).stdin(Stdio::null()).output().expect("run echo-load")
+    Command::new(echo_load()).args(args).stdin(Stdio::null()).output().expect("run echo-load")
 }
 
 /// The JSON an echo-load run printed; fails the test with its output if

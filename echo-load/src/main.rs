@@ -1,7 +1,7 @@
 //! `echo-load`: the load-test harness for echo servers (and a plain
 //! interactive client).
 //!
-//! Exit status (`echod::load::exit`): 0 clean; 1 an echo differed; 2 bad
+//! Exit status (`echo_load::exit`): 0 clean; 1 an echo differed; 2 bad
 //! usage; 3 errors (timeouts, resets, lost or unanswered messages, nothing
 //! came back); 4 the client could not send at the offered `--rate`; 130
 //! interrupted before anything was measured (during the ramp-up or
@@ -17,8 +17,8 @@ use std::time::Duration;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use echod::cli::EchoLoadCli as Cli;
-use echod::load::{self, Options, Shared, report};
+use echo_load::cli::EchoLoadCli as Cli;
+use echo_load::{self as load, Options, Shared, report};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -141,8 +141,8 @@ fn options(cli: &Cli, addrs: Vec<SocketAddr>) -> Result<Options, String> {
         churn: cli.churn,
         lines: cli.lines,
         proxy: match cli.proxy.as_deref() {
-            Some("v1") => Some(echod::proxy::Version::V1),
-            Some(_) => Some(echod::proxy::Version::V2),
+            Some("v1") => Some(proxy_protocol::Version::V1),
+            Some(_) => Some(proxy_protocol::Version::V2),
             None => None,
         },
         threads: threads.min(cli.connections),

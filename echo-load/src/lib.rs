@@ -1,4 +1,8 @@
-//! echo-load's engine: many connections, few threads, every byte verified.
+//! echo-load, a load-test harness for TCP echo servers: many connections,
+//! few threads, every byte verified.
+//!
+//! This library is its engine ([`run`]) and its command line ([`cli`]); the
+//! binary (`src/main.rs`) wires them to a terminal.
 //!
 //! `threads` event loops (mio), each owning its share of the connections.
 //! Three ways to drive them:
@@ -28,6 +32,7 @@
 //! At the end a message not yet on the wire is not sent after it (open
 //! loop): it is unsent, as is one the client never got to issue.
 
+pub mod cli;
 pub mod conn;
 pub mod plan;
 pub mod report;

@@ -24,7 +24,7 @@ pub struct Options {
     /// Payloads are newline-terminated lines (for line-based servers).
     pub lines: bool,
     /// Each connection first sends this PROXY protocol header.
-    pub proxy: Option<crate::proxy::Version>,
+    pub proxy: Option<proxy_protocol::Version>,
     pub threads: usize,
     pub warmup: Duration,
     pub ramp_up: Duration,

@@ -1,4 +1,4 @@
-//! Fuzzing the PROXY protocol parser (`echod::proxy`) with proptest: it
+//! Fuzzing the PROXY protocol parser (`proxy_protocol`) with proptest: it
 //! parses bytes from the network before anything else looks at them, so it
 //! must never panic, never read past a v2 header, never change its mind,
 //! and find exactly the client in every header a balancer can send, however
@@ -13,8 +13,8 @@
 use std::io::{self, Cursor, ErrorKind, Read};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use echod::proxy::{Handshake, HeaderError, MAX_V2_PAYLOAD, Parsed, Step, V1_MAX, V2_SIGNATURE, parse};
 use proptest::prelude::*;
+use proxy_protocol::{Handshake, HeaderError, MAX_V2_PAYLOAD, Parsed, Step, V1_MAX, V2_SIGNATURE, parse};
 
 /// A header a balancer could send, and the client it names.
 #[derive(Debug, Clone)]

@@ -367,7 +367,7 @@ impl Conn {
             if let Some(version) = ctx.opts.proxy {
                 // A few dozen bytes into a fresh socket's empty send buffer:
                 // written whole at once, or the connection is broken.
-                let header = crate::proxy::encode(version, s.local_addr()?, s.peer_addr()?);
+                let header = proxy_protocol::encode(version, s.local_addr()?, s.peer_addr()?);
                 if s.write(&header)? != header.len() {
                     return Err(ErrorKind::WriteZero.into());
                 }

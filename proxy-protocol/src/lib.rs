@@ -1,12 +1,12 @@
 //! The PROXY protocol (HAProxy's, versions 1 and 2): the header a load
 //! balancer puts before a client's bytes to say who the client really is.
 //!
-//! This module is only the format and the trust list; nothing here does
+//! This crate is only the format and the trust list; nothing here does
 //! I/O on its own. [`Handshake`] reads a header from any `Read` a piece at a
 //! time, so the thread handler (blocking, with a deadline) and the event
 //! handler (non-blocking, one piece per readiness edge) share every rule.
-//! What the worker does with the result (per-address limits, counting,
-//! closing) lives in `worker::proxied`.
+//! What echod's worker does with the result (per-address limits, counting,
+//! closing) lives in its `worker::proxied`.
 //!
 //! Strictness is deliberate: a header is trusted to rewrite the client's
 //! address, so anything that is not exactly one well-formed header (wrong
@@ -33,7 +33,7 @@ const V1_PREFIX: &[u8] = b"PROXY ";
 /// The longest v1 header the spec allows, CRLF included.
 pub const V1_MAX: usize = 107;
 
-/// The longest v2 payload (addresses plus TLVs) echod accepts. The spec
+/// The longest v2 payload (addresses plus TLVs) accepted. The spec
 /// allows 65535; what balancers send is 12 to 216 bytes of addresses plus a
 /// few TLVs (a cloud endpoint id, an ALPN), well within this. Longer is
 /// refused as oversized rather than buffered.

@@ -7,8 +7,6 @@
 //!
 //! Loopback only, a few seconds each.
 
-mod common;
-
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Output, Stdio};
@@ -17,7 +15,18 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
+/// The binary under test.
+const ECHO_LOAD: &str = env!("CARGO_BIN_EXE_echo-load");
+
+/// echo-load in the foreground with `args` as given; its stdin is closed.
+fn run_load(args: &[&str]) -> Output {
+    Command::new(ECHO_LOAD).args(args).stdin(Stdio::null()).output().expect("run echo-load")
+}
+
+/// A loopback port nothing listens on (for a server that is not there).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
 
 /// Message size of every run here (the servers read whole messages).
 const SIZE: usize = 64;

@@ -110,7 +110,7 @@ pub fn json(o: &Outcome, opts: &Options) -> Value {
         "size": opts.size,
         "pipeline": opts.pipeline,
         "lines": opts.lines,
-        "proxy": opts.proxy.map(|v| if v == crate::proxy::Version::V1 { "v1" } else { "v2" }),
+        "proxy": opts.proxy.map(|v| if v == proxy_protocol::Version::V1 { "v1" } else { "v2" }),
         "rate": opts.rate,
         "scheduled": o.scheduled(),
         "sent_rps": per_second(o.total.counts.requests, o),
@@ -297,7 +297,7 @@ pub fn group(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::load::{Counts, Tally, histogram};
+    use crate::{Counts, Tally, histogram};
     use std::time::Duration;
 
     #[test]
@@ -320,7 +320,7 @@ mod tests {
             stalled: false,
             rate: None,
         };
-        let opts = crate::load::Options {
+        let opts = crate::Options {
             addrs: vec!["127.0.0.1:7".parse().unwrap()],
             connections: 1,
             duration: Some(Duration::from_secs(2)),
