@@ -85,15 +85,16 @@ pub enum Notice {
     /// capacity (and tell systemd READY=1 once all are).
     Ready,
     /// A connection finished while the master had paused accepting for lack
-    /// of capacity: accept again.
-    SlotFreed,
+    /// of capacity: re-read the scoreboard (the room itself is there, not in
+    /// this notice) and accept again if a worker has some.
+    RecheckRoom,
 }
 
 const TAG_SERVE: u8 = 1;
 const TAG_DRAIN: u8 = 2;
 const TAG_QUIT: u8 = 3;
 const TAG_READY: u8 = 16;
-const TAG_SLOT_FREED: u8 = 17;
+const TAG_RECHECK_ROOM: u8 = 17;
 
 /// What a blocking receive on the worker side produced.
 #[derive(Debug)]
@@ -181,7 +182,7 @@ impl Channel {
     pub fn send_notice(&self, notice: Notice) -> io::Result<()> {
         let tag = match notice {
             Notice::Ready => TAG_READY,
-            Notice::SlotFreed => TAG_SLOT_FREED,
+            Notice::RecheckRoom => TAG_RECHECK_ROOM,
         };
         self.send(&[tag], &[])
     }
@@ -283,7 +284,7 @@ impl Channel {
         match (n, buf[0]) {
             (0, _) => Err(io::ErrorKind::UnexpectedEof.into()),
             (_, TAG_READY) => Ok(Some(Notice::Ready)),
-            (_, TAG_SLOT_FREED) => Ok(Some(Notice::SlotFreed)),
+            (_, TAG_RECHECK_ROOM) => Ok(Some(Notice::RecheckRoom)),
             (_, tag) => Err(io::Error::new(io::ErrorKind::InvalidData, format!("unknown notice tag {tag}"))),
         }
     }

@@ -440,7 +440,7 @@ impl Scoreboard {
     }
 
     /// Master: accepting is paused for lack of capacity; workers should send
-    /// [`crate::ipc::Notice::SlotFreed`] when a connection ends.
+    /// [`crate::ipc::Notice::RecheckRoom`] when a connection ends.
     ///
     /// SeqCst pairs with [`Slot::finish`]: either the worker sees the flag or
     /// the master, re-reading loads after setting it, sees the freed slot.

@@ -152,7 +152,7 @@ fn close_wakes_an_idle_handler() {
 /// The capacity hand-shake between master and worker: the master sets
 /// "accept paused" and then re-reads the worker's finished count; a worker
 /// publishes a finished connection and then reads the flag (to send
-/// SlotFreed). In every interleaving one of them sees the other: a freed
+/// RecheckRoom). In every interleaving one of them sees the other: a freed
 /// slot is never missed by both (store, SeqCst fence, load on each side).
 #[test]
 fn a_freed_slot_is_never_missed_by_both_master_and_worker() {

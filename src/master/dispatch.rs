@@ -45,7 +45,7 @@ use crate::ratelimit::RateLimited;
 const FD_BACKOFF_MIN: Duration = Duration::from_millis(50);
 const FD_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// While paused for capacity, re-check the scoreboard this often in case a
-/// SlotFreed notice was dropped (a full channel).
+/// RecheckRoom notice was dropped (a full channel).
 pub const PAUSED_RECHECK: Duration = Duration::from_millis(100);
 
 /// Accept-side state of the master.

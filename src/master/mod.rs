@@ -91,7 +91,7 @@ fn read_notices(id: usize, channel: &crate::ipc::Channel) -> bool {
             Ok(Some(Notice::Ready)) => ready = true,
             // Nothing to do: the dispatch pass after every event re-reads
             // capacity from the scoreboard.
-            Ok(Some(Notice::SlotFreed)) => {}
+            Ok(Some(Notice::RecheckRoom)) => {}
             Ok(None) => return ready,
             Err(e) => {
                 if e.kind() != io::ErrorKind::UnexpectedEof {
@@ -216,7 +216,7 @@ pub struct Master {
     /// The /metrics and /healthz endpoint, if `metrics_listen` is set.
     http: Option<HttpServer>,
     /// The endpoint's socket came from systemd: reloads keep it.
-    http_activated: bool,
+    metrics_from_systemd: bool,
     /// Reported in /metrics.
     info: MasterInfo,
     /// How this master was started, for USR2.
@@ -291,8 +291,8 @@ impl Master {
         for a in systemd::listen_fds()? {
             match a.name.as_str() {
                 METRICS_FD_NAME => passed.activated_metrics.push(a.fd),
-                upgrade::FD_METRICS => passed.inherited_metrics.push(a.fd),
-                upgrade::FD_LISTEN => passed.inherited.push(a.fd),
+                upgrade::FDNAME_METRICS => passed.inherited_metrics.push(a.fd),
+                upgrade::FDNAME_LISTENER => passed.inherited.push(a.fd),
                 _ => passed.activated.push(a),
             }
         }
@@ -308,8 +308,8 @@ impl Master {
                  activation (it names its own `{}`/`{}`)",
                 listed.join(", "),
                 names.join(", "),
-                upgrade::FD_LISTEN,
-                upgrade::FD_METRICS
+                upgrade::FDNAME_LISTENER,
+                upgrade::FDNAME_METRICS
             );
             Listeners::adopt(passed.activated.into_iter().map(|a| (a.fd, a.name)).collect(), &config)?
         } else if !passed.inherited.is_empty() {
@@ -330,7 +330,7 @@ impl Master {
             log::info!("{addr} expects a PROXY protocol header (trusted: {})", config.proxy_trusted_list());
         }
         listeners.warn_unmatched_proxy(&config);
-        let http_activated = !passed.activated_metrics.is_empty();
+        let metrics_from_systemd = !passed.activated_metrics.is_empty();
         // An inherited metrics socket still named by `metrics_listen`.
         let inherited_metrics = passed.inherited_metrics.into_iter().map(std::net::TcpListener::from).find(|l| {
             l.local_addr()
@@ -411,7 +411,7 @@ impl Master {
             next_heartbeat_check: now + HEARTBEAT_CHECK,
             next_status: now,
             http,
-            http_activated,
+            metrics_from_systemd,
             info: MasterInfo { start_time: started, last_reload_ok: true, last_reload_time: started },
             invocation: upgrade::Invocation::current(),
             predecessor,
@@ -847,7 +847,7 @@ impl Master {
             if let Some(old) = self.http.replace(h) {
                 old.close(self.poll.registry());
             }
-        } else if new.metrics_listen.is_none() && !self.http_activated {
+        } else if new.metrics_listen.is_none() && !self.metrics_from_systemd {
             if let Some(old) = self.http.take() {
                 log::info!("metrics endpoint closed");
                 old.close(self.poll.registry());
@@ -901,7 +901,7 @@ impl Master {
     /// A new metrics server if `new` moves the metrics address (Ok(None):
     /// nothing to bind, keep or close the current one).
     fn rebind_metrics(&self, new: &Config) -> Result<Option<HttpServer>, String> {
-        if self.http_activated {
+        if self.metrics_from_systemd {
             return Ok(None);
         }
         let Some(addr) = new.metrics_listen else { return Ok(None) };
@@ -1020,7 +1020,7 @@ impl Master {
         let binary = Some(&self.config.upgrade_binary).filter(|b| !b.is_empty()).map(PathBuf::from);
         let handover = upgrade::Handover {
             listeners: self.listeners.handover(),
-            metrics: self.http.as_ref().map(|h| (h.listener_fd(), self.http_activated)),
+            metrics: self.http.as_ref().map(|h| (h.listener_fd(), self.metrics_from_systemd)),
         };
         let deadline = Instant::now() + self.config.upgrade_timeout.0;
         let exe = binary.clone().unwrap_or_else(|| self.invocation.exe.clone());
@@ -1346,20 +1346,20 @@ impl Master {
     /// Keeps systemd's fd store holding our listening sockets (when it is
     /// there to hold them and they are not the socket unit's), so that a
     /// plain restart refuses no connection: the new process gets them back
-    /// as LISTEN_FDS named [`upgrade::FD_LISTEN`] / [`upgrade::FD_METRICS`]. Only the main
+    /// as LISTEN_FDS named [`upgrade::FDNAME_LISTENER`] / [`upgrade::FDNAME_METRICS`]. Only the main
     /// master writes it: a new master that may still fail must not replace
     /// the live sockets there.
     pub(super) fn store_fds(&self) {
         if !self.notify.enabled() || !self.is_main() {
             return;
         }
-        self.notify.store_fds(upgrade::FD_LISTEN, &self.listeners.own_fds());
-        if !self.http_activated {
+        self.notify.store_fds(upgrade::FDNAME_LISTENER, &self.listeners.own_fds());
+        if !self.metrics_from_systemd {
             // Served, or inherited and not served yet: either way the live
             // metrics socket (never an empty entry that would remove it).
             let pending = self.pending_metrics.iter().map(std::os::fd::AsFd::as_fd);
             let metrics: Vec<_> = self.http.iter().map(|h| h.listener_borrowed()).chain(pending).collect();
-            self.notify.store_fds(upgrade::FD_METRICS, &metrics);
+            self.notify.store_fds(upgrade::FDNAME_METRICS, &metrics);
         }
     }
 }

@@ -77,10 +77,13 @@ pub const ENV_SAYS_GO: &str = "ECHOD_UPGRADE_SAYS_GO";
 /// take to exit by itself (and say why) before it is killed.
 pub const EXIT_GRACE: Duration = Duration::from_secs(2);
 
-/// LISTEN_FDNAMES of inherited sockets that the new master matches against
-/// its `listen` and `metrics_listen` (systemd's own names pass unchanged).
-pub const FD_LISTEN: &str = "echod-listen";
-pub const FD_METRICS: &str = "echod-metrics";
+/// The names (LISTEN_FDNAMES, FDNAME=) echod gives its own sockets wherever
+/// it passes them on: to a new master on USR2, and into systemd's fd store,
+/// whence a plain restart gets them back. A master matches sockets so named
+/// against its `listen` and `metrics_listen`; systemd's own names (from
+/// echod.socket) pass unchanged.
+pub const FDNAME_LISTENER: &str = "echod-listen";
+pub const FDNAME_METRICS: &str = "echod-metrics";
 
 /// How the master was started, so USR2 can start the same again.
 #[derive(Debug, Clone)]
@@ -279,14 +282,14 @@ fn exec_new_master(exe: &std::path::Path, inv: &Invocation, h: &Handover, channe
         .listeners
         .iter()
         .map(|(_, conf, name)| match (conf, name.as_deref()) {
-            (Some(_), _) => FD_LISTEN,
-            (None, Some(n)) if !n.is_empty() && n != FD_LISTEN && n != FD_METRICS => n,
+            (Some(_), _) => FDNAME_LISTENER,
+            (None, Some(n)) if !n.is_empty() && n != FDNAME_LISTENER && n != FDNAME_METRICS => n,
             (None, _) => ACTIVATED_NAME,
         })
         .collect();
     if let Some((fd, activated)) = h.metrics {
         fds.push(fd);
-        names.push(if activated { super::http::METRICS_FD_NAME } else { FD_METRICS });
+        names.push(if activated { super::http::METRICS_FD_NAME } else { FDNAME_METRICS });
     }
     let configured: Vec<String> =
         h.listeners.iter().map(|(_, c, _)| c.map_or_else(|| "-".to_string(), |a| a.to_string())).collect();
@@ -512,7 +515,7 @@ fn read_lines(stream: &mut UnixStream, inbox: &mut Vec<u8>) -> io::Result<(Vec<S
 }
 
 /// The echo sockets and configured addresses a binary upgrade passed in,
-/// from LISTEN_FDS entries named [`FD_LISTEN`] and [`ENV_CONFIGURED`].
+/// from LISTEN_FDS entries named [`FDNAME_LISTENER`] and [`ENV_CONFIGURED`].
 pub fn inherited_listeners(fds: Vec<OwnedFd>) -> Vec<(OwnedFd, Option<SocketAddr>)> {
     let configured = std::env::var(ENV_CONFIGURED).unwrap_or_default();
     let mut conf = configured.split(' ').map(|c| c.parse::<SocketAddr>().ok());

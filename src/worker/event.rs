@@ -45,7 +45,7 @@ use crate::worker::echo::ending_of;
 use crate::worker::handles::{self, Handle};
 use crate::worker::proxied;
 use crate::worker::queue::Pop;
-use crate::worker::shared::{TICK, Worker};
+use crate::worker::shared::{Shared, TICK};
 use proxy_protocol::{Handshake, HeaderError, Step};
 
 /// Token of each loop's waker; connections use their slab index.
@@ -81,7 +81,7 @@ pub fn prepare(loops: usize) -> io::Result<(Vec<Handle>, Vec<Poll>)> {
 /// the thread to start means Ready promises loops that exist, named and
 /// about to poll, not threads the kernel has yet to schedule (a test that
 /// counted `event-` threads right after start saw two of three under load).
-pub fn spawn(w: &Arc<Worker>, index: usize, poll: Poll) -> io::Result<()> {
+pub fn spawn(w: &Arc<Shared>, index: usize, poll: Poll) -> io::Result<()> {
     let w2 = w.clone();
     let (started, running) = std::sync::mpsc::sync_channel::<()>(1);
     w.threads.fetch_add(1, Ordering::AcqRel);
@@ -140,7 +140,7 @@ enum Turn {
 }
 
 struct EventLoop {
-    w: Arc<Worker>,
+    w: Arc<Shared>,
     index: usize,
     poll: Poll,
     /// Connections by token; `free` lists the empty slots for reuse.
@@ -158,7 +158,7 @@ struct EventLoop {
 }
 
 impl EventLoop {
-    fn new(w: Arc<Worker>, index: usize, poll: Poll) -> EventLoop {
+    fn new(w: Arc<Shared>, index: usize, poll: Poll) -> EventLoop {
         let buf = vec![0u8; w.config.buffer_size];
         EventLoop {
             w,
@@ -227,7 +227,7 @@ impl EventLoop {
             if self.freed {
                 self.freed = false;
                 if self.w.scoreboard.accept_paused() {
-                    let _ = self.w.channel.send_notice(Notice::SlotFreed);
+                    let _ = self.w.channel.send_notice(Notice::RecheckRoom);
                 }
             }
             if self.closing && self.handle().open.load(Ordering::Acquire) == 0 {
@@ -430,7 +430,7 @@ impl EventLoop {
 /// Reads as much of a connection's PROXY header as has arrived. Ok(true):
 /// admitted, the echo may start (bytes sent after the header are queued to
 /// be echoed first); Ok(false): wait for more; Err: refused and counted.
-fn read_header(w: &Worker, c: &mut Conn, transform: Transform, tally: &mut Tally) -> Result<bool, Refusal> {
+fn read_header(w: &Shared, c: &mut Conn, transform: Transform, tally: &mut Tally) -> Result<bool, Refusal> {
     let Some((hs, peer)) = c.header.as_deref_mut() else { return Ok(true) };
     let peer = *peer;
     // Edge-triggered: read until the header is whole or the socket is

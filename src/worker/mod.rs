@@ -50,7 +50,7 @@ use crate::{logging, sys};
 use counters::Counters;
 use handles::OpenConnections;
 use queue::{PushError, Queue};
-pub use shared::{TICK, Worker};
+pub use shared::{Shared, TICK};
 
 /// The fd number the channel is moved to in the child (the first after stdio).
 const CHANNEL_FD: i32 = 3;
@@ -129,7 +129,7 @@ fn serve(id: usize, config: Config, channel: Channel, scoreboard: Scoreboard, ca
             return 1;
         }
     };
-    let w = Arc::new(Worker {
+    let w = Arc::new(Shared {
         id,
         capacity,
         slot,
@@ -177,7 +177,7 @@ fn serve(id: usize, config: Config, channel: Channel, scoreboard: Scoreboard, ca
 }
 
 /// Starts the handler: the event loops, or the thread pool's spare threads.
-fn start_handlers(w: &Arc<Worker>, polls: Vec<mio::Poll>) -> std::io::Result<()> {
+fn start_handlers(w: &Arc<Shared>, polls: Vec<mio::Poll>) -> std::io::Result<()> {
     for (i, poll) in polls.into_iter().enumerate() {
         event::spawn(w, i, poll)?;
     }
@@ -194,7 +194,7 @@ fn start_handlers(w: &Arc<Worker>, polls: Vec<mio::Poll>) -> std::io::Result<()>
 }
 
 /// The receiver loop: commands from the master until told to stop.
-fn receive(w: &Arc<Worker>) -> i32 {
+fn receive(w: &Arc<Shared>) -> i32 {
     let mut last_tick = Instant::now();
     loop {
         match w.channel.recv_command() {
@@ -239,7 +239,7 @@ fn transient(e: &std::io::Error) -> bool {
 /// Accounts for connections the kernel closed on their way to us (this
 /// worker was out of fds): each counts as finished, as it would had it
 /// been served (DESIGN rule 6), and gives back its client's charge.
-fn lose(w: &Worker, lost: Vec<Origin>) {
+fn lose(w: &Shared, lost: Vec<Origin>) {
     if lost.is_empty() {
         return;
     }
@@ -254,13 +254,13 @@ fn lose(w: &Worker, lost: Vec<Origin>) {
         lost.len()
     );
     if w.scoreboard.accept_paused() {
-        let _ = w.channel.send_notice(Notice::SlotFreed);
+        let _ = w.channel.send_notice(Notice::RecheckRoom);
     }
 }
 
 /// Queues newly received connections, starting threads (thread mode) or
 /// waking a loop (event mode) as needed.
-fn take(w: &Arc<Worker>, conns: Vec<(std::os::fd::OwnedFd, Origin)>, last_tick: &mut Instant) {
+fn take(w: &Arc<Shared>, conns: Vec<(std::os::fd::OwnedFd, Origin)>, last_tick: &mut Instant) {
     w.slot.set(Field::Received, w.slot.get(Field::Received) + conns.len() as u64);
     let waits_before = w.queue.full_waits();
     for (fd, origin) in conns {
@@ -321,7 +321,7 @@ fn take(w: &Arc<Worker>, conns: Vec<(std::os::fd::OwnedFd, Origin)>, last_tick: 
 }
 
 /// Starts a handler for a connection nobody is waiting for.
-fn grow(w: &Arc<Worker>) {
+fn grow(w: &Arc<Shared>) {
     if let Err(e) = pool::spawn_handler(w) {
         // The connection stays queued until a busy thread frees up.
         log::warn!("cannot start handler thread ({} running): {e}", w.threads.load(Ordering::Relaxed));
@@ -329,7 +329,7 @@ fn grow(w: &Arc<Worker>) {
 }
 
 /// Heartbeat, gauges, idle timeouts and the handlers' coarse clock.
-fn tick(w: &Worker) {
+fn tick(w: &Shared) {
     let now = w.ticks.fetch_add(1, Ordering::Relaxed) + 1;
     w.beat();
     if let Some(idle) = w.config.idle_timeout.nonzero() {
@@ -342,7 +342,7 @@ fn tick(w: &Worker) {
     publish_gauges(w);
 }
 
-fn publish_gauges(w: &Worker) {
+fn publish_gauges(w: &Shared) {
     let (queued, _idle) = w.queue.stats();
     w.slot.set(Field::Queued, queued as u64);
     w.slot.set(Field::Threads, w.threads.load(Ordering::Relaxed) as u64);
@@ -353,7 +353,7 @@ fn publish_gauges(w: &Worker) {
 /// Graceful stop: no new connections; open ones run until `timeout`, then
 /// are cut. Keeps reading the channel so a Quit (or the master's death)
 /// still ends it at once.
-fn drain(w: &Arc<Worker>, timeout: Duration) -> i32 {
+fn drain(w: &Arc<Shared>, timeout: Duration) -> i32 {
     let deadline = Instant::now() + timeout;
     w.close_queue();
     log::info!(
@@ -391,7 +391,7 @@ fn drain(w: &Arc<Worker>, timeout: Duration) -> i32 {
 }
 
 /// Fast stop: cut everything and exit now.
-fn quit(w: &Worker) -> i32 {
+fn quit(w: &Shared) -> i32 {
     let unserved = w.queue.close_and_take();
     w.counters.abandon(unserved.len() as u64);
     for (_, origin) in unserved {
@@ -405,7 +405,7 @@ fn quit(w: &Worker) -> i32 {
     0
 }
 
-fn wait_for_handlers(w: &Worker, at_most: Duration) {
+fn wait_for_handlers(w: &Shared, at_most: Duration) {
     let until = Instant::now() + at_most;
     while w.busy.load(Ordering::Acquire) > 0 && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(5));

@@ -28,7 +28,7 @@ use crate::worker::echo::{echo, ending_of};
 use crate::worker::handles::ConnSlot;
 use crate::worker::proxied;
 use crate::worker::queue::Pop;
-use crate::worker::shared::Worker;
+use crate::worker::shared::Shared;
 
 /// Handler thread stack. The echo loop needs a few KiB (log formatting a few
 /// more); only touched pages cost memory, but a small reservation keeps
@@ -39,12 +39,12 @@ const STACK_SIZE: usize = 128 * 1024;
 /// connection: about once a second.
 const FLUSH_TICKS: u64 = 4;
 
-/// Echoes between a busy handler's heartbeat checks (see `Worker::beat`).
+/// Echoes between a busy handler's heartbeat checks (see `Shared::beat`).
 const BEAT_EVERY: u32 = 256;
 
 /// Starts one more handler thread unless the worker is at capacity.
 /// Returns Ok(false) at capacity.
-pub fn spawn_handler(worker: &Arc<Worker>) -> io::Result<bool> {
+pub fn spawn_handler(worker: &Arc<Shared>) -> io::Result<bool> {
     let claimed = worker
         .threads
         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < worker.capacity).then_some(n + 1))
@@ -64,7 +64,7 @@ pub fn spawn_handler(worker: &Arc<Worker>) -> io::Result<bool> {
 }
 
 /// A handler thread's life: take a connection, serve it, repeat.
-fn handler(w: Arc<Worker>) {
+fn handler(w: Arc<Shared>) {
     // Throughput work that blocks after every echo: see sys::set_batch_scheduling.
     if let Err(e) = crate::sys::set_batch_scheduling() {
         log::debug!("SCHED_BATCH: {e}");
@@ -111,7 +111,7 @@ fn handler(w: Arc<Worker>) {
 /// ones, not a floor on the whole pool). Idle is alive minus busy, this
 /// thread included; the update on `threads` serialises threads retiring
 /// at once, so they never take the spares below the minimum together.
-fn retire_if_spare(w: &Worker) -> bool {
+fn retire_if_spare(w: &Shared) -> bool {
     w.threads
         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
             let idle = n.saturating_sub(w.busy.load(Ordering::Acquire));
@@ -122,7 +122,7 @@ fn retire_if_spare(w: &Worker) -> bool {
 
 /// Serves one connection to its end and records it, giving back its
 /// client's per-address charge.
-fn serve(w: &Worker, slot: &ConnSlot, mut stream: TcpStream, origin: Origin, buf: &mut [u8]) {
+fn serve(w: &Shared, slot: &ConnSlot, mut stream: TcpStream, origin: Origin, buf: &mut [u8]) {
     let started = Instant::now();
     w.busy.fetch_add(1, Ordering::Relaxed);
     let mut seen = w.ticks.load(Ordering::Relaxed);
@@ -139,7 +139,7 @@ fn serve(w: &Worker, slot: &ConnSlot, mut stream: TcpStream, origin: Origin, buf
                 slot.close();
                 drop(stream);
                 w.busy.fetch_sub(1, Ordering::Release);
-                slot_freed(w);
+                ask_for_a_recheck(w);
                 return;
             }
         },
@@ -179,14 +179,14 @@ fn serve(w: &Worker, slot: &ConnSlot, mut stream: TcpStream, origin: Origin, buf
     }
     w.busy.fetch_sub(1, Ordering::Release);
     log::trace!("connection closed: {ending:?}");
-    slot_freed(w);
+    ask_for_a_recheck(w);
 }
 
 /// Tells the master a slot is free, if it is waiting for one.
-fn slot_freed(w: &Worker) {
+fn ask_for_a_recheck(w: &Shared) {
     if w.scoreboard.accept_paused() {
         // The master waits for capacity; a full channel means it will wake
         // anyway, so a failed notice loses nothing.
-        let _ = w.channel.send_notice(Notice::SlotFreed);
+        let _ = w.channel.send_notice(Notice::RecheckRoom);
     }
 }

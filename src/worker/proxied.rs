@@ -40,7 +40,7 @@ use crate::ratelimit::RateLimited;
 use crate::scoreboard::{Admission, Charge};
 use crate::worker::counters::{Refusal, Tally};
 use crate::worker::echo::write_counted;
-use crate::worker::shared::Worker;
+use crate::worker::shared::Shared;
 use proxy_protocol::{Handshake, Header, HeaderError, Step};
 
 /// A connection whose header was accepted.
@@ -57,7 +57,7 @@ pub struct Admitted {
 }
 
 /// Step 1: refuses a peer that may not send headers.
-pub fn check_trusted(w: &Worker, peer: SocketAddr) -> Result<(), Refusal> {
+pub fn check_trusted(w: &Shared, peer: SocketAddr) -> Result<(), Refusal> {
     if w.config.proxy_trusts(peer.ip()) {
         Ok(())
     } else {
@@ -70,7 +70,7 @@ pub fn check_trusted(w: &Worker, peer: SocketAddr) -> Result<(), Refusal> {
 /// cut short, counted like any refusal, because every connection the master
 /// dispatched must count as finished exactly once or its worker looks
 /// loaded for ever.
-pub fn peer_of(w: &Worker, stream: &TcpStream) -> Result<SocketAddr, Refusal> {
+pub fn peer_of(w: &Shared, stream: &TcpStream) -> Result<SocketAddr, Refusal> {
     stream.peer_addr().map_err(|_| {
         let why = Refusal::Header(HeaderError::Truncated);
         w.counters.refuse(why);
@@ -81,7 +81,7 @@ pub fn peer_of(w: &Worker, stream: &TcpStream) -> Result<SocketAddr, Refusal> {
 /// Thread mode: all three steps, blocking, the deadline enforced with
 /// SO_RCVTIMEO for the header only (the echo itself runs without one; see
 /// `pool::ConnSlot`).
-pub fn handshake_blocking(w: &Worker, stream: &mut TcpStream) -> Result<Admitted, Refusal> {
+pub fn handshake_blocking(w: &Shared, stream: &mut TcpStream) -> Result<Admitted, Refusal> {
     let peer = peer_of(w, stream)?;
     check_trusted(w, peer)?;
     let deadline = Instant::now() + w.config.proxy_timeout.0;
@@ -113,7 +113,7 @@ static ADMITTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Step 3, once a header is complete: charges the client it names and
 /// checks `max_connections_per_ip` across all workers.
-pub fn admit(w: &Worker, peer: SocketAddr, header: Header, early: Vec<u8>) -> Result<Admitted, Refusal> {
+pub fn admit(w: &Shared, peer: SocketAddr, header: Header, early: Vec<u8>) -> Result<Admitted, Refusal> {
     let Some(client) = header.source else {
         // LOCAL / UNKNOWN: the balancer speaks for itself (a health check),
         // trusted already; no client to charge.
@@ -150,7 +150,7 @@ pub fn admit(w: &Worker, peer: SocketAddr, header: Header, early: Vec<u8>) -> Re
 }
 
 /// Counts a refusal and logs it (rate-limited); the caller closes.
-pub fn refused(w: &Worker, peer: SocketAddr, client: Option<SocketAddr>, why: Refusal) -> Refusal {
+pub fn refused(w: &Shared, peer: SocketAddr, client: Option<SocketAddr>, why: Refusal) -> Refusal {
     w.counters.refuse(why);
     let now = Instant::now();
     let allowed = w.refusal_log.lock().map(|mut l| l.allow(now)).unwrap_or(None);

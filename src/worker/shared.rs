@@ -18,7 +18,7 @@ use crate::worker::queue::Queue;
 pub const TICK: Duration = Duration::from_millis(250);
 
 /// State shared by a worker's receiver and handler threads.
-pub struct Worker {
+pub struct Shared {
     /// Scoreboard slot number.
     pub id: usize,
     pub config: Config,
@@ -44,7 +44,7 @@ pub struct Worker {
     pub refusal_log: std::sync::Mutex<RateLimited>,
 }
 
-impl Worker {
+impl Shared {
     /// Stops taking connections off the queue; handlers finish what they
     /// hold. Event loops are woken to notice.
     pub(super) fn close_queue(&self) {
