@@ -8,6 +8,8 @@
 //! code 78 (EX_CONFIG) at start and into a log line (old config kept) on a
 //! reload.
 
+pub mod keys;
+
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,7 +30,8 @@ pub const DEFAULT_PATH: &str = "config/echod.toml";
 pub const MAX_WORKERS: usize = 256;
 
 /// Everything a running echod can be told. Field docs say why a knob exists;
-/// `config/echod.toml` says the same to operators.
+/// what operators read of each key (the bundled file's comments, the
+/// README's table, the man page) comes from [`keys::KEYS`].
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -813,7 +816,7 @@ mod tests {
 
     #[test]
     fn the_bundled_file_documents_every_key_at_its_default() {
-        let text = include_str!("../config/echod.toml");
+        let text = include_str!("../../config/echod.toml");
         assert_eq!(parse(text).unwrap(), Config::default());
         for line in Config::default().to_toml().lines() {
             let key = line.split('=').next().unwrap_or("").trim();
