@@ -130,6 +130,22 @@ fn chaos_event_mode() {
     run_mode("event", 0x5eed_0002);
 }
 
+/// A long run outlives `kernel.pid_max`: a pid the log named may belong to
+/// another process by now (a compiler beside the run), which must not count
+/// as a stray worker or a live master. The driver asks by pid and name.
+#[test]
+fn a_pid_another_process_took_is_not_one_of_ours() {
+    let mut other = std::process::Command::new("sleep").arg("30").spawn().expect("sleep");
+    let pid = other.id() as i32;
+    assert!(alive_as(pid, "sleep"));
+    assert!(!alive_as(pid, "echod"), "another process under a logged pid");
+    assert!(!alive_as(pid, &worker_comm("3")));
+    assert_eq!(worker_comm("12"), "echod: worker 1", "the kernel keeps 15 bytes of a title");
+    kill(pid, libc_sig::KILL);
+    let _ = other.wait();
+    assert!(!alive_as(pid, "sleep"), "a reaped process is gone");
+}
+
 fn run_mode(mode: &'static str, default_seed: u64) {
     if let Ok(m) = std::env::var("ECHOD_CHAOS_MODE") {
         assert!(m == "thread" || m == "event", "ECHOD_CHAOS_MODE={m}: `thread` or `event` (or unset for both)");
@@ -860,8 +876,32 @@ impl Chaos {
     }
 
     /// Every pid the service logged as a started worker.
-    fn started_pids(&self) -> Vec<i32> {
-        self.e().log_lines().iter().filter(|l| l.contains(" started (pid ")).map(|l| pid_in(l)).collect()
+    /// Every process a master of this instance logged as started, with the
+    /// name it runs under: `echod: worker N` for a worker, `echod` for a
+    /// new master.
+    fn started(&self) -> Vec<(i32, String)> {
+        let lines = self.e().log_lines();
+        let started = lines.iter().filter(|l| l.contains(" started (pid "));
+        started
+            .map(|l| {
+                let slot = l.split("] worker ").nth(1).and_then(|r| r.split(' ').next());
+                (pid_in(l), slot.map_or_else(|| "echod".to_string(), worker_comm))
+            })
+            .collect()
+    }
+
+    /// The started processes still alive as themselves (a pid some other
+    /// process took since does not count).
+    fn living_started(&self) -> Vec<i32> {
+        self.started().into_iter().filter(|(pid, name)| alive_as(*pid, name)).map(|(pid, _)| pid).collect()
+    }
+
+    /// The masters of this instance still alive as themselves: echod, or
+    /// one of the stand-in upgrade binaries (`ev_failed_upgrade`,
+    /// `ev_slow_upgrade`: a script, or the `sleep` it execs).
+    fn living_masters(&self) -> Vec<i32> {
+        let names = ["echod", "exits", "hangs", "sleep", "slow"];
+        self.masters.iter().copied().filter(|&m| names.iter().any(|n| alive_as(m, n))).collect()
     }
 
     fn wait_log(&self, skip: usize, pat: &str) -> String {
@@ -888,7 +928,7 @@ impl Chaos {
     /// Every process of this service instance that is alive: masters and
     /// the workers they logged.
     fn our_processes(&self) -> Vec<i32> {
-        let mut all: Vec<i32> = self.masters.iter().copied().chain(self.started_pids()).filter(|&p| alive(p)).collect();
+        let mut all: Vec<i32> = self.living_masters().into_iter().chain(self.living_started()).collect();
         all.sort();
         all.dedup();
         all
@@ -1589,7 +1629,7 @@ impl Chaos {
     fn settle_master(&mut self) {
         let deadline = Instant::now() + SETTLE;
         loop {
-            let living: Vec<i32> = self.masters.iter().copied().filter(|&m| alive(m)).collect();
+            let living: Vec<i32> = self.living_masters();
             if living.len() == 1 {
                 if living[0] != self.master {
                     // The new master had taken over and the old one had gone.
@@ -1688,7 +1728,7 @@ impl Chaos {
     fn check_masters(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + SETTLE;
         loop {
-            let masters: Vec<i32> = self.masters.iter().copied().filter(|&m| alive(m)).collect();
+            let masters: Vec<i32> = self.living_masters();
             let m = scrape(self.metrics);
             let serving = m.get("echod_workers").copied().unwrap_or(-1.0);
             let target = m.get("echod_workers_target").copied().unwrap_or(-1.0);
@@ -1750,7 +1790,7 @@ impl Chaos {
     /// alive but not the current master's children.
     fn stray_workers(&self) -> Vec<i32> {
         let ours = children_of(self.master);
-        self.started_pids().into_iter().filter(|p| !ours.contains(p) && alive(*p)).collect()
+        self.living_started().into_iter().filter(|p| !ours.contains(p)).collect()
     }
 
     /// No `*_total` goes back within one service lifetime.
@@ -1867,12 +1907,11 @@ impl Chaos {
     /// after it, the test's child exited 0 (if `child_exits_0`), and
     /// nothing serves.
     fn check_stopped(&mut self, before: usize, sig: i32, child_exits_0: bool) -> Result<(), String> {
-        let workers = self.started_pids();
         let bound = Duration::from_secs(SHUTDOWN_TIMEOUT) + SETTLE;
         let deadline = Instant::now() + bound;
-        while self.masters.iter().chain(&workers).any(|&p| alive(p)) {
+        while !self.our_processes().is_empty() {
             if Instant::now() > deadline {
-                let left: Vec<i32> = self.masters.iter().chain(&workers).copied().filter(|&p| alive(p)).collect();
+                let left = self.our_processes();
                 let again = self.e().log_lines().iter().any(|l| l.contains("taking over again"));
                 return Err(format!(
                     "still alive {bound:?} after the stop: {left:?}{}",
@@ -1921,7 +1960,7 @@ impl Chaos {
             // A worker whose master was just killed dies by PDEATHSIG, which
             // takes a moment for one with 64 event-loop threads: wait a
             // bounded while before calling it an orphan.
-            let mut left: Vec<i32> = self.started_pids().into_iter().filter(|&p| alive(p)).collect();
+            let mut left: Vec<i32> = self.living_started();
             if !left.is_empty() && wait_gone(left[0], &left[1..], Duration::from_secs(5)) {
                 left.clear();
             }

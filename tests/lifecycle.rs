@@ -101,7 +101,7 @@ both_modes! {
         for (k, pair) in starts.windows(2).take(5).enumerate() {
             let gap = pair[1] - pair[0];
             let backoff = Duration::from_millis(100 << k);
-            // 10 ms of slack for the master's timer and our read of stderr.
+            // 10 ms of slack for the master's timer and the millisecond stamps.
             assert!(gap + Duration::from_millis(10) >= backoff, "start {} came {gap:?} after the one before, back-off {backoff:?}:\n{}", k + 2, e.log_text());
         }
         assert!(e.log_text().contains("crash loop"), "crash loop not reported:\n{}", e.log_text());
@@ -225,4 +225,15 @@ both_modes! {
         e.signal(libc_sig::TERM);
         assert_eq!(e.wait_exit(Duration::from_secs(5)), Some(0));
     }
+}
+
+/// The timing checks above read echod's own timestamps: the parse is exact
+/// (leap day, epoch) and refuses a line without one.
+#[test]
+fn log_stamps_are_the_lines_own_time() {
+    let ms = |s: &str| log_stamp(s).map(|d| d.as_millis());
+    assert_eq!(ms("1970-01-01T00:00:01.500Z INFO x"), Some(1500));
+    assert_eq!(ms("2026-12-02T14:24:03.483Z INFO  [master 1] up"), Some(1_796_221_443_483));
+    assert_eq!(ms("2024-02-29T23:59:59.999Z"), Some(1_709_251_199_999));
+    assert_eq!(ms("worker 0 started"), None);
 }

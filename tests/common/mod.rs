@@ -328,9 +328,13 @@ impl Echod {
         self.log.0.lock().unwrap().iter().map(|(_, l)| l.clone()).collect()
     }
 
-    /// When each line containing `pat` arrived, in order.
-    pub fn log_times(&self, pat: &str) -> Vec<Instant> {
-        self.log.0.lock().unwrap().iter().filter(|(_, l)| l.contains(pat)).map(|(t, _)| *t).collect()
+    /// When echod wrote each line containing `pat`, in order: the line's own
+    /// timestamp (milliseconds), not when the test read it, which a loaded
+    /// machine can delay by tens of milliseconds.
+    pub fn log_times(&self, pat: &str) -> Vec<Duration> {
+        let lines = self.log_lines();
+        let stamped = lines.iter().filter(|l| l.contains(pat));
+        stamped.map(|l| log_stamp(l).unwrap_or_else(|| panic!("no timestamp at the start of `{l}`"))).collect()
     }
 
     pub fn log_text(&self) -> String {
@@ -497,6 +501,40 @@ pub fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().next()) != Some("Z"))
         .unwrap_or(false)
+}
+
+/// The time since the Unix epoch a log line starts with
+/// (`2026-12-02T14:24:03.483Z ...`, UTC, milliseconds).
+pub fn log_stamp(line: &str) -> Option<Duration> {
+    let field = |from: usize, to: usize| line.get(from..to)?.parse::<i64>().ok();
+    let (y, mo, d) = (field(0, 4)?, field(5, 7)?, field(8, 10)?);
+    let (h, mi, sec, ms) = (field(11, 13)?, field(14, 16)?, field(17, 19)?, field(20, 23)?);
+    // Days from the civil date (Howard Hinnant's days_from_civil).
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (mo + if mo > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + sec;
+    Some(Duration::from_millis(u64::try_from(secs * 1000 + ms).ok()?))
+}
+
+/// `pid` is alive and its name (`comm`) starts with `name`: the process a
+/// log line named, not another that took its pid since (pids wrap at
+/// `kernel.pid_max`, 32768 by default, within a long chaos run).
+pub fn alive_as(pid: i32, name: &str) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { return false };
+    let zombie = stat[close + 1..].split_whitespace().next() == Some("Z");
+    !zombie && stat[open + 1..close].starts_with(name)
+}
+
+/// The `comm` a worker of slot `slot` has: its title, cut to the 15 bytes
+/// the kernel keeps.
+pub fn worker_comm(slot: &str) -> String {
+    let mut name = format!("echod: worker {slot}");
+    name.truncate(15);
+    name
 }
 
 /// A loopback port nobody listens on (bound, then released).
