@@ -900,10 +900,101 @@ mod tests {
             let r = read_until(&mut c, &mut env, window, if mangle == 2 { 3 } else { 2 });
             let k = env.counts();
             match (mangle, r) {
-                (0, Ok(())) => assert_eq!((k.responses, c.head), (2, 2), "{what}"),
+                (0, Ok(())) => assert_eq!((k.responses, c.head, k.bytes_received), (2, 2, 16), "{what}"),
                 (1, Err(Fault::Wrong)) => assert_eq!((k.responses, c.head), (1, 1), "{what}: the first was intact"),
                 (2, Err(Fault::Extra)) => assert_eq!(k.responses, 2, "{what}"),
                 (_, r) => panic!("{what}: {:?}", r.err().map(|f| matches!(f, Fault::Wrong))),
+            }
+        }
+    }
+
+    /// A reset from the server is a reset, not a quiet socket and not an
+    /// end of file: the read gives it back as it came.
+    #[test]
+    fn a_reset_under_a_read_is_reported_as_a_reset() {
+        let t0 = Instant::now();
+        let window = Window { start: t0, end: None };
+        let mut env = Env::new(Some(1000.0));
+        let mut c = open_loop(t0, 0, 1, 0, 1);
+        let peer = connected(&mut c, &env);
+        socket2::SockRef::from(&peer).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(peer); // an RST, not a FIN
+        let r = read_until(&mut c, &mut env, window, 1);
+        assert!(
+            matches!(r, Err(Fault::Io(ErrorKind::ConnectionReset))),
+            "{:?}",
+            r.err().map(|f| match f {
+                Fault::Io(k) => format!("{k:?}"),
+                _ => "not an I/O fault".to_string(),
+            })
+        );
+    }
+
+    /// A connect, or a churn connection's wait for the server's close, that
+    /// takes the whole timeout is counted once in its own bucket, exactly
+    /// at the timeout and not before.
+    #[test]
+    fn a_connect_or_a_close_that_takes_the_timeout_counts_once() {
+        let t0 = Instant::now();
+        let window = Window { start: t0, end: None };
+        let timeout = Duration::from_secs(1);
+        type Field = fn(&Counts) -> u64;
+        let cases: [(State, Field); 2] = [
+            (State::Connecting { since: t0 }, |k| k.connect_errors),
+            (State::Closing { since: t0 }, |k| k.other_errors),
+        ];
+        for (state, field) in cases {
+            let mut env = Env::new(None);
+            let mut c = Conn::new(0, 0, 7, t0, None);
+            c.state = state;
+            assert_eq!(c.timeout_at(timeout), Some(t0 + timeout));
+            c.check_timeout(&mut env.ctx(window, t0 + timeout - Duration::from_nanos(1)));
+            assert_eq!(env.counts(), Counts::default(), "not before the timeout");
+            c.check_timeout(&mut env.ctx(window, t0 + timeout));
+            let k = env.counts();
+            assert_eq!((field(&k), k.errors()), (1, 1), "at the timeout, once: {k:?}");
+            assert!(matches!(c.state, State::Waiting { .. }), "and it starts over");
+        }
+    }
+
+    /// An open connection's timer runs while a message is on the wire, or
+    /// (closed loop) issued and not yet written; open loop, a message not
+    /// yet written has no server to wait for.
+    #[test]
+    fn the_timer_runs_for_what_the_server_holds() {
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(1);
+        let closed = |head, written, issued| {
+            let mut c = Conn::new(0, 0, 7, t0, None);
+            c.state = State::Open { since: t0 };
+            c.clock = Clock::Sent([t0; 4].into_iter().collect());
+            (c.head, c.written, c.issued, c.measured_from) = (head, written, issued, Some(0));
+            c
+        };
+        assert_eq!(closed(0, 0, 1).timeout_at(timeout), Some(t0 + timeout), "issued, not written");
+        assert_eq!(closed(0, 1, 1).timeout_at(timeout), Some(t0 + timeout), "on the wire");
+        assert_eq!(closed(1, 1, 1).timeout_at(timeout), None, "answered: nothing to wait for");
+        assert_eq!(open_loop(t0, 0, 0, 0, 1).timeout_at(timeout), None, "open loop, issued, not written");
+        assert_eq!(open_loop(t0, 0, 0, 3, 1).timeout_at(timeout), Some(t0 + timeout), "partly written");
+    }
+
+    /// The first message due at or after an instant is exact at every due
+    /// time and a nanosecond either side, for periods a float divides
+    /// inexactly, so the estimate's corrections are exercised both ways.
+    #[test]
+    fn the_first_due_message_is_exact_at_every_boundary() {
+        let t0 = Instant::now();
+        let ns = Duration::from_nanos(1);
+        for period in [0.001, 0.1, 1.0 / 3.0, 7e-6, 0.3, 1.0 / 7.0, 2.5e-4] {
+            let c = Conn::new(0, 0, 0, t0, Some((t0, period)));
+            for k in 1..3000u64 {
+                let due = c.time(k);
+                let strictly_after = |x: Instant| (k..k + 2).find(|&j| c.time(j) >= x).unwrap();
+                assert_eq!(c.first_due_from(due), k, "at due time {k}, period {period}");
+                assert_eq!(c.first_due_from(due + ns), strictly_after(due + ns), "just after {k}, period {period}");
+                if c.time(k - 1) < due - ns {
+                    assert_eq!(c.first_due_from(due - ns), k, "just before {k}, period {period}");
+                }
             }
         }
     }
