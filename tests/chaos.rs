@@ -1471,8 +1471,12 @@ impl Chaos {
         let addrs: Vec<String> = (1..=8).map(|i| format!("127.0.2.{i}")).collect();
         addrs.iter().for_each(|a| self.note_used(false, a));
         let per = self.shape.per_ip.min(8) as usize;
+        // Held open until every one has connected, so no more than echod
+        // holds at once: past its capacity a client waits in the backlog
+        // for one of these to close, which none does.
+        let n = conns.min(per * addrs.len()).min(self.capacity());
         let mut socks = Vec::new();
-        for i in 0..conns.min(per * addrs.len()) {
+        for i in 0..n {
             let t0 = Instant::now();
             let mut s = connect_from(&addrs[i % addrs.len()], self.main);
             if let Err(e) = s.write_all(&[i as u8; 16]) {
@@ -1504,6 +1508,17 @@ impl Chaos {
                 ),
             );
         }
+    }
+
+    /// The connections the current master holds at once: what it announced
+    /// per worker at start ("up to N connections each", lowered under a
+    /// tight fd limit) times the workers it runs.
+    fn capacity(&self) -> usize {
+        let me = format!("[master {}] ", self.master);
+        let lines = self.e().log_lines();
+        let line = lines.iter().rev().find(|l| l.contains(&me) && l.contains(" connections each"));
+        let per = line.and_then(|l| l.split("up to ").nth(1)?.split_whitespace().next()?.parse::<usize>().ok());
+        per.unwrap_or_else(|| self.fail(self.now_step(), "the master announced no capacity")) * self.target
     }
 
     /// Restart under an fd limit (and, in event mode, 64 event loops), then
