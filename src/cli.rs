@@ -13,28 +13,25 @@ use clap::Parser;
 pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("ECHOD_GIT_COMMIT"), ")");
 
 /// What `echod --help` (and the man page) adds after the flags: the signals
-/// an operator sends, the files, and the exit codes.
-const ECHOD_AFTER_HELP: &str = "\
-Signals (to the master process):
-  TERM, INT   graceful stop: stop accepting, let connections finish for shutdown_timeout
-  QUIT        fast stop: close every connection now
-  HUP         reload the config file; an invalid file is logged and changes nothing
-  TTIN, TTOU  one worker process more / fewer
-  USR1        log a stats snapshot
-  USR2        binary upgrade: start upgrade_binary as a new master that takes over the
-              listening sockets; this one drains once the new one serves
-
+/// an operator sends (from the master's own table), the files, and the exit
+/// codes.
+fn echod_after_help() -> String {
+    format!(
+        "{}
 Files:
   /etc/echod/echod.toml  the packaged config (every key documented in place)
   config/echod.toml      used when --config is not given and it exists
 
 Exit status: 0 after a stop; 78 for a bad config or flag (the message names file, line and
-key); 1 when a listen address cannot be bound; 71 for other start-up failures.";
+key); 1 when a listen address cannot be bound; 71 for other start-up failures.",
+        crate::master::signals::help_text()
+    )
+}
 
 /// TCP echo server daemon (RFC 862): a master process dispatching
 /// connections to a prefork pool of threaded workers.
 #[derive(Parser, Debug)]
-#[command(name = "echod", version = VERSION, about, long_about = None, after_long_help = ECHOD_AFTER_HELP)]
+#[command(name = "echod", version = VERSION, about, long_about = None, after_long_help = echod_after_help())]
 pub struct EchodCli {
     /// Config file [default: config/echod.toml if present, else built-in defaults]
     #[arg(short, long, value_name = "FILE")]

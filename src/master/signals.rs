@@ -108,9 +108,158 @@ impl Signal {
     }
 }
 
+/// One row of the signals table: what an operator sends and what it does.
+/// [`TABLE`] is the one description: `echod --help` (and so the man page)
+/// and the README's table are written from it, and a test holds it to
+/// [`HANDLED`] and [`Signal::from_raw`].
+#[derive(Debug, Clone, Copy)]
+pub struct SignalDoc {
+    /// The signals, as `kill -s` names them.
+    pub names: &'static [&'static str],
+    pub raw: &'static [i32],
+    pub signal: Signal,
+    /// One line for `--help`.
+    pub summary: &'static str,
+    /// The whole effect, in every state of the lifecycle, for the README.
+    pub doc: &'static str,
+}
+
+/// Every signal the master handles, in the order operators look for them.
+pub const TABLE: &[SignalDoc] = &[
+    SignalDoc {
+        names: &["TERM", "INT"],
+        raw: &[SIGTERM, SIGINT],
+        signal: Signal::Stop,
+        summary: "graceful stop: stop accepting, let connections finish for shutdown_timeout",
+        doc: "graceful stop: `/healthz` answers 503 at once; after `shutdown_delay` (default 0) close listeners, let \
+              connections finish for up to `shutdown_timeout`, then close the rest; the master reaps every worker \
+              and exits 0. During a binary upgrade: before the new master took over, the upgrade is abandoned \
+              (the new master, which has accepted nothing, is killed) and this master stops; after the hand-over, \
+              only the old generation stops and the new master serves on. Sent to the *new* master while the old \
+              generation still drains (`systemctl stop` does exactly this, the new master being `MAINPID`), it \
+              stops the service: the new master tells the old one, which finishes its drain (refusing new \
+              clients) and exits instead of taking over again",
+    },
+    SignalDoc {
+        names: &["QUIT"],
+        raw: &[SIGQUIT],
+        signal: Signal::Quit,
+        summary: "fast stop: close every connection now",
+        doc: "fast stop: close every connection now, exit 0 (during an upgrade, as `TERM`; to the new master \
+              during the drain, the old generation's connections are cut too)",
+    },
+    SignalDoc {
+        names: &["HUP"],
+        raw: &[SIGHUP],
+        signal: Signal::Reload,
+        summary: "reload the config file; an invalid file is logged and changes nothing",
+        doc: "reload: re-read the config file; if it is invalid, log why (file, line, key) and keep running \
+              unchanged. If valid, bind new listen addresses and close removed ones (open connections are \
+              untouched; a reload that cannot bind everything changes nothing), then replace workers one by one: \
+              a new worker starts, and once it is ready an old one stops receiving connections and drains for up \
+              to `shutdown_timeout`. While a new master is starting (USR2) the reload waits: it is applied if the \
+              upgrade fails and passed on to the new master if it takes over. Sent to the old master after the \
+              hand-over, it is passed on to the new one (logged)",
+    },
+    SignalDoc {
+        names: &["TTIN"],
+        raw: &[SIGTTIN],
+        signal: Signal::MoreWorkers,
+        summary: "one worker process more, per delivery",
+        doc: "one worker more, once per signal delivered (four `kill -TTIN` in a row are four workers more); the \
+              count survives reloads unless the file's `workers` changes. Sent to the old master after the \
+              hand-over, passed on to the new one",
+    },
+    SignalDoc {
+        names: &["TTOU"],
+        raw: &[SIGTTOU],
+        signal: Signal::FewerWorkers,
+        summary: "one worker process fewer (never below one), per delivery",
+        doc: "one worker fewer (never below 1), once per signal delivered, as `TTIN`; the worker let go drains \
+              for up to `shutdown_timeout`",
+    },
+    SignalDoc {
+        names: &["USR1"],
+        raw: &[SIGUSR1],
+        signal: Signal::Stats,
+        summary: "log a stats snapshot",
+        doc: "log a stats snapshot: totals and one line per worker (pid, state, active, accepted, bytes, threads \
+              busy/idle, queue depth)",
+    },
+    SignalDoc {
+        names: &["USR2"],
+        raw: &[SIGUSR2],
+        signal: Signal::Upgrade,
+        summary: "binary upgrade: a new master takes over the listeners; this one drains once it serves",
+        doc: "binary upgrade: start `upgrade_binary` (or the same path) as a new master that takes over the \
+              listening sockets; once it serves, this master stops accepting, drains for up to \
+              `shutdown_timeout` and exits (see docs/OPERATIONS.md, \"Upgrading without downtime\"). Refused \
+              (logged) while an upgrade is in progress or while this master's own predecessor still drains",
+    },
+    SignalDoc {
+        names: &["CHLD"],
+        raw: &[SIGCHLD],
+        signal: Signal::Child,
+        summary: "reap exited workers; respawn, with back-off for workers that die at start",
+        doc: "reap; a worker that exits unexpectedly is respawned, with exponential back-off (0.1 s doubling to \
+              30 s) when workers die within 5 s of starting; five such deaths in a row are logged as a crash loop \
+              at error level. A worker that has not reported ready 10 s after fork is killed and counts as such a \
+              death. The master never spins",
+    },
+];
+
+/// The signals block of `echod --help` (and of the man page).
+pub fn help_text() -> String {
+    let mut out = String::from("Signals (to the master process):\n");
+    for d in TABLE {
+        let names = d.names.join(", ");
+        out.push_str(&format!("  {names:<10}  {}\n", d.summary));
+    }
+    out
+}
+
+/// The README's signals table (Markdown), between its markers.
+pub fn render_table() -> String {
+    let mut out = String::from("| signal | effect |\n|---|---|\n");
+    for d in TABLE {
+        let names: Vec<String> = d.names.iter().map(|n| format!("`{n}`")).collect();
+        out.push_str(&format!("| {} | {} |\n", names.join(", "), d.doc));
+    }
+    out
+}
+
+/// The README's markers around the generated table.
+pub const TABLE_BEGIN: &str = "<!-- signals: generated from src/master/signals.rs, do not edit -->\n";
+pub const TABLE_END: &str = "<!-- end of signals -->\n";
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The table is what the master does: it names every handled signal
+    /// once, in `HANDLED`'s order, and each maps to its row's meaning.
+    #[test]
+    fn the_table_is_the_handled_signals_and_their_meanings() {
+        let listed: Vec<i32> = TABLE.iter().flat_map(|d| d.raw.iter().copied()).collect();
+        assert_eq!(listed, HANDLED, "TABLE and HANDLED list the same signals, in the same order");
+        for d in TABLE {
+            assert_eq!(d.names.len(), d.raw.len());
+            for (&raw, name) in d.raw.iter().zip(d.names) {
+                assert_eq!(Signal::from_raw(raw), Some(d.signal), "{name}");
+                let by_name: nix::sys::signal::Signal = format!("SIG{name}").parse().expect("a signal name");
+                assert_eq!(by_name as i32, raw, "{name} is the signal it says");
+            }
+        }
+    }
+
+    /// The README's copy is what [`render_table`] writes
+    /// (`cargo run --example gen-docs` rewrites it).
+    #[test]
+    fn the_readmes_signal_table_is_what_the_generator_writes() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README.md");
+        let table = crate::config::keys::between(&readme, TABLE_BEGIN, TABLE_END).expect("the signal table's markers");
+        assert!(table == render_table(), "README.md's signal table is stale: run `cargo run --example gen-docs`");
+    }
 
     /// #27.5: four TTINs delivered before the loop looks are four workers
     /// more, not one (signal-hook's pipe reports a signal once per pass).
