@@ -138,25 +138,18 @@ impl EndpointStats {
     fn render(&self, carried: &EndpointTotals) -> String {
         let mut sum = self.totals();
         sum.add(carried);
-        let conns = |what: &str| format!("echod_metrics_connections_{what}_total");
         let series = [
-            (
-                conns("evicted"),
-                "Scrape connections reset to make room (answered ones first, then ones writing, then ones reading; oldest first).",
-                sum.evicted,
-            ),
-            (conns("refused"), "Scrape connections closed at accept: they could not be polled.", sum.refused),
-            (
-                conns("aborted"),
-                "Scrape connections reset at their deadline (a response not taken, or no close after it).",
-                sum.aborted,
-            ),
-            ("echod_metrics_renders_total".to_string(), "Times the exposition was rendered.", sum.renders),
+            ("echod_metrics_connections_evicted_total", sum.evicted),
+            ("echod_metrics_connections_refused_total", sum.refused),
+            ("echod_metrics_connections_aborted_total", sum.aborted),
+            ("echod_metrics_renders_total", sum.renders),
         ];
-        series
-            .iter()
-            .map(|(name, help, v)| format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"))
-            .collect()
+        let mut out = String::new();
+        for (name, v) in series {
+            crate::metrics::header(&mut out, name);
+            out.push_str(&format!("{name} {v}\n"));
+        }
+        out
     }
 }
 

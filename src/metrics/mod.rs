@@ -6,7 +6,10 @@
 //! `echod_connections_rejected_total`, `echod_bytes_received_total`,
 //! `echod_bytes_sent_total`, `echod_workers`, `echod_worker_restarts_total`;
 //! per-worker series carry a `worker` label (the worker's slot number, the N
-//! of `echod: worker N`).
+//! of `echod: worker N`). Every family's type and HELP come from
+//! [`families::FAMILIES`], the one list of them.
+
+pub mod families;
 
 use std::fmt::Write;
 
@@ -32,72 +35,30 @@ pub fn render(snap: &Snapshot, info: &MasterInfo) -> String {
     let t = &snap.totals;
     let o = &mut out;
     let version = format!("version=\"{}\",commit=\"{}\"", env!("CARGO_PKG_VERSION"), env!("ECHOD_GIT_COMMIT"));
-    metric(o, "echod_build_info", "gauge", "Build information.", &[(&version, 1.0)]);
-    // (name, type, help, value) of every unlabelled series.
-    let scalars: [(&str, &str, &str, f64); 14] = [
-        ("echod_start_time_seconds", "gauge", "Unix time the master started.", info.start_time),
-        (
-            "echod_config_generation",
-            "gauge",
-            "Config generation: 1 at start, +1 per applied reload.",
-            snap.generation as f64,
-        ),
-        (
-            "echod_config_last_reload_successful",
-            "gauge",
-            "Whether the last reload was applied.",
-            bool_f(info.last_reload_ok),
-        ),
-        (
-            "echod_config_last_reload_success_timestamp_seconds",
-            "gauge",
-            "Unix time of the last applied (re)load.",
-            info.last_reload_time,
-        ),
-        (
-            "echod_connections_accepted_total",
-            "counter",
-            "Connections accepted and handed to workers.",
-            snap.accepted as f64,
-        ),
-        (
-            "echod_connections_active",
-            "gauge",
-            "Connections held now (in workers or being handed over).",
-            snap.active as f64,
-        ),
-        (
-            "echod_connections_draining",
-            "gauge",
-            "Connections the previous generation still drains during a binary upgrade.",
-            snap.draining as f64,
-        ),
-        (
-            "echod_connections_rejected_total",
-            "counter",
-            "Connections closed at once because a limit was reached.",
-            snap.rejected as f64,
-        ),
-        ("echod_connections_closed_total", "counter", "Connections that ended.", t.finished as f64),
-        ("echod_bytes_received_total", "counter", "Bytes read from clients.", t.bytes_in as f64),
-        ("echod_bytes_sent_total", "counter", "Bytes echoed to clients.", t.bytes_out as f64),
-        ("echod_workers", "gauge", "Worker processes serving connections.", snap.serving() as f64),
-        ("echod_workers_target", "gauge", "Worker processes wanted (workers, TTIN/TTOU).", snap.target as f64),
-        (
-            "echod_worker_restarts_total",
-            "counter",
-            "Workers that exited unexpectedly and were respawned.",
-            snap.restarts as f64,
-        ),
+    metric(o, "echod_build_info", &[(&version, 1.0)]);
+    // (name, value) of every unlabelled series.
+    let scalars: [(&str, f64); 14] = [
+        ("echod_start_time_seconds", info.start_time),
+        ("echod_config_generation", snap.generation as f64),
+        ("echod_config_last_reload_successful", bool_f(info.last_reload_ok)),
+        ("echod_config_last_reload_success_timestamp_seconds", info.last_reload_time),
+        ("echod_connections_accepted_total", snap.accepted as f64),
+        ("echod_connections_active", snap.active as f64),
+        ("echod_connections_draining", snap.draining as f64),
+        ("echod_connections_rejected_total", snap.rejected as f64),
+        ("echod_connections_closed_total", t.finished as f64),
+        ("echod_bytes_received_total", t.bytes_in as f64),
+        ("echod_bytes_sent_total", t.bytes_out as f64),
+        ("echod_workers", snap.serving() as f64),
+        ("echod_workers_target", snap.target as f64),
+        ("echod_worker_restarts_total", snap.restarts as f64),
     ];
-    for (name, kind, help, v) in scalars {
-        metric(o, name, kind, help, &[("", v)]);
+    for (name, v) in scalars {
+        metric(o, name, &[("", v)]);
     }
     metric(
         o,
         "echod_connection_errors_total",
-        "counter",
-        "Connections ended by an error, by kind.",
         &[
             ("kind=\"reset\"", t.err_reset as f64),
             ("kind=\"timeout\"", t.err_timeout as f64),
@@ -105,71 +66,23 @@ pub fn render(snap: &Snapshot, info: &MasterInfo) -> String {
         ],
     );
 
-    metric(
-        o,
-        "echod_proxy_headers_total",
-        "counter",
-        "Connections on PROXY protocol listeners whose header was accepted.",
-        &[("", t.proxied as f64)],
-    );
+    metric(o, "echod_proxy_headers_total", &[("", t.proxied as f64)]);
     let kinds: Vec<(String, f64)> = HeaderError::ALL
         .iter()
         .zip(t.proxy_errors)
         .map(|(k, v)| (format!("kind=\"{}\"", k.name()), v as f64))
         .collect();
-    metric_owned(
-        o,
-        "echod_proxy_header_errors_total",
-        "counter",
-        "Connections on PROXY protocol listeners closed for their header, by kind.",
-        kinds,
-    );
+    metric_owned(o, "echod_proxy_header_errors_total", kinds);
 
     let per_worker = |f: &dyn Fn(&crate::stats::WorkerView) -> f64| -> Vec<(String, f64)> {
         snap.workers.iter().map(|w| (format!("worker=\"{}\"", w.id), f(w))).collect()
     };
-    metric_owned(
-        o,
-        "echod_worker_connections_active",
-        "gauge",
-        "Connections held by the worker.",
-        per_worker(&|w| w.active as f64),
-    );
-    metric_owned(
-        o,
-        "echod_worker_connections_accepted_total",
-        "counter",
-        "Connections handed to the worker.",
-        per_worker(&|w| w.accepted as f64),
-    );
-    metric_owned(
-        o,
-        "echod_worker_bytes_received_total",
-        "counter",
-        "Bytes the worker read.",
-        per_worker(&|w| w.slot.bytes_in as f64),
-    );
-    metric_owned(
-        o,
-        "echod_worker_bytes_sent_total",
-        "counter",
-        "Bytes the worker echoed.",
-        per_worker(&|w| w.slot.bytes_out as f64),
-    );
-    metric_owned(
-        o,
-        "echod_worker_queue_depth",
-        "gauge",
-        "Connections waiting in the worker's queue for a thread.",
-        per_worker(&|w| w.slot.queued as f64),
-    );
-    metric_owned(
-        o,
-        "echod_worker_capacity",
-        "gauge",
-        "Connections the worker may hold at once.",
-        per_worker(&|w| w.capacity as f64),
-    );
+    metric_owned(o, "echod_worker_connections_active", per_worker(&|w| w.active as f64));
+    metric_owned(o, "echod_worker_connections_accepted_total", per_worker(&|w| w.accepted as f64));
+    metric_owned(o, "echod_worker_bytes_received_total", per_worker(&|w| w.slot.bytes_in as f64));
+    metric_owned(o, "echod_worker_bytes_sent_total", per_worker(&|w| w.slot.bytes_out as f64));
+    metric_owned(o, "echod_worker_queue_depth", per_worker(&|w| w.slot.queued as f64));
+    metric_owned(o, "echod_worker_capacity", per_worker(&|w| w.capacity as f64));
     let threads: Vec<(String, f64)> = snap
         .workers
         .iter()
@@ -180,17 +93,17 @@ pub fn render(snap: &Snapshot, info: &MasterInfo) -> String {
             ]
         })
         .collect();
-    metric_owned(o, "echod_worker_threads", "gauge", "Handler threads of the worker, busy or idle.", threads);
+    metric_owned(o, "echod_worker_threads", threads);
     let up: Vec<(String, f64)> = snap
         .workers
         .iter()
         .map(|w| (format!("worker=\"{}\",pid=\"{}\",state=\"{}\"", w.id, w.pid, w.state.name()), 1.0))
         .collect();
-    metric_owned(o, "echod_worker_info", "gauge", "Each worker process and its state.", up);
+    metric_owned(o, "echod_worker_info", up);
 
     // Connection duration histogram (buckets are stored non-cumulative).
     let name = "echod_connection_duration_seconds";
-    let _ = writeln!(o, "# HELP {name} How long connections lived.\n# TYPE {name} histogram");
+    header(o, name);
     let mut cumulative = 0u64;
     for (i, &le) in DURATION_BUCKETS.iter().enumerate() {
         cumulative += t.duration[i];
@@ -206,17 +119,23 @@ fn bool_f(b: bool) -> f64 {
     if b { 1.0 } else { 0.0 }
 }
 
+/// A family's HELP and TYPE lines, from [`families::FAMILIES`].
+pub fn header(out: &mut String, name: &str) {
+    let f = families::get(name);
+    let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} {}", f.help, f.kind);
+}
+
 /// One metric family: HELP, TYPE and its samples (labels without braces).
-fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, f64)]) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+fn metric(out: &mut String, name: &str, samples: &[(&str, f64)]) {
+    header(out, name);
     for (labels, v) in samples {
         sample(out, name, labels, *v);
     }
 }
 
-fn metric_owned(out: &mut String, name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>) {
+fn metric_owned(out: &mut String, name: &str, samples: Vec<(String, f64)>) {
     let borrowed: Vec<(&str, f64)> = samples.iter().map(|(l, v)| (l.as_str(), *v)).collect();
-    metric(out, name, kind, help, &borrowed);
+    metric(out, name, &borrowed);
 }
 
 fn sample(out: &mut String, name: &str, labels: &str, v: f64) {
@@ -288,5 +207,47 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
         }
         assert!(text.ends_with('\n'));
+    }
+
+    /// Every family the exposition renders is listed in `FAMILIES`, in
+    /// the same order, and each listed one is rendered (the metrics
+    /// endpoint's own `echod_metrics_*` families come last, from
+    /// `master::http`).
+    #[test]
+    fn the_exposition_renders_exactly_the_listed_families() {
+        let info = MasterInfo { start_time: 1.5e9, last_reload_ok: true, last_reload_time: 1.5e9 };
+        let text = render(&snap(), &info);
+        let rendered: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
+        let listed: Vec<&str> =
+            families::FAMILIES.iter().map(|f| f.name).filter(|n| !n.starts_with("echod_metrics_")).collect();
+        assert_eq!(rendered, listed);
+        assert!(!text.contains("untyped"), "a family missing from FAMILIES:\n{text}");
+    }
+
+    /// docs/OPERATIONS.md's table is what `families::render_table` writes
+    /// (`cargo run --example gen-docs`), and every family DESIGN's metric
+    /// contract names is one of them.
+    #[test]
+    fn the_docs_name_the_families_as_they_are() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let ops = std::fs::read_to_string(root.join("docs/OPERATIONS.md")).expect("docs/OPERATIONS.md");
+        let table = crate::config::keys::between(&ops, families::TABLE_BEGIN, families::TABLE_END)
+            .expect("the metric table's markers");
+        assert!(
+            table == families::render_table(),
+            "docs/OPERATIONS.md's metric table is stale: run `cargo run --example gen-docs`"
+        );
+        let design = std::fs::read_to_string(root.join("docs/DESIGN.md")).expect("docs/DESIGN.md");
+        let contract = design.split("## 5. Contracts").nth(1).and_then(|c| c.split("\n## ").next()).expect("DESIGN §5");
+        let mut named = 0;
+        for word in contract.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("echod_") && word.len() > "echod_".len() && !word.ends_with('_') {
+                let f = families::get(word);
+                let listed = !f.name.is_empty() || families::FAMILIES.iter().any(|f| word.starts_with(f.name));
+                assert!(listed, "DESIGN's contract names {word}, which echod does not export");
+                named += 1;
+            }
+        }
+        assert!(named >= 10, "read DESIGN's contract ({named} names)");
     }
 }
