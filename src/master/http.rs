@@ -51,16 +51,13 @@ use std::net::{Shutdown, SocketAddr};
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
-use mio::{Interest, Registry, Token};
+use mio::{Interest, Registry};
 
+use super::tokens::{SCRAPE_IDS, Source};
 use crate::stats::EndpointTotals;
 
-/// Poll token of the metrics listener.
-pub const LISTENER_TOKEN: Token = Token(1);
 /// FileDescriptorName= of a socket-activated metrics socket.
 pub const METRICS_FD_NAME: &str = "metrics";
-/// Poll tokens of scrape connections are `CONN_TOKEN_BASE + id`.
-pub const CONN_TOKEN_BASE: usize = 1 << 20;
 /// Request head size limit; larger requests get 431 and are closed.
 const MAX_REQUEST: usize = 8 * 1024;
 /// Whole-exchange deadline per connection.
@@ -211,7 +208,7 @@ impl HttpServer {
     }
 
     fn serve(mut listener: TcpListener, registry: &Registry) -> io::Result<HttpServer> {
-        registry.register(&mut listener, LISTENER_TOKEN, Interest::READABLE)?;
+        registry.register(&mut listener, Source::MetricsListener.token(), Interest::READABLE)?;
         let addr = listener.local_addr()?;
         Ok(HttpServer {
             listener,
@@ -259,7 +256,7 @@ impl HttpServer {
     /// Accepts again after [`HttpServer::pause`] (connections queued
     /// meanwhile raise an event as soon as the listener is polled again).
     pub fn resume(&mut self, registry: &Registry) -> io::Result<()> {
-        registry.register(&mut self.listener, LISTENER_TOKEN, Interest::READABLE)?;
+        registry.register(&mut self.listener, Source::MetricsListener.token(), Interest::READABLE)?;
         self.paused = false;
         Ok(())
     }
@@ -321,8 +318,8 @@ impl HttpServer {
                         }
                     }
                     let id = self.next_id;
-                    self.next_id = self.next_id.wrapping_add(1) % (1 << 20);
-                    let token = Token(CONN_TOKEN_BASE + id);
+                    self.next_id = self.next_id.wrapping_add(1) % SCRAPE_IDS;
+                    let token = Source::Scrape(id).token();
                     if registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE).is_err() {
                         self.stats.refused += 1;
                         continue; // dropped: closed at once
@@ -330,7 +327,7 @@ impl HttpServer {
                     let state = State::Reading(Vec::with_capacity(512));
                     self.conns.insert(id, Conn { stream, state, deadline: now + DEADLINE, accepted: now });
                     if let Some(app) = app {
-                        self.on_conn(token, registry, app);
+                        self.on_conn(id, registry, app);
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
@@ -345,8 +342,7 @@ impl HttpServer {
     }
 
     /// Progresses one connection after a readiness event.
-    pub fn on_conn(&mut self, token: Token, registry: &Registry, app: &dyn Responder) {
-        let id = token.0 - CONN_TOKEN_BASE;
+    pub fn on_conn(&mut self, id: usize, registry: &Registry, app: &dyn Responder) {
         let Some(conn) = self.conns.get_mut(&id) else { return };
         let mut exposition =
             Exposition { app, rendered: &mut self.rendered, stats: &mut self.stats, carried: &self.carried };

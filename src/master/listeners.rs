@@ -21,10 +21,8 @@ use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use super::tokens::Source;
 use crate::config::Config;
-
-/// Poll tokens of listeners are `LISTENER_TOKEN_BASE + id`.
-pub const LISTENER_TOKEN_BASE: usize = 1 << 24;
 
 /// One listening socket.
 pub struct Listener {
@@ -174,15 +172,15 @@ impl Listeners {
     }
 
     pub fn token(l: &Listener) -> Token {
-        Token(LISTENER_TOKEN_BASE + l.id)
+        Source::Listener(l.id).token()
     }
 
     pub fn register(&self, registry: &Registry) -> io::Result<()> {
         self.list.iter().try_for_each(|l| register(l, registry))
     }
 
-    pub fn mark_ready(&mut self, token: Token) {
-        if let Some(l) = self.list.iter_mut().find(|l| Listeners::token(l) == token) {
+    pub fn mark_ready(&mut self, id: usize) {
+        if let Some(l) = self.list.iter_mut().find(|l| l.id == id) {
             l.ready = true;
         }
     }

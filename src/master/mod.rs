@@ -1,7 +1,8 @@
 //! The master process: one thread, one poll loop.
 //!
 //! Like nginx's master cycle, the loop waits for a few kinds of event and
-//! hands each to one handler:
+//! hands each to one handler; an event's token decodes to its
+//! [`tokens::Source`], the one list of what the poll watches:
 //!
 //! | event                         | handler                  |
 //! |-------------------------------|--------------------------|
@@ -26,13 +27,14 @@ pub mod http;
 pub mod listeners;
 pub mod signals;
 pub mod supervisor;
+pub mod tokens;
 pub mod upgrade;
 
 use std::io;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use mio::{Events, Poll, Token};
+use mio::{Events, Poll};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 
 use crate::config::{Config, Overrides};
@@ -44,12 +46,12 @@ use crate::systemd::{self, Notifier};
 use crate::{limits, logging, privileges};
 use dispatch::Dispatcher;
 use http::HttpServer;
-use listeners::{LISTENER_TOKEN_BASE, Listeners};
+use listeners::Listeners;
 use signals::{Signal, SignalSource};
-use supervisor::{Supervisor, WORKER_TOKEN_BASE};
+use supervisor::Supervisor;
+use tokens::Source;
 use upgrade::{Predecessor, Successor};
 
-const SIGNAL_TOKEN: Token = Token(0);
 /// How often worker heartbeats are checked.
 const HEARTBEAT_CHECK: Duration = Duration::from_millis(500);
 /// How often systemd's STATUS= line is refreshed (only sent when changed).
@@ -281,7 +283,7 @@ impl Master {
         }
         let capacity = limits::worker_capacity(&config, fd_limit);
         let poll = Poll::new()?;
-        signals.register(poll.registry(), SIGNAL_TOKEN)?;
+        signals.register(poll.registry(), Source::Signals.token())?;
 
         // Sockets passed in at exec: systemd's socket unit (they win over
         // `listen`; the one named "metrics" serves /metrics), or an earlier
@@ -443,22 +445,19 @@ impl Master {
                 Err(e) => return Err(e),
             }
             for event in events.iter() {
-                let token = event.token();
-                match token.0 {
-                    _ if token == SIGNAL_TOKEN => {
+                match Source::of(event.token()) {
+                    Some(Source::Signals) => {
                         for (sig, times) in self.signals.take() {
                             self.on_signal(sig, times);
                         }
                     }
-                    _ if token == upgrade::SUCCESSOR_TOKEN => self.on_successor_channel(),
-                    _ if token == upgrade::PREDECESSOR_TOKEN => self.on_predecessor_channel(),
-                    _ if token == http::LISTENER_TOKEN => self.on_metrics_listener(),
-                    t if t >= LISTENER_TOKEN_BASE => self.listeners.mark_ready(token),
-                    t if t >= http::CONN_TOKEN_BASE => self.on_scrape(token),
-                    t if t >= WORKER_TOKEN_BASE => {
-                        self.on_channel(t - WORKER_TOKEN_BASE, event.is_readable(), event.is_writable())
-                    }
-                    _ => {}
+                    Some(Source::Successor) => self.on_successor_channel(),
+                    Some(Source::Predecessor) => self.on_predecessor_channel(),
+                    Some(Source::MetricsListener) => self.on_metrics_listener(),
+                    Some(Source::Listener(id)) => self.listeners.mark_ready(id),
+                    Some(Source::Scrape(id)) => self.on_scrape(id),
+                    Some(Source::Worker(slot)) => self.on_channel(slot, event.is_readable(), event.is_writable()),
+                    None => {}
                 }
             }
             let now = Instant::now();
@@ -630,10 +629,10 @@ impl Master {
     }
 
     /// A scrape connection is readable or writable.
-    fn on_scrape(&mut self, token: Token) {
+    fn on_scrape(&mut self, id: usize) {
         let app = Endpoint { sup: &self.sup, disp: &self.disp, info: self.info, stopping: self.is_stopping() };
         if let Some(h) = &mut self.http {
-            h.on_conn(token, self.poll.registry(), &app);
+            h.on_conn(id, self.poll.registry(), &app);
         }
     }
 

@@ -29,20 +29,18 @@ pub struct Pending {
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
-use mio::{Interest, Registry, Token};
+use mio::{Interest, Registry};
 use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::WaitStatus;
 use nix::unistd::Pid;
 
+use super::tokens::Source;
 use crate::config::{Config, MAX_WORKERS};
 use crate::ipc::{Channel, Command};
 use crate::scoreboard::{Scoreboard, SlotStats};
 use crate::stats::{Carried, State};
 use crate::sys::{self, Forked};
 use crate::worker;
-
-/// Poll tokens of worker channels are `WORKER_TOKEN_BASE + slot`.
-pub const WORKER_TOKEN_BASE: usize = 1 << 16;
 
 /// A worker dying sooner than this after it was forked counts as a start-up
 /// failure (a broken environment, not bad luck) and raises the back-off.
@@ -256,7 +254,7 @@ impl Supervisor {
             }),
             Forked::Parent(pid) => {
                 drop(theirs);
-                let token = Token(WORKER_TOKEN_BASE + id);
+                let token = Source::Worker(id).token();
                 registry.register(&mut SourceFd(&ours.as_raw_fd()), token, Interest::READABLE | Interest::WRITABLE)?;
                 log::info!("worker {id} started (pid {pid}, generation {})", self.generation);
                 self.workers.push(WorkerHandle {

@@ -51,17 +51,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use mio::net::UnixStream;
-use mio::{Interest, Registry, Token};
+use mio::{Interest, Registry};
 use nix::unistd::Pid;
 
+use super::tokens::Source;
 use crate::stats::Carried;
 use crate::sys::{self, Forked};
-
-/// Poll tokens of the upgrade channels: to the new master this one started,
-/// and to the old master that started this one (both can be open at once:
-/// a master may be upgraded again while its predecessor still drains).
-pub const SUCCESSOR_TOKEN: Token = Token(2);
-pub const PREDECESSOR_TOKEN: Token = Token(3);
 
 /// Environment variables the old master sets for the new one.
 pub const ENV_CHANNEL: &str = "ECHOD_UPGRADE_CHANNEL";
@@ -257,7 +252,7 @@ pub fn spawn(
             drop(theirs);
             ours.set_nonblocking(true)?;
             let mut channel = UnixStream::from_std(ours);
-            registry.register(&mut channel, SUCCESSOR_TOKEN, Interest::READABLE)?;
+            registry.register(&mut channel, Source::Successor.token(), Interest::READABLE)?;
             Ok(Successor {
                 pid,
                 channel,
@@ -405,7 +400,7 @@ impl Predecessor {
         let std = StdUnixStream::from(fd);
         std.set_nonblocking(true)?;
         let mut channel = UnixStream::from_std(std);
-        registry.register(&mut channel, PREDECESSOR_TOKEN, Interest::READABLE)?;
+        registry.register(&mut channel, Source::Predecessor.token(), Interest::READABLE)?;
         let pid = nix::unistd::getppid();
         // An old master that does not say "go" stops accepting on "ready".
         let go = std::env::var_os(ENV_SAYS_GO).is_none();
