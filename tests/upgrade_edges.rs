@@ -45,6 +45,18 @@ fn start_upgrade(e: &Echod) -> i32 {
     pid
 }
 
+/// A child of `parent` named `name`, alive or a zombie.
+fn child_named_even_dead(parent: i32, name: &str) -> Option<i32> {
+    let dir = std::fs::read_dir("/proc").ok()?;
+    dir.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+        let ppid: i32 = stat[close + 2..].split_whitespace().nth(1)?.parse().ok()?;
+        (ppid == parent && &stat[open + 1..close] == name).then_some(pid)
+    })
+}
+
 fn echo_once(addr: SocketAddr, what: &str) {
     let mut s = connect(addr);
     assert_eq!(round_trip(&mut s, what.as_bytes()).unwrap(), what.as_bytes(), "{what}");
@@ -87,12 +99,23 @@ fn a_new_master_that_dies_after_taking_over_hands_back_to_the_old_one() {
 fn ready_and_exit_in_one_breath_leaves_the_old_master_serving() {
     let dir = tempfile::tempdir().unwrap();
     let e = start("workers = 1\nshutdown_timeout = 30\n");
+    // It may stop the old master before that logs having started it: find
+    // it as the old master's child.
     let liar = script(dir.path(), "liar", "kill -STOP $PPID\necho \"ready $$\" >&\"$ECHOD_UPGRADE_CHANNEL\"\nexit 0");
     use_upgrade_binary(&e, &liar, 30);
     let mut held = connect(e.addr);
     assert_eq!(round_trip(&mut held, b"held").unwrap(), b"held");
     let skip = e.log_len();
-    let new = start_upgrade(&e);
+    e.signal(libc_sig::USR2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let new = loop {
+        if let Some(pid) = child_named_even_dead(e.pid(), "liar") {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "the liar never started:\n{}", e.log_text());
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    e.track(new);
     // The liar exits while the old master is stopped: it stays a zombie.
     let deadline = Instant::now() + Duration::from_secs(10);
     while !std::fs::read_to_string(format!("/proc/{new}/stat")).is_ok_and(|st| st.contains(") Z ")) {
