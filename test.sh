@@ -39,14 +39,19 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 [ "${1:-}" = --setup ] && exit 0
+# Right after rustup, before a new login shell has put it on the PATH.
+command -v cargo >/dev/null 2>&1 || [ ! -x "$HOME/.cargo/bin/cargo" ] || PATH="$HOME/.cargo/bin:$PATH"
 if ! command -v cargo >/dev/null 2>&1; then
     echo "cargo not found: install Rust first (https://rustup.rs), then run ./test.sh again" >&2
     exit 1
 fi
 
 # Each skipped test leaves a line here (tests/common/mod.rs, skip_or_fail).
-skipped=target/tmp/skipped
+skipped="${CARGO_TARGET_DIR:-target}/tmp/skipped"
 rm -rf "$skipped"
+# echod's tests drive echo-load, another package of the workspace: built
+# first, so that `./test.sh --test load` does not run a stale one.
+cargo build --release -p echo-load --bin echo-load
 status=0
 cargo test --release --no-fail-fast "$@" || status=$?
 if [ -d "$skipped" ] && [ -n "$(ls -A "$skipped")" ]; then

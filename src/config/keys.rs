@@ -1,7 +1,7 @@
 //! Every configuration key as an operator meets it: name, default, what it
 //! does, and what a reload does with a change. The one definition that the
-//! bundled `config/echod.toml`, the README's key table and the echod.toml(5)
-//! page are generated from (`cargo run --example gen-docs`); a test fails
+//! bundled `config/echod.toml` and the README's key table are generated
+//! from (`cargo run --example gen-docs`); a test fails
 //! when a committed copy differs from what [`render_toml`] and
 //! [`render_table`] write, or when this list and [`super::Config`] disagree
 //! on a key, its order or its default.
@@ -34,7 +34,7 @@ impl Reload {
         }
     }
 
-    /// A sentence for the file's comments and the man page.
+    /// A sentence for the file's comments.
     pub fn sentence(self) -> &'static str {
         match self {
             Reload::Now => "A reload applies a change at once.",
@@ -217,8 +217,9 @@ pub const KEYS: &[Key] = &[
         Reload::Now,
         "Connections one client address may hold; more are closed right after accept and counted as rejected \
          (0 = no limit). Addresses count exactly (an IPv4-mapped IPv6 address as its IPv4 one), so no client can \
-         use up another's budget. On a PROXY listener the address is the client the header names. During a \
-         binary upgrade's drain each generation counts its own.",
+         use up another's budget. On a PROXY listener the address is the client the header names, and the \
+         workers check it (so there a change applies through new workers). During a binary upgrade's drain \
+         each generation counts its own.",
     ),
     key(
         "max_connections_per_worker",
@@ -238,7 +239,7 @@ pub const KEYS: &[Key] = &[
     key(
         "proxy_protocol",
         "false",
-        Reload::NewWorkers,
+        Reload::Rebind,
         "Listeners whose clients send a PROXY protocol header (v1 or v2, HAProxy's `send-proxy` / \
          `send-proxy-v2`) first: `true` (all), `false`, or a list of `listen` addresses and, under socket \
          activation, socket names (`FileDescriptorName=`), e.g. `[\"10.0.0.5:7\", \"proxied\"]`. There the \

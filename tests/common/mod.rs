@@ -19,7 +19,18 @@ pub const ECHOD: &str = env!("CARGO_BIN_EXE_echod");
 pub fn echo_load() -> &'static Path {
     static PATH: std::sync::LazyLock<PathBuf> = std::sync::LazyLock::new(|| {
         let path = Path::new(ECHOD).with_file_name("echo-load");
-        assert!(path.exists(), "{} is missing: run the tests at the top of the workspace (./test.sh)", path.display());
+        let rebuild = "cargo build --release -p echo-load (./test.sh does it first)";
+        let built = std::fs::metadata(&path).and_then(|m| m.modified());
+        let built = built.unwrap_or_else(|e| panic!("{}: {e}: {rebuild}", path.display()));
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("echo-load/src");
+        let newer = std::fs::read_dir(&src)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find(|f| f.metadata().and_then(|m| m.modified()).is_ok_and(|t| t > built));
+        if let Some(f) = newer {
+            panic!("{} is older than {}: {rebuild}", path.display(), f.path().display());
+        }
         path
     });
     &PATH
@@ -86,8 +97,8 @@ pub fn load_json(child: Child) -> serde_json::Value {
 /// after printing why, for the caller to return.
 pub fn skip_or_fail(missing: &str) {
     assert!(
-        std::env::var_os("ECHOD_TEST_NO_SKIP").is_none(),
-        "{missing}: this test needs it, and ECHOD_TEST_NO_SKIP is set"
+        std::env::var("ECHOD_TEST_NO_SKIP").as_deref() != Ok("1"),
+        "{missing}: this test needs it, and ECHOD_TEST_NO_SKIP=1"
     );
     let test = format!("{}::{}", env!("CARGO_CRATE_NAME"), std::thread::current().name().unwrap_or("?"));
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("skipped");
