@@ -19,7 +19,7 @@ dpkg-deb --info "$deb" | sed -n '/Package:/,/Description:/p'
 contents=$(dpkg-deb --contents "$deb" | awk '{print $6}' | sed 's|^\./|/|')
 for path in /usr/bin/echod /usr/bin/echo-load /etc/echod/echod.toml \
     /usr/lib/systemd/system/echod.service /usr/lib/systemd/system/echod.socket \
-    /usr/share/man/man8/echod.8.gz /usr/share/man/man1/echo-load.1.gz \
+    /usr/share/man/man8/echod.8.gz /usr/share/man/man1/echo-load.1.gz /usr/share/man/man5/echod.toml.5.gz \
     /usr/share/bash-completion/completions/echod /usr/share/bash-completion/completions/echo-load \
     /usr/share/zsh/vendor-completions/_echod /usr/share/zsh/vendor-completions/_echo-load \
     /usr/share/fish/vendor_completions.d/echod.fish /usr/share/fish/vendor_completions.d/echo-load.fish \
@@ -50,8 +50,26 @@ for bin in echod echo-load; do
     [[ $v == "$bin $(dpkg-deb -f "$deb" Version | cut -d- -f1) (git $commit)" ]] || fail "$bin --version: $v"
     echo "$v"
 done
-man -l /usr/share/man/man8/echod.8.gz 2>/dev/null | grep -q "graceful stop" || fail "echod(8) does not render"
-man -l /usr/share/man/man1/echo-load.1.gz 2>/dev/null | grep -q -- "--connections" || fail "echo-load(1) does not render"
+# Each page renders and names what it must: echod(8) every signal the master
+# handles (in its SIGNALS section), echod.toml(5) every key of the file,
+# echo-load(1) every flag of --help.
+page8=$(man -l /usr/share/man/man8/echod.8.gz 2>/dev/null) || fail "echod(8) does not render"
+signals8=$(sed -n '/^SIGNALS/,/^FILES/p' <<<"$page8")
+for sig in TERM INT QUIT HUP TTIN TTOU USR1 USR2 CHLD; do
+    grep -qw "$sig" <<<"$signals8" || fail "echod(8) SIGNALS does not name $sig"
+done
+for section in NAME SYNOPSIS DESCRIPTION OPTIONS SIGNALS FILES ENVIRONMENT "EXIT STATUS" EXAMPLES "SEE ALSO"; do
+    grep -q "^$section" <<<"$page8" || fail "echod(8) has no $section section"
+done
+page5=$(man -l /usr/share/man/man5/echod.toml.5.gz 2>/dev/null) || fail "echod.toml(5) does not render"
+for key in $(grep -oE '^[a-z_]+ =' config/echod.toml | cut -d' ' -f1); do
+    grep -qE "^ +$key = " <<<"$page5" || fail "echod.toml(5) does not document $key"
+done
+page1=$(man -l /usr/share/man/man1/echo-load.1.gz 2>/dev/null) || fail "echo-load(1) does not render"
+for flag in $(/usr/bin/echo-load --help | grep -oE -- '--[a-z][a-z-]+' | sort -u); do
+    grep -q -- "$flag" <<<"$page1" || fail "echo-load(1) does not document $flag"
+done
+echo "man pages: echod(8) names every signal, echod.toml(5) every key, echo-load(1) every flag"
 bash -c 'source /usr/share/bash-completion/completions/echod && complete -p echod' >/dev/null \
     || fail "bash completion does not load"
 for unit in echod.service echod.socket; do

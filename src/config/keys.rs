@@ -1,7 +1,8 @@
 //! Every configuration key as an operator meets it: name, default, what it
 //! does, and what a reload does with a change. The one definition that the
-//! bundled `config/echod.toml` and the README's key table are generated
-//! from (`cargo run --example gen-docs`); a test fails
+//! bundled `config/echod.toml` and the README's key table (`cargo run
+//! --example gen-docs`) and the echod.toml(5) page (`examples/dist-assets.rs`,
+//! when the package is built) are generated from; a test fails
 //! when a committed copy differs from what [`render_toml`] and
 //! [`render_table`] write, or when this list and [`super::Config`] disagree
 //! on a key, its order or its default.
@@ -34,7 +35,7 @@ impl Reload {
         }
     }
 
-    /// A sentence for the file's comments.
+    /// A sentence for the file's comments and the man page.
     pub fn sentence(self) -> &'static str {
         match self {
             Reload::Now => "A reload applies a change at once.",
@@ -345,6 +346,60 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
         }
     }
     lines
+}
+
+/// The echod.toml(5) manual page (roff), every key under KEYS.
+pub fn render_man() -> String {
+    let mut out = String::from(
+        ".TH ECHOD.TOML 5 \"\" \"echod\" \"File Formats\"\n\
+         .SH NAME\nechod.toml \\- configuration file of echod, the TCP echo server daemon\n",
+    );
+    out.push_str(
+        ".SH DESCRIPTION\n\
+         echod reads one flat TOML file: \\fIkey\\fR = \\fIvalue\\fR lines, no tables. \\fBechod \\-\\-config\\fR \\fIFILE\\fR \
+         names it; the package's service uses \\fI/etc/echod/echod.toml\\fR. Durations are seconds (fractions \
+         allowed, 0.001 at the finest). An unknown key, a wrong type or a value out of range is an error that \
+         names the file, the line and the key: at start echod exits 78 (EX_CONFIG) and starts nothing; on a \
+         reload (SIGHUP) the running configuration is kept and the failure is logged. \
+         \\fBechod \\-\\-check\\-config\\fR runs the same checks and prints the effective configuration.\n\
+         .SH KEYS\n",
+    );
+    for k in KEYS {
+        out.push_str(&format!(
+            ".TP\n\\fB{}\\fR = {}\n{} {}\n",
+            k.name,
+            roff(k.default),
+            roff_text(k.doc),
+            k.reload.sentence()
+        ));
+    }
+    out.push_str(
+        ".SH FILES\n.TP\n\\fI/etc/echod/echod.toml\\fR\nThe packaged configuration (a conffile).\n\
+         .TP\n\\fIconfig/echod.toml\\fR\nUsed when \\fB\\-\\-config\\fR is not given and it exists.\n\
+         .SH SEE ALSO\n\\fBechod\\fR(8), \\fBecho\\-load\\fR(1)\n",
+    );
+    out
+}
+
+/// `text` safe as roff: backslashes and leading dots escaped, hyphens kept
+/// as hyphens.
+fn roff(text: &str) -> String {
+    let escaped = text.replace('\\', "\\e").replace('-', "\\-");
+    if escaped.starts_with('.') || escaped.starts_with('\'') { format!("\\&{escaped}") } else { escaped }
+}
+
+/// A doc paragraph as roff: `code` in bold, *emphasis* plain (also used
+/// for echod(8)'s SIGNALS section).
+pub fn roff_text(text: &str) -> String {
+    let mut out = String::new();
+    for (i, part) in roff(&text.replace('*', "")).split('`').enumerate() {
+        if i % 2 == 1 {
+            out.push_str(&format!("\\fB{part}\\fR"));
+        } else {
+            out.push_str(part);
+        }
+    }
+    out
 }
 
 /// The README's markers around the generated table.

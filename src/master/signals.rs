@@ -109,8 +109,8 @@ impl Signal {
 }
 
 /// One row of the signals table: what an operator sends and what it does.
-/// [`TABLE`] is the one description: `echod --help` (and so the man page)
-/// and the README's table are written from it, and a test holds it to
+/// [`TABLE`] is the one description: `echod --help`, echod(8)'s SIGNALS
+/// section and the README's table are written from it, and a test holds it to
 /// [`HANDLED`] and [`Signal::from_raw`].
 #[derive(Debug, Clone, Copy)]
 pub struct SignalDoc {
