@@ -323,4 +323,11 @@ fn a_backend_on_a_taken_port_is_an_error_to_retry() {
         Err(log) => log,
     };
     assert!(log.contains("Address already in use"), "{log}");
+    // The listen port free and the metrics port taken: refused as well
+    // (it logs "listening on" before it fails to bind the metrics port).
+    let log = match try_start(&backend_config("127.0.0.3:0", &taken, "event", PER_IP)) {
+        Ok(_) => panic!("echod served metrics on {taken}, which this test holds"),
+        Err(log) => log,
+    };
+    assert!(log.contains("cannot serve metrics") && log.contains("Address already in use"), "{log}");
 }

@@ -194,10 +194,12 @@ pub fn start_with(extra: &str, args: &[&str], env: &[(&str, &str)]) -> Echod {
 /// and can try others.
 pub fn try_start(extra: &str) -> Result<Echod, String> {
     let mut e = spawn(&with_test_defaults(extra), &[], &[]);
+    // Ready, or refused: a listen port can be bound and the metrics port
+    // after it still be taken, so "listening on" decides nothing.
     let outcome = e.wait_lines(0, Duration::from_secs(10), |lines| {
-        lines.iter().find_map(|(_, l)| {
-            (l.contains("listening on ") || l.contains("cannot start")).then(|| l.contains("listening on "))
-        })
+        lines
+            .iter()
+            .find_map(|(_, l)| (l.contains("ready:") || l.contains("cannot start")).then(|| l.contains("ready:")))
     });
     match outcome {
         Some(true) => {
