@@ -1511,14 +1511,17 @@ impl Chaos {
     }
 
     /// The connections the current master holds at once: what it announced
-    /// per worker at start ("up to N connections each", lowered under a
-    /// tight fd limit) times the workers it runs.
+    /// per worker times the workers it runs.
     fn capacity(&self) -> usize {
-        let me = format!("[master {}] ", self.master);
-        let lines = self.e().log_lines();
-        let line = lines.iter().rev().find(|l| l.contains(&me) && l.contains(" connections each"));
-        let per = line.and_then(|l| l.split("up to ").nth(1)?.split_whitespace().next()?.parse::<usize>().ok());
-        per.unwrap_or_else(|| self.fail(self.now_step(), "the master announced no capacity")) * self.target
+        self.announced_per_worker() * self.target
+    }
+
+    /// What the current master announced a worker holds at start ("up to N
+    /// connections each", lowered under a tight fd limit); waits for it.
+    fn announced_per_worker(&self) -> usize {
+        let line = self.wait_log(0, &format!("[master {}] echod ", self.master));
+        let per = line.split("up to ").nth(1).and_then(|r| r.split_whitespace().next()?.parse().ok());
+        per.unwrap_or_else(|| self.fail(self.now_step(), &format!("no capacity in `{line}`")))
     }
 
     /// Restart under an fd limit (and, in event mode, 64 event loops), then
@@ -1534,13 +1537,7 @@ impl Chaos {
         if !self.shape.tight {
             return;
         }
-        let line = self.wait_log(0, "connections each");
-        let capacity: usize = line
-            .split("up to ")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| self.fail(self.now_step(), &format!("no capacity in `{line}`")));
+        let capacity = self.announced_per_worker();
         let want = capacity.min(120);
         let workers = children_of(self.master);
         let per = self.shape.per_ip as usize;

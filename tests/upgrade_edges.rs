@@ -50,10 +50,7 @@ fn child_named_even_dead(parent: i32, name: &str) -> Option<i32> {
     let dir = std::fs::read_dir("/proc").ok()?;
     dir.flatten().find_map(|e| {
         let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let (open, close) = (stat.find('(')?, stat.rfind(')')?);
-        let ppid: i32 = stat[close + 2..].split_whitespace().nth(1)?.parse().ok()?;
-        (ppid == parent && &stat[open + 1..close] == name).then_some(pid)
+        stat(pid).filter(|s| s.ppid == parent && s.comm == name).map(|_| pid)
     })
 }
 

@@ -689,22 +689,7 @@ mod tests {
 
     impl Env {
         fn new(rate: Option<f64>) -> Env {
-            let opts = Options {
-                addrs: vec!["127.0.0.1:9".parse().unwrap()],
-                connections: 1,
-                duration: Some(Duration::from_secs(1)),
-                count: None,
-                size: 8,
-                pipeline: 1,
-                rate,
-                churn: false,
-                lines: false,
-                proxy: None,
-                threads: 1,
-                warmup: Duration::ZERO,
-                ramp_up: Duration::ZERO,
-                timeout: Duration::from_secs(1),
-            };
+            let opts = Options { rate, ..Options::for_tests() };
             let pool = Pool::new(8, 1, false);
             Env { opts, pool, poll: mio::Poll::new().unwrap(), shared: Shared::default(), tallies: vec![Tally::new()] }
         }

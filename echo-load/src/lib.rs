@@ -543,20 +543,12 @@ mod tests {
 
     fn options(duration: Option<Duration>, count: Option<u64>, rate: Option<f64>) -> Options {
         Options {
-            addrs: vec!["127.0.0.1:9".parse().unwrap()],
-            connections: 1,
             duration,
             count,
-            size: 8,
-            pipeline: 1,
             rate,
-            churn: false,
-            lines: false,
-            proxy: None,
-            threads: 1,
             warmup: Duration::from_millis(300),
             ramp_up: Duration::from_millis(200),
-            timeout: Duration::from_secs(1),
+            ..Options::for_tests()
         }
     }
 

@@ -83,3 +83,28 @@ impl Shared {
         count.is_some_and(|c| self.tickets.load(Ordering::Acquire) >= c)
     }
 }
+
+#[cfg(test)]
+impl Options {
+    /// What the unit tests start from and override: one connection to
+    /// 127.0.0.1:9, 8-byte messages, closed loop for 1 s, no ramp-up or
+    /// warm-up, a 1 s timeout.
+    pub fn for_tests() -> Options {
+        Options {
+            addrs: vec!["127.0.0.1:9".parse().expect("an address")],
+            connections: 1,
+            duration: Some(Duration::from_secs(1)),
+            count: None,
+            size: 8,
+            pipeline: 1,
+            rate: None,
+            churn: false,
+            lines: false,
+            proxy: None,
+            threads: 1,
+            warmup: Duration::ZERO,
+            ramp_up: Duration::ZERO,
+            timeout: Duration::from_secs(1),
+        }
+    }
+}

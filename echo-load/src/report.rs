@@ -322,19 +322,9 @@ mod tests {
         };
         let opts = crate::Options {
             addrs: vec!["127.0.0.1:7".parse().unwrap()],
-            connections: 1,
             duration: Some(Duration::from_secs(2)),
-            count: None,
             size: 1_000_000,
-            pipeline: 1,
-            rate: None,
-            churn: false,
-            lines: false,
-            proxy: None,
-            threads: 1,
-            warmup: Duration::ZERO,
-            ramp_up: Duration::ZERO,
-            timeout: Duration::from_secs(1),
+            ..crate::Options::for_tests()
         };
         let j = json(&o, &opts);
         for k in ["requests", "responses", "errors", "mismatches", "rps", "mbps"] {

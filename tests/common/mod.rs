@@ -509,11 +509,28 @@ pub fn kill(pid: i32, sig: i32) {
     }
 }
 
+/// What /proc/PID/stat says of a process: its name, state and parent.
+pub struct Stat {
+    /// The name (`comm`), at most 15 bytes.
+    pub comm: String,
+    /// `R`, `S`, ... `Z` for a zombie.
+    pub state: char,
+    pub ppid: i32,
+}
+
+/// `pid`'s /proc stat, if it exists (zombies included).
+pub fn stat(pid: i32) -> Option<Stat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (open, close) = (text.find('(')?, text.rfind(')')?);
+    let mut rest = text[close + 1..].split_whitespace();
+    let state = rest.next()?.chars().next()?;
+    let ppid = rest.next()?.parse().ok()?;
+    Some(Stat { comm: text[open + 1..close].to_string(), state, ppid })
+}
+
 pub fn alive(pid: i32) -> bool {
     // A zombie is not alive for our purposes.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().next()) != Some("Z"))
-        .unwrap_or(false)
+    stat(pid).is_some_and(|s| s.state != 'Z')
 }
 
 /// The time since the Unix epoch a log line starts with
@@ -536,10 +553,7 @@ pub fn log_stamp(line: &str) -> Option<Duration> {
 /// log line named, not another that took its pid since (pids wrap at
 /// `kernel.pid_max`, 32768 by default, within a long chaos run).
 pub fn alive_as(pid: i32, name: &str) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { return false };
-    let zombie = stat[close + 1..].split_whitespace().next() == Some("Z");
-    !zombie && stat[open + 1..close].starts_with(name)
+    stat(pid).is_some_and(|s| s.state != 'Z' && s.comm.starts_with(name))
 }
 
 /// The `comm` a worker of slot `slot` has: its title, cut to the 15 bytes
@@ -609,18 +623,7 @@ pub fn children_of(pid: i32) -> Vec<i32> {
         let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let comm = &stat[open + 1..close];
-        let rest: Vec<&str> = stat[close + 2..].split_whitespace().collect();
-        if rest.first() == Some(&"Z") {
-            continue;
-        }
-        if rest.get(1).and_then(|pp| pp.parse::<i32>().ok()) == Some(pid) && comm.starts_with("echod") {
+        if stat(p).is_some_and(|s| s.state != 'Z' && s.ppid == pid && s.comm.starts_with("echod")) {
             out.push(p);
         }
     }
