@@ -8,7 +8,7 @@
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
-use crate::config::{Config, Handler};
+use crate::config::{Config, Handler, Refusal};
 
 /// Fds a worker needs besides connections and its handler's own: stdio,
 /// its channel, and slack for the logger and libc.
@@ -53,7 +53,7 @@ pub fn current_nofile() -> u64 {
 /// stdio, one epoll fd and waker per event loop) and one connection. A
 /// worker that cannot would fail at start, and be respawned, for ever.
 /// The error names the key to change.
-pub fn check_fits(config: &Config, fd_limit: u64) -> Result<(), (&'static str, String)> {
+pub fn check_fits(config: &Config, fd_limit: u64) -> Result<(), Refusal> {
     let own = worker_overhead_fds(config);
     if fd_limit > own {
         return Ok(());
@@ -62,7 +62,7 @@ pub fn check_fits(config: &Config, fd_limit: u64) -> Result<(), (&'static str, S
         Handler::Thread => "threads_per_worker",
         Handler::Event => "event_threads",
     };
-    Err((
+    Err(Refusal::new(
         key,
         format!(
             "RLIMIT_NOFILE {fd_limit} cannot hold a worker's own {own} fds and one connection{}: raise LimitNOFILE= \

@@ -19,12 +19,59 @@
 use caps::{CapSet, Capability, CapsHashSet};
 use nix::unistd::{Gid, Uid, geteuid, setgid, setgroups, setuid};
 
-use crate::config::Config;
+use crate::config::{Config, Refusal};
 use crate::users::{find_group, find_user};
+
+/// Why root could not be dropped. Each is about the `user` (or `group`)
+/// key: [`DropError::key`] names it, for an error with file and line.
+#[derive(Debug)]
+pub enum DropError {
+    /// Root, `user = ""` and no `allow_root`.
+    StaysRoot,
+    NoSuchUser(String),
+    NoSuchGroup(String),
+    /// A step of becoming the user failed (setgroups, setgid, setuid, a
+    /// capability set), or root could be regained afterwards.
+    Become {
+        user: String,
+        gid: Gid,
+        why: String,
+    },
+}
+
+impl DropError {
+    /// The config key to change.
+    pub fn key(&self) -> &'static str {
+        match self {
+            DropError::NoSuchGroup(_) => "group",
+            _ => "user",
+        }
+    }
+}
+
+impl std::fmt::Display for DropError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DropError::StaysRoot => write!(
+                f,
+                "refusing to run as root with `user = \"\"`: set `user` (e.g. \"nobody\") or `allow_root = true`"
+            ),
+            DropError::NoSuchUser(u) => write!(f, "no such user `{u}`"),
+            DropError::NoSuchGroup(g) => write!(f, "no such group `{g}`"),
+            DropError::Become { user, gid, why } => write!(f, "cannot become {user}:{gid}: {why}"),
+        }
+    }
+}
+
+impl From<DropError> for Refusal {
+    fn from(e: DropError) -> Refusal {
+        Refusal::new(e.key(), e.to_string())
+    }
+}
 
 /// Becomes the configured user if running as root; refuses to stay root
 /// unless `allow_root`. Returns a message for the log on success.
-pub fn drop(config: &Config) -> Result<Option<String>, String> {
+pub fn drop(config: &Config) -> Result<Option<String>, DropError> {
     if !geteuid().is_root() {
         return Ok(None); // systemd (or the user who started us) chose already
     }
@@ -32,17 +79,15 @@ pub fn drop(config: &Config) -> Result<Option<String>, String> {
         if config.allow_root {
             return Ok(Some("running as root (allow_root = true)".into()));
         }
-        return Err(
-            "refusing to run as root with `user = \"\"`: set `user` (e.g. \"nobody\") or `allow_root = true`".into()
-        );
+        return Err(DropError::StaysRoot);
     }
-    let user = find_user(&config.user).ok_or_else(|| format!("no such user `{}`", config.user))?;
+    let user = find_user(&config.user).ok_or_else(|| DropError::NoSuchUser(config.user.clone()))?;
     let gid = if config.group.is_empty() {
         user.gid
     } else {
-        find_group(&config.group).ok_or_else(|| format!("no such group `{}`", config.group))?.gid
+        find_group(&config.group).ok_or_else(|| DropError::NoSuchGroup(config.group.clone()))?.gid
     };
-    become_user(user.uid, gid).map_err(|e| format!("cannot become {}:{gid}: {e}", config.user))?;
+    become_user(user.uid, gid).map_err(|why| DropError::Become { user: config.user.clone(), gid, why })?;
     Ok(Some(format!(
         "dropped root: now uid {} gid {gid} ({}), keeping only CAP_NET_BIND_SERVICE",
         user.uid, config.user
@@ -61,7 +106,7 @@ pub fn check_reachable(
     config: &Config,
     own_exe: &std::path::Path,
     source: Option<&std::path::Path>,
-) -> Result<Option<String>, (&'static str, String)> {
+) -> Result<Option<String>, Refusal> {
     let who = if config.user.is_empty() {
         format!("uid {}", nix::unistd::getuid())
     } else {
@@ -71,7 +116,7 @@ pub fn check_reachable(
         // access(2), not open: it asks for the real uid, which is `user`
         // after the drop, and never blocks (the file may be a FIFO).
         if let Err(e) = nix::unistd::access(path, nix::unistd::AccessFlags::R_OK) {
-            return Err((
+            return Err(Refusal::new(
                 "user",
                 format!(
                     "{who} cannot read {} ({e}), and every reload (HUP) and upgrade (USR2) reads it as that user: make \
@@ -95,7 +140,7 @@ pub fn check_reachable(
              a path it can execute",
             binary.display()
         ))),
-        Err(e) => Err((
+        Err(e) => Err(Refusal::new(
             "upgrade_binary",
             format!("{who} cannot execute `{}` ({e}), so every upgrade (USR2) would fail", binary.display()),
         )),

@@ -439,12 +439,10 @@ impl Scoreboard {
         Slot { words: &self.words[start..start + STRIDE] }
     }
 
-    /// Master: accepting is paused for lack of capacity; workers should send
-    /// [`crate::ipc::Notice::RecheckRoom`] when a connection ends.
-    ///
-    /// SeqCst pairs with [`Slot::finish`]: either the worker sees the flag or
-    /// the master, re-reading loads after setting it, sees the freed slot.
-    pub fn set_accept_paused(&self, paused: bool) {
+    /// The accept gate's word ([`crate::gate::AcceptGate`], the only
+    /// caller, explains the protocol): store, then a SeqCst fence, pairing
+    /// with [`Slot::set_finished`].
+    pub(crate) fn set_accept_paused(&self, paused: bool) {
         self.words[ACCEPT_PAUSED].store(paused as u64, Ordering::SeqCst);
         // The fence, not the SeqCst store alone, is what loom can check
         // (it models SeqCst accesses as AcqRel): store, fence, then load,
@@ -452,7 +450,7 @@ impl Scoreboard {
         fence(Ordering::SeqCst);
     }
 
-    pub fn accept_paused(&self) -> bool {
+    pub(crate) fn accept_paused(&self) -> bool {
         self.words[ACCEPT_PAUSED].load(Ordering::SeqCst) != 0
     }
 }
@@ -491,7 +489,8 @@ impl Slot {
         self.words[Field::Finished as usize].load(Ordering::SeqCst)
     }
 
-    /// Publishes a new finished count (see [`Scoreboard::set_accept_paused`]).
+    /// Publishes a new finished count: store, then a SeqCst fence (the
+    /// worker's half of the accept gate, [`crate::gate`]).
     pub fn set_finished(&self, v: u64) {
         self.words[Field::Finished as usize].store(v, Ordering::SeqCst);
         fence(Ordering::SeqCst);

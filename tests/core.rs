@@ -346,6 +346,27 @@ fn an_os_failure_at_start_exits_71() {
     assert!(err.contains("cannot install signal handlers") && err.contains("open files"), "says why: {err}");
 }
 
+/// A config the fd limit cannot hold (a worker's own fds: 2 per event
+/// loop) is refused at start like any bad key: exit 78, naming the file,
+/// the key's line and the key, before anything starts.
+#[test]
+fn a_config_the_fd_limit_cannot_hold_names_its_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("echod.toml");
+    std::fs::write(&config, "listen = [\"127.0.0.1:0\"]\nhandler = \"event\"\nevent_threads = 64\n").unwrap();
+    let out = Command::new("prlimit")
+        .args(["--nofile=40:40", ECHOD, "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .output()
+        .expect("prlimit (util-linux) runs echod");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    let want = format!("{}:3: key `event_threads`: RLIMIT_NOFILE 40", config.display());
+    assert!(err.contains(&want), "wanted {want:?} in: {err}");
+    assert!(!err.contains("listening on"), "nothing started: {err}");
+}
+
 both_modes! {
     fn idle_connections_time_out_and_busy_ones_do_not() {
         let e = start("idle_timeout = 1\n");

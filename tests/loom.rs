@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use std::net::IpAddr;
 
+use echod::gate::AcceptGate;
 use echod::scoreboard::{Admission, Scoreboard};
 use echod::worker::counters::{Counters, Ending, Tally};
 use echod::worker::queue::{Pop, PushError, Queue};
@@ -149,23 +150,26 @@ fn close_wakes_an_idle_handler() {
     });
 }
 
-/// The capacity hand-shake between master and worker: the master sets
-/// "accept paused" and then re-reads the worker's finished count; a worker
-/// publishes a finished connection and then reads the flag (to send
-/// RecheckRoom). In every interleaving one of them sees the other: a freed
-/// slot is never missed by both (store, SeqCst fence, load on each side).
+/// The accept gate (`echod::gate`), the calls both sides make: the master
+/// closes the gate and then looks for room in the worker's finished count;
+/// a worker publishes a finished connection and then looks at the gate (to
+/// ask for a recheck). In every interleaving one of them sees the other: a
+/// freed slot is never missed by both (store, SeqCst fence, load on each
+/// side).
 #[test]
 fn a_freed_slot_is_never_missed_by_both_master_and_worker() {
     model("a_freed_slot_is_never_missed_by_both_master_and_worker", || {
         let sb = Scoreboard::new(1, 1).expect("a scoreboard");
+        let gate = AcceptGate::new(sb);
         let worker = thread::spawn(move || {
             sb.slot(0).set_finished(1);
-            sb.accept_paused()
+            let mut asked = false;
+            gate.slot_freed(|| asked = true);
+            asked
         });
-        sb.set_accept_paused(true);
-        let master_saw_it = sb.slot(0).finished() == 1;
-        let worker_saw_pause = worker.join().unwrap();
-        assert!(master_saw_it || worker_saw_pause, "both missed the freed slot");
+        let closed = gate.close_unless(|| sb.slot(0).finished() == 1);
+        let worker_asked = worker.join().unwrap();
+        assert!(!closed || worker_asked, "both missed the freed slot: the gate stays closed and nobody asks");
     });
 }
 

@@ -844,7 +844,9 @@ fn what_user_cannot_read_or_run_is_refused_at_start() {
     e.write_config(&format!("listen = [\"{}\"]\nworkers = 1\nupgrade_binary = \"{}\"\n", e.addr, binary.display()));
     let skip = e.log_len();
     e.signal(libc_sig::HUP);
-    e.wait_log_after(skip, "reload failed: key `upgrade_binary`", Duration::from_secs(5))
+    // It names the file and the key's line, as the start's error does.
+    let refused = format!("reload failed: {}:3: key `upgrade_binary`", e.config.display());
+    e.wait_log_after(skip, &refused, Duration::from_secs(5))
         .unwrap_or_else(|| panic!("a reload to an upgrade_binary `user` cannot run was applied:\n{}", e.log_text()));
     echo_once(e.addr, "still serving");
 }

@@ -446,6 +446,36 @@ impl Config {
 pub enum Source {
     File(PathBuf),
     CommandLine,
+    /// No file: the built-in defaults (with the command line's overrides).
+    Builtin,
+}
+
+/// A value refused by a check made outside the parser (the fd limit, what
+/// `user` can reach): the key to blame and why. Whoever holds the file's
+/// text turns it into a [`ConfigError`] with file and line
+/// ([`Refusal::in_file`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refusal {
+    pub key: &'static str,
+    pub why: String,
+}
+
+impl Refusal {
+    pub fn new(key: &'static str, why: impl Into<String>) -> Refusal {
+        Refusal { key, why: why.into() }
+    }
+
+    /// The error as an operator reads it: the file at `path` (whose `text`
+    /// was read earlier) and the key's line in it; or, with no file, the
+    /// key of the built-in defaults and the command line.
+    pub fn in_file(self, path: Option<&Path>, text: &str) -> ConfigError {
+        match path {
+            Some(p) => ConfigError::at_key(p, text, self.key, self.why),
+            None => {
+                ConfigError { source: Source::Builtin, line: None, key: Some(self.key.to_string()), message: self.why }
+            }
+        }
+    }
 }
 
 /// A config that cannot be used: which file (or the command line), which
@@ -482,6 +512,7 @@ impl fmt::Display for ConfigError {
         match &self.source {
             Source::File(p) => write!(f, "{}", p.display())?,
             Source::CommandLine => write!(f, "command line")?,
+            Source::Builtin => write!(f, "built-in defaults")?,
         }
         if let Some(line) = self.line {
             write!(f, ":{line}")?;

@@ -5,7 +5,7 @@
 //! scoreboard. When there is none, it stops calling accept and the kernel's
 //! listen backlog holds new clients, as in Apache's worker MPM, so overload
 //! never turns into memory. It resumes when a worker reports a freed slot
-//! (workers only send that while the scoreboard says accepting is paused).
+//! (the accept gate, [`crate::gate`], with the race it closes).
 //!
 //! Each accepted connection goes to the least-loaded worker (ties broken
 //! round-robin); connections picked for the same worker in one pass travel in
@@ -36,9 +36,10 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
+use crate::gate::AcceptGate;
 use crate::ipc::{MAX_FDS_PER_MESSAGE, Origin};
 use crate::master::listeners::Listeners;
-use crate::master::supervisor::{Pending, Phase, Supervisor, WorkerHandle};
+use crate::master::supervisor::{Pending, Supervisor, WorkerHandle};
 use crate::ratelimit::RateLimited;
 
 /// First pause after an EMFILE with nothing to free; doubles up to the max.
@@ -94,7 +95,7 @@ enum Rejection {
 impl Dispatcher {
     /// Connections accepted but not yet sent to a worker.
     pub fn held(&self, sup: &Supervisor) -> usize {
-        self.stash.len() + sup.workers.iter().map(|w| w.outbox.len()).sum::<usize>()
+        self.stash.len() + sup.workers().iter().map(|w| w.outbox().len()).sum::<usize>()
     }
 
     /// When the dispatcher wants the loop to wake without an event.
@@ -111,7 +112,7 @@ impl Dispatcher {
     pub fn discard_held(&mut self, sup: &mut Supervisor) -> usize {
         let n = self.held(sup);
         self.stash.clear();
-        sup.workers.iter_mut().for_each(|w| w.outbox.clear());
+        sup.workers_mut().iter_mut().for_each(|w| drop(w.take_outbox()));
         n
     }
 
@@ -142,7 +143,7 @@ impl Dispatcher {
         while !self.stash.is_empty() {
             let Some(i) = self.pick(sup) else { return };
             if let Some(conn) = self.stash.pop_front() {
-                sup.workers[i].outbox.push(conn);
+                sup.workers_mut()[i].hold(conn);
             }
         }
     }
@@ -170,10 +171,10 @@ impl Dispatcher {
                             continue; // dropping `socket` closes it
                         }
                         self.accepted += 1;
-                        let w = &mut sup.workers[i];
-                        w.outbox.push(Pending { fd: OwnedFd::from(socket), client });
-                        if w.outbox.len() >= MAX_FDS_PER_MESSAGE {
-                            let full = send_outbox(w, &mut self.stash, &mut self.send_log, sup.scoreboard);
+                        let scoreboard = sup.scoreboard;
+                        let w = &mut sup.workers_mut()[i];
+                        if w.hold(Pending { fd: OwnedFd::from(socket), client }) >= MAX_FDS_PER_MESSAGE {
+                            let full = send_outbox(w, &mut self.stash, &mut self.send_log, scoreboard);
                             self.refused_for_full_tables(full);
                         }
                     }
@@ -211,14 +212,14 @@ impl Dispatcher {
     fn over_limit(&self, sup: &Supervisor, limits: Limits, client: Option<IpAddr>) -> Option<Rejection> {
         if limits.max_connections > 0 {
             // load_of counts each worker's outbox; add only the stash.
-            let held = self.stash.len() as u64 + sup.workers.iter().map(|w| load_of(w, sup)).sum::<u64>();
+            let held = self.stash.len() as u64 + sup.workers().iter().map(|w| load_of(w, sup)).sum::<u64>();
             if held >= limits.max_connections {
                 return Some(Rejection::Total(limits.max_connections));
             }
         }
         if let (Some(ip), true) = (client, limits.max_per_ip > 0) {
             let in_workers = sup.scoreboard.ip_total(ip);
-            let unsent = self.stash.iter().chain(sup.workers.iter().flat_map(|w| &w.outbox));
+            let unsent = self.stash.iter().chain(sup.workers().iter().flat_map(|w| w.outbox()));
             let held = unsent.filter(|p| p.client == client).count() as u64;
             if in_workers + held >= limits.max_per_ip as u64 {
                 return Some(Rejection::PerIp(limits.max_per_ip));
@@ -263,16 +264,16 @@ impl Dispatcher {
     /// The worker to give the next connection: least loaded among those that
     /// can take one, ties broken round-robin. None when all are full.
     fn pick(&mut self, sup: &Supervisor) -> Option<usize> {
-        let n = sup.workers.len();
+        let n = sup.workers().len();
         let mut best: Option<(usize, u64)> = None;
         for k in 0..n {
             let i = (self.rr + k) % n;
-            let w = &sup.workers[i];
-            if !takes_connections(w) {
+            let w = &sup.workers()[i];
+            if !w.takes_connections() {
                 continue;
             }
             let load = load_of(w, sup);
-            if load >= w.capacity as u64 {
+            if load >= w.capacity() as u64 {
                 continue;
             }
             if best.is_none_or(|(_, l)| load < l) {
@@ -290,7 +291,7 @@ impl Dispatcher {
         let before = self.stash.len();
         let scoreboard = sup.scoreboard;
         let mut full = 0;
-        for w in sup.workers.iter_mut().filter(|w| !w.outbox.is_empty()) {
+        for w in sup.workers_mut().iter_mut().filter(|w| !w.outbox().is_empty()) {
             full += send_outbox(w, &mut self.stash, &mut self.send_log, scoreboard);
         }
         self.refused_for_full_tables(full);
@@ -298,22 +299,17 @@ impl Dispatcher {
     }
 
     /// Pauses accepting while connections wait and no worker has room, and
-    /// resumes when one does. The flag is raised *before* the final capacity
-    /// check, so a slot freed in between is never missed (see Scoreboard).
+    /// resumes when one does, through the accept gate (which closes before
+    /// its last look for room, so a slot freed in between is never missed).
     fn update_pause(&mut self, waiting: bool, sup: &Supervisor) {
-        let full = waiting && {
-            sup.scoreboard.set_accept_paused(true);
-            self.has_room(sup).is_none()
-        };
-        if full {
+        let gate = AcceptGate::new(sup.scoreboard);
+        if waiting && gate.close_unless(|| self.has_room(sup).is_some()) {
             if !self.paused {
                 log::debug!("all workers full; new connections wait in the listen backlog");
             }
             self.paused = true;
         } else {
-            if self.paused || sup.scoreboard.accept_paused() {
-                sup.scoreboard.set_accept_paused(false);
-            }
+            gate.open();
             self.paused = false;
             if waiting {
                 self.again = true;
@@ -322,23 +318,14 @@ impl Dispatcher {
     }
 
     fn has_room(&self, sup: &Supervisor) -> Option<usize> {
-        sup.workers.iter().position(|w| takes_connections(w) && load_of(w, sup) < w.capacity as u64)
+        sup.workers().iter().position(|w| w.takes_connections() && load_of(w, sup) < w.capacity() as u64)
     }
 }
 
-/// Whether a worker may be given connections at all (load aside).
-fn takes_connections(w: &WorkerHandle) -> bool {
-    w.phase == Phase::Serving
-        && !w.congested
-        && !w.hung
-        && w.recycle_after.is_none_or(|n| w.dispatched + (w.outbox.len() as u64) < n)
-}
-
-/// Connections a worker holds or will hold: sent and not finished, plus its
-/// outbox.
+/// Connections a worker holds or will hold (see [`WorkerHandle::load`]),
+/// with its finished count read from the scoreboard now.
 fn load_of(w: &WorkerHandle, sup: &Supervisor) -> u64 {
-    let finished = sup.scoreboard.slot(w.id).finished();
-    (w.dispatched + w.outbox.len() as u64).saturating_sub(finished)
+    w.load(sup.scoreboard.slot(w.id).finished())
 }
 
 /// Sends a worker's outbox in messages of up to MAX_FDS_PER_MESSAGE fds,
@@ -356,8 +343,9 @@ fn send_outbox(
     scoreboard: crate::scoreboard::Scoreboard,
 ) -> u64 {
     let mut full = 0;
-    let mut charged: Vec<(Pending, Origin)> = Vec::with_capacity(w.outbox.len());
-    for p in std::mem::take(&mut w.outbox) {
+    let outbox = w.take_outbox();
+    let mut charged: Vec<(Pending, Origin)> = Vec::with_capacity(outbox.len());
+    for p in outbox {
         let origin = match p.client {
             None => Origin::Proxied,
             Some(ip) => match scoreboard.charge_direct(w.id, ip) {
@@ -383,15 +371,15 @@ fn send_outbox(
         let batch: Vec<(BorrowedFd, Origin)> = rest[..n].iter().map(|(p, o)| (p.fd.as_fd(), *o)).collect();
         match w.channel.send_serve(&batch) {
             Ok(()) => {
-                w.dispatched += n as u64;
+                w.sent(n);
                 rest = &rest[n..];
             }
             Err(e) => {
                 if e.kind() == ErrorKind::WouldBlock {
-                    w.congested = true;
+                    w.set_congested(true);
                 } else if let Some(s) = log_limit.allow(Instant::now()) {
                     log::warn!("worker {}: cannot send connections: {e}{}", w.id, RateLimited::suffix(s));
-                    w.congested = true;
+                    w.set_congested(true);
                 }
                 break;
             }

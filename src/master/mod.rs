@@ -31,7 +31,7 @@ pub mod tokens;
 pub mod upgrade;
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use mio::{Events, Poll};
@@ -63,7 +63,7 @@ pub use http::METRICS_FD_NAME;
 #[derive(Debug)]
 pub enum StartError {
     /// The config cannot be applied (exit 78).
-    Config(String),
+    Config(crate::config::ConfigError),
     /// Nothing to listen on, or an address cannot be bound.
     Listen(String),
     /// Any other OS failure (poll, signals, scoreboard).
@@ -79,7 +79,8 @@ impl From<io::Error> for StartError {
 impl std::fmt::Display for StartError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            StartError::Listen(m) | StartError::Config(m) => write!(f, "{m}"),
+            StartError::Listen(m) => write!(f, "{m}"),
+            StartError::Config(e) => write!(f, "{e}"),
             StartError::Os(e) => write!(f, "{e}"),
         }
     }
@@ -257,7 +258,7 @@ impl http::Responder for Endpoint<'_> {
     }
 
     fn healthy(&self) -> bool {
-        !self.stopping && self.sup.workers.iter().any(|w| w.phase == supervisor::Phase::Serving)
+        !self.stopping && self.sup.workers().iter().any(|w| w.phase() == supervisor::Phase::Serving)
     }
 }
 
@@ -277,10 +278,10 @@ impl Master {
         overrides: Overrides,
         mut signals: SignalSource,
     ) -> Result<Master, StartError> {
+        let text = text_for_errors(source.as_deref());
+        let refused = |r: crate::config::Refusal| StartError::Config(r.in_file(source.as_deref(), &text));
         let fd_limit = limits::raise_nofile();
-        if let Err((key, why)) = limits::check_fits(&config, fd_limit) {
-            return Err(StartError::Config(format!("key `{key}`: {why}")));
-        }
+        limits::check_fits(&config, fd_limit).map_err(refused)?;
         let capacity = limits::worker_capacity(&config, fd_limit);
         let poll = Poll::new()?;
         signals.register(poll.registry(), Source::Signals.token())?;
@@ -364,29 +365,15 @@ impl Master {
             log::info!("metrics on http://{}/metrics", h.addr);
         }
 
-        // Everything privileged is done: bind first, then drop.
-        // Read while the master still may: where to point if `user` turns
-        // out unable to read it (see privileges::check_reachable).
-        // (A regular file only: reading a FIFO would consume it.)
-        let text = source
-            .as_ref()
-            .filter(|p| p.metadata().is_ok_and(|m| m.is_file()))
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .unwrap_or_default();
-        match privileges::drop(&config) {
-            Ok(Some(msg)) => log::info!("{msg}"),
-            Ok(None) => {}
-            Err(msg) => return Err(StartError::Config(format!("key `user`: {msg}"))),
+        // Everything privileged is done: bind first, then drop. (`text`
+        // was read while the master still could: where to point if `user`
+        // turns out unable to read it, see privileges::check_reachable.)
+        if let Some(msg) = privileges::drop(&config).map_err(|e| refused(e.into()))? {
+            log::info!("{msg}");
         }
         let exe = upgrade::Invocation::current().exe;
-        match privileges::check_reachable(&config, &exe, source.as_deref()) {
-            Ok(warning) => warning.iter().for_each(|w| log::warn!("{w}")),
-            Err((key, why)) => {
-                return Err(StartError::Config(match &source {
-                    Some(path) => crate::config::ConfigError::at_key(path, &text, key, why).to_string(),
-                    None => format!("key `{key}`: {why}"),
-                }));
-            }
+        if let Some(warning) = privileges::check_reachable(&config, &exe, source.as_deref()).map_err(refused)? {
+            log::warn!("{warning}");
         }
         let sup = Supervisor::new(config.worker_count(), capacity)?;
         let now = Instant::now();
@@ -427,11 +414,11 @@ impl Master {
     /// Runs until stopped; returns the process exit code.
     pub fn run(mut self) -> io::Result<i32> {
         let mut events = Events::with_capacity(256);
-        limits::check(&self.config, self.sup.target, self.capacity);
+        limits::check(&self.config, self.sup.target(), self.capacity);
         log::info!(
             "echod {} starting {} worker(s) in {} mode, up to {} connections each (pid {})",
             crate::cli::VERSION,
-            self.sup.target,
+            self.sup.target(),
             self.config.handler.name(),
             self.capacity,
             std::process::id()
@@ -472,7 +459,7 @@ impl Master {
                     self.disp.run(&mut self.listeners, &mut self.sup, dispatch::Limits::of(&self.config), now);
                 }
                 self.announce_ready();
-            } else if self.sup.workers.is_empty() && !self.owes_predecessor(now) {
+            } else if self.sup.workers().is_empty() && !self.owes_predecessor(now) {
                 log::info!("all workers exited; bye");
                 return Ok(0);
             }
@@ -612,7 +599,7 @@ impl Master {
             return;
         };
         if writable {
-            w.congested = false;
+            w.set_congested(false);
         }
         if readable && read_notices(id, &w.channel) {
             self.sup.mark_ready(id);
@@ -786,7 +773,7 @@ impl Master {
         if dropped > 0 {
             log::warn!("{dropped} accepted connection(s) not yet handed to a worker were closed");
         }
-        self.sup.scoreboard.set_accept_paused(false);
+        crate::gate::AcceptGate::new(self.sup.scoreboard).open();
         self.sup.stop_all(graceful, timeout, Instant::now());
     }
 
@@ -808,17 +795,15 @@ impl Master {
                 return;
             }
         };
-        if let Err((key, why)) = limits::check_fits(&new, limits::current_nofile()) {
-            log::error!("reload failed: key `{key}`: {why}; keeping the running configuration");
-            self.info.last_reload_ok = false;
-            return;
-        }
-        // What this master (already `user`) will need later: checked now, not
-        // at the next USR2.
-        match privileges::check_reachable(&new, &self.invocation.exe, self.source.as_deref()) {
+        // What this master (already `user`) will need later: checked now,
+        // not at the next USR2.
+        let checked = limits::check_fits(&new, limits::current_nofile())
+            .and_then(|()| privileges::check_reachable(&new, &self.invocation.exe, self.source.as_deref()));
+        match checked {
             Ok(warning) => warning.iter().for_each(|w| log::warn!("{w}")),
-            Err((key, why)) => {
-                log::error!("reload failed: key `{key}`: {why}; keeping the running configuration");
+            Err(r) => {
+                let e = r.in_file(self.source.as_deref(), &text_for_errors(self.source.as_deref()));
+                log::error!("reload failed: {e}; keeping the running configuration");
                 self.info.last_reload_ok = false;
                 return;
             }
@@ -860,21 +845,20 @@ impl Master {
         logging::set_level(new.log_level.0);
         let file_workers = new.worker_count();
         if file_workers != self.file_workers {
-            self.sup.target = file_workers;
+            self.sup.set_target(file_workers);
             self.file_workers = file_workers;
         }
         self.capacity = limits::worker_capacity(&new, limits::current_nofile());
         self.next_stats = new.stats_interval.nonzero().map(|d| Instant::now() + d);
         self.config = new;
-        self.sup.generation += 1;
-        self.sup.reset_backoff();
+        self.sup.next_generation();
         self.ready_owed = true;
         log::info!(
             "reloaded {}: generation {}, {} worker(s) to replace one by one, target {}",
             self.source.as_ref().map_or("built-in defaults".into(), |p| p.display().to_string()),
-            self.sup.generation,
-            self.sup.workers.iter().filter(|w| w.generation < self.sup.generation).count(),
-            self.sup.target
+            self.sup.generation(),
+            self.sup.workers().iter().filter(|w| w.generation() < self.sup.generation()).count(),
+            self.sup.target()
         );
     }
 
@@ -921,12 +905,12 @@ impl Master {
         if self.is_stopping() {
             return;
         }
-        let target = self.sup.target.saturating_add_signed(delta).clamp(1, crate::config::MAX_WORKERS);
-        if target == self.sup.target {
+        let target = self.sup.target().saturating_add_signed(delta).clamp(1, crate::config::MAX_WORKERS);
+        if target == self.sup.target() {
             log::info!("workers stay at {target}");
             return;
         }
-        self.sup.target = target;
+        self.sup.set_target(target);
         self.sup.reset_backoff();
         log::info!("workers: target now {target}");
     }
@@ -948,16 +932,26 @@ impl Master {
 /// handed over. Every report (USR1, STATUS=, /metrics, the upgrade's
 /// totals) renders one of these.
 pub(crate) fn snapshot(sup: &Supervisor, disp: &Dispatcher) -> Snapshot {
-    snapshot_of(sup, disp, &sup.carried)
+    snapshot_of(sup, disp, &sup.carried())
 }
 
 /// A snapshot with `carried` as what earlier masters handed over (nothing:
 /// this master's own counts, which it sends back to its predecessor).
+/// The config file's text, read only to name a refused key's line: empty
+/// when there is no file or it cannot be read, and never read unless it is
+/// a regular file (reading a FIFO would consume it, or block).
+fn text_for_errors(source: Option<&Path>) -> String {
+    source
+        .filter(|p| p.metadata().is_ok_and(|m| m.is_file()))
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default()
+}
+
 fn snapshot_of(sup: &Supervisor, disp: &Dispatcher, carried: &crate::stats::Carried) -> Snapshot {
-    let mut totals = sup.retired;
+    let mut totals = sup.retired();
     totals.add_counters(&carried.totals);
     let mut workers: Vec<WorkerView> = sup
-        .workers
+        .workers()
         .iter()
         .map(|w| {
             let slot = sup.scoreboard.slot(w.id).snapshot();
@@ -965,11 +959,11 @@ fn snapshot_of(sup: &Supervisor, disp: &Dispatcher, carried: &crate::stats::Carr
             WorkerView {
                 id: w.id,
                 pid: w.pid.as_raw(),
-                generation: w.generation,
-                state: w.phase.state(),
-                accepted: w.dispatched,
-                active: w.dispatched.saturating_sub(slot.finished),
-                capacity: w.capacity,
+                generation: w.generation(),
+                state: w.phase().state(),
+                accepted: w.dispatched(),
+                active: w.dispatched().saturating_sub(slot.finished),
+                capacity: w.capacity(),
                 slot,
             }
         })
@@ -982,9 +976,9 @@ fn snapshot_of(sup: &Supervisor, disp: &Dispatcher, carried: &crate::stats::Carr
         rejected: disp.rejected + carried.rejected + totals.rejected,
         active,
         draining: carried.open(),
-        restarts: sup.restarts + carried.restarts,
-        generation: sup.generation,
-        target: sup.target,
+        restarts: sup.restarts() + carried.restarts,
+        generation: sup.generation(),
+        target: sup.target(),
         totals,
         workers,
     }
@@ -1113,7 +1107,7 @@ impl Master {
                 log::info!("upgrade: the previous generation has exited");
                 // Killed while it drained, it could not send the closes of
                 // what it held: those died with it.
-                let mut carried = self.sup.carried;
+                let mut carried = self.sup.carried();
                 let lost = carried.close_lost();
                 if lost > 0 {
                     log::warn!("upgrade: {lost} connection(s) the old generation still drained were lost with it");
@@ -1151,7 +1145,7 @@ impl Master {
 
     /// What earlier masters counted, for every report from now on.
     fn set_carried(&mut self, c: crate::stats::Carried) {
-        self.sup.carried = c;
+        self.sup.set_carried(c);
         if let Some(h) = &mut self.http {
             h.set_carried(c.endpoint);
         }
@@ -1163,7 +1157,7 @@ impl Master {
             match HttpServer::adopt(l, self.poll.registry()) {
                 Ok(mut h) => {
                     log::info!("metrics on http://{}/metrics", h.addr);
-                    h.set_carried(self.sup.carried.endpoint);
+                    h.set_carried(self.sup.carried().endpoint);
                     self.http = Some(h);
                 }
                 Err(e) => log::error!("cannot serve the inherited metrics socket: {e}"),
@@ -1216,7 +1210,7 @@ impl Master {
             if !successor.closed {
                 let mut c = crate::stats::Carried::of(&snapshot(&self.sup, &self.disp));
                 c.endpoint = endpoint;
-                c.endpoint.add(&self.sup.carried.endpoint);
+                c.endpoint.add(&self.sup.carried().endpoint);
                 successor.send_totals(c);
             }
         }
@@ -1290,12 +1284,11 @@ impl Master {
         if let Some(Err(e)) = self.http.as_mut().map(|h| h.resume(self.poll.registry())) {
             log::error!("cannot serve metrics again: {e}");
         }
-        let mut carried = self.sup.carried;
+        let mut carried = self.sup.carried();
         carried.add(&theirs);
         self.set_carried(carried);
         self.enter(Lifecycle::Serving);
-        self.sup.generation += 1;
-        self.sup.reset_backoff();
+        self.sup.next_generation();
         self.ready_owed = true;
         self.store_fds();
     }

@@ -85,34 +85,97 @@ impl Phase {
     }
 }
 
-/// One worker process, from the master's side.
+/// One worker process, from the master's side. Its identity (slot, pid,
+/// channel) is fixed for its life and public; what changes is private and
+/// changed through the methods below, so the table's rules (a phase moves
+/// forward; `dispatched` only counts what was sent) hold in one place.
 pub struct WorkerHandle {
     /// Scoreboard slot, also its name (`worker 3`) and metrics label.
     pub id: usize,
     pub pid: Pid,
     pub channel: Channel,
     /// The config generation it was forked with.
-    pub generation: u64,
-    pub phase: Phase,
-    pub forked_at: Instant,
+    generation: u64,
+    phase: Phase,
+    forked_at: Instant,
     /// Connections it may hold at once.
-    pub capacity: usize,
+    capacity: usize,
     /// Connections sent to it so far. Its load is this minus the
     /// scoreboard's finished count.
-    pub dispatched: u64,
+    dispatched: u64,
     /// Connections picked for it during one dispatch pass and sent together
     /// at its end (what cannot be sent moves to the dispatcher's stash), so
     /// it is empty between passes.
-    pub outbox: Vec<Pending>,
+    outbox: Vec<Pending>,
     /// Its channel was full at the last send; skipped until it drains.
-    pub congested: bool,
+    congested: bool,
     /// Its heartbeat stopped; skipped until it resumes.
-    pub hung: bool,
+    hung: bool,
     /// It gets no connections past this many (recycling); None = no limit.
-    pub recycle_after: Option<u64>,
+    recycle_after: Option<u64>,
 }
 
 impl WorkerHandle {
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Connections sent to it so far.
+    pub fn dispatched(&self) -> u64 {
+        self.dispatched
+    }
+
+    /// Whether it may be given connections at all, load aside: serving, its
+    /// channel not full, its heartbeat fresh, and short of its recycling
+    /// limit counting what its outbox already holds.
+    pub fn takes_connections(&self) -> bool {
+        self.phase == Phase::Serving
+            && !self.congested
+            && !self.hung
+            && self.recycle_after.is_none_or(|n| self.dispatched + (self.outbox.len() as u64) < n)
+    }
+
+    /// Connections it holds or will hold: sent and not `finished` (its
+    /// scoreboard count), plus its outbox.
+    pub fn load(&self, finished: u64) -> u64 {
+        (self.dispatched + self.outbox.len() as u64).saturating_sub(finished)
+    }
+
+    /// Connections picked for it this pass, not sent yet.
+    pub fn outbox(&self) -> &[Pending] {
+        &self.outbox
+    }
+
+    /// Picks `conn` for it; returns how many its outbox now holds.
+    pub fn hold(&mut self, conn: Pending) -> usize {
+        self.outbox.push(conn);
+        self.outbox.len()
+    }
+
+    /// Empties the outbox, for sending (what cannot be sent is the
+    /// caller's to keep).
+    pub fn take_outbox(&mut self) -> Vec<Pending> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// `n` connections reached it over its channel.
+    pub fn sent(&mut self, n: usize) {
+        self.dispatched += n as u64;
+    }
+
+    /// Its channel is full (or failing): skipped until it says it drained.
+    pub fn set_congested(&mut self, congested: bool) {
+        self.congested = congested;
+    }
+
     /// Past its connection limit: to be replaced like an old-generation
     /// worker (a new one first, then this one drains).
     pub fn spent(&self) -> bool {
@@ -127,19 +190,21 @@ impl WorkerHandle {
 
 /// The worker table and the policy that keeps it at its target.
 pub struct Supervisor {
-    pub workers: Vec<WorkerHandle>,
+    workers: Vec<WorkerHandle>,
+    /// The shared memory every worker reports in (a handle: copying it
+    /// copies no state).
     pub scoreboard: Scoreboard,
     /// Counters of workers that have exited, so totals never go backwards.
-    pub retired: SlotStats,
+    retired: SlotStats,
     /// The current config generation; bumped by every applied reload.
-    pub generation: u64,
+    generation: u64,
     /// How many workers of the current generation should serve.
-    pub target: usize,
+    target: usize,
     /// Workers that exited without being asked to (each one respawned).
-    pub restarts: u64,
+    restarts: u64,
     /// Totals of the generations before a binary upgrade (see
     /// `master::upgrade`), added to every snapshot.
-    pub carried: Carried,
+    carried: Carried,
     /// Consecutive start-up failures (reset by a worker that lives past the
     /// start-up window).
     failures: u32,
@@ -165,6 +230,52 @@ impl Supervisor {
             not_before: None,
             master_pid: nix::unistd::getpid(),
         })
+    }
+
+    pub fn workers(&self) -> &[WorkerHandle] {
+        &self.workers
+    }
+
+    /// The workers, each to change through its own methods (the table
+    /// itself, who is in it, changes only here).
+    pub fn workers_mut(&mut self) -> &mut [WorkerHandle] {
+        &mut self.workers
+    }
+
+    pub fn retired(&self) -> SlotStats {
+        self.retired
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// A new config generation is in force: its workers replace the
+    /// others one by one, starting now (no back-off left from the old).
+    pub fn next_generation(&mut self) {
+        self.generation += 1;
+        self.reset_backoff();
+    }
+
+    pub fn target(&self) -> usize {
+        self.target
+    }
+
+    pub fn set_target(&mut self, target: usize) {
+        self.target = target;
+    }
+
+    pub fn restarts(&self) -> u64 {
+        self.restarts
+    }
+
+    pub fn carried(&self) -> Carried {
+        self.carried
+    }
+
+    /// What the generations before a binary upgrade counted.
+    pub fn set_carried(&mut self, carried: Carried) {
+        self.carried = carried;
     }
 
     pub fn get_mut(&mut self, id: usize) -> Option<&mut WorkerHandle> {

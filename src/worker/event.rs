@@ -38,7 +38,7 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::config::Transform;
-use crate::ipc::{Notice, Origin};
+use crate::ipc::Origin;
 use crate::scoreboard::Charge;
 use crate::worker::counters::{Ending, Refusal, Tally};
 use crate::worker::echo::ending_of;
@@ -226,9 +226,7 @@ impl EventLoop {
             }
             if self.freed {
                 self.freed = false;
-                if self.w.scoreboard.accept_paused() {
-                    let _ = self.w.channel.send_notice(Notice::RecheckRoom);
-                }
+                self.w.slot_freed();
             }
             if self.closing && self.handle().open.load(Ordering::Acquire) == 0 {
                 break;

@@ -43,6 +43,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use crate::config::{Config, Handler};
+use crate::gate::AcceptGate;
 use crate::ipc::{Channel, Command, Notice, Origin, Received};
 use crate::ratelimit::RateLimited;
 use crate::scoreboard::{Field, Scoreboard, monotonic_ms};
@@ -134,6 +135,7 @@ fn serve(id: usize, config: Config, channel: Channel, scoreboard: Scoreboard, ca
         capacity,
         slot,
         scoreboard,
+        gate: AcceptGate::new(scoreboard),
         channel,
         queue: Queue::new(config.queue_capacity),
         counters: Counters::new(slot),
@@ -253,9 +255,7 @@ fn lose(w: &Shared, lost: Vec<Origin>) {
          (raise LimitNOFILE= or `ulimit -n`)",
         lost.len()
     );
-    if w.scoreboard.accept_paused() {
-        let _ = w.channel.send_notice(Notice::RecheckRoom);
-    }
+    w.slot_freed();
 }
 
 /// Queues newly received connections, starting threads (thread mode) or

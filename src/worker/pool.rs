@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crate::config::Transform;
-use crate::ipc::{Notice, Origin};
+use crate::ipc::Origin;
 use crate::worker::counters::Tally;
 use crate::worker::echo::{echo, ending_of};
 use crate::worker::handles::ConnSlot;
@@ -139,7 +139,7 @@ fn serve(w: &Shared, slot: &ConnSlot, mut stream: TcpStream, origin: Origin, buf
                 slot.close();
                 drop(stream);
                 w.busy.fetch_sub(1, Ordering::Release);
-                ask_for_a_recheck(w);
+                w.slot_freed();
                 return;
             }
         },
@@ -179,14 +179,5 @@ fn serve(w: &Shared, slot: &ConnSlot, mut stream: TcpStream, origin: Origin, buf
     }
     w.busy.fetch_sub(1, Ordering::Release);
     log::trace!("connection closed: {ending:?}");
-    ask_for_a_recheck(w);
-}
-
-/// Tells the master a slot is free, if it is waiting for one.
-fn ask_for_a_recheck(w: &Shared) {
-    if w.scoreboard.accept_paused() {
-        // The master waits for capacity; a full channel means it will wake
-        // anyway, so a failed notice loses nothing.
-        let _ = w.channel.send_notice(Notice::RecheckRoom);
-    }
+    w.slot_freed();
 }

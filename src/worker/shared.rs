@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::ipc::{Channel, Origin};
+use crate::gate::AcceptGate;
+use crate::ipc::{Channel, Notice, Origin};
 use crate::ratelimit::RateLimited;
 use crate::scoreboard::{Field, Scoreboard, Slot, monotonic_ms};
 use crate::worker::counters::Counters;
@@ -25,6 +26,8 @@ pub struct Shared {
     pub capacity: usize,
     pub slot: Slot,
     pub scoreboard: Scoreboard,
+    /// Where a finished connection tells a master that waits for room.
+    pub gate: AcceptGate,
     pub channel: Channel,
     /// Connections waiting for a thread, with where their client address
     /// comes from.
@@ -50,6 +53,15 @@ impl Shared {
     pub(super) fn close_queue(&self) {
         self.queue.close();
         handles::wake_all(&self.loops);
+    }
+
+    /// A connection ended (its finished count published): if the master
+    /// stopped accepting for lack of room, tell it to look again. A full
+    /// channel loses the notice harmlessly (see [`AcceptGate`]).
+    pub fn slot_freed(&self) {
+        self.gate.slot_freed(|| {
+            let _ = self.channel.send_notice(Notice::RecheckRoom);
+        });
     }
 
     /// Gives back what the master charged for a connection that is gone
