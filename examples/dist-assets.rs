@@ -70,8 +70,8 @@ fn echod_page() -> io::Result<Vec<u8>> {
     }
     roff.push_str(concat!(
         ".SH FILES\n",
-        ".TP\n\\fI/etc/echod/echod.toml\\fR\nThe packaged configuration; every key is described in \\fBechod.toml\\fR(5).\n",
-        ".TP\n\\fIconfig/echod.toml\\fR\nUsed when \\fB\\-\\-config\\fR is not given and it exists (relative to the working directory).\n",
+        ".TP\n\\fIconfig/echod.toml\\fR\nWithout \\fB\\-\\-config\\fR: used if it exists (relative to the working directory).\n",
+        ".TP\n\\fI/etc/echod/echod.toml\\fR\nThe packaged configuration, described key by key in \\fBechod.toml\\fR(5); without \\fB\\-\\-config\\fR, used when there is no \\fIconfig/echod.toml\\fR, so \\fBechod \\-\\-check\\-config\\fR checks the file the unit runs.\n",
         ".SH ENVIRONMENT\n",
         ".TP\n\\fBRUST_LOG\\fR\nThe log filter (env_logger syntax); when set it wins over \\fBlog_level\\fR.\n",
         ".TP\n\\fBNOTIFY_SOCKET\\fR\nSet by systemd (Type=notify): echod reports READY=1, RELOADING=1, STOPPING=1, STATUS=, MAINPID= and watchdog pings there, from the main process only.\n",

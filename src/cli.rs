@@ -19,8 +19,9 @@ fn echod_after_help() -> String {
     format!(
         "{}
 Files:
-  /etc/echod/echod.toml  the packaged config (every key documented in place)
-  config/echod.toml      used when --config is not given and it exists
+  config/echod.toml      without --config: used if it exists (relative to the working directory)
+  /etc/echod/echod.toml  without --config, when there is no config/echod.toml: the packaged config
+                         (so `echod --check-config` checks the file the unit runs)
 
 Exit status: 0 after a stop; 78 for a bad config or flag (the message names file, line and
 key); 1 when a listen address cannot be bound; 71 for other start-up failures.",
@@ -33,7 +34,7 @@ key); 1 when a listen address cannot be bound; 71 for other start-up failures.",
 #[derive(Parser, Debug)]
 #[command(name = "echod", version = VERSION, about, long_about = None, after_long_help = echod_after_help())]
 pub struct EchodCli {
-    /// Config file [default: config/echod.toml if present, else built-in defaults]
+    /// Config file [default: ./config/echod.toml, else /etc/echod/echod.toml, else built-in defaults]
     #[arg(short, long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Address to listen on, IP:PORT (repeatable; replaces the file's `listen`)
@@ -42,7 +43,12 @@ pub struct EchodCli {
     /// Worker processes, a number or `auto` (one per CPU; replaces the file's `workers`)
     #[arg(short, long, value_name = "N|auto")]
     pub workers: Option<String>,
-    /// Validate the config, print the effective config and exit (0 valid, 78 invalid)
+    /// Check the config as a start would (limits, the drop to `user`, what `user` can read; warnings on
+    /// stderr), print the effective config and exit (0 valid, 78 invalid)
     #[arg(long)]
     pub check_config: bool,
+    /// With --check-config: print nothing when the config is valid (errors and warnings still go to
+    /// stderr), as `systemctl reload` runs it
+    #[arg(short, long, requires = "check_config")]
+    pub quiet: bool,
 }

@@ -321,6 +321,50 @@ fn check_config_prints_the_effective_config_and_version_help_exit_0() {
     }
 }
 
+/// #28.1: `--check-config` makes the checks a start makes and prints the
+/// start's warnings, not only the file's syntax: here, a `max_connections`
+/// the workers cannot hold (its figures on stderr; still exit 0, as the
+/// start goes on), and a config the fd limit cannot hold (exit 78, file,
+/// line and key, as the start refuses it).
+#[test]
+fn check_config_prints_the_warnings_and_refusals_of_a_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("echod.toml");
+    let path = config.to_str().unwrap();
+    std::fs::write(&config, "workers = 1\nthreads_per_worker = 20\nmax_connections = 100000\n").unwrap();
+    let (code, err, out) = run_to_exit(&["--check-config", "--config", path], None);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("configuration OK") && out.contains("max_connections = 100000"), "{out}");
+    assert!(err.contains("max_connections = 100000 exceeds what 1 worker(s) x 20 can serve"), "no warning: {err}");
+
+    std::fs::write(&config, "workers = 1\nhandler = \"event\"\nevent_threads = 64\n").unwrap();
+    let out = Command::new("prlimit")
+        .args(["--nofile=40:40", ECHOD, "--check-config", "--config", path])
+        .stdin(Stdio::null())
+        .output()
+        .expect("prlimit (util-linux) runs echod");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "a config the fd limit cannot hold was called OK: {err}");
+    assert!(err.contains(&format!("{path}:3: key `event_threads`")), "{err}");
+}
+
+/// #28.1: without `--config`, the bundled path relative to the working
+/// directory comes first, then the packaged /etc/echod/echod.toml (the
+/// file the unit runs), then the built-in defaults.
+#[test]
+fn without_config_echod_looks_in_the_working_directory_then_etc() {
+    assert_eq!(echod::config::DEFAULT_PATHS, ["config/echod.toml", "/etc/echod/echod.toml"]);
+    let empty = tempfile::tempdir().unwrap();
+    let (code, err, out) = run_to_exit(&["--check-config"], Some(empty.path()));
+    assert_eq!(code, 0, "{err}");
+    let expected = if std::path::Path::new("/etc/echod/echod.toml").exists() {
+        "/etc/echod/echod.toml"
+    } else {
+        "built-in defaults"
+    };
+    assert!(out.lines().next().unwrap_or("").contains(&format!("({expected})")), "{out}");
+}
+
 #[test]
 fn a_port_in_use_is_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

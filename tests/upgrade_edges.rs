@@ -830,6 +830,11 @@ fn what_user_cannot_read_or_run_is_refused_at_start() {
     assert_eq!(code, Some(78), "a file only root can read was accepted:\n{err}");
     let at = format!("{}:3: key `user`", config.display());
     assert!(err.contains(&at) && err.contains("cannot read") && err.contains("chmod"), "{err}");
+    // #28.1: `--check-config`, run as the unit runs echod, says so too.
+    let out = std::process::Command::new(ECHOD).arg("--check-config").arg("--config").arg(&config).output().unwrap();
+    let check = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "--check-config called a file `user` cannot read OK:\n{check}");
+    assert!(check.contains(&at) && check.contains("cannot read"), "{check}");
 
     let binary = script(dir.path(), "next", "exit 0");
     std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o700)).unwrap();

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use echod::cli::EchodCli as Cli;
-use echod::config::{Config, ConfigError, DEFAULT_PATH, EX_CONFIG, Overrides};
+use echod::config::{Config, ConfigError, EX_CONFIG, Overrides};
 use echod::logging;
 use echod::master::{Master, StartError};
 
@@ -38,21 +38,15 @@ fn main() -> ExitCode {
             return exit(EX_CONFIG);
         }
     };
-    if cli.check_config {
-        let from = source.as_deref().map_or("built-in defaults".into(), |p: &Path| p.display().to_string());
-        println!("# echod {}: configuration OK ({from})\n{}", echod::cli::VERSION, config.to_toml());
-        return ExitCode::SUCCESS;
-    }
     logging::init(config.log_level.0);
+    if cli.check_config {
+        return check_config(&config, source.as_deref(), cli.quiet);
+    }
     let master = match Master::new(config, source, overrides(&cli).unwrap_or_default(), signals) {
         Ok(m) => m,
         Err(e) => {
             log::error!("cannot start: {e}");
-            return exit(match e {
-                StartError::Config(_) => EX_CONFIG,
-                StartError::Listen(_) => 1,
-                StartError::Os(_) => 71, // EX_OSERR
-            });
+            return exit(exit_code(&e));
         }
     };
     match master.run() {
@@ -61,6 +55,43 @@ fn main() -> ExitCode {
             log::error!("master loop failed: {e}");
             exit(1)
         }
+    }
+}
+
+/// `--check-config`: the checks the start makes (see
+/// `master::check_config`), their warnings on stderr as the start logs
+/// them, then (unless `quiet`) the effective config on stdout; 0 when it
+/// would start.
+fn check_config(config: &Config, source: Option<&Path>, quiet: bool) -> ExitCode {
+    use std::io::Write;
+    let from = source.map_or("built-in defaults".into(), |p| p.display().to_string());
+    match echod::master::check_config(config, source) {
+        Ok(_) if quiet => ExitCode::SUCCESS,
+        Ok(capacity) => {
+            let text = format!(
+                "# echod {}: configuration OK ({from}); up to {capacity} connections per worker under this \
+                 process's RLIMIT_NOFILE\n{}",
+                echod::cli::VERSION,
+                config.to_toml()
+            );
+            // A closed stdout (`| head -1`) is the reader's choice, not a
+            // failed check: the verdict is the exit status.
+            let _ = std::io::stdout().lock().write_all(text.as_bytes());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("echod: config error: {e}");
+            exit(exit_code(&e))
+        }
+    }
+}
+
+/// The documented exit status of a failed start (DESIGN §5).
+fn exit_code(e: &StartError) -> i32 {
+    match e {
+        StartError::Config(_) => EX_CONFIG,
+        StartError::Listen(_) => 1,
+        StartError::Os(_) => 71, // EX_OSERR
     }
 }
 
@@ -89,11 +120,12 @@ fn overrides(cli: &Cli) -> Result<Overrides, ConfigError> {
     Ok(Overrides { listen, workers })
 }
 
-/// The config to run: `--config`, else the bundled file if present, else
-/// built-in defaults; the flags on top.
+/// The config to run: `--config`, else the first of
+/// `config::DEFAULT_PATHS` that exists, else built-in defaults; the flags
+/// on top.
 fn load(cli: &Cli) -> Result<(Config, Option<PathBuf>), ConfigError> {
     let overrides = overrides(cli)?;
-    let path = cli.config.clone().or_else(|| Path::new(DEFAULT_PATH).exists().then(|| DEFAULT_PATH.into()));
+    let path = cli.config.clone().or_else(echod::config::default_path);
     match path {
         Some(p) => Ok((Config::load(&p, &overrides)?, Some(p))),
         None => Ok((Config::builtin(&overrides)?, None)),

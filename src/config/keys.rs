@@ -374,8 +374,10 @@ pub fn render_man() -> String {
         ));
     }
     out.push_str(
-        ".SH FILES\n.TP\n\\fI/etc/echod/echod.toml\\fR\nThe packaged configuration (a conffile).\n\
-         .TP\n\\fIconfig/echod.toml\\fR\nUsed when \\fB\\-\\-config\\fR is not given and it exists.\n\
+        ".SH FILES\n.TP\n\\fIconfig/echod.toml\\fR\nWithout \\fB\\-\\-config\\fR: used if it exists \
+         (relative to the working directory).\n\
+         .TP\n\\fI/etc/echod/echod.toml\\fR\nThe packaged configuration (a conffile); without \\fB\\-\\-config\\fR, \
+         used when there is no \\fIconfig/echod.toml\\fR.\n\
          .SH SEE ALSO\n\\fBechod\\fR(8), \\fBecho\\-load\\fR(1)\n",
     );
     out

@@ -21,9 +21,17 @@ use serde::{Deserialize, Serialize, Serializer};
 /// sysexits.h EX_CONFIG: what every bad file, key, value or flag exits with.
 pub const EX_CONFIG: i32 = 78;
 
-/// Where echod looks when `--config` is not given (relative to the working
-/// directory, so `cargo run` in a checkout finds the bundled file).
-pub const DEFAULT_PATH: &str = "config/echod.toml";
+/// Where echod looks when `--config` is not given, in order: the bundled
+/// file relative to the working directory (so `cargo run` in a checkout
+/// finds it), then the packaged file (so `echod --check-config` on a host
+/// with the package checks the file the unit runs, as `nginx -t` does).
+/// With neither, the built-in defaults.
+pub const DEFAULT_PATHS: [&str; 2] = ["config/echod.toml", "/etc/echod/echod.toml"];
+
+/// The config file echod uses without `--config` (see [`DEFAULT_PATHS`]).
+pub fn default_path() -> Option<PathBuf> {
+    DEFAULT_PATHS.iter().map(PathBuf::from).find(|p| p.exists())
+}
 
 /// Upper bound on worker processes. The scoreboard is sized from it before
 /// the first fork, with room for a full set of replacements during a reload.

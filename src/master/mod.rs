@@ -279,10 +279,7 @@ impl Master {
         mut signals: SignalSource,
     ) -> Result<Master, StartError> {
         let text = text_for_errors(source.as_deref());
-        let refused = |r: crate::config::Refusal| StartError::Config(r.in_file(source.as_deref(), &text));
-        let fd_limit = limits::raise_nofile();
-        limits::check_fits(&config, fd_limit).map_err(refused)?;
-        let capacity = limits::worker_capacity(&config, fd_limit);
+        let capacity = fit_limits(&config, source.as_deref(), &text)?;
         let poll = Poll::new()?;
         signals.register(poll.registry(), Source::Signals.token())?;
 
@@ -368,13 +365,7 @@ impl Master {
         // Everything privileged is done: bind first, then drop. (`text`
         // was read while the master still could: where to point if `user`
         // turns out unable to read it, see privileges::check_reachable.)
-        if let Some(msg) = privileges::drop(&config).map_err(|e| refused(e.into()))? {
-            log::info!("{msg}");
-        }
-        let exe = upgrade::Invocation::current().exe;
-        if let Some(warning) = privileges::check_reachable(&config, &exe, source.as_deref()).map_err(refused)? {
-            log::warn!("{warning}");
-        }
+        drop_privileges(&config, source.as_deref(), &text)?;
         let sup = Supervisor::new(config.worker_count(), capacity)?;
         let now = Instant::now();
         let started = unix_now();
@@ -935,8 +926,43 @@ pub(crate) fn snapshot(sup: &Supervisor, disp: &Dispatcher) -> Snapshot {
     snapshot_of(sup, disp, &sup.carried())
 }
 
-/// A snapshot with `carried` as what earlier masters handed over (nothing:
-/// this master's own counts, which it sends back to its predecessor).
+/// What `echod --check-config` runs: every check the start makes, in the
+/// same order and with the same warnings (logged) and refusals, without
+/// binding or forking anything: the fd limit (raised as the start raises
+/// it), what a worker can hold, threads and memory against the kernel's
+/// limits, then, started as root, the drop to `user` and what `user` can
+/// read and execute (this process becomes `user`, as the daemon would).
+/// Returns a worker's capacity.
+pub fn check_config(config: &Config, source: Option<&Path>) -> Result<usize, StartError> {
+    let text = text_for_errors(source);
+    let capacity = fit_limits(config, source, &text)?;
+    limits::check(config, config.worker_count(), capacity);
+    drop_privileges(config, source, &text)?;
+    Ok(capacity)
+}
+
+/// Raises the fd limit and checks a worker fits in it; returns a worker's
+/// capacity under it (lowered, with a warning, if needed).
+fn fit_limits(config: &Config, source: Option<&Path>, text: &str) -> Result<usize, StartError> {
+    let fd_limit = limits::raise_nofile();
+    limits::check_fits(config, fd_limit).map_err(|r| StartError::Config(r.in_file(source, text)))?;
+    Ok(limits::worker_capacity(config, fd_limit))
+}
+
+/// Started as root: becomes `user`, then checks what `user` will need later
+/// (reading the file on HUP and USR2, executing `upgrade_binary`).
+fn drop_privileges(config: &Config, source: Option<&Path>, text: &str) -> Result<(), StartError> {
+    let refused = |r: crate::config::Refusal| StartError::Config(r.in_file(source, text));
+    if let Some(msg) = privileges::drop(config).map_err(|e| refused(e.into()))? {
+        log::info!("{msg}");
+    }
+    let exe = upgrade::Invocation::current().exe;
+    if let Some(warning) = privileges::check_reachable(config, &exe, source).map_err(refused)? {
+        log::warn!("{warning}");
+    }
+    Ok(())
+}
+
 /// The config file's text, read only to name a refused key's line: empty
 /// when there is no file or it cannot be read, and never read unless it is
 /// a regular file (reading a FIFO would consume it, or block).
@@ -947,6 +973,8 @@ fn text_for_errors(source: Option<&Path>) -> String {
         .unwrap_or_default()
 }
 
+/// A snapshot with `carried` as what earlier masters handed over (nothing:
+/// this master's own counts, which it sends back to its predecessor).
 fn snapshot_of(sup: &Supervisor, disp: &Dispatcher, carried: &crate::stats::Carried) -> Snapshot {
     let mut totals = sup.retired();
     totals.add_counters(&carried.totals);
