@@ -23,6 +23,7 @@ mkdir -p "$A/systemd"
 sed 's|/usr/local/bin/echod|/usr/bin/echod|g' systemd/echod.service >"$A/systemd/echod.service"
 cp systemd/echod.socket "$A/systemd/echod.socket"
 grep -q '^ExecStart=/usr/bin/echod --config /etc/echod/echod.toml$' "$A/systemd/echod.service"
+grep -q '^ExecReload=/usr/bin/echod --check-config --quiet --config /etc/echod/echod.toml$' "$A/systemd/echod.service"
 sed 's|^listen = .*|listen = ["[::]:7", "0.0.0.0:7"]|' config/echod.toml >"$A/echod.toml"
 grep -q '^listen = \["\[::\]:7", "0.0.0.0:7"\]$' "$A/echod.toml"
 

@@ -5,7 +5,7 @@
 #
 # Checks: every expected path is in the package; lintian reports no error; after `dpkg -i`
 # the installed units pass `systemd-analyze verify`, the installed config passes
-# `echod --check-config` and listens on port 7 on all addresses, `echod --version` names this
+# `echod --check-config` (also without --config: it is the file found) and listens on port 7 on all addresses, `echod --version` names this
 # checkout's commit, the man pages render, the completions are in place, and nothing was
 # enabled or started. Then `dpkg --purge` leaves no file behind.
 set -euo pipefail
@@ -44,6 +44,10 @@ echo "systemd-analyze verify: ok"
 out=$(/usr/bin/echod --check-config --config /etc/echod/echod.toml) || fail "installed config rejected"
 grep -q '^listen = \["\[::\]:7", "0.0.0.0:7"\]$' <<<"$out" || fail "installed config does not listen on port 7: $out"
 echo "echod --check-config: ok ($(head -1 <<<"$out"))"
+# Without --config, from anywhere but a checkout, it checks the file the unit runs (#28.1).
+out=$(cd / && /usr/bin/echod --check-config) || fail "echod --check-config (no --config) failed"
+grep -q '^# echod .*configuration OK (/etc/echod/echod.toml)' <<<"$out" || fail "echod --check-config did not check /etc/echod/echod.toml: $(head -1 <<<"$out")"
+echo "echod --check-config without --config checks /etc/echod/echod.toml: ok"
 commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 for bin in echod echo-load; do
     v=$(/usr/bin/$bin --version)

@@ -89,6 +89,50 @@ fn units_pass_systemd_analyze_verify_and_score_well() {
     assert!(score <= 2.0, "exposure {score} (README documents 1.8)");
 }
 
+/// The unit's ExecReload= lines, as systemd would run them for echod
+/// (pid `main`, config `config`, the binary under test): in order, each
+/// waited for, stopping at the first that fails. Returns the status of the
+/// last one run and its stderr.
+fn run_exec_reload(main: i32, config: &std::path::Path) -> (Option<i32>, String) {
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/echod.service")).unwrap();
+    let lines: Vec<&str> = unit.lines().filter_map(|l| l.strip_prefix("ExecReload=")).collect();
+    assert!(lines.len() >= 2, "ExecReload= checks, then signals: {lines:?}");
+    let mut last = (None, String::new());
+    for line in lines {
+        let line = line
+            .replace("/usr/local/bin/echod", ECHOD)
+            .replace("/etc/echod/echod.toml", config.to_str().unwrap())
+            .replace("$MAINPID", &main.to_string());
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let out = Command::new(words[0]).args(&words[1..]).stdin(Stdio::null()).output().unwrap();
+        last = (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned());
+        if !out.status.success() {
+            break;
+        }
+    }
+    last
+}
+
+/// #28.2: `systemctl reload` fails on a broken file, naming its file, line
+/// and key, and sends no HUP; on a good file it reloads.
+#[test]
+fn the_units_reload_checks_the_file_before_it_signals() {
+    let e = start("workers = 1\n");
+    let skip = e.log_len();
+    e.write_config(&format!("listen = [\"{}\"]\nworkers = 1\nbuffer_size = \"big\"\n", e.addr));
+    let (code, err) = run_exec_reload(e.pid(), &e.config);
+    assert_eq!(code, Some(78), "a reload to a broken file succeeded: {err}");
+    assert!(err.contains(&format!("{}:3", e.config.display())) && err.contains("buffer_size"), "{err}");
+    e.write_config(&format!("listen = [\"{}\"]\nworkers = 1\nbuffer_size = 2048\n", e.addr));
+    let (code, err) = run_exec_reload(e.pid(), &e.config);
+    assert_eq!(code, Some(0), "{err}");
+    e.wait_log_after(skip, "reloaded", Duration::from_secs(10)).unwrap_or_else(|| panic!("{}", e.log_text()));
+    // The broken file was never signalled: one reload, the good one.
+    let log = e.log_lines()[skip..].join("\n");
+    assert!(!log.contains("reload failed"), "the broken file reached the daemon:\n{log}");
+    assert_eq!(log.matches("] reloaded ").count(), 1, "{log}");
+}
+
 both_modes! {
     fn socket_activation_serves_on_the_passed_sockets_and_a_reload_keeps_them() {
         let (port, mport) = (free_port(), free_port());
