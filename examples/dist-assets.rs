@@ -66,7 +66,8 @@ fn echod_page() -> io::Result<Vec<u8>> {
         ".SH SIGNALS\nSent to the master process; workers ignore signals and act on what the master tells them.\n",
     );
     for d in echod::master::signals::TABLE {
-        roff.push_str(&format!(".TP\n\\fB{}\\fR\n{}\n", d.names.join(", "), roff_text(d.doc)));
+        let command = d.command.map_or(String::new(), |c| format!(" (\\fBechod \\-s {c}\\fR)"));
+        roff.push_str(&format!(".TP\n\\fB{}\\fR{command}\n{}\n", d.names.join(", "), roff_text(d.doc)));
     }
     roff.push_str(concat!(
         ".SH FILES\n",

@@ -51,4 +51,8 @@ pub struct EchodCli {
     /// stderr), as `systemctl reload` runs it
     #[arg(short, long, requires = "check_config")]
     pub quiet: bool,
+    /// Signal the running master, found through the config's `pid_file`, and wait for the result (stop,
+    /// quit: until it exited; upgrade: until a new master took over; reload: checks the file first)
+    #[arg(short, long, value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(crate::master::signals::commands()), conflicts_with = "check_config")]
+    pub signal: Option<String>,
 }

@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod gate;
 pub mod ipc;
 pub mod limits;

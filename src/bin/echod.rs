@@ -23,6 +23,17 @@ fn main() -> ExitCode {
             return if matches!(e.kind(), DisplayHelp | DisplayVersion) { ExitCode::SUCCESS } else { exit(EX_CONFIG) };
         }
     };
+    // The control command waits for the master, and must stay
+    // interruptible: it installs none of the daemon's handlers.
+    if let Some(command) = &cli.signal {
+        return match load(&cli) {
+            Ok((config, source)) => exit(echod::control::run(command, &config, source.as_deref())),
+            Err(e) => {
+                eprintln!("echod: config error: {e}");
+                exit(EX_CONFIG)
+            }
+        };
+    }
     // Before the config is read: see signals::install.
     let signals = match echod::master::signals::install() {
         Ok(s) => s,

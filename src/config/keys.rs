@@ -285,6 +285,15 @@ pub const KEYS: &[Key] = &[
          on (more than 0).",
     ),
     key(
+        "pid_file",
+        r#""""#,
+        Reload::Restart,
+        "Where the master that serves writes its pid, as nginx's `pid`, for `echod --signal` and scripts; while \
+         an upgrade's old master drains, its pid is in this path plus `.oldbin`. Each master removes what names it \
+         when it exits. An absolute path in a directory `user` can write (checked at start: the new master of an \
+         upgrade writes it too); `\"\"` = none. The package sets `/run/echod/echod.pid`.",
+    ),
+    key(
         "user",
         r#""nobody""#,
         Reload::Restart,

@@ -140,6 +140,10 @@ pub struct Config {
     /// USR2: how long the new master may take to report ready before the
     /// old one gives up on it, kills it and keeps serving.
     pub upgrade_timeout: Seconds,
+    /// Where the main master writes its pid (and a draining old one its own,
+    /// with `.oldbin`), for `echod --signal` and scripts; "" = none. An
+    /// absolute path, so a relative one cannot name two files.
+    pub pid_file: String,
     /// When started as root: the user to become after binding, in master and
     /// workers. Ignored when not started as root (systemd's DynamicUser= or
     /// User= already chose). "" = stay root, refused unless `allow_root`.
@@ -184,6 +188,7 @@ impl Default for Config {
             metrics_listen: None,
             upgrade_binary: String::new(),
             upgrade_timeout: Seconds::from_secs(30),
+            pid_file: String::new(),
             user: "nobody".to_string(),
             group: String::new(),
             allow_root: false,
@@ -323,6 +328,9 @@ impl Config {
         }
         self.validate_proxy()?;
         self.validate_upgrade_binary()?;
+        if !self.pid_file.is_empty() && !Path::new(&self.pid_file).is_absolute() {
+            return Err(("pid_file", format!("must be an absolute path, got `{}`", self.pid_file)));
+        }
         if self.max_connections_per_worker == 0 && self.max_connections_per_worker_jitter > 0 {
             return Err((
                 "max_connections_per_worker_jitter",

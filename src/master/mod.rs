@@ -25,6 +25,7 @@
 pub mod dispatch;
 pub mod http;
 pub mod listeners;
+pub mod pidfile;
 pub mod signals;
 pub mod supervisor;
 pub mod tokens;
@@ -233,6 +234,8 @@ pub struct Master {
     /// Stopped with messages to the old master still queued: exit by then
     /// at the latest (see `owes_predecessor`).
     exit_grace_until: Option<Instant>,
+    /// `pid_file`, kept naming this master while it is main (see `enter`).
+    pid_file: pidfile::PidFile,
 }
 
 /// The sockets found in LISTEN_FDS at start, by kind.
@@ -366,6 +369,7 @@ impl Master {
         // was read while the master still could: where to point if `user`
         // turns out unable to read it, see privileges::check_reachable.)
         drop_privileges(&config, source.as_deref(), &text)?;
+        let pid_file = open_pid_file(&config, source.as_deref(), &text, predecessor.is_none())?;
         let sup = Supervisor::new(config.worker_count(), capacity)?;
         let now = Instant::now();
         let started = unix_now();
@@ -373,7 +377,7 @@ impl Master {
         // say "go" (a master from before that protocol).
         let life = if predecessor.as_ref().is_some_and(|p| !p.go) { Lifecycle::Starting } else { Lifecycle::Serving };
         let notify = Notifier::from_env(life.is_main(), predecessor.is_some());
-        let master = Master {
+        let mut master = Master {
             file_workers: config.worker_count(),
             next_stats: config.stats_interval.nonzero().map(|d| now + d),
             config,
@@ -397,7 +401,9 @@ impl Master {
             predecessor,
             pending_metrics,
             exit_grace_until: None,
+            pid_file,
         };
+        master.pid_file.set_main(master.life.is_main());
         master.store_fds();
         Ok(master)
     }
@@ -477,6 +483,7 @@ impl Master {
     /// systemd.
     fn enter(&mut self, life: Lifecycle) {
         self.notify.set_main(life.is_main());
+        self.pid_file.set_main(life.is_main());
         self.life = life;
     }
 
@@ -859,6 +866,7 @@ impl Master {
         let old = &self.config;
         for (key, was, now) in [
             ("user", old.user.as_str(), new.user.as_str()),
+            ("pid_file", old.pid_file.as_str(), new.pid_file.as_str()),
             ("group", old.group.as_str(), new.group.as_str()),
             (
                 "allow_root",
@@ -938,7 +946,29 @@ pub fn check_config(config: &Config, source: Option<&Path>) -> Result<usize, Sta
     let capacity = fit_limits(config, source, &text)?;
     limits::check(config, config.worker_count(), capacity);
     drop_privileges(config, source, &text)?;
+    // Not `fresh`: the running daemon's own file is no conflict for a check
+    // (the unit's ExecReload runs one beside it).
+    open_pid_file(config, source, &text, false)?;
     Ok(capacity)
+}
+
+/// `pid_file`, checked as `user` can write it and, on a fresh start (not
+/// an upgrade's new master), not naming another running echod.
+fn open_pid_file(
+    config: &Config,
+    source: Option<&Path>,
+    text: &str,
+    fresh: bool,
+) -> Result<pidfile::PidFile, StartError> {
+    let refused = |r: crate::config::Refusal| StartError::Config(r.in_file(source, text));
+    let file = pidfile::PidFile::open(&config.pid_file).map_err(refused)?;
+    if let Some(pid) = fresh.then(|| pidfile::running_echod(Path::new(&config.pid_file))).flatten() {
+        return Err(refused(crate::config::Refusal::new(
+            "pid_file",
+            format!("{} names pid {pid}, a running echod: another instance uses this file", config.pid_file),
+        )));
+    }
+    Ok(file)
 }
 
 /// Raises the fd limit and checks a worker fits in it; returns a worker's

@@ -118,6 +118,8 @@ pub struct SignalDoc {
     pub names: &'static [&'static str],
     pub raw: &'static [i32],
     pub signal: Signal,
+    /// The name `echod --signal` knows it by (None: not for operators).
+    pub command: Option<&'static str>,
     /// One line for `--help`.
     pub summary: &'static str,
     /// The whole effect, in every state of the lifecycle, for the README.
@@ -130,6 +132,7 @@ pub const TABLE: &[SignalDoc] = &[
         names: &["TERM", "INT"],
         raw: &[SIGTERM, SIGINT],
         signal: Signal::Stop,
+        command: Some("stop"),
         summary: "graceful stop: stop accepting, let connections finish for shutdown_timeout",
         doc: "graceful stop: `/healthz` answers 503 at once; after `shutdown_delay` (default 0) close listeners, let \
               connections finish for up to `shutdown_timeout`, then close the rest; the master reaps every worker \
@@ -144,6 +147,7 @@ pub const TABLE: &[SignalDoc] = &[
         names: &["QUIT"],
         raw: &[SIGQUIT],
         signal: Signal::Quit,
+        command: Some("quit"),
         summary: "fast stop: close every connection now",
         doc: "fast stop: close every connection now, exit 0 (during an upgrade, as `TERM`; to the new master \
               during the drain, the old generation's connections are cut too)",
@@ -152,6 +156,7 @@ pub const TABLE: &[SignalDoc] = &[
         names: &["HUP"],
         raw: &[SIGHUP],
         signal: Signal::Reload,
+        command: Some("reload"),
         summary: "reload the config file; an invalid file is logged and changes nothing",
         doc: "reload: re-read the config file; if it is invalid, log why (file, line, key) and keep running \
               unchanged. If valid, bind new listen addresses and close removed ones (open connections are \
@@ -165,6 +170,7 @@ pub const TABLE: &[SignalDoc] = &[
         names: &["TTIN"],
         raw: &[SIGTTIN],
         signal: Signal::MoreWorkers,
+        command: Some("more-workers"),
         summary: "one worker process more, per delivery",
         doc: "one worker more, once per signal delivered (four `kill -TTIN` in a row are four workers more); the \
               count survives reloads unless the file's `workers` changes. Sent to the old master after the \
@@ -174,6 +180,7 @@ pub const TABLE: &[SignalDoc] = &[
         names: &["TTOU"],
         raw: &[SIGTTOU],
         signal: Signal::FewerWorkers,
+        command: Some("fewer-workers"),
         summary: "one worker process fewer (never below one), per delivery",
         doc: "one worker fewer (never below 1), once per signal delivered, as `TTIN`; the worker let go drains \
               for up to `shutdown_timeout`",
@@ -182,6 +189,7 @@ pub const TABLE: &[SignalDoc] = &[
         names: &["USR1"],
         raw: &[SIGUSR1],
         signal: Signal::Stats,
+        command: Some("stats"),
         summary: "log a stats snapshot",
         doc: "log a stats snapshot: totals and one line per worker (pid, state, active, accepted, bytes, threads \
               busy/idle, queue depth)",
@@ -190,6 +198,7 @@ pub const TABLE: &[SignalDoc] = &[
         names: &["USR2"],
         raw: &[SIGUSR2],
         signal: Signal::Upgrade,
+        command: Some("upgrade"),
         summary: "binary upgrade: a new master takes over the listeners; this one drains once it serves",
         doc: "binary upgrade: start `upgrade_binary` (or the same path) as a new master that takes over the \
               listening sockets; once it serves, this master stops accepting, drains for up to \
@@ -200,6 +209,7 @@ pub const TABLE: &[SignalDoc] = &[
         names: &["CHLD"],
         raw: &[SIGCHLD],
         signal: Signal::Child,
+        command: None,
         summary: "reap exited workers; respawn, with back-off for workers that die at start",
         doc: "reap; a worker that exits unexpectedly is respawned, with exponential back-off (0.1 s doubling to \
               30 s) when workers die within 5 s of starting; five such deaths in a row are logged as a crash loop \
@@ -213,9 +223,20 @@ pub fn help_text() -> String {
     let mut out = String::from("Signals (to the master process):\n");
     for d in TABLE {
         let names = d.names.join(", ");
-        out.push_str(&format!("  {names:<10}  {}\n", d.summary));
+        let command = d.command.map_or(String::new(), |c| format!("-s {c}"));
+        out.push_str(&format!("  {names:<10}  {command:<16}  {}\n", d.summary));
     }
     out
+}
+
+/// The names `echod --signal` takes, in the table's order.
+pub fn commands() -> Vec<&'static str> {
+    TABLE.iter().filter_map(|d| d.command).collect()
+}
+
+/// What `echod --signal NAME` sends.
+pub fn for_command(name: &str) -> Option<&'static SignalDoc> {
+    TABLE.iter().find(|d| d.command == Some(name))
 }
 
 /// The README's signals table (Markdown), between its markers.
@@ -223,7 +244,8 @@ pub fn render_table() -> String {
     let mut out = String::from("| signal | effect |\n|---|---|\n");
     for d in TABLE {
         let names: Vec<String> = d.names.iter().map(|n| format!("`{n}`")).collect();
-        out.push_str(&format!("| {} | {} |\n", names.join(", "), d.doc));
+        let command = d.command.map_or(String::new(), |c| format!(" (`echod -s {c}`)"));
+        out.push_str(&format!("| {}{command} | {} |\n", names.join(", "), d.doc));
     }
     out
 }

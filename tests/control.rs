@@ -1,0 +1,160 @@
+//! The pid file and `echod --signal`, the control command (#28.4): the file
+//! names the master that serves, through an upgrade's drain and its
+//! take-back; the command signals that master and no other process, and
+//! waits for what a script needs to know. Real processes and signals on
+//! 127.0.0.1; every process is killed by pid.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A directory `user` (nobody, when the tests run as root) can write the
+/// pid file in, and the pid file's path there.
+fn pid_dir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let path = dir.path().join("echod.pid");
+    (dir, path)
+}
+
+fn oldbin(path: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.oldbin", path.display()))
+}
+
+fn read_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// `echod --config config --signal command`: its exit status, stdout and
+/// stderr. Bounded by the command's own waits (SLACK past the timeouts).
+fn control(config: &Path, command: &str) -> (Option<i32>, String, String) {
+    let out = Command::new(ECHOD)
+        .arg("--config")
+        .arg(config)
+        .args(["--signal", command])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run echod --signal");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Waits for `cond`, up to `timeout`.
+fn wait_until(timeout: Duration, cond: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+#[test]
+fn the_pid_file_follows_the_serving_master_through_an_upgrade_and_a_take_back() {
+    let (_dir, path) = pid_dir();
+    let e = start(&format!("workers = 1\nshutdown_timeout = 30\npid_file = \"{}\"\n", path.display()));
+    let old = e.pid();
+    assert_eq!(read_pid(&path), Some(old), "{}", e.log_text());
+    // A held connection keeps the old generation draining after the upgrade.
+    let mut held = connect(e.addr);
+    assert_eq!(round_trip(&mut held, b"before").unwrap(), b"before");
+
+    let (code, out, err) = control(&e.config, "upgrade");
+    assert_eq!(code, Some(0), "{out}{err}\n{}", e.log_text());
+    let new = read_pid(&path).expect("a pid after the upgrade");
+    e.track(new);
+    assert_ne!(new, old);
+    assert!(out.contains(&format!("master {new} serves")), "{out}");
+    assert_eq!(read_pid(&oldbin(&path)), Some(old), "the draining old master names itself in .oldbin");
+    assert_eq!(round_trip(&mut held, b"draining").unwrap(), b"draining");
+
+    // The new master dies while the old one drains: the old one takes
+    // over again, and the files say so.
+    let skip = e.log_len();
+    kill(new, libc_sig::KILL);
+    e.wait_log_after(skip, "taking over again", Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no take-back:\n{}", e.log_text()));
+    assert!(
+        wait_until(Duration::from_secs(5), || read_pid(&path) == Some(old) && !oldbin(&path).exists()),
+        "after the take-back: {:?}, .oldbin {:?}",
+        read_pid(&path),
+        read_pid(&oldbin(&path))
+    );
+    let mut fresh = connect(e.addr);
+    assert_eq!(round_trip(&mut fresh, b"old master again").unwrap(), b"old master again");
+    drop(fresh);
+
+    // stop waits until the master has gone, and the files go with it.
+    drop(held);
+    let (code, out, err) = control(&e.config, "stop");
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains(&format!("master {old} has exited")), "{out}");
+    assert!(!path.exists() && !oldbin(&path).exists(), "a pid file outlived its master");
+}
+
+#[test]
+fn the_control_command_signals_only_a_running_echod() {
+    let (dir, path) = pid_dir();
+    let config = dir.path().join("echod.toml");
+    std::fs::write(&config, format!("listen = [\"127.0.0.1:0\"]\npid_file = \"{}\"\n", path.display())).unwrap();
+    let (code, _, err) = control(&config, "stop");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("no echod is running"), "{err}");
+
+    // A stale file (the master was SIGKILLed) whose pid another program
+    // now has: that program is not signalled.
+    let mut other = Command::new("sleep").arg("30").spawn().unwrap();
+    std::fs::write(&path, format!("{}\n", other.id())).unwrap();
+    let (code, _, err) = control(&config, "stop");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("names no running echod"), "{err}");
+    assert!(other.try_wait().unwrap().is_none(), "the control command signalled a process that is not echod");
+    let _ = other.kill();
+    let _ = other.wait();
+
+    std::fs::write(&config, "listen = [\"127.0.0.1:0\"]\n").unwrap();
+    let (code, _, err) = control(&config, "stop");
+    assert_eq!(code, Some(78), "{err}");
+    assert!(err.contains("`pid_file` is not set"), "{err}");
+}
+
+#[test]
+fn a_second_instance_is_refused_the_pid_file_of_a_running_one() {
+    let (dir, path) = pid_dir();
+    let e = start(&format!("workers = 1\npid_file = \"{}\"\n", path.display()));
+    let config = dir.path().join("second.toml");
+    std::fs::write(&config, format!("listen = [\"127.0.0.1:0\"]\nworkers = 1\npid_file = \"{}\"\n", path.display()))
+        .unwrap();
+    let (code, err, _) = run_to_exit(&["--config", config.to_str().unwrap()], None);
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains(&format!("{}:3: key `pid_file`", config.display())), "{err}");
+    assert!(err.contains(&format!("names pid {}", e.pid())), "{err}");
+    assert_eq!(read_pid(&path), Some(e.pid()), "the refused instance took the file");
+}
+
+#[test]
+fn reload_through_the_control_command_checks_the_file_before_it_signals() {
+    let (_dir, path) = pid_dir();
+    let e = start(&format!("workers = 1\npid_file = \"{}\"\n", path.display()));
+    let skip = e.log_len();
+    let good = format!("listen = [\"{}\"]\nworkers = 1\npid_file = \"{}\"\n", e.addr, path.display());
+    e.write_config(&format!("{good}buffer_size = \"big\"\n"));
+    let (code, _, err) = control(&e.config, "reload");
+    assert_eq!(code, Some(78), "{err}");
+    assert!(err.contains(&format!("{}:4", e.config.display())) && err.contains("buffer_size"), "{err}");
+    e.write_config(&format!("{good}buffer_size = 2048\n"));
+    let (code, out, err) = control(&e.config, "reload");
+    assert_eq!(code, Some(0), "{out}{err}");
+    e.wait_log_after(skip, "] reloaded ", Duration::from_secs(10)).unwrap_or_else(|| panic!("{}", e.log_text()));
+    let log = e.log_lines()[skip..].join("\n");
+    assert!(!log.contains("reload failed"), "the broken file was signalled:\n{log}");
+}
