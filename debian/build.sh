@@ -6,7 +6,8 @@
 # that are generated rather than kept in git, under target/assets/:
 #   - man pages and bash/zsh/fish completions, from the clap definitions
 #     (examples/dist-assets.rs);
-#   - /etc/echod/echod.toml: config/echod.toml listening on port 7 on all addresses, the
+#   - /etc/echod/echod.toml: config/echod.toml listening on port 7 on all addresses, its pid in
+#     /run/echod/echod.pid (the postinst finds the master there to upgrade it), the
 #     README's systemd recipe (a conffile: dpkg keeps local edits on upgrade);
 #   - the units, with ExecStart pointing at /usr/bin/echod.
 # Needs cargo-deb (installed here with `cargo install --locked cargo-deb` if missing) and
@@ -24,8 +25,11 @@ sed 's|/usr/local/bin/echod|/usr/bin/echod|g' systemd/echod.service >"$A/systemd
 cp systemd/echod.socket "$A/systemd/echod.socket"
 grep -q '^ExecStart=/usr/bin/echod --config /etc/echod/echod.toml$' "$A/systemd/echod.service"
 grep -q '^ExecReload=/usr/bin/echod --check-config --quiet --config /etc/echod/echod.toml$' "$A/systemd/echod.service"
-sed 's|^listen = .*|listen = ["[::]:7", "0.0.0.0:7"]|' config/echod.toml >"$A/echod.toml"
+sed -e 's|^listen = .*|listen = ["[::]:7", "0.0.0.0:7"]|' -e 's|^pid_file = .*|pid_file = "/run/echod/echod.pid"|' \
+    config/echod.toml >"$A/echod.toml"
 grep -q '^listen = \["\[::\]:7", "0.0.0.0:7"\]$' "$A/echod.toml"
+grep -q '^pid_file = "/run/echod/echod.pid"$' "$A/echod.toml"
 
-cargo deb --strip >&2
+# ECHOD_DEB_REVISION: another Debian revision (debian/test.sh builds a second one to upgrade to).
+cargo deb --strip ${ECHOD_DEB_REVISION:+--deb-revision "$ECHOD_DEB_REVISION"} >&2
 ls -t target/debian/echod_*.deb | head -1

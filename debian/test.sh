@@ -85,6 +85,45 @@ done
 if [ -d /run/systemd/system ] && systemctl is-active --quiet echod.service; then fail "echod.service was started"; fi
 echo "installed, nothing enabled or started"
 
+echo "== package upgrade of a running echod: a binary upgrade, no connection cut (#28.3)"
+# The installed echod, started as root from the installed config (on a free loopback port:
+# dpkg keeps the edited conffile with --force-confold), holds one connection; installing
+# another revision must hand over to the new binary and keep that connection echoing.
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+as_root sed -i "s|^listen = .*|listen = [\"127.0.0.1:$port\"]|; s|^shutdown_timeout = .*|shutdown_timeout = 20|" /etc/echod/echod.toml
+log=$(mktemp)
+as_root /usr/bin/echod --config /etc/echod/echod.toml 2>"$log" &
+for _ in $(seq 100); do [ -s /run/echod/echod.pid ] && grep -q 'ready:' "$log" && break; sleep 0.1; done
+old=$(cat /run/echod/echod.pid) || fail "no pid file: $(cat "$log")"
+trap 'as_root kill -KILL "$old" $(cat /run/echod/echod.pid 2>/dev/null) 2>/dev/null || true; as_root dpkg --purge echod >/dev/null 2>&1 || true' EXIT
+deb2=$(ECHOD_DEB_REVISION=2 bash debian/build.sh | tail -1)
+python3 - "$port" "$deb2" <<'PY' || fail "the package upgrade cut or refused a connection: $(cat "$log")"
+import os, socket, subprocess, sys
+port, deb = int(sys.argv[1]), sys.argv[2]
+held = socket.create_connection(("127.0.0.1", port), timeout=20)
+def echo(s, data):
+    s.sendall(data); got = b""
+    while len(got) < len(data):
+        chunk = s.recv(65536)
+        if not chunk: raise SystemExit("connection closed by the server")
+        got += chunk
+    assert got == data, got
+echo(held, b"before the upgrade")
+subprocess.run(([] if os.geteuid() == 0 else ["sudo"]) + ["dpkg", "-i", "--force-confold", deb], check=True, stdout=subprocess.DEVNULL)
+echo(held, b"after the upgrade")
+fresh = socket.create_connection(("127.0.0.1", port), timeout=20)
+echo(fresh, b"a new client, served by the new master")
+PY
+new=$(cat /run/echod/echod.pid)
+[[ $new != "$old" ]] || fail "the pid file still names the old master $old: $(cat "$log")"
+[[ $(readlink /proc/"$new"/exe) == /usr/bin/echod ]] || fail "the new master does not run the new /usr/bin/echod"
+grep -q "upgrade: new master (pid $new) serves" "$log" || fail "no hand-over in the log: $(cat "$log")"
+as_root /usr/bin/echod --config /etc/echod/echod.toml --signal quit >/dev/null
+as_root kill -QUIT "$old" 2>/dev/null || true
+for _ in $(seq 100); do kill -0 "$old" 2>/dev/null || break; sleep 0.1; done
+echo "dpkg -i of revision 2 upgraded the running echod ($old -> $new) and the held connection kept echoing"
+rm -f "$log"
+
 echo "== purge"
 as_root dpkg --purge echod
 trap - EXIT
