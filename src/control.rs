@@ -53,17 +53,24 @@ fn send(command: &str, config: &Config, source: Option<&Path>) -> Result<String,
     }
     let path = Path::new(&config.pid_file);
     let pid = running_master(path)?;
-    if doc.signal == signals::Signal::Reload {
-        // What the master would refuse, refused here, with file and line.
-        crate::master::check_config(config, source).map_err(|e| (EX_CONFIG, format!("not reloading: {e}")))?;
-    }
+    // `reload`: the file was loaded and validated before this runs, so a
+    // broken one was already refused (78, file, line, key) unsignalled.
+    let draining = pidfile::running_echod(&pidfile::oldbin(path));
     let raw = doc.raw[0];
     let sig = NixSignal::try_from(raw).map_err(|e| (1, e.to_string()))?;
     kill(Pid::from_raw(pid as i32), sig).map_err(|e| (1, format!("cannot signal master {pid}: {e}")))?;
     let name = doc.names[0];
     match doc.signal {
         signals::Signal::Upgrade => wait_for_successor(path, pid, config),
-        signals::Signal::Stop | signals::Signal::Quit => wait_for_exit(pid, config, name),
+        signals::Signal::Stop | signals::Signal::Quit => {
+            // During an upgrade's drain the old master stops with the new
+            // one (it is told so): the service has stopped when both have.
+            let done = wait_for_exit(pid, config, name)?;
+            match draining {
+                Some(old) => wait_for_exit(old, config, name).map(|d| format!("{done}; the draining old {d}")),
+                None => Ok(done),
+            }
+        }
         _ => Ok(format!("sent {name} to master {pid} ({})", doc.summary)),
     }
 }
@@ -123,5 +130,5 @@ fn wait_for_exit(pid: u32, config: &Config, name: &str) -> Result<String, (i32, 
         }
         std::thread::sleep(POLL);
     }
-    Ok(format!("sent {name}: master {pid} has exited"))
+    Ok(format!("master {pid} has exited after {name}"))
 }

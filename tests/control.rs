@@ -127,6 +127,43 @@ fn the_control_command_signals_only_a_running_echod() {
     assert!(err.contains("`pid_file` is not set"), "{err}");
 }
 
+/// Review of #28.4: a pid file naming a worker (a stale file whose pid a
+/// worker now has) signals nothing: workers are `echod: worker N`, not
+/// `echod`.
+#[test]
+fn a_pid_file_naming_a_worker_signals_nothing() {
+    let (dir, path) = pid_dir();
+    let e = start("workers = 1\n");
+    let worker = e.wait_workers(1, Duration::from_secs(5))[0];
+    let config = dir.path().join("echod.toml");
+    std::fs::write(&config, format!("listen = [\"127.0.0.1:0\"]\npid_file = \"{}\"\n", path.display())).unwrap();
+    std::fs::write(&path, format!("{worker}\n")).unwrap();
+    let (code, _, err) = control(&config, "stop");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("names no running echod"), "{err}");
+    assert!(alive(worker) && e.workers() == vec![worker], "the worker was signalled");
+}
+
+/// Review of #28.4: `quit` during an upgrade's drain stops the service, so
+/// the command waits for the draining old master too, and says so.
+#[test]
+fn quit_during_a_drain_waits_for_both_masters() {
+    let (_dir, path) = pid_dir();
+    let e = start(&format!("workers = 1\nshutdown_timeout = 30\npid_file = \"{}\"\n", path.display()));
+    let old = e.pid();
+    let mut held = connect(e.addr);
+    assert_eq!(round_trip(&mut held, b"held").unwrap(), b"held");
+    let (code, out, err) = control(&e.config, "upgrade");
+    assert_eq!(code, Some(0), "{out}{err}");
+    let new = read_pid(&path).expect("the new master's pid");
+    e.track(new);
+    let (code, out, err) = control(&e.config, "quit");
+    assert_eq!(code, Some(0), "{out}{err}\n{}", e.log_text());
+    assert!(out.contains(&format!("master {new} has exited")), "{out}");
+    assert!(out.contains(&format!("the draining old master {old} has exited")), "{out}");
+    assert!(!path.exists() && !oldbin(&path).exists(), "a pid file outlived its master");
+}
+
 #[test]
 fn a_second_instance_is_refused_the_pid_file_of_a_running_one() {
     let (dir, path) = pid_dir();

@@ -946,9 +946,9 @@ pub fn check_config(config: &Config, source: Option<&Path>) -> Result<usize, Sta
     let capacity = fit_limits(config, source, &text)?;
     limits::check(config, config.worker_count(), capacity);
     drop_privileges(config, source, &text)?;
-    // Not `fresh`: the running daemon's own file is no conflict for a check
-    // (the unit's ExecReload runs one beside it).
-    open_pid_file(config, source, &text, false)?;
+    // Not `pid_file`: whether its directory is writable depends on the user
+    // the daemon runs as (under systemd, a DynamicUser= the check cannot
+    // become); the start checks it.
     Ok(capacity)
 }
 
@@ -962,7 +962,8 @@ fn open_pid_file(
 ) -> Result<pidfile::PidFile, StartError> {
     let refused = |r: crate::config::Refusal| StartError::Config(r.in_file(source, text));
     let file = pidfile::PidFile::open(&config.pid_file).map_err(refused)?;
-    if let Some(pid) = fresh.then(|| pidfile::running_echod(Path::new(&config.pid_file))).flatten() {
+    let (path, old) = (Path::new(&config.pid_file), pidfile::oldbin(Path::new(&config.pid_file)));
+    if let Some(pid) = fresh.then(|| pidfile::running_echod(path).or_else(|| pidfile::running_echod(&old))).flatten() {
         return Err(refused(crate::config::Refusal::new(
             "pid_file",
             format!("{} names pid {pid}, a running echod: another instance uses this file", config.pid_file),

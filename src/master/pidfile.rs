@@ -51,9 +51,11 @@ impl PidFile {
             return Ok(PidFile { path: None, written: None });
         }
         let path = PathBuf::from(pid_file);
-        let probe = temp_name(&path);
-        std::fs::write(&probe, b"").and_then(|()| std::fs::remove_file(&probe)).map_err(|e| {
-            let dir = path.parent().unwrap_or(Path::new("/"));
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        // access(2), as `user` (the real uid after the drop): no file is
+        // created to find out, and no symlink is followed into.
+        let wx = nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK;
+        nix::unistd::access(dir, wx).map_err(|e| {
             Refusal::new(
                 "pid_file",
                 format!(
@@ -100,13 +102,15 @@ impl Drop for PidFile {
     }
 }
 
-/// The pid `path` names if that process is running and is an echod (its
-/// name starts with `echod`): another instance using the same file, which a
-/// fresh start must not take the file from.
+/// The pid `path` names if that process is a running echod master (named
+/// exactly `echod`: workers are `echod: worker N`; not a zombie): another
+/// instance using the same file, which a fresh start must not take the
+/// file from, or the master `echod --signal` may signal.
 pub fn running_echod(path: &Path) -> Option<u32> {
     let pid = read(path).ok().flatten()?;
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    (pid != std::process::id() && comm.starts_with("echod")).then_some(pid)
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (name, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+    (pid != std::process::id() && name == "echod" && !rest.starts_with('Z')).then_some(pid)
 }
 
 /// `path` with `.oldbin` appended.
@@ -131,11 +135,31 @@ fn temp_name(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Writes `pid` to a new temporary file and renames it over `path`. The
+/// temporary file is created with O_EXCL|O_NOFOLLOW: a name planted in the
+/// directory (a symlink to a file to truncate) is removed, not written
+/// through.
 fn write_atomically(path: &Path, pid: u32) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = temp_name(path);
-    std::fs::write(&tmp, format!("{pid}\n")).and_then(|()| std::fs::rename(&tmp, path)).inspect_err(|_| {
+    let create = || {
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o644).custom_flags(libc_nofollow()).open(&tmp)
+    };
+    let mut file = match create() {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(&tmp)?; // unlinks the name, never its target
+            create()?
+        }
+        other => other?,
+    };
+    file.write_all(format!("{pid}\n").as_bytes()).and_then(|()| std::fs::rename(&tmp, path)).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })
+}
+
+fn libc_nofollow() -> i32 {
+    nix::fcntl::OFlag::O_NOFOLLOW.bits()
 }
 
 /// Removes `path` if it names `pid`. (Read, then remove: a successor
@@ -173,6 +197,21 @@ mod tests {
         // Its .oldbin is gone; the successor's pid_file stays.
         assert_eq!((read(&path).unwrap(), read(&oldbin(&path)).unwrap()), (Some(4242), None));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "a temporary file was left");
+    }
+
+    /// Review of #28.4: a symlink planted at the temporary name must not be
+    /// written through (it truncated the file it pointed to).
+    #[test]
+    fn a_symlink_planted_at_the_temporary_name_is_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("echod.pid");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious\n").unwrap();
+        std::os::unix::fs::symlink(&victim, temp_name(&path)).unwrap();
+        let mut p = PidFile::open(path.to_str().unwrap()).unwrap();
+        p.set_main(true);
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+        assert_eq!(read(&path).unwrap(), Some(std::process::id()));
     }
 
     #[test]
