@@ -962,12 +962,14 @@ fn open_pid_file(
 ) -> Result<pidfile::PidFile, StartError> {
     let refused = |r: crate::config::Refusal| StartError::Config(r.in_file(source, text));
     let file = pidfile::PidFile::open(&config.pid_file).map_err(refused)?;
-    let (path, old) = (Path::new(&config.pid_file), pidfile::oldbin(Path::new(&config.pid_file)));
-    if let Some(pid) = fresh.then(|| pidfile::running_echod(path).or_else(|| pidfile::running_echod(&old))).flatten() {
-        return Err(refused(crate::config::Refusal::new(
-            "pid_file",
-            format!("{} names pid {pid}, a running echod: another instance uses this file", config.pid_file),
-        )));
+    let path = Path::new(&config.pid_file);
+    for named in [path.to_path_buf(), pidfile::oldbin(path)] {
+        if let Some(pid) = fresh.then(|| pidfile::running_echod(&named)).flatten() {
+            return Err(refused(crate::config::Refusal::new(
+                "pid_file",
+                format!("{} names pid {pid}, a running echod: another instance uses this file", named.display()),
+            )));
+        }
     }
     Ok(file)
 }
