@@ -114,10 +114,7 @@ fn wait_for_successor(path: &Path, old: u32, config: &Config) -> Result<String, 
 /// `pid` exists and is not a zombie (a master that exited but whose parent
 /// has not reaped it yet has stopped all the same).
 fn is_running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
-        .unwrap_or(false)
+    pidfile::proc_state(pid).is_some_and(|(_, state)| state != 'Z')
 }
 
 /// TERM or QUIT sent to `pid`: done once it has exited.

@@ -108,9 +108,16 @@ impl Drop for PidFile {
 /// file from, or the master `echod --signal` may signal.
 pub fn running_echod(path: &Path) -> Option<u32> {
     let pid = read(path).ok().flatten()?;
+    let (name, state) = proc_state(pid)?;
+    (pid != std::process::id() && name == "echod" && state != 'Z').then_some(pid)
+}
+
+/// `pid`'s name and state letter from /proc/PID/stat (None: no such
+/// process). A zombie ('Z') has exited, reaped or not.
+pub fn proc_state(pid: u32) -> Option<(String, char)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let (name, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
-    (pid != std::process::id() && name == "echod" && !rest.starts_with('Z')).then_some(pid)
+    Some((name.to_string(), rest.chars().next()?))
 }
 
 /// `path` with `.oldbin` appended.
