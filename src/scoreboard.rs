@@ -71,12 +71,15 @@ pub enum Field {
     /// C: connection-duration histogram, one (non-cumulative) count per
     /// bucket of [`DURATION_BUCKETS`].
     Duration0 = Field::ProxyErr0 as usize + PROXY_KINDS,
+    /// T (every fourth): the worker's open fds, for `process_open_fds`
+    /// (the master cannot count them: see `metrics::process`).
+    OpenFds = Field::Duration0 as usize + DURATION_BUCKETS.len(),
 }
 
 /// Kinds of PROXY header error, each with a slot word.
 const PROXY_KINDS: usize = proxy_protocol::HeaderError::ALL.len();
 
-const _: () = assert!(Field::Duration0 as usize + DURATION_BUCKETS.len() <= STRIDE);
+const _: () = assert!((Field::OpenFds as usize) < STRIDE);
 
 /// Header words (block 0, written by the master).
 const ACCEPT_PAUSED: usize = 0;
@@ -542,6 +545,7 @@ impl Slot {
             threads: self.get(Field::Threads),
             busy: self.get(Field::Busy),
             queued: self.get(Field::Queued),
+            open_fds: self.get(Field::OpenFds),
         }
     }
 }
@@ -567,6 +571,7 @@ pub struct SlotStats {
     pub threads: u64,
     pub busy: u64,
     pub queued: u64,
+    pub open_fds: u64,
 }
 
 impl SlotStats {

@@ -112,6 +112,8 @@ both_modes! {
             "echod_connection_errors_total{kind=\"timeout\"}",
             "echod_connection_duration_seconds_bucket{le=\"+Inf\"}",
             "echod_build_info{version=\"",
+            "process_cpu_seconds_total{role=\"master\"}",
+            "process_open_fds{role=\"worker\",worker=\"1\"}",
         ] {
             assert!(body.lines().any(|l| l.starts_with(name)), "{name} missing:\n{body}");
         }
@@ -120,6 +122,44 @@ both_modes! {
         assert!(body.lines().any(|l| l.starts_with(&build) && l.ends_with("\"} 1")), "{build}:\n{body}");
         let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/OPERATIONS.md")).unwrap();
         assert!(readme.contains("`echod_build_info{version,commit}`"), "docs/OPERATIONS.md documents the labels");
+    }
+
+    /// #28.7: `process_*` for the master and each worker, each the
+    /// process's own: its fd limit (prlimit's), its start, its open fds
+    /// (40 held connections show in the workers' count, not the master's).
+    fn process_metrics_describe_the_master_and_each_worker() {
+        let e = start_with_nofile(&format!("{M}workers = 2\n"), 3000);
+        let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        let workers = |m: &HashMap<String, f64>, name: &str| -> f64 {
+            m.iter().filter(|(k, _)| k.starts_with(&format!("{name}{{role=\"worker\",worker="))).map(|(_, v)| v).sum()
+        };
+        let series = |m: &HashMap<String, f64>, name: &str| m.keys().filter(|k| k.starts_with(&format!("{name}{{"))).count();
+        let m = e.scrape_until(Duration::from_secs(5), |m| series(m, "process_open_fds") == 3 && workers(m, "process_open_fds") > 0.0);
+        for name in ["process_cpu_seconds_total", "process_resident_memory_bytes", "process_max_fds", "process_start_time_seconds"] {
+            assert_eq!(series(&m, name), 3, "{name}: the master and two workers:\n{m:?}");
+        }
+        let master = |name: &str| m[&format!("{name}{{role=\"master\"}}")];
+        assert_eq!(master("process_max_fds"), 3000.0);
+        assert_eq!(workers(&m, "process_max_fds"), 6000.0);
+        assert!(master("process_resident_memory_bytes") > 1e6);
+        let start = master("process_start_time_seconds");
+        assert!(start > started - 30.0 && start <= started + 1.0, "master started at {start}, test at {started}");
+        for w in 0..2 {
+            let t = m[&format!("process_start_time_seconds{{role=\"worker\",worker=\"{w}\"}}")];
+            assert!(t >= start && t <= started + 10.0, "worker {w} started at {t}, its master at {start}");
+        }
+        let (master_fds, worker_fds) = (master("process_open_fds"), workers(&m, "process_open_fds"));
+        let mut held: Vec<_> = (0..40).map(|_| connect(e.addr)).collect();
+        for s in &mut held {
+            assert_eq!(round_trip(s, b"fd").unwrap(), b"fd");
+        }
+        let m = e.scrape_until(Duration::from_secs(10), |m| workers(m, "process_open_fds") >= worker_fds + 40.0);
+        assert!(m["process_open_fds{role=\"master\"}"] < master_fds + 10.0, "the master passed the fds on: {m:?}");
+        let cpu = workers(&m, "process_cpu_seconds_total");
+        drop(held);
+        known_traffic(e.addr, 20, 20, 4);
+        let later = e.scrape();
+        assert!(workers(&later, "process_cpu_seconds_total") >= cpu, "CPU time never goes back");
     }
 
     fn silent_scrapers_delay_neither_echo_nor_other_scrapes() {

@@ -257,12 +257,25 @@ struct Endpoint<'a> {
 
 impl http::Responder for Endpoint<'_> {
     fn metrics(&self) -> String {
-        metrics::render(&snapshot(self.sup, self.disp), &self.info)
+        let snap = snapshot(self.sup, self.disp);
+        metrics::render(&snap, &self.info, &processes(&snap))
     }
 
     fn healthy(&self) -> bool {
         !self.stopping && self.sup.workers().iter().any(|w| w.phase() == supervisor::Phase::Serving)
     }
+}
+
+/// The `process_*` samples of this master and of each of its workers (a
+/// process gone since the snapshot has none).
+fn processes(snap: &Snapshot) -> Vec<(metrics::process::Role, metrics::process::Sample)> {
+    use metrics::process::{self, Role};
+    let master = process::read(std::process::id(), process::count_open_fds()).map(|s| (Role::Master, s));
+    let workers = snap.workers.iter().filter_map(|w| {
+        let pid = u32::try_from(w.pid).ok()?;
+        Some((Role::Worker(w.id), process::read(pid, w.slot.open_fds)?))
+    });
+    master.into_iter().chain(workers).collect()
 }
 
 /// Seconds since the Unix epoch, for /metrics timestamps.

@@ -31,6 +31,9 @@ const fn family(
     Family { name, kind, labels, help, doc }
 }
 
+/// The labels of the `process_*` families.
+const PROCESS_LABELS: &str = r#"role="master|worker",worker"#;
+
 /// Every family, in the order the exposition renders them.
 pub const FAMILIES: &[Family] = &[
     family("echod_build_info", "gauge", "version,commit", "Build information.", "crate version and git commit"),
@@ -116,6 +119,36 @@ pub const FAMILIES: &[Family] = &[
         "1 per worker process",
     ),
     family("echod_connection_duration_seconds", "histogram", "", "How long connections lived.", "1 ms .. 1 h buckets"),
+    family(
+        "process_cpu_seconds_total",
+        "counter",
+        PROCESS_LABELS,
+        "Total user and system CPU time spent in seconds.",
+        "the standard process metrics, one series for the master and one per worker (`worker` is the slot); \
+         `sum by (role)` adds them up",
+    ),
+    family("process_resident_memory_bytes", "gauge", PROCESS_LABELS, "Resident memory size in bytes.", ""),
+    family(
+        "process_open_fds",
+        "gauge",
+        PROCESS_LABELS,
+        "Number of open file descriptors.",
+        "a worker counts its own once a second",
+    ),
+    family(
+        "process_max_fds",
+        "gauge",
+        PROCESS_LABELS,
+        "Maximum number of open file descriptors.",
+        "the soft RLIMIT_NOFILE",
+    ),
+    family(
+        "process_start_time_seconds",
+        "gauge",
+        PROCESS_LABELS,
+        "Start time of the process since unix epoch in seconds.",
+        "",
+    ),
     family(
         "echod_metrics_connections_evicted_total",
         "counter",

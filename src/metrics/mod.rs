@@ -10,6 +10,7 @@
 //! [`families::FAMILIES`], the one list of them.
 
 pub mod families;
+pub mod process;
 
 use std::fmt::Write;
 
@@ -17,6 +18,7 @@ use proxy_protocol::HeaderError;
 
 use crate::scoreboard::DURATION_BUCKETS;
 use crate::stats::Snapshot;
+use process::{Role, Sample};
 
 /// Facts about the master that are not in the snapshot.
 #[derive(Debug, Clone, Copy)]
@@ -29,8 +31,9 @@ pub struct MasterInfo {
     pub last_reload_time: f64,
 }
 
-/// Renders every series.
-pub fn render(snap: &Snapshot, info: &MasterInfo) -> String {
+/// Renders every series; `processes` are the `process_*` samples of the
+/// master and the workers.
+pub fn render(snap: &Snapshot, info: &MasterInfo, processes: &[(Role, Sample)]) -> String {
     let mut out = String::with_capacity(4096 + 1024 * snap.workers.len());
     let t = &snap.totals;
     let o = &mut out;
@@ -112,6 +115,15 @@ pub fn render(snap: &Snapshot, info: &MasterInfo) -> String {
     }
     let _ = writeln!(o, "{name}_sum {}", fmt_f(t.duration_sum_us as f64 / 1e6));
     let _ = writeln!(o, "{name}_count {cumulative}");
+
+    let of = |f: &dyn Fn(&Sample) -> f64| -> Vec<(String, f64)> {
+        processes.iter().map(|(role, s)| (role.labels(), f(s))).collect()
+    };
+    metric_owned(o, "process_cpu_seconds_total", of(&|s| s.cpu_seconds));
+    metric_owned(o, "process_resident_memory_bytes", of(&|s| s.resident_bytes as f64));
+    metric_owned(o, "process_open_fds", of(&|s| s.open_fds as f64));
+    metric_owned(o, "process_max_fds", of(&|s| s.max_fds as f64));
+    metric_owned(o, "process_start_time_seconds", of(&|s| s.start_time));
     out
 }
 
@@ -185,10 +197,15 @@ mod tests {
         }
     }
 
+    fn processes() -> Vec<(Role, Sample)> {
+        let s = Sample { cpu_seconds: 1.25, resident_bytes: 4096, open_fds: 9, max_fds: 1024, start_time: 1.5e9 };
+        vec![(Role::Master, s), (Role::Worker(3), Sample { open_fds: 60, ..s })]
+    }
+
     #[test]
     fn contract_series_are_present_with_exact_values() {
         let info = MasterInfo { start_time: 1.5e9, last_reload_ok: true, last_reload_time: 1.5e9 };
-        let text = render(&snap(), &info);
+        let text = render(&snap(), &info, &processes());
         for line in [
             "echod_connections_accepted_total 4",
             "echod_connections_active 1",
@@ -203,6 +220,11 @@ mod tests {
             "echod_connection_duration_seconds_bucket{le=\"+Inf\"} 3",
             "echod_connection_duration_seconds_sum 1.5",
             "echod_connection_duration_seconds_count 3",
+            "process_cpu_seconds_total{role=\"master\"} 1.25",
+            "process_open_fds{role=\"master\"} 9",
+            "process_open_fds{role=\"worker\",worker=\"3\"} 60",
+            "process_max_fds{role=\"worker\",worker=\"3\"} 1024",
+            "process_start_time_seconds{role=\"master\"} 1500000000",
         ] {
             assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
         }
@@ -216,7 +238,7 @@ mod tests {
     #[test]
     fn the_exposition_renders_exactly_the_listed_families() {
         let info = MasterInfo { start_time: 1.5e9, last_reload_ok: true, last_reload_time: 1.5e9 };
-        let text = render(&snap(), &info);
+        let text = render(&snap(), &info, &processes());
         let rendered: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
         let listed: Vec<&str> =
             families::FAMILIES.iter().map(|f| f.name).filter(|n| !n.starts_with("echod_metrics_")).collect();

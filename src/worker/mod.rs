@@ -118,6 +118,7 @@ fn serve(id: usize, config: Config, channel: Channel, scoreboard: Scoreboard, ca
     let slot = scoreboard.slot(id);
     slot.set(Field::Pid, process::id() as u64);
     slot.set(Field::Heartbeat, monotonic_ms());
+    slot.set(Field::OpenFds, crate::metrics::process::count_open_fds());
     if let Err(e) = channel.set_receive_timeout(TICK) {
         log::error!("cannot set channel timeout: {e}");
         return 1;
@@ -340,7 +341,14 @@ fn tick(w: &Shared) {
         }
     }
     publish_gauges(w);
+    if now % OPEN_FDS_EVERY == 0 {
+        w.slot.set(Field::OpenFds, crate::metrics::process::count_open_fds());
+    }
 }
+
+/// Ticks between two counts of the worker's open fds (one a second): the
+/// count reads a directory as long as the worker holds connections.
+const OPEN_FDS_EVERY: u64 = 4;
 
 fn publish_gauges(w: &Shared) {
     let (queued, _idle) = w.queue.stats();
