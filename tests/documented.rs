@@ -108,8 +108,8 @@ fn ipv6_clients_have_their_per_address_limit() {
 
 both_modes! {
     /// "Each log line names the process (and, in workers, the thread) that
-    /// wrote it": a handler thread is `[worker-N conn]`, an event loop
-    /// `[worker-N event-K]`.
+    /// wrote it": a handler thread is `[worker-N PID gG conn]`, an event
+    /// loop `[worker-N PID gG event-K]` (#28.6: slot, pid and generation).
     fn log_lines_name_the_worker_thread_in_each_mode() {
         let e = start("workers = 1\nlog_level = \"trace\"\n");
         let mut s = connect(e.addr);
@@ -119,8 +119,63 @@ both_modes! {
             .wait_log("connection closed", Duration::from_secs(5))
             .unwrap_or_else(|| panic!("no close logged:\n{}", e.log_text()));
         let thread = if mode() == "event" { "event-0" } else { "conn" };
-        assert!(line.contains(&format!("[worker-0 {thread}] connection closed")), "{mode}: {line}", mode = mode());
+        let pid = e.workers()[0];
+        let tag = format!("[worker-0 {pid} g1 {thread}] connection closed");
+        assert!(line.contains(&tag), "{mode}: {line} lacks {tag}", mode = mode());
     }
+}
+
+/// #28.6: `log_format = "json"` makes every line, the master's and the
+/// workers', one JSON object with `ts`, `level`, `pid`, `role`, `generation`
+/// and `msg` (a worker's with its slot, and its own pid); a reload back to
+/// `text` applies to the lines after it.
+#[test]
+fn log_format_json_writes_every_line_as_an_object_and_reloads_to_text() {
+    let mut e = start_unready("workers = 2\nlog_level = \"trace\"\nlog_format = \"json\"\n", &[]);
+    let listening = e.wait_log("listening on ", Duration::from_secs(10)).expect("a listening line");
+    let parse = |line: &str| -> serde_json::Value {
+        serde_json::from_str(line).unwrap_or_else(|err| panic!("not one JSON object ({err}): {line}"))
+    };
+    let msg = parse(&listening)["msg"].as_str().unwrap().to_string();
+    e.addr = msg.rsplit("listening on ").next().unwrap().trim().parse().unwrap();
+    e.wait_log("ready:", Duration::from_secs(10)).expect("ready");
+    let workers = e.wait_workers(2, Duration::from_secs(5));
+    let mut s = connect(e.addr);
+    assert_eq!(round_trip(&mut s, b"json").unwrap(), b"json");
+    drop(s);
+    e.wait_log("connection closed", Duration::from_secs(5)).expect("a worker's trace line");
+    let lines = e.log_lines();
+    let (mut master_lines, mut worker_lines) = (0, 0);
+    for line in &lines {
+        let v = parse(line);
+        for key in ["ts", "level", "msg"] {
+            assert!(v[key].is_string(), "{key} in {line}");
+        }
+        assert!(log_stamp(v["ts"].as_str().unwrap()).is_some(), "RFC 3339 ts: {line}");
+        assert_eq!(v["generation"], 1, "{line}");
+        let pid = v["pid"].as_i64().unwrap() as i32;
+        match v["role"].as_str() {
+            Some("master") => {
+                assert_eq!(pid, e.pid(), "{line}");
+                assert!(v.get("worker").is_none(), "{line}");
+                master_lines += 1;
+            }
+            Some("worker") => {
+                let slot = v["worker"].as_u64().unwrap_or_else(|| panic!("a worker's slot: {line}"));
+                assert!(slot < 2 && workers.contains(&pid), "a worker's own slot and pid: {line}");
+                worker_lines += 1;
+            }
+            _ => panic!("role: {line}"),
+        }
+    }
+    assert!(master_lines > 0 && worker_lines > 0, "{master_lines} master and {worker_lines} worker lines:\n{lines:?}");
+
+    let before = e.log_len();
+    e.write_config(&format!("listen = [\"{}\"]\nworkers = 2\nlog_level = \"debug\"\n", e.addr));
+    e.signal(libc_sig::HUP);
+    let line = e.wait_log_after(before, "reload", Duration::from_secs(5)).expect("the reload's lines");
+    let reloaded = e.wait_log_after(before, "[master ", Duration::from_secs(5)).unwrap_or(line);
+    assert!(reloaded.contains(&format!("[master {}] ", e.pid())) && log_stamp(&reloaded).is_some(), "text again: {reloaded}");
 }
 
 /// "`log_level` ... unless RUST_LOG is set": RUST_LOG wins over the file.

@@ -49,7 +49,7 @@ fn main() -> ExitCode {
             return exit(EX_CONFIG);
         }
     };
-    logging::init(config.log_level.0);
+    logging::init(config.log_level.0, config.log_format);
     if cli.check_config {
         return check_config(&config, source.as_deref(), cli.quiet);
     }

@@ -188,6 +188,13 @@ pub const KEYS: &[Key] = &[
         Reload::Now,
         "Log level: `off`, `error`, `warn`, `info`, `debug` or `trace`. `RUST_LOG`, when set, wins.",
     ),
+    key(
+        "log_format",
+        r#""text""#,
+        Reload::Now,
+        "`text` (`TIME LEVEL [who] message`) or `json`: one object per line with `ts`, `level`, `pid`, `role`, \
+         `worker` (a worker's slot), `generation`, `thread`, `msg` and the line's own fields.",
+    ),
     key("stats_interval", "60", Reload::Now, "Seconds between summary lines in the log, as USR1 prints (0 = off)."),
     key(
         "idle_timeout",

@@ -93,6 +93,8 @@ pub struct Config {
     pub shutdown_delay: Seconds,
     /// Default log level when RUST_LOG is not set.
     pub log_level: LogLevel,
+    /// Lines as text for people or as JSON objects for machines.
+    pub log_format: LogFormat,
     /// Seconds between the master's summary log lines; 0 turns them off.
     pub stats_interval: Seconds,
     /// A connection from which nothing arrives for this long is closed, so
@@ -175,6 +177,7 @@ impl Default for Config {
             shutdown_timeout: Seconds::from_secs(30),
             shutdown_delay: Seconds::from_secs(0),
             log_level: LogLevel(log::LevelFilter::Info),
+            log_format: LogFormat::Text,
             stats_interval: Seconds::from_secs(60),
             idle_timeout: Seconds::from_secs(300),
             write_timeout: Seconds::from_secs(60),
@@ -763,6 +766,16 @@ pub enum Transform {
     /// ASCII letters upper-cased, every other byte unchanged (the classic
     /// teaching server); still binary-safe and length-preserving.
     Upper,
+}
+
+/// How log lines are written (`logging`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// `TIME LEVEL [who] message key=value...`, for people.
+    Text,
+    /// One JSON object per line, the same facts as fields, for machines.
+    Json,
 }
 
 /// A log level name as RUST_LOG spells it.

@@ -854,6 +854,7 @@ impl Master {
         self.info.last_reload_time = unix_now();
         self.notify.reloading();
         logging::set_level(new.log_level.0);
+        logging::set_format(new.log_format);
         let file_workers = new.worker_count();
         if file_workers != self.file_workers {
             self.sup.set_target(file_workers);
@@ -863,6 +864,7 @@ impl Master {
         self.next_stats = new.stats_interval.nonzero().map(|d| Instant::now() + d);
         self.config = new;
         self.sup.next_generation();
+        logging::set_generation(self.sup.generation());
         self.ready_owed = true;
         log::info!(
             "reloaded {}: generation {}, {} worker(s) to replace one by one, target {}",

@@ -362,6 +362,7 @@ impl Supervisor {
                 channel: theirs,
                 scoreboard: self.scoreboard,
                 capacity,
+                generation: self.generation,
             }),
             Forked::Parent(pid) => {
                 drop(theirs);

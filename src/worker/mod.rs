@@ -75,14 +75,16 @@ pub struct Args {
     /// worker_connections, lowered by the master if RLIMIT_NOFILE cannot
     /// hold that many).
     pub capacity: usize,
+    /// The config generation it serves: its log lines say it (`g3`).
+    pub generation: u64,
 }
 
 /// The worker process's entry point, called in the child right after fork.
 /// Never returns: the child must not unwind into (or drop) the master's
 /// state it inherited.
 pub fn run(args: Args) -> ! {
-    let Args { id, master_pid, config, channel, scoreboard, capacity } = args;
-    let code = match setup(id, master_pid, channel) {
+    let Args { id, master_pid, config, channel, scoreboard, capacity, generation } = args;
+    let code = match setup(id, generation, master_pid, channel) {
         Ok(channel) => serve(id, config, channel, scoreboard, capacity),
         Err(e) => {
             log::error!("worker {id} setup failed: {e}");
@@ -96,7 +98,7 @@ pub fn run(args: Args) -> ! {
 /// Consumes our end of the channel and returns it at fd 3, every other
 /// inherited fd (listeners, epoll, signal pipe, other workers' channels)
 /// closed.
-fn setup(id: usize, master_pid: Pid, channel: Channel) -> std::io::Result<Channel> {
+fn setup(id: usize, generation: u64, master_pid: Pid, channel: Channel) -> std::io::Result<Channel> {
     use Signal::*;
     sys::ignore_signals(&[SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2, SIGTTIN, SIGTTOU])?;
     sys::default_signal(SIGCHLD)?;
@@ -105,7 +107,7 @@ fn setup(id: usize, master_pid: Pid, channel: Channel) -> std::io::Result<Channe
         // The master died between fork and prctl: nobody will kill us.
         process::exit(1);
     }
-    logging::set_role(&format!("worker-{id}"));
+    logging::set_worker(id, generation);
     // Workers only echo on sockets they are handed: no capability at all.
     crate::privileges::drop_all_capabilities();
     sys::set_process_title(&format!("echod: worker {id}"));
