@@ -74,12 +74,14 @@ pub enum Field {
     /// T (every fourth): the worker's open fds, for `process_open_fds`
     /// (the master cannot count them: see `metrics::process`).
     OpenFds = Field::Duration0 as usize + DURATION_BUCKETS.len(),
+    /// T (and at exit): connection log lines dropped (`worker::access`).
+    LogDropped,
 }
 
 /// Kinds of PROXY header error, each with a slot word.
 const PROXY_KINDS: usize = proxy_protocol::HeaderError::ALL.len();
 
-const _: () = assert!((Field::OpenFds as usize) < STRIDE);
+const _: () = assert!((Field::LogDropped as usize) < STRIDE);
 
 /// Header words (block 0, written by the master).
 const ACCEPT_PAUSED: usize = 0;
@@ -546,6 +548,7 @@ impl Slot {
             busy: self.get(Field::Busy),
             queued: self.get(Field::Queued),
             open_fds: self.get(Field::OpenFds),
+            log_dropped: self.get(Field::LogDropped),
         }
     }
 }
@@ -567,6 +570,8 @@ pub struct SlotStats {
     pub rejected: u64,
     /// By kind, in the order of `proxy_protocol::HeaderError::ALL`.
     pub proxy_errors: [u64; PROXY_KINDS],
+    /// Connection log lines the worker dropped.
+    pub log_dropped: u64,
     // Gauges (not summed into retired totals).
     pub threads: u64,
     pub busy: u64,
@@ -593,6 +598,7 @@ impl SlotStats {
         for (a, b) in self.proxy_errors.iter_mut().zip(other.proxy_errors) {
             *a += b;
         }
+        self.log_dropped += other.log_dropped;
     }
 
     pub fn errors(&self) -> u64 {

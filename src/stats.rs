@@ -140,7 +140,7 @@ impl Carried {
             line.push_str(&format!(" {v}"));
         }
         let e = &self.endpoint;
-        for v in [e.evicted, e.refused, e.aborted, e.renders] {
+        for v in [e.evicted, e.refused, e.aborted, e.renders, t.log_dropped] {
             line.push_str(&format!(" {v}"));
         }
         line.push('\n');
@@ -168,6 +168,8 @@ impl Carried {
         for v in [&mut e.evicted, &mut e.refused, &mut e.aborted, &mut e.renders] {
             *v = next().unwrap_or(0);
         }
+        // Added with the connection log.
+        t.log_dropped = next().unwrap_or(0);
         Some(c)
     }
 }

@@ -175,7 +175,10 @@ fn log_format_json_writes_every_line_as_an_object_and_reloads_to_text() {
     e.signal(libc_sig::HUP);
     let line = e.wait_log_after(before, "reload", Duration::from_secs(5)).expect("the reload's lines");
     let reloaded = e.wait_log_after(before, "[master ", Duration::from_secs(5)).unwrap_or(line);
-    assert!(reloaded.contains(&format!("[master {}] ", e.pid())) && log_stamp(&reloaded).is_some(), "text again: {reloaded}");
+    assert!(
+        reloaded.contains(&format!("[master {}] ", e.pid())) && log_stamp(&reloaded).is_some(),
+        "text again: {reloaded}"
+    );
 }
 
 /// "`log_level` ... unless RUST_LOG is set": RUST_LOG wins over the file.

@@ -266,7 +266,7 @@ fn counters_total_exactly_under_concurrent_finishes() {
                 let c = counters.clone();
                 thread::spawn(move || {
                     let mut t = Tally { bytes_in: 10, bytes_out: 10 };
-                    c.finish(&mut t, Ending::Clean, Duration::from_millis(1));
+                    c.finish(&mut t, Ending::Closed, Duration::from_millis(1));
                 })
             })
             .collect();

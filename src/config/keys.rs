@@ -195,6 +195,16 @@ pub const KEYS: &[Key] = &[
         "`text` (`TIME LEVEL [who] message`) or `json`: one object per line with `ts`, `level`, `pid`, `role`, \
          `worker` (a worker's slot), `generation`, `thread`, `msg` and the line's own fields.",
     ),
+    key(
+        "access_log",
+        "false",
+        Reload::NewWorkers,
+        "One line per connection a worker closed or refused (the connection log): `listener`, `client` (the PROXY \
+         source, else the peer), `peer`, `duration`, `bytes_in`, `bytes_out` and `reason` (`closed`, `cut`, \
+         `reset`, `idle_timeout`, `write_timeout`, `error`, `limit`, `proxy_KIND`), in `log_format`. Written by a \
+         thread of its own: a line the log cannot take at once is dropped and counted \
+         (`echod_access_log_dropped_total`), never waited for.",
+    ),
     key("stats_interval", "60", Reload::Now, "Seconds between summary lines in the log, as USR1 prints (0 = off)."),
     key(
         "idle_timeout",

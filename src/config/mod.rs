@@ -95,6 +95,8 @@ pub struct Config {
     pub log_level: LogLevel,
     /// Lines as text for people or as JSON objects for machines.
     pub log_format: LogFormat,
+    /// The connection log: a line per connection a worker ends.
+    pub access_log: bool,
     /// Seconds between the master's summary log lines; 0 turns them off.
     pub stats_interval: Seconds,
     /// A connection from which nothing arrives for this long is closed, so
@@ -178,6 +180,7 @@ impl Default for Config {
             shutdown_delay: Seconds::from_secs(0),
             log_level: LogLevel(log::LevelFilter::Info),
             log_format: LogFormat::Text,
+            access_log: false,
             stats_interval: Seconds::from_secs(60),
             idle_timeout: Seconds::from_secs(300),
             write_timeout: Seconds::from_secs(60),

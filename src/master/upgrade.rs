@@ -529,16 +529,21 @@ mod tests {
         c.totals.err_timeout = 5;
         c.endpoint.evicted = 11;
         c.endpoint.renders = 12;
+        c.totals.log_dropped = 13;
         let line = c.encode();
         assert!(line.ends_with('\n'));
         assert_eq!(Carried::decode(line.trim_end()), Some(c));
         assert_eq!(Carried::decode("totals 1 2"), None, "short lines are refused");
         assert_eq!(Carried::decode("ready 12"), None);
-        // A line from a master that did not carry the endpoint's counters.
-        let older = line.trim_end().rsplitn(5, ' ').last().unwrap().to_string();
+        // A line from a master that did not carry the connection log's
+        // drops, then one that did not carry the endpoint's counters either.
+        let older = line.trim_end().rsplitn(2, ' ').last().unwrap().to_string();
         let mut want = c;
-        want.endpoint = Default::default();
+        want.totals.log_dropped = 0;
         assert_eq!(Carried::decode(&older), Some(want));
+        let oldest = line.trim_end().rsplitn(6, ' ').last().unwrap().to_string();
+        want.endpoint = Default::default();
+        assert_eq!(Carried::decode(&oldest), Some(want));
     }
 
     #[test]

@@ -92,6 +92,13 @@ pub const FAMILIES: &[Family] = &[
         "no header, a bad one, one past 107 B (v1) or 2 KiB of v2 payload, EOF mid-header, none within \
          `proxy_timeout`, or a peer not in `proxy_trusted`",
     ),
+    family(
+        "echod_access_log_dropped_total",
+        "counter",
+        "",
+        "Connection log lines dropped because the log could not take them at once.",
+        "`access_log`: an echo never waits for the log",
+    ),
     family("echod_worker_connections_active", "gauge", "worker", "Connections held by the worker.", ""),
     family("echod_worker_connections_accepted_total", "counter", "worker", "Connections handed to the worker.", ""),
     family("echod_worker_bytes_received_total", "counter", "worker", "Bytes the worker read.", ""),

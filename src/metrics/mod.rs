@@ -76,6 +76,7 @@ pub fn render(snap: &Snapshot, info: &MasterInfo, processes: &[(Role, Sample)]) 
         .map(|(k, v)| (format!("kind=\"{}\"", k.name()), v as f64))
         .collect();
     metric_owned(o, "echod_proxy_header_errors_total", kinds);
+    metric(o, "echod_access_log_dropped_total", &[("", t.log_dropped as f64)]);
 
     let per_worker = |f: &dyn Fn(&crate::stats::WorkerView) -> f64| -> Vec<(String, f64)> {
         snap.workers.iter().map(|w| (format!("worker=\"{}\"", w.id), f(w))).collect()

@@ -21,17 +21,38 @@ pub struct Tally {
     pub bytes_out: u64,
 }
 
-/// How a connection ended, for the error counters.
+/// How a connection ended: the error counters count resets, timeouts and
+/// the rest; the connection log names each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ending {
-    /// The client closed (or the worker closed it on drain).
-    Clean,
+    /// The client closed.
+    Closed,
+    /// The worker closed it: a drain's deadline, or a fast stop. Not an
+    /// error (the operator asked for it).
+    Cut,
     /// Reset by the peer or broken pipe.
     Reset,
-    /// Idle or write timeout.
-    Timeout,
+    /// Nothing arrived for `idle_timeout`.
+    IdleTimeout,
+    /// The echo made no progress for `write_timeout` (or the kernel timed
+    /// the connection out).
+    WriteTimeout,
     /// Anything else.
     Other,
+}
+
+impl Ending {
+    /// Its name in the connection log (`reason=`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Ending::Closed => "closed",
+            Ending::Cut => "cut",
+            Ending::Reset => "reset",
+            Ending::IdleTimeout => "idle_timeout",
+            Ending::WriteTimeout => "write_timeout",
+            Ending::Other => "error",
+        }
+    }
 }
 
 /// Why the worker turned a connection away before echoing anything.
@@ -86,9 +107,9 @@ impl Counters {
         *tally = Tally::default();
         t.finished += 1;
         match ending {
-            Ending::Clean => {}
+            Ending::Closed | Ending::Cut => {}
             Ending::Reset => t.err_reset += 1,
-            Ending::Timeout => t.err_timeout += 1,
+            Ending::IdleTimeout | Ending::WriteTimeout => t.err_timeout += 1,
             Ending::Other => t.err_other += 1,
         }
         t.duration_sum_us += lived.as_micros() as u64;
@@ -204,12 +225,12 @@ mod tests {
         let c = Counters::new(sb.slot(0));
         for round in 1..=2u64 {
             let mut t = Tally { bytes_in: 5, bytes_out: 4 };
-            assert_eq!(c.finish(&mut t, Ending::Clean, Duration::from_micros(500)), 10 * (round - 1) + 1);
+            assert_eq!(c.finish(&mut t, Ending::Closed, Duration::from_micros(500)), 10 * (round - 1) + 1);
             assert_eq!((t.bytes_in, t.bytes_out), (0, 0), "the tally is handed over");
             c.finish(&mut Tally::default(), Ending::Reset, Duration::from_millis(5));
-            c.finish(&mut Tally::default(), Ending::Timeout, Duration::from_millis(50));
+            c.finish(&mut Tally::default(), Ending::IdleTimeout, Duration::from_millis(50));
             c.finish(&mut Tally::default(), Ending::Other, Duration::from_secs(2));
-            c.finish(&mut Tally::default(), Ending::Clean, Duration::from_secs(7200));
+            c.finish(&mut Tally::default(), Ending::Closed, Duration::from_secs(7200));
             c.proxied();
             c.refuse(Refusal::PerIp);
             c.refuse(Refusal::Header(HeaderError::Truncated));

@@ -98,7 +98,7 @@ pub fn echo<S: Read + Sink>(
 ) -> Ending {
     loop {
         let n = match stream.read(buf) {
-            Ok(0) => return Ending::Clean,
+            Ok(0) => return Ending::Closed,
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return ending_of(e.kind()),
@@ -181,7 +181,7 @@ pub(crate) fn write_counted<W: Write>(w: &mut W, mut data: &[u8], tally: &mut Ta
 pub(crate) fn ending_of(kind: ErrorKind) -> Ending {
     match kind {
         ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted => Ending::Reset,
-        ErrorKind::WouldBlock | ErrorKind::TimedOut => Ending::Timeout,
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => Ending::WriteTimeout,
         _ => Ending::Other,
     }
 }
@@ -306,7 +306,7 @@ mod tests {
         let mut tally = Tally::default();
         let mut flushes = 0;
         let end = echo(&mut s, &mut [0u8; 512], Transform::None, None, &mut tally, |_| flushes += 1);
-        assert_eq!(end, Ending::Clean);
+        assert_eq!(end, Ending::Closed);
         assert_eq!(s.output, data);
         assert_eq!((tally.bytes_in, tally.bytes_out), (10_000, 10_000));
         assert_eq!(flushes, 10_000usize.div_ceil(512));
@@ -342,7 +342,10 @@ mod tests {
             fail_write: Some(ErrorKind::WouldBlock),
             fail_after: 0,
         };
-        assert_eq!(echo(&mut s, &mut [0u8; 8], Transform::None, None, &mut Tally::default(), |_| {}), Ending::Timeout);
+        assert_eq!(
+            echo(&mut s, &mut [0u8; 8], Transform::None, None, &mut Tally::default(), |_| {}),
+            Ending::WriteTimeout
+        );
     }
 
     #[test]

@@ -40,10 +40,11 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::config::Transform;
 use crate::ipc::Origin;
 use crate::scoreboard::Charge;
+use crate::worker::access::{Ends, Reason};
 use crate::worker::counters::{Ending, Refusal, Tally};
 use crate::worker::echo::ending_of;
 use crate::worker::handles::{self, Handle};
-use crate::worker::proxied;
+use crate::worker::proxied::{self, Refused};
 use crate::worker::queue::Pop;
 use crate::worker::shared::{Shared, TICK};
 use proxy_protocol::{Handshake, HeaderError, Step};
@@ -127,6 +128,11 @@ struct Conn {
     /// in-band bytes still queued behind it, and raises no new edge for
     /// them). Reads then go on until they would block, return 0 or fail.
     read_to_block: bool,
+    /// Bytes this connection read and echoed, for its log line.
+    bytes_in: u64,
+    bytes_out: u64,
+    /// Its addresses, kept for its log line (None with the log off).
+    ends: Option<Box<Ends>>,
 }
 
 /// What a turn on one connection left to do.
@@ -265,6 +271,8 @@ impl EventLoop {
     }
 
     fn register(&mut self, stream: StdStream, origin: Origin) {
+        let started = Instant::now();
+        let ends = self.w.ends_of(&stream);
         let (charge, header) = match origin {
             Origin::Direct(charge) => (Some(charge), None),
             Origin::Proxied => {
@@ -272,16 +280,19 @@ impl EventLoop {
                     proxied::check_trusted(&self.w, peer)?;
                     Ok(peer)
                 });
-                let Ok(peer) = trusted else {
-                    // Counted as finished; dropping `stream` closes it, and a
-                    // master waiting for room hears of it.
-                    self.freed = true;
-                    return;
+                let peer = match trusted {
+                    Ok(peer) => peer,
+                    Err(why) => {
+                        // Counted as finished; dropping `stream` closes it,
+                        // and a master waiting for room hears of it.
+                        self.w.log_connection(ends.as_deref(), started, (0, 0), Reason::Refused(why));
+                        self.freed = true;
+                        return;
+                    }
                 };
                 (None, Some(Box::new((Handshake::default(), peer))))
             }
         };
-        let started = Instant::now();
         self.handle().open.fetch_add(1, Ordering::AcqRel);
         self.w.busy.fetch_add(1, Ordering::Relaxed);
         let i = self.free.pop().unwrap_or_else(|| {
@@ -307,6 +318,9 @@ impl EventLoop {
                     sent: 0,
                     stalled_since: None,
                     read_to_block: false,
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    ends,
                 });
                 // Edge-triggered: bytes that arrived before registration
                 // raise no edge of their own, so look now.
@@ -327,14 +341,20 @@ impl EventLoop {
         let transform = self.w.config.transform;
         let Some(conn) = self.conns.get_mut(i).and_then(Option::as_mut) else { return };
         conn.read_to_block |= read_to_block;
+        // The tally only grows within a turn (flushes happen between
+        // turns), so what it gained is this connection's.
+        let (was_in, was_out) = (self.tally.bytes_in, self.tally.bytes_out);
         if conn.header.is_some() {
             match read_header(&self.w, conn, transform, &mut self.tally) {
                 Ok(true) => {}
                 Ok(false) => return,
-                Err(_) => return self.drop_refused(i),
+                Err(refused) => return self.drop_refused(i, refused),
             }
         }
-        match turn(conn, &mut self.buf, transform, &mut self.tally, now) {
+        let turned = turn(conn, &mut self.buf, transform, &mut self.tally, now);
+        conn.bytes_in += self.tally.bytes_in - was_in;
+        conn.bytes_out += self.tally.bytes_out - was_out;
+        match turned {
             Turn::Wait => {}
             Turn::More => self.ready.push_back(i),
             Turn::Done(ending) => self.close(i, ending),
@@ -357,19 +377,21 @@ impl EventLoop {
             }
             let idle_out = idle.is_some_and(|t| now.saturating_sub(c.last_active) >= t);
             let stall_out = stall.zip(c.stalled_since).is_some_and(|(t, since)| since.elapsed() >= t);
-            if idle_out || stall_out {
-                cut.push(i);
+            if idle_out {
+                cut.push((i, Ending::IdleTimeout));
+            } else if stall_out {
+                cut.push((i, Ending::WriteTimeout));
             }
         }
         if !cut.is_empty() {
             log::debug!("closed {} idle or stalled connection(s)", cut.len());
         }
-        for i in cut {
-            self.close(i, Ending::Timeout);
+        for (i, ending) in cut {
+            self.close(i, ending);
         }
         for (i, peer) in late {
-            proxied::refused(&self.w, peer, None, Refusal::Header(HeaderError::Timeout));
-            self.drop_refused(i);
+            let why = proxied::refused(&self.w, peer, None, Refusal::Header(HeaderError::Timeout));
+            self.drop_refused(i, why.into());
         }
     }
 
@@ -380,10 +402,10 @@ impl EventLoop {
         for i in 0..self.conns.len() {
             match self.conns[i].as_ref().map(|c| c.header.as_deref().map(|(_, peer)| *peer)) {
                 None => {}
-                Some(None) => self.close(i, Ending::Clean),
+                Some(None) => self.close(i, Ending::Cut),
                 Some(Some(peer)) => {
-                    proxied::refused(&self.w, peer, None, Refusal::Header(HeaderError::Truncated));
-                    self.drop_refused(i);
+                    let why = proxied::refused(&self.w, peer, None, Refusal::Header(HeaderError::Truncated));
+                    self.drop_refused(i, why.into());
                 }
             }
         }
@@ -394,6 +416,10 @@ impl EventLoop {
         let _ = self.poll.registry().deregister(&mut conn.stream);
         drop(conn.stream);
         self.free.push(i);
+        // Logged while still busy (`finish` ends that): a drain that ends
+        // when nothing is busy closes the log after this line.
+        let bytes = (conn.bytes_in, conn.bytes_out);
+        self.w.log_connection(conn.ends.as_deref(), conn.started, bytes, Reason::Ended(ending));
         self.finish(conn.charge, conn.started, ending);
         log::trace!("connection closed: {ending:?}");
     }
@@ -410,9 +436,14 @@ impl EventLoop {
 
     /// Closes a connection refused before its echo began (already counted
     /// by `proxied::refused`).
-    fn drop_refused(&mut self, i: usize) {
+    fn drop_refused(&mut self, i: usize, refused: Refused) {
         let Some(mut conn) = self.conns.get_mut(i).and_then(Option::take) else { return };
         let _ = self.poll.registry().deregister(&mut conn.stream);
+        let mut ends = conn.ends;
+        if let Some(ends) = ends.as_deref_mut() {
+            ends.client = refused.client;
+        }
+        self.w.log_connection(ends.as_deref(), conn.started, (0, 0), Reason::Refused(refused.why));
         self.free.push(i);
         self.forget();
     }
@@ -428,7 +459,7 @@ impl EventLoop {
 /// Reads as much of a connection's PROXY header as has arrived. Ok(true):
 /// admitted, the echo may start (bytes sent after the header are queued to
 /// be echoed first); Ok(false): wait for more; Err: refused and counted.
-fn read_header(w: &Shared, c: &mut Conn, transform: Transform, tally: &mut Tally) -> Result<bool, Refusal> {
+fn read_header(w: &Shared, c: &mut Conn, transform: Transform, tally: &mut Tally) -> Result<bool, Refused> {
     let Some((hs, peer)) = c.header.as_deref_mut() else { return Ok(true) };
     let peer = *peer;
     // Edge-triggered: read until the header is whole or the socket is
@@ -439,11 +470,14 @@ fn read_header(w: &Shared, c: &mut Conn, transform: Transform, tally: &mut Tally
             Ok(Step::Pending) if hs.received() == before => return Ok(false),
             Ok(Step::Pending) => {}
             Ok(Step::Done { header, early }) => break (header, early),
-            Err(kind) => return Err(proxied::refused(w, peer, None, Refusal::Header(kind))),
+            Err(kind) => return Err(proxied::refused(w, peer, None, Refusal::Header(kind)).into()),
         }
     };
     let admitted = proxied::admit(w, peer, header, Vec::new())?;
     c.charge = admitted.charge;
+    if let Some(ends) = c.ends.as_deref_mut() {
+        ends.client = admitted.client;
+    }
     c.header = None;
     if !early.is_empty() {
         if transform == Transform::Upper {
@@ -479,7 +513,7 @@ fn turn(c: &mut Conn, buf: &mut [u8], transform: Transform, tally: &mut Tally, n
     }
     for _ in 0..READ_BUDGET {
         let n = match c.stream.read(buf) {
-            Ok(0) => return Turn::Done(Ending::Clean),
+            Ok(0) => return Turn::Done(Ending::Closed),
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 // Drained for sure: short reads can be trusted again (an

@@ -127,7 +127,7 @@ impl OpenConnections {
 
     /// Shuts every open connection down; their handlers then finish.
     pub fn cut_all(&self) -> usize {
-        lock(&self.slots).iter().filter(|s| s.cut(Ending::Clean)).count()
+        lock(&self.slots).iter().filter(|s| s.cut(Ending::Cut)).count()
     }
 
     /// Cuts connections whose client sent nothing for `idle_ticks` ticks.
@@ -135,7 +135,7 @@ impl OpenConnections {
         lock(&self.slots)
             .iter()
             .filter(|s| now.saturating_sub(s.last_active.load(Ordering::Relaxed)) >= idle_ticks)
-            .filter(|s| s.cut(Ending::Timeout))
+            .filter(|s| s.cut(Ending::IdleTimeout))
             .count()
     }
 }

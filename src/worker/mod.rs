@@ -24,6 +24,7 @@
 //! master says so, or when the master disappears (EOF on the channel, or
 //! PR_SET_PDEATHSIG).
 
+pub mod access;
 pub mod counters;
 pub mod echo;
 pub mod event;
@@ -47,6 +48,7 @@ use crate::gate::AcceptGate;
 use crate::ipc::{Channel, Command, Notice, Origin, Received};
 use crate::ratelimit::RateLimited;
 use crate::scoreboard::{Field, Scoreboard, monotonic_ms};
+use crate::worker::access::AccessLog;
 use crate::{logging, sys};
 use counters::Counters;
 use handles::OpenConnections;
@@ -133,6 +135,13 @@ fn serve(id: usize, config: Config, channel: Channel, scoreboard: Scoreboard, ca
             return 1;
         }
     };
+    let access = match config.access_log.then(AccessLog::start).transpose() {
+        Ok(access) => access,
+        Err(e) => {
+            log::error!("cannot start the connection log's thread: {e}");
+            return 1;
+        }
+    };
     let w = Arc::new(Shared {
         id,
         capacity,
@@ -148,6 +157,7 @@ fn serve(id: usize, config: Config, channel: Channel, scoreboard: Scoreboard, ca
         busy: AtomicUsize::new(0),
         ticks: AtomicU64::new(0),
         refusal_log: std::sync::Mutex::new(RateLimited::default()),
+        access,
         config,
     });
     if let Err(e) = start_handlers(&w, polls) {
@@ -178,8 +188,16 @@ fn serve(id: usize, config: Config, channel: Channel, scoreboard: Scoreboard, ca
         log::error!("cannot report ready to the master: {e}");
         return 1;
     }
-    receive(&w)
+    let code = receive(&w);
+    if let Some(access) = &w.access {
+        access.close(ACCESS_LOG_FLUSH);
+        w.slot.set(Field::LogDropped, access.dropped());
+    }
+    code
 }
+
+/// At exit, how long the connection log may take to write what is queued.
+const ACCESS_LOG_FLUSH: Duration = Duration::from_millis(500);
 
 /// Starts the handler: the event loops, or the thread pool's spare threads.
 fn start_handlers(w: &Arc<Shared>, polls: Vec<mio::Poll>) -> std::io::Result<()> {
@@ -343,6 +361,9 @@ fn tick(w: &Shared) {
         }
     }
     publish_gauges(w);
+    if let Some(access) = &w.access {
+        w.slot.set(Field::LogDropped, access.dropped());
+    }
     if now % OPEN_FDS_EVERY == 0 {
         w.slot.set(Field::OpenFds, crate::metrics::process::count_open_fds());
     }

@@ -23,6 +23,7 @@ use std::time::Instant;
 
 use crate::config::Transform;
 use crate::ipc::Origin;
+use crate::worker::access::Reason;
 use crate::worker::counters::Tally;
 use crate::worker::echo::{echo, ending_of};
 use crate::worker::handles::ConnSlot;
@@ -129,13 +130,23 @@ fn serve(w: &Shared, slot: &ConnSlot, mut stream: TcpStream, origin: Origin, buf
     // Open first, so a drain deadline or fast stop can cut a connection
     // still sending its PROXY header.
     slot.open(stream.as_raw_fd(), seen);
+    let mut ends = w.ends_of(&stream);
     let mut tally = Tally::default();
     let (charge, mut early) = match origin {
         Origin::Direct(charge) => (Some(charge), Vec::new()),
         Origin::Proxied => match proxied::handshake_blocking(w, &mut stream) {
-            Ok(a) => (a.charge, a.early),
-            Err(_) => {
+            Ok(a) => {
+                if let Some(ends) = ends.as_deref_mut() {
+                    ends.client = a.client;
+                }
+                (a.charge, a.early)
+            }
+            Err(refused) => {
                 // Counted (as finished) by `proxied`; nothing was charged.
+                if let Some(ends) = ends.as_deref_mut() {
+                    ends.client = refused.client;
+                }
+                w.log_connection(ends.as_deref(), started, (0, 0), Reason::Refused(refused.why));
                 slot.close();
                 drop(stream);
                 w.busy.fetch_sub(1, Ordering::Release);
@@ -149,6 +160,9 @@ fn serve(w: &Shared, slot: &ConnSlot, mut stream: TcpStream, origin: Origin, buf
     let early_end = proxied::echo_early(&mut stream, &mut early, upper, &mut tally).err().map(|e| ending_of(e.kind()));
     let mut next_flush = seen + FLUSH_TICKS;
     let mut echoes = 0u32;
+    // What earlier flushes took from the tally: with it, the connection's
+    // own byte counts for its log line.
+    let mut flushed = Tally::default();
     let ending = early_end.unwrap_or_else(|| {
         echo(&mut stream, buf, w.config.transform, w.config.write_timeout.nonzero(), &mut tally, |t| {
             echoes = echoes.wrapping_add(1);
@@ -161,6 +175,8 @@ fn serve(w: &Shared, slot: &ConnSlot, mut stream: TcpStream, origin: Origin, buf
                 seen = now;
                 slot.last_active.store(now, Ordering::Relaxed);
                 if now >= next_flush {
+                    flushed.bytes_in += t.bytes_in;
+                    flushed.bytes_out += t.bytes_out;
                     w.counters.flush(t);
                     next_flush = now + FLUSH_TICKS;
                 }
@@ -170,6 +186,7 @@ fn serve(w: &Shared, slot: &ConnSlot, mut stream: TcpStream, origin: Origin, buf
     // Unregister before closing, so a cut never hits a reused fd number.
     let ending = slot.close().unwrap_or(ending);
     drop(stream);
+    let bytes = (flushed.bytes_in + tally.bytes_in, flushed.bytes_out + tally.bytes_out);
     // Count and discharge before leaving `busy`: a draining worker exits
     // once nothing is busy, and must neither lose this connection's last
     // bytes nor leave its client charged in the scoreboard.
@@ -177,6 +194,9 @@ fn serve(w: &Shared, slot: &ConnSlot, mut stream: TcpStream, origin: Origin, buf
     if let Some(charge) = charge {
         w.scoreboard.discharge(w.id, charge);
     }
+    // Logged while still busy: a drain that ends when nothing is busy
+    // closes the log after this line, not before it.
+    w.log_connection(ends.as_deref(), started, bytes, Reason::Ended(ending));
     w.busy.fetch_sub(1, Ordering::Release);
     log::trace!("connection closed: {ending:?}");
     w.slot_freed();

@@ -54,6 +54,23 @@ pub struct Admitted {
     /// Bytes the client sent right after the header, read with it: the
     /// first bytes to echo.
     pub early: Vec<u8>,
+    /// The client the header named (None for LOCAL and the like), for the
+    /// connection log.
+    pub client: Option<SocketAddr>,
+}
+
+/// A connection refused for its header or its client, with the client the
+/// header named when it got that far (for the connection log).
+#[derive(Debug, Clone, Copy)]
+pub struct Refused {
+    pub why: Refusal,
+    pub client: Option<SocketAddr>,
+}
+
+impl From<Refusal> for Refused {
+    fn from(why: Refusal) -> Refused {
+        Refused { why, client: None }
+    }
 }
 
 /// Step 1: refuses a peer that may not send headers.
@@ -81,7 +98,7 @@ pub fn peer_of(w: &Shared, stream: &TcpStream) -> Result<SocketAddr, Refusal> {
 /// Thread mode: all three steps, blocking, the deadline enforced with
 /// SO_RCVTIMEO for the header only (the echo itself runs without one; see
 /// `pool::ConnSlot`).
-pub fn handshake_blocking(w: &Shared, stream: &mut TcpStream) -> Result<Admitted, Refusal> {
+pub fn handshake_blocking(w: &Shared, stream: &mut TcpStream) -> Result<Admitted, Refused> {
     let peer = peer_of(w, stream)?;
     check_trusted(w, peer)?;
     let deadline = Instant::now() + w.config.proxy_timeout.0;
@@ -103,7 +120,7 @@ pub fn handshake_blocking(w: &Shared, stream: &mut TcpStream) -> Result<Admitted
     let _ = stream.set_read_timeout(None);
     match read {
         Ok((header, early)) => admit(w, peer, header, early),
-        Err(kind) => Err(refused(w, peer, None, Refusal::Header(kind))),
+        Err(kind) => Err(refused(w, peer, None, Refusal::Header(kind)).into()),
     }
 }
 
@@ -113,13 +130,13 @@ static ADMITTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Step 3, once a header is complete: charges the client it names and
 /// checks `max_connections_per_ip` across all workers.
-pub fn admit(w: &Shared, peer: SocketAddr, header: Header, early: Vec<u8>) -> Result<Admitted, Refusal> {
+pub fn admit(w: &Shared, peer: SocketAddr, header: Header, early: Vec<u8>) -> Result<Admitted, Refused> {
     let Some(client) = header.source else {
         // LOCAL / UNKNOWN: the balancer speaks for itself (a health check),
         // trusted already; no client to charge.
         w.counters.proxied();
         log::trace!("connection from {peer} (the balancer itself)");
-        return Ok(Admitted { charge: None, early });
+        return Ok(Admitted { charge: None, early, client: None });
     };
     let admission = {
         // A poisoned turn only means another thread panicked holding it;
@@ -129,7 +146,9 @@ pub fn admit(w: &Shared, peer: SocketAddr, header: Header, early: Vec<u8>) -> Re
     };
     let charge = match admission {
         Admission::Admitted(charge) => charge,
-        Admission::OverLimit => return Err(refused(w, peer, Some(client), Refusal::PerIp)),
+        Admission::OverLimit => {
+            return Err(Refused { why: refused(w, peer, Some(client), Refusal::PerIp), client: Some(client) });
+        }
         Admission::TableFull => {
             w.counters.refuse(Refusal::PerIp);
             let allowed = w.refusal_log.lock().map(|mut l| l.allow(Instant::now())).unwrap_or(None);
@@ -141,12 +160,12 @@ pub fn admit(w: &Shared, peer: SocketAddr, header: Header, early: Vec<u8>) -> Re
                     RateLimited::suffix(suppressed)
                 );
             }
-            return Err(Refusal::PerIp);
+            return Err(Refused { why: Refusal::PerIp, client: Some(client) });
         }
     };
     w.counters.proxied();
     log::trace!("connection from {client} via {peer}");
-    Ok(Admitted { charge: Some(charge), early })
+    Ok(Admitted { charge: Some(charge), early, client: Some(client) })
 }
 
 /// Counts a refusal and logs it (rate-limited); the caller closes.

@@ -4,13 +4,14 @@
 
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::gate::AcceptGate;
 use crate::ipc::{Channel, Notice, Origin};
 use crate::ratelimit::RateLimited;
 use crate::scoreboard::{Field, Scoreboard, Slot, monotonic_ms};
+use crate::worker::access::{AccessLog, Ends, Entry, Reason};
 use crate::worker::counters::Counters;
 use crate::worker::handles::{self, Handle, OpenConnections};
 use crate::worker::queue::Queue;
@@ -45,6 +46,8 @@ pub struct Shared {
     pub ticks: AtomicU64,
     /// Paces the log lines of refused PROXY connections (`proxied`).
     pub refusal_log: std::sync::Mutex<RateLimited>,
+    /// The connection log, when `access_log` is on.
+    pub access: Option<AccessLog>,
 }
 
 impl Shared {
@@ -76,6 +79,20 @@ impl Shared {
     /// many there were.
     pub(super) fn cut_all(&self) -> usize {
         self.open.cut_all() + handles::cut_all(&self.loops)
+    }
+
+    /// Where a connection's log line will need its addresses from: read
+    /// now (they may be gone at its end), and only with the log on.
+    pub fn ends_of(&self, stream: &TcpStream) -> Option<Box<Ends>> {
+        self.access.as_ref().map(|_| Box::new(Ends::of(stream)))
+    }
+
+    /// Writes a connection's line to the connection log, if it is on.
+    pub fn log_connection(&self, ends: Option<&Ends>, started: Instant, bytes: (u64, u64), reason: Reason) {
+        if let (Some(log), Some(ends)) = (&self.access, ends) {
+            let (bytes_in, bytes_out) = bytes;
+            log.log(&Entry { ends: *ends, lived: started.elapsed(), bytes_in, bytes_out, reason });
+        }
     }
 
     /// Refreshes the heartbeat: this process runs. The receiver does it on
