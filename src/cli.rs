@@ -40,8 +40,8 @@ pub struct EchodCli {
     /// Address to listen on, IP:PORT (repeatable; replaces the file's `listen`)
     #[arg(short, long = "listen", value_name = "ADDR")]
     pub listen: Vec<String>,
-    /// Worker processes, a number or `auto` (one per CPU; replaces the file's `workers`)
-    #[arg(short, long, value_name = "N|auto")]
+    /// Worker processes, a number or `auto` (one per CPU available to echod; replaces the file's `workers`)
+    #[arg(short, long, value_name = "N|auto", value_hint = clap::ValueHint::Other)]
     pub workers: Option<String>,
     /// Check the config as a start would (limits, the drop to `user`, what `user` can read; warnings on
     /// stderr), print the effective config and exit (0 valid, 78 invalid)

@@ -279,3 +279,66 @@ fn queue_capacity_bounds_the_waiting_connections_and_loses_none() {
     let s = e.stats_until(Duration::from_secs(5), |s| s["closed"] == served);
     assert_eq!((s["accepted"], s["errors"]), (served, 0), "{s:?}");
 }
+
+/// #28.8: `--workers auto` is the file's `workers = "auto"`, and
+/// `--check-config` prints it as such, whichever set it.
+#[test]
+fn workers_auto_reads_the_same_from_the_flag_and_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("echod.toml");
+    std::fs::write(&file, "workers = \"auto\"\n").unwrap();
+    let file = file.to_str().unwrap();
+    let (code, err, from_file) = run_to_exit(&["--check-config", "--config", file], None);
+    assert_eq!(code, 0, "{err}");
+    let (code, err, from_flag) = run_to_exit(&["--check-config", "--config", "/dev/null", "--workers", "auto"], None);
+    assert_eq!(code, 0, "{err}");
+    let workers = |out: &str| out.lines().find(|l| l.starts_with("workers = ")).map(str::to_string);
+    assert_eq!(workers(&from_file).as_deref(), Some("workers = \"auto\""), "{from_file}");
+    assert_eq!(workers(&from_flag), workers(&from_file), "{from_flag}");
+}
+
+/// #28.8: at debug level a start does not say "all workers full" before a
+/// worker serves (there is no room yet; that is not a full echod).
+#[test]
+fn a_start_at_debug_level_does_not_call_its_workers_full() {
+    let e = start("workers = 2\nlog_level = \"debug\"\n");
+    let mut s = connect(e.addr);
+    assert_eq!(round_trip(&mut s, b"x").unwrap(), b"x");
+    let log = e.log_text();
+    assert!(!log.contains("all workers full"), "{log}");
+}
+
+/// #28.8: `echo-load -i` against nothing is a connection error (3), not a
+/// wrong echo (1), and an echo that comes back intact exits 0.
+#[test]
+fn echo_load_interactive_exits_as_documented() {
+    let refused = format!("127.0.0.1:{}", free_port());
+    let out = std::process::Command::new(echo_load())
+        .args(["-i", "-a", &refused])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let e = start("workers = 1\n");
+    let mut child = std::process::Command::new(echo_load())
+        .args(["-i", "-a", &e.addr.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"one\ntwo\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.stdout, b"one\ntwo\n");
+}
+
+/// #28.8: the unit's documentation names the man pages, and its IPv6
+/// recipe lists an IPv4 address too (echod's IPv6 sockets are v6-only).
+#[test]
+fn the_unit_points_at_the_man_pages_and_a_dual_stack_recipe() {
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/echod.service")).unwrap();
+    let docs = unit.lines().find(|l| l.starts_with("Documentation=")).expect("Documentation=");
+    assert!(docs.contains("man:echod(8)") && docs.contains("man:echod.toml(5)"), "{docs}");
+    assert!(!unit.contains("listen = [\"[::]:7\"]"), "an IPv6-only recipe serves no IPv4 client");
+}

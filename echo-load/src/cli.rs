@@ -27,8 +27,9 @@ Exit status:
   3  errors: timeouts, resets, failed connects, lost or unanswered messages, or no response
   4  client behind: with --rate, over 1% of the due messages were not sent by the end
   130  interrupted (Ctrl-C, TERM) during the ramp-up or warm-up: nothing was measured
-When several apply, the lowest of 1, 4 and 3 in that order wins: a wrong byte first, then a run
-whose client could not keep its schedule (its errors describe the client), then errors. Ctrl-C
+When several apply, the first of these wins: 1 (a wrong byte), then 4 (a run whose client could
+not keep its schedule: its errors describe the client), then 3 (errors). With --interactive: 0
+every line came back as sent, 1 one did not, 3 a connection error. Ctrl-C
 during the measurement prints the partial result, and the exit status is that result's.";
 
 /// Load-test an echo server: throughput, latency percentiles, every byte

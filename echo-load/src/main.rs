@@ -32,10 +32,13 @@ fn main() -> ExitCode {
     if cli.interactive {
         let addr = addrs[0];
         return match interactive(addr) {
-            Ok(()) => ExitCode::SUCCESS,
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
             Err(e) => {
+                // A refused or broken connection is an error (3), not a
+                // wrong echo (1).
                 eprintln!("echo-load: {addr}: {e}");
-                ExitCode::from(1)
+                ExitCode::from(3)
             }
         };
     }
@@ -171,17 +174,23 @@ fn progress_bar(opts: &Options) -> ProgressBar {
 }
 
 /// The classic echo client: each stdin line goes out, its echo is printed.
-fn interactive(addr: SocketAddr) -> std::io::Result<()> {
+/// Ok(false) if an echo differed from its line (said on stderr).
+fn interactive(addr: SocketAddr) -> std::io::Result<bool> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut reader = s.try_clone()?;
     eprintln!("connected to {addr}; type lines (Ctrl-D ends)");
     let stdout = std::io::stdout();
+    let mut intact = true;
     for line in std::io::stdin().lock().lines() {
         let line = line? + "\n";
         s.write_all(line.as_bytes())?;
         let mut echo = vec![0u8; line.len()];
         reader.read_exact(&mut echo)?;
+        if echo != line.as_bytes() {
+            eprintln!("echo-load: the echo differs from the line sent");
+            intact = false;
+        }
         let mut out = stdout.lock();
         out.write_all(&echo)?;
         out.flush()?;
@@ -190,5 +199,5 @@ fn interactive(addr: SocketAddr) -> std::io::Result<()> {
     let mut rest = Vec::new();
     reader.read_to_end(&mut rest)?;
     stdout.lock().write_all(&rest)?;
-    Ok(())
+    Ok(intact && rest.is_empty())
 }

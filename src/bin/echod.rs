@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use echod::cli::EchodCli as Cli;
-use echod::config::{Config, ConfigError, EX_CONFIG, Overrides};
+use echod::config::{Config, ConfigError, EX_CONFIG, Overrides, Workers};
 use echod::logging;
 use echod::master::{Master, StartError};
 
@@ -124,8 +124,12 @@ fn overrides(cli: &Cli) -> Result<Overrides, ConfigError> {
         .workers
         .as_deref()
         .map(|w| match w {
-            "auto" => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
-            n => n.parse::<usize>().map_err(|_| ConfigError::flag("--workers", format!("`{n}` is not a number"))),
+            // As the file's `workers = "auto"`: --check-config prints it so.
+            "auto" => Ok(Workers::Auto),
+            n => n
+                .parse::<usize>()
+                .map(Workers::Count)
+                .map_err(|_| ConfigError::flag("--workers", format!("`{n}` is not a number or `auto`"))),
         })
         .transpose()?;
     Ok(Overrides { listen, workers })

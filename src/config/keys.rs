@@ -172,7 +172,7 @@ pub const KEYS: &[Key] = &[
         "30",
         Reload::Now,
         "Seconds open connections may go on after a graceful stop (TERM), a reload or a scale-down begins \
-         draining them; the rest are then closed.",
+         draining them; the rest are then closed. 0 = close them at once (as a fast stop does).",
     ),
     key(
         "shutdown_delay",

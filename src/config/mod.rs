@@ -207,7 +207,8 @@ impl Default for Config {
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
     pub listen: Vec<SocketAddr>,
-    pub workers: Option<usize>,
+    /// `--workers`: a count or `auto`, as the file's key.
+    pub workers: Option<Workers>,
 }
 
 impl Config {
@@ -257,8 +258,8 @@ impl Config {
         if !overrides.listen.is_empty() {
             self.listen = overrides.listen.clone();
         }
-        if let Some(n) = overrides.workers {
-            self.workers = Workers::Count(n);
+        if let Some(w) = overrides.workers {
+            self.workers = w;
         }
         if overrides.listen.is_empty() && overrides.workers.is_none() {
             return Ok(()); // nothing changed since the file was validated
@@ -933,10 +934,10 @@ mod tests {
 
     #[test]
     fn overrides_beat_the_file_and_are_validated() {
-        let o = Overrides { listen: vec!["127.0.0.1:1".parse().unwrap()], workers: Some(2) };
+        let o = Overrides { listen: vec!["127.0.0.1:1".parse().unwrap()], workers: Some(Workers::Count(2)) };
         let c = Config::parse("workers = 5", Source::CommandLine, &o).unwrap();
         assert_eq!((c.worker_count(), c.listen.clone()), (2, o.listen.clone()));
-        let bad = Overrides { workers: Some(0), ..Overrides::default() };
+        let bad = Overrides { workers: Some(Workers::Count(0)), ..Overrides::default() };
         let e = Config::builtin(&bad).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("--workers"));
     }

@@ -39,7 +39,7 @@ use crate::config::Config;
 use crate::gate::AcceptGate;
 use crate::ipc::{MAX_FDS_PER_MESSAGE, Origin};
 use crate::master::listeners::Listeners;
-use crate::master::supervisor::{Pending, Supervisor, WorkerHandle};
+use crate::master::supervisor::{Pending, Phase, Supervisor, WorkerHandle};
 use crate::ratelimit::RateLimited;
 
 /// First pause after an EMFILE with nothing to free; doubles up to the max.
@@ -304,7 +304,10 @@ impl Dispatcher {
     fn update_pause(&mut self, waiting: bool, sup: &Supervisor) {
         let gate = AcceptGate::new(sup.scoreboard);
         if waiting && gate.close_unless(|| self.has_room(sup).is_some()) {
-            if !self.paused {
+            // Before any worker serves there is no room either; that is a
+            // start (or a crash loop, logged as such), not a full echod.
+            let serving = sup.workers().iter().any(|w| w.phase() == Phase::Serving);
+            if !self.paused && serving {
                 log::debug!("all workers full; new connections wait in the listen backlog");
             }
             self.paused = true;

@@ -870,7 +870,14 @@ impl Master {
             "reloaded {}: generation {}, {} worker(s) to replace one by one, target {}",
             self.source.as_ref().map_or("built-in defaults".into(), |p| p.display().to_string()),
             self.sup.generation(),
-            self.sup.workers().iter().filter(|w| w.generation() < self.sup.generation()).count(),
+            // Those already draining (an earlier reload's) are not replaced:
+            // they are on their way out.
+            self.sup
+                .workers()
+                .iter()
+                .filter(|w| w.generation() < self.sup.generation()
+                    && !matches!(w.phase(), supervisor::Phase::Draining { .. }))
+                .count(),
             self.sup.target()
         );
     }

@@ -173,7 +173,8 @@ pub const TABLE: &[SignalDoc] = &[
         command: Some("more-workers"),
         summary: "one worker process more, per delivery",
         doc: "one worker more, once per signal delivered (four `kill -TTIN` in a row are four workers more); the \
-              count survives reloads unless the file's `workers` changes. Sent to the old master after the \
+              count survives reloads unless the file's `workers` changes, but not a binary upgrade: the new \
+              master starts from the file's `workers`, as a restart does. Sent to the old master after the \
               hand-over, passed on to the new one",
     },
     SignalDoc {
