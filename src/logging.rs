@@ -31,8 +31,24 @@ const NOT_A_WORKER: usize = usize::MAX;
 /// master's follows its reloads.
 static GENERATION: AtomicU64 = AtomicU64::new(1);
 
+/// This process's pid, read once per process (a syscall per line adds up
+/// in a busy connection log).
+static PID: AtomicU64 = AtomicU64::new(0);
+
+fn pid() -> u64 {
+    match PID.load(Ordering::Relaxed) {
+        0 => {
+            let pid = u64::from(std::process::id());
+            PID.store(pid, Ordering::Relaxed);
+            pid
+        }
+        pid => pid,
+    }
+}
+
 /// Makes every later line of this process a worker's (after fork).
 pub fn set_worker(slot: usize, generation: u64) {
+    PID.store(u64::from(std::process::id()), Ordering::Relaxed);
     SLOT.store(slot, Ordering::Relaxed);
     GENERATION.store(generation, Ordering::Relaxed);
 }
@@ -71,13 +87,15 @@ pub fn init(level: LevelFilter, format: LogFormat) {
 }
 
 /// A field's value in a line: text (quoted in JSON, and in text where it
-/// holds a space) or a number.
+/// holds a space), a number, an address or a duration.
 #[derive(Debug, Clone, Copy)]
 pub enum Value<'a> {
     Text(&'a str),
     Int(u64),
-    /// Rendered with millisecond precision (durations, seconds).
-    Secs(f64),
+    /// `-` in text and `null` in JSON when None.
+    Addr(Option<std::net::SocketAddr>),
+    /// Seconds with millisecond precision.
+    Duration(std::time::Duration),
 }
 
 /// One whole log line, newline included, as the logger writes it: the
@@ -88,13 +106,15 @@ pub fn line(level: Level, message: &str, fields: &[(&str, Value)]) -> String {
     if journal {
         let _ = write!(out, "<{}>", syslog_priority(level));
     }
-    let pid = std::process::id();
+    let pid = pid();
     let slot = SLOT.load(Ordering::Relaxed);
     let generation = GENERATION.load(Ordering::Relaxed);
     let thread = std::thread::current();
     let thread = thread.name().filter(|n| *n != "main");
     if JSON.load(Ordering::Relaxed) {
-        let _ = write!(out, "{{\"ts\":\"{}\",\"level\":\"{}\",\"pid\":{pid}", timestamp(), level_name(level));
+        out.push_str("{\"ts\":\"");
+        push_timestamp(&mut out);
+        let _ = write!(out, "\",\"level\":\"{}\",\"pid\":{pid}", level_name(level));
         if slot == NOT_A_WORKER {
             out.push_str(",\"role\":\"master\"");
         } else {
@@ -113,36 +133,62 @@ pub fn line(level: Level, message: &str, fields: &[(&str, Value)]) -> String {
             out.push(':');
             match value {
                 Value::Text(t) => json_string(&mut out, t),
-                Value::Int(n) => {
-                    let _ = write!(out, "{n}");
+                Value::Int(n) => push_u64(&mut out, *n),
+                Value::Addr(Some(a)) => {
+                    out.push('"');
+                    push_addr(&mut out, a);
+                    out.push('"');
                 }
-                Value::Secs(s) => {
-                    let _ = write!(out, "{s:.3}");
-                }
+                Value::Addr(None) => out.push_str("null"),
+                Value::Duration(d) => push_millis(&mut out, *d),
             }
         }
         out.push_str("}\n");
         return out;
     }
     if !journal {
-        let _ = write!(out, "{} {:<5} ", timestamp(), level);
+        push_timestamp(&mut out);
+        out.push_str(match level {
+            Level::Error => " ERROR ",
+            Level::Warn => " WARN  ",
+            Level::Info => " INFO  ",
+            Level::Debug => " DEBUG ",
+            Level::Trace => " TRACE ",
+        });
     }
+    // Written piece by piece, not with `write!`: the connection log
+    // formats a line per connection, and core::fmt was most of its cost.
     if slot == NOT_A_WORKER {
-        let _ = write!(out, "[master {pid}");
+        out.push_str("[master ");
+        push_u64(&mut out, pid);
     } else {
-        let _ = write!(out, "[worker-{slot} {pid} g{generation}");
+        out.push_str("[worker-");
+        push_u64(&mut out, slot as u64);
+        out.push(' ');
+        push_u64(&mut out, pid);
+        out.push_str(" g");
+        push_u64(&mut out, generation);
     }
     if let Some(name) = thread {
-        let _ = write!(out, " {name}");
+        out.push(' ');
+        out.push_str(name);
     }
-    let _ = write!(out, "] {message}");
+    out.push_str("] ");
+    out.push_str(message);
     for (key, value) in fields {
-        let _ = match value {
-            Value::Text(t) if t.is_empty() || t.contains([' ', '"']) => write!(out, " {key}={t:?}"),
-            Value::Text(t) => write!(out, " {key}={t}"),
-            Value::Int(n) => write!(out, " {key}={n}"),
-            Value::Secs(s) => write!(out, " {key}={s:.3}"),
-        };
+        out.push(' ');
+        out.push_str(key);
+        out.push('=');
+        match value {
+            Value::Text(t) if t.is_empty() || t.contains([' ', '"']) => {
+                let _ = write!(out, "{t:?}");
+            }
+            Value::Text(t) => out.push_str(t),
+            Value::Int(n) => push_u64(&mut out, *n),
+            Value::Addr(Some(a)) => push_addr(&mut out, a),
+            Value::Addr(None) => out.push('-'),
+            Value::Duration(d) => push_millis(&mut out, *d),
+        }
     }
     out.push('\n');
     out
@@ -179,9 +225,70 @@ fn json_string(out: &mut String, s: &str) {
 }
 
 /// Now as RFC 3339 UTC with milliseconds (`2026-12-03T11:41:56.638Z`).
-fn timestamp() -> String {
+///
+/// The date and time to the second are formatted once a second per thread
+/// (a busy connection log writes thousands of lines a second).
+fn push_timestamp(out: &mut String) {
+    thread_local! {
+        static SECOND: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    rfc3339(now.as_secs(), now.subsec_millis())
+    let secs = now.as_secs();
+    SECOND.with_borrow_mut(|(cached, text)| {
+        if *cached != secs {
+            *text = rfc3339(secs, 0);
+            text.truncate(text.len() - ".000Z".len());
+            *cached = secs;
+        }
+        out.push_str(text);
+    });
+    let _ = write!(out, ".{:03}Z", now.subsec_millis());
+}
+
+/// `d` as seconds with three decimals, without float formatting.
+fn push_millis(out: &mut String, d: std::time::Duration) {
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    push_u64(out, ms / 1000);
+    out.push('.');
+    let frac = ms % 1000;
+    out.push(char::from(b'0' + (frac / 100) as u8));
+    out.push(char::from(b'0' + (frac / 10 % 10) as u8));
+    out.push(char::from(b'0' + (frac % 10) as u8));
+}
+
+/// `n` in decimal.
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written.
+    out.push_str(std::str::from_utf8(&digits[i..]).unwrap_or("?"));
+}
+
+/// `a` as `SocketAddr`'s Display writes it (IPv4 by hand, the common case).
+fn push_addr(out: &mut String, a: &std::net::SocketAddr) {
+    match a {
+        std::net::SocketAddr::V4(v4) => {
+            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_u64(out, u64::from(octet));
+            }
+            out.push(':');
+            push_u64(out, u64::from(v4.port()));
+        }
+        v6 => {
+            let _ = write!(out, "{v6}");
+        }
+    }
 }
 
 fn rfc3339(secs: u64, millis: u32) -> String {
@@ -240,6 +347,29 @@ mod tests {
         assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(951_782_400, 5), "2000-02-29T00:00:00.005Z");
         assert_eq!(rfc3339(1_796_298_116, 638), "2026-12-03T11:41:56.638Z");
+        let mut now = String::new();
+        push_timestamp(&mut now);
+        push_timestamp(&mut now);
+        assert_eq!(now.len(), 2 * "2026-12-03T11:41:56.638Z".len(), "{now}");
+        assert!(now.ends_with('Z') && now.as_bytes()[10] == b'T', "{now}");
+    }
+
+    #[test]
+    fn numbers_and_addresses_are_written_as_display_writes_them() {
+        for n in [0, 7, 10, 65535, u64::MAX] {
+            let mut out = String::new();
+            push_u64(&mut out, n);
+            assert_eq!(out, n.to_string());
+        }
+        for a in ["127.0.0.1:7007", "0.0.0.0:0", "255.255.255.255:65535", "[2001:db8::7]:5555", "[::1]:1"] {
+            let a: std::net::SocketAddr = a.parse().unwrap();
+            let mut out = String::new();
+            push_addr(&mut out, &a);
+            assert_eq!(out, a.to_string());
+        }
+        let mut out = String::new();
+        push_millis(&mut out, std::time::Duration::from_micros(61_234_567));
+        assert_eq!(out, "61.234");
     }
 
     #[test]
