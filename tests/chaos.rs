@@ -570,6 +570,10 @@ struct Chaos {
     mode: &'static str,
     rng: Rng,
     dir: tempfile::TempDir,
+    /// `pid_file`, in a directory `nobody` may write (echod started as
+    /// root drops to it): the invariant `check_pid_file` reads it, and
+    /// reloads go through `echod -s reload` half the time.
+    pid_dir: tempfile::TempDir,
     /// The main listener, the extra ones (on and off by reload), the PROXY
     /// one, the metrics one: fixed ports, kept across restarts.
     main: SocketAddr,
@@ -621,11 +625,14 @@ impl Chaos {
         let firsts = Event::firsts(&mut rng);
         let mut used = vec![(false, "127.0.0.1".to_string()), (true, "192.0.2.1".to_string())];
         used.extend((1..=PROXY_NAMES).map(|i| (true, format!("198.51.100.{i}"))));
+        let pid_dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(pid_dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
         let mut chaos = Chaos {
             seed,
             mode,
             rng,
             dir,
+            pid_dir,
             main,
             extras,
             proxied,
@@ -679,13 +686,14 @@ impl Chaos {
         let mut text = format!(
             "listen = [{}]\nworkers = {}\nbuffer_size = {}\nshutdown_timeout = {SHUTDOWN_TIMEOUT}\n\
              metrics_listen = \"{}\"\nmax_connections_per_ip = {}\nproxy_protocol = [\"{}\"]\n\
-             proxy_trusted = [\"127.0.0.1\"]\n",
+             proxy_trusted = [\"127.0.0.1\"]\npid_file = \"{}\"\n",
             listen.join(", "),
             shape.workers,
             shape.buffer,
             self.metrics,
             shape.per_ip,
-            self.proxied
+            self.proxied,
+            self.pid_file().display()
         );
         if let Some(t) = shape.idle_timeout {
             text.push_str(&format!("idle_timeout = {t}\n"));
@@ -1581,8 +1589,26 @@ impl Chaos {
     fn reload(&mut self, text: &str) {
         let skip = self.e().log_len();
         self.write_config(text);
-        kill(self.master, libc_sig::HUP);
+        if self.rng.below(2) == 0 {
+            kill(self.master, libc_sig::HUP);
+        } else {
+            // As an operator would: the control command finds the master
+            // through pid_file (and checks the file first).
+            let config = self.e().config.clone();
+            let out = std::process::Command::new(ECHOD)
+                .arg("--config")
+                .arg(&config)
+                .args(["--signal", "reload"])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("echod --signal reload");
+            assert!(out.status.success(), "echod -s reload: {}", String::from_utf8_lossy(&out.stderr));
+        }
         self.wait_log(skip, &format!("[master {}] reloaded", self.master));
+    }
+
+    fn pid_file(&self) -> std::path::PathBuf {
+        self.pid_dir.path().join("echod.pid")
     }
 
     fn upgrade(&mut self) {
@@ -1728,6 +1754,7 @@ impl Chaos {
     /// The invariants that hold once a step has settled, under load.
     fn check_step(&mut self) -> Result<(), String> {
         self.check_masters()?;
+        self.check_pid_file()?;
         self.check_listeners()?;
         self.check_health()?;
         self.check_counters()?;
@@ -1761,6 +1788,31 @@ impl Chaos {
             );
             if Instant::now() > deadline {
                 return Err(format!("not settled after {SETTLE:?}: {last}"));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `pid_file` names the one master that serves, and `.oldbin`, if
+    /// there, names no running echod (a master SIGKILLed in its drain
+    /// leaves its file behind, as nginx's does; a start refuses only a live
+    /// one).
+    fn check_pid_file(&mut self) -> Result<(), String> {
+        let read = |p: &std::path::Path| std::fs::read_to_string(p).ok().and_then(|t| t.trim().parse::<i32>().ok());
+        let path = self.pid_file();
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let named = read(&path);
+            let oldbin = read(std::path::Path::new(&format!("{}.oldbin", path.display())));
+            let live_oldbin = oldbin.filter(|&p| alive_as(p, "echod") && self.masters.contains(&p));
+            if named == Some(self.master) && live_oldbin.is_none() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "pid_file names {named:?} (the serving master is {}); .oldbin names {oldbin:?}, alive: {live_oldbin:?}",
+                    self.master
+                ));
             }
             thread::sleep(Duration::from_millis(20));
         }

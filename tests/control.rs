@@ -195,3 +195,55 @@ fn reload_through_the_control_command_checks_the_file_before_it_signals() {
     let log = e.log_lines()[skip..].join("\n");
     assert!(!log.contains("reload failed"), "the broken file was signalled:\n{log}");
 }
+
+/// A reload that moves `pid_file` says the move needs a restart, and the
+/// file stays where the running master wrote it (so `echod -s` with the
+/// old config still finds it); the old master SIGKILLed in an upgrade's
+/// drain leaves a stale `.oldbin` that names no running echod, and a fresh
+/// start is not refused over it.
+#[test]
+fn pid_file_is_fixed_at_start_and_a_stale_oldbin_refuses_nothing() {
+    let (_dir, path) = pid_dir();
+    let (_other_dir, other) = pid_dir();
+    let mut e = start(&format!("workers = 1\nshutdown_timeout = 30\npid_file = \"{}\"\n", path.display()));
+    let old = e.pid();
+    let skip = e.log_len();
+    e.write_config(&format!(
+        "listen = [\"{}\"]\nworkers = 1\nshutdown_timeout = 30\npid_file = \"{}\"\n",
+        e.addr,
+        other.display()
+    ));
+    e.signal(libc_sig::HUP);
+    e.wait_log_after(skip, "`pid_file` changed", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no restart-only warning:\n{}", e.log_text()));
+    assert_eq!(read_pid(&path), Some(old));
+    assert!(!other.exists(), "a reload does not move the pid file");
+
+    // Back to the first path, then an upgrade with a held connection, and
+    // the old master dies mid-drain.
+    e.write_config(&format!(
+        "listen = [\"{}\"]\nworkers = 1\nshutdown_timeout = 30\npid_file = \"{}\"\n",
+        e.addr,
+        path.display()
+    ));
+    let mut held = connect(e.addr);
+    assert_eq!(round_trip(&mut held, b"held").unwrap(), b"held");
+    let (code, out, err) = control(&e.config, "upgrade");
+    assert_eq!(code, Some(0), "{out}{err}\n{}", e.log_text());
+    let new = read_pid(&path).expect("the new master's pid");
+    e.track(new);
+    assert_eq!(read_pid(&oldbin(&path)), Some(old));
+    kill(old, libc_sig::KILL);
+    assert!(wait_until(Duration::from_secs(5), || !alive(old)), "the old master is gone");
+    let _ = e.wait_exit(Duration::from_secs(5));
+    assert_eq!(read_pid(&oldbin(&path)), Some(old), "a SIGKILLed master leaves its .oldbin");
+    // The new master serves on; stop it, then a fresh start over the
+    // stale .oldbin is not refused.
+    let mut fresh = connect(e.addr);
+    assert_eq!(round_trip(&mut fresh, b"new").unwrap(), b"new");
+    drop((held, fresh));
+    let (code, out, err) = control(&e.config, "stop");
+    assert_eq!(code, Some(0), "{out}{err}");
+    let again = start(&format!("workers = 1\npid_file = \"{}\"\n", path.display()));
+    assert_eq!(read_pid(&path), Some(again.pid()), "{}", again.log_text());
+}
