@@ -247,3 +247,32 @@ fn pid_file_is_fixed_at_start_and_a_stale_oldbin_refuses_nothing() {
     let again = start(&format!("workers = 1\npid_file = \"{}\"\n", path.display()));
     assert_eq!(read_pid(&path), Some(again.pid()), "{}", again.log_text());
 }
+
+/// #28: every control action is logged with who asked: the sender's pid and
+/// uid (from siginfo) and its name, for the control command as for kill.
+#[test]
+fn the_master_logs_who_sent_each_signal() {
+    let (_dir, path) = pid_dir();
+    let e = start(&format!("workers = 1\npid_file = \"{}\"\n", path.display()));
+    let uid = nix::unistd::getuid().as_raw();
+    let child = std::process::Command::new(ECHOD)
+        .arg("--config")
+        .arg(&e.config)
+        .args(["--signal", "stats"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let sender = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    // (The sender's name follows when it is still running as the master
+    // reads it; `-s stats` does not wait, so it may be gone.)
+    let want = format!("signal USR1 from pid {sender} (uid {uid}");
+    e.wait_log(&want, Duration::from_secs(5)).unwrap_or_else(|| panic!("no `{want}`:\n{}", e.log_text()));
+    let kill = std::process::Command::new("kill").args(["-TTIN", &e.pid().to_string()]).spawn().unwrap();
+    let sender = kill.id();
+    assert!(kill.wait_with_output().unwrap().status.success());
+    let want = format!("signal TTIN from pid {sender} (uid {uid}");
+    e.wait_log(&want, Duration::from_secs(5)).unwrap_or_else(|| panic!("no `{want}`:\n{}", e.log_text()));
+}

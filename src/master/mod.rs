@@ -444,8 +444,13 @@ impl Master {
             for event in events.iter() {
                 match Source::of(event.token()) {
                     Some(Source::Signals) => {
-                        for (sig, times) in self.signals.take() {
-                            self.on_signal(sig, times);
+                        for d in self.signals.take() {
+                            // Who asked, for every control action (not for
+                            // CHLD, the kernel's).
+                            if d.signal != signals::Signal::Child {
+                                log::info!("signal {}", d.describe());
+                            }
+                            self.on_signal(d.signal, d.times);
                         }
                     }
                     Some(Source::Successor) => self.on_successor_channel(),

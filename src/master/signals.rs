@@ -4,14 +4,18 @@
 //! watches, so the real work happens in the loop, never in signal context.
 //! The pipe says *which* signals arrived since the last look, not how many
 //! times; for the ones whose count matters (TTIN, TTOU: one worker each) a
-//! counter in signal context counts every delivery.
+//! counter in signal context counts every delivery. It also says who sent
+//! each (the sender's pid and uid from siginfo, the last sender's when
+//! several sent the same signal), so the master logs who asked for every
+//! stop, reload, upgrade and rescale, as nginx does.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use mio::{Interest, Registry, Token};
 use signal_hook::consts::signal::*;
-use signal_hook_mio::v1_0::Signals;
+use signal_hook::iterator::backend::SignalDelivery;
+use signal_hook::iterator::exfiltrator::WithOrigin;
 
 use crate::sys;
 
@@ -32,7 +36,15 @@ fn install_for(signals: &[i32]) -> std::io::Result<SignalSource> {
             sys::count_deliveries(*sig, count.clone())?;
         }
     }
-    Ok(SignalSource { pipe: Signals::new(signals)?, counts })
+    // signal-hook-mio's pollable type carries no siginfo, so the self-pipe
+    // is built here, as it builds its own: a socket pair, the read end
+    // polled by the master, the write end the handler's.
+    let (read, write) = std::os::unix::net::UnixStream::pair()?;
+    read.set_nonblocking(true)?;
+    write.set_nonblocking(true)?;
+    let read = mio::net::UnixStream::from_std(read);
+    let pipe = SignalDelivery::with_pipe(read, write, WithOrigin::default(), signals)?;
+    Ok(SignalSource { pipe, counts })
 }
 
 /// Registered with signal-hook at start.
@@ -43,31 +55,78 @@ const COUNTED: [i32; 2] = [SIGTTIN, SIGTTOU];
 
 /// The signals that arrived, as the loop reads them.
 pub struct SignalSource {
-    pipe: Signals,
+    pipe: SignalDelivery<mio::net::UnixStream, WithOrigin>,
     /// Deliveries of each of [`COUNTED`] not yet taken by the loop.
     counts: [Arc<AtomicUsize>; 2],
 }
 
 impl SignalSource {
     pub fn register(&mut self, registry: &Registry, token: Token) -> std::io::Result<()> {
-        registry.register(&mut self.pipe, token, Interest::READABLE)
+        registry.register(self.pipe.get_read_mut(), token, Interest::READABLE)
     }
 
     /// What arrived since the last call, each with how many times it is to
     /// be acted on: a counted signal as often as it was delivered (0 when
     /// an earlier call already took its deliveries), any other once.
-    pub fn take(&mut self) -> Vec<(Signal, usize)> {
-        let raw: Vec<i32> = self.pipe.pending().collect();
+    pub fn take(&mut self) -> Vec<Delivery> {
+        // With siginfo, the pipe may report one signal once per sender; it
+        // is still acted on once per pass (as before, and as the counted
+        // ones are: by their counter), and the last sender is named.
+        let mut raw: Vec<(i32, Option<Sender>)> = Vec::new();
+        for o in self.pipe.pending() {
+            let from = o.process.map(|p| Sender { pid: p.pid, uid: p.uid });
+            match raw.iter_mut().find(|(sig, _)| *sig == o.signal) {
+                Some(seen) => seen.1 = from.or(seen.1),
+                None => raw.push((o.signal, from)),
+            }
+        }
         raw.into_iter()
-            .filter_map(|sig| {
+            .filter_map(|(sig, from)| {
                 let times = match COUNTED.iter().position(|&c| c == sig) {
                     Some(i) => self.counts[i].swap(0, Ordering::Relaxed),
                     None => 1,
                 };
-                Signal::from_raw(sig).map(|s| (s, times))
+                Signal::from_raw(sig).map(|signal| Delivery { signal, raw: sig, times, from })
             })
-            .filter(|&(_, times)| times > 0)
+            .filter(|d| d.times > 0)
             .collect()
+    }
+}
+
+/// The process that sent a signal, from its siginfo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sender {
+    pub pid: i32,
+    pub uid: u32,
+}
+
+/// Signals of one kind the loop is to act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    pub signal: Signal,
+    /// The signal number (TERM and INT are one `Signal`).
+    pub raw: i32,
+    pub times: usize,
+    /// Who sent it (None: the kernel, or a sender siginfo does not name).
+    pub from: Option<Sender>,
+}
+
+impl Delivery {
+    /// `HUP from pid 1234 (uid 0, kill)`: who asked, for the log line the
+    /// master writes before acting on it.
+    pub fn describe(&self) -> String {
+        let name =
+            TABLE.iter().find_map(|d| d.raw.iter().position(|&r| r == self.raw).map(|i| d.names[i])).unwrap_or("?");
+        let times = if self.times > 1 { format!(" x{}", self.times) } else { String::new() };
+        match self.from {
+            Some(s) => {
+                let comm = std::fs::read_to_string(format!("/proc/{}/comm", s.pid)).unwrap_or_default();
+                let comm = comm.trim();
+                let comm = if comm.is_empty() { String::new() } else { format!(", {comm}") };
+                format!("{name}{times} from pid {} (uid {}{comm})", s.pid, s.uid)
+            }
+            None => format!("{name}{times} (sender unknown)"),
+        }
     }
 }
 
@@ -297,12 +356,18 @@ mod tests {
             nix::sys::signal::raise(nix::sys::signal::Signal::SIGTTOU).unwrap();
             nix::sys::signal::raise(nix::sys::signal::Signal::SIGUSR1).unwrap();
         }
+        let me = Sender { pid: std::process::id() as i32, uid: nix::unistd::getuid().as_raw() };
         let mut got = source.take();
-        got.sort_by_key(|(s, _)| *s as u8);
-        assert_eq!(got, vec![(Signal::MoreWorkers, 4), (Signal::FewerWorkers, 2), (Signal::Stats, 1)]);
+        got.sort_by_key(|d| d.signal as u8);
+        let kinds: Vec<(Signal, usize)> = got.iter().map(|d| (d.signal, d.times)).collect();
+        assert_eq!(kinds, vec![(Signal::MoreWorkers, 4), (Signal::FewerWorkers, 2), (Signal::Stats, 1)]);
+        // raise(3) is a signal from this process to itself: siginfo names it.
+        assert!(got.iter().all(|d| d.from == Some(me)), "{got:?}");
+        assert!(got[0].describe().starts_with(&format!("TTIN x4 from pid {} (uid {}", me.pid, me.uid)), "{got:?}");
         assert!(source.take().is_empty(), "each delivery is taken once");
         nix::sys::signal::raise(nix::sys::signal::Signal::SIGTTIN).unwrap();
-        assert_eq!(source.take(), vec![(Signal::MoreWorkers, 1)]);
+        let once: Vec<(Signal, usize)> = source.take().iter().map(|d| (d.signal, d.times)).collect();
+        assert_eq!(once, vec![(Signal::MoreWorkers, 1)]);
         // The pipe reports a signal whose deliveries an earlier pass took
         // (a delivery between that pass's swap and its read of the pipe):
         // nothing to act on, not an act of zero.
