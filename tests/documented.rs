@@ -342,3 +342,28 @@ fn the_unit_points_at_the_man_pages_and_a_dual_stack_recipe() {
     assert!(docs.contains("man:echod(8)") && docs.contains("man:echod.toml(5)"), "{docs}");
     assert!(!unit.contains("listen = [\"[::]:7\"]"), "an IPv6-only recipe serves no IPv4 client");
 }
+
+/// An ordinary run (connections come and go, a reload, a stop) logs no
+/// error and no warning: an operator's alert on ERROR must mean something.
+/// (Found by mutation testing: `accept` treating EAGAIN as an error still
+/// served every client, and only the log showed it.)
+#[test]
+fn an_ordinary_run_logs_no_error_or_warning() {
+    let mut e = start("workers = 2\n");
+    for i in 0..50u32 {
+        let mut s = connect(e.addr);
+        assert_eq!(round_trip(&mut s, &i.to_le_bytes()).unwrap(), i.to_le_bytes());
+    }
+    let skip = e.log_len();
+    e.write_config(&format!("listen = [\"{}\"]\nworkers = 2\n", e.addr));
+    e.signal(libc_sig::HUP);
+    e.wait_log_after(skip, "ready:", Duration::from_secs(10)).expect("ready after the reload");
+    let mut s = connect(e.addr);
+    assert_eq!(round_trip(&mut s, b"after").unwrap(), b"after");
+    drop(s);
+    e.signal(libc_sig::TERM);
+    assert_eq!(e.wait_exit(Duration::from_secs(10)), Some(0));
+    let bad: Vec<String> =
+        e.log_lines().into_iter().filter(|l| l.contains(" ERROR ") || l.contains(" WARN ")).collect();
+    assert!(bad.is_empty(), "{bad:#?}");
+}
