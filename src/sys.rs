@@ -329,3 +329,31 @@ pub fn count_deliveries(sig: i32, counter: std::sync::Arc<std::sync::atomic::Ato
     }?;
     Ok(())
 }
+
+/// How full the stream behind `fd` is, as (bytes queued that its reader
+/// has not taken, what it holds at most), for a pipe or a socket; None for
+/// anything else (a file or a terminal, whose writes wait on no reader).
+/// The connection log writes only while this leaves room for the daemon's
+/// own log lines (`worker::access`).
+pub fn stream_fill(fd: std::os::fd::BorrowedFd) -> Option<(usize, usize)> {
+    use std::os::fd::AsRawFd;
+    let st = nix::sys::stat::fstat(fd).ok()?;
+    let kind = st.st_mode & libc::S_IFMT;
+    let raw = fd.as_raw_fd();
+    let mut queued: libc::c_int = 0;
+    if kind == libc::S_IFIFO {
+        // SAFETY: FIONREAD writes one c_int through the pointer, which
+        // points at a live c_int of ours; `raw` is borrowed, so open.
+        let rc = unsafe { libc::ioctl(raw, libc::FIONREAD, &mut queued) };
+        // SAFETY: F_GETPIPE_SZ takes no argument and only reads the fd.
+        let size = unsafe { libc::fcntl(raw, libc::F_GETPIPE_SZ) };
+        (rc == 0 && size > 0).then(|| (queued.max(0) as usize, size as usize))
+    } else if kind == libc::S_IFSOCK {
+        // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one c_int, as above.
+        let rc = unsafe { libc::ioctl(raw, libc::TIOCOUTQ, &mut queued) };
+        let size = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SndBuf).ok()?;
+        (rc == 0).then(|| (queued.max(0) as usize, size))
+    } else {
+        None
+    }
+}

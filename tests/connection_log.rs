@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -149,15 +149,19 @@ both_modes! {
     }
 
     /// The log's reader stops reading (a pipe nobody drains): echoes go on
-    /// at full speed, the lines that do not fit are counted as dropped, and
-    /// once the reader drains the pipe every line not counted arrives.
+    /// at full speed, the lines that do not fit are counted as dropped, the
+    /// master still answers, reloads and logs its warnings (the connection
+    /// log leaves room in the pipe for them), and once the reader drains the
+    /// pipe every line not counted arrives, whole: two workers' JSON lines
+    /// never splice.
     fn a_log_nobody_reads_drops_lines_and_holds_up_no_echo() {
         let dir = tempfile::tempdir().unwrap();
         let (port, metrics_port) = (free_port(), free_port());
         let config = dir.path().join("echod.toml");
         let text = format!(
-            "listen = [\"127.0.0.1:{port}\"]\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\nworkers = 1\n\
-             access_log = true\nstats_interval = 0\n"
+            "listen = [\"127.0.0.1:{port}\"]\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\nworkers = 2\n\
+             access_log = true\nstats_interval = 0\nlog_format = \"json\"\nmax_connections_per_ip = 50\n\
+             shutdown_timeout = 2\n"
         );
         std::fs::write(&config, in_test_mode(&text)).unwrap();
         let mut child = Command::new(ECHOD)
@@ -179,8 +183,8 @@ both_modes! {
             assert!(Instant::now() < deadline, "echod never became healthy");
             std::thread::sleep(Duration::from_millis(20));
         }
-        // Far more lines than the pipe (64 KiB) and the log's queue hold.
-        let n = 7000u64;
+        // Far more lines than the pipe (64 KiB) and two workers' queues hold.
+        let mut n = 12_000u64;
         for i in 0..n {
             let mut s = TcpStream::connect(addr).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -197,16 +201,52 @@ both_modes! {
             assert!(Instant::now() < deadline, "no drop counted: {m:?}");
             std::thread::sleep(Duration::from_millis(50));
         }
+        // The pipe is full of connection lines, yet the master logs a
+        // refusal (a 51st connection from 127.0.0.1) and a reload, and
+        // answers throughout.
+        // (Wait until the sequential ones have all closed: one still open
+        // would be counted against the limit.)
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while scrape()["echod_connections_active"] != 0.0 {
+            assert!(Instant::now() < deadline, "connections still open");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let held: Vec<TcpStream> = (0..50).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        for mut s in &held {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            assert_eq!(round_trip_ref(&mut s, b"held"), b"held");
+        }
+        let mut third = TcpStream::connect(addr).unwrap();
+        closed_unechoed(&mut third, Duration::from_secs(10)).expect("the 51st is refused");
+        drop(held);
+        n += 50;
+        kill(child.id() as i32, libc_sig::HUP);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while scrape().get("echod_config_generation") != Some(&2.0) {
+            assert!(Instant::now() < deadline, "the master did not reload with the log stalled");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for i in 0..100u64 {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            assert_eq!(round_trip(&mut s, &i.to_le_bytes()).unwrap(), i.to_le_bytes(), "after the reload");
+        }
+        n += 100;
         // Now read the log: what was queued arrives, and with it every line
         // that was not dropped.
         let stderr = child.stderr.take().unwrap();
         let counted = Arc::new(AtomicU64::new(0));
-        let c = counted.clone();
+        let torn = Arc::new(Mutex::new(Vec::new()));
+        let (c, t) = (counted.clone(), torn.clone());
         std::thread::spawn(move || {
             use std::io::BufRead;
             for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                if parse(&line).is_some() {
-                    c.fetch_add(1, Ordering::Relaxed);
+                match serde_json::from_str::<serde_json::Value>(&line) {
+                    Ok(v) if v["msg"] == "connection" => {
+                        c.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(_) => {}
+                    Err(_) => t.lock().unwrap().push(line),
                 }
             }
         });
@@ -223,9 +263,18 @@ both_modes! {
             assert!(Instant::now() < deadline, "{lines} lines and {dropped} dropped of {n}");
             std::thread::sleep(Duration::from_millis(20));
         }
+        let torn = torn.lock().unwrap();
+        assert!(torn.is_empty(), "{} lines are not one JSON object each: {:?}", torn.len(), &torn[..torn.len().min(3)]);
         drop(guard);
         let _ = child.wait();
     }
+}
+
+fn round_trip_ref(s: &mut &TcpStream, data: &[u8]) -> Vec<u8> {
+    s.write_all(data).unwrap();
+    let mut got = vec![0u8; data.len()];
+    s.read_exact(&mut got).unwrap();
+    got
 }
 
 /// Kills the process by pid when the test ends, however it ends.

@@ -132,7 +132,8 @@ pub const FAMILIES: &[Family] = &[
         PROCESS_LABELS,
         "Total user and system CPU time spent in seconds.",
         "the standard process metrics, one series for the master and one per worker (`worker` is the slot); \
-         `sum by (role)` adds them up",
+         `sum by (role)` adds them up; during a binary upgrade's drain the old generation's processes are not \
+         in them (`echod_connections_draining` counts what they hold)",
     ),
     family("process_resident_memory_bytes", "gauge", PROCESS_LABELS, "Resident memory size in bytes.", ""),
     family(

@@ -9,9 +9,19 @@
 //! the queue full is dropped and counted (`echod_access_log_dropped_total`),
 //! never waited for: when the log's reader (a pipe, the journal) falls
 //! behind, echoes go on and the count says what the log lacks. The writer
-//! thread takes whatever is queued and writes it with as few `write(2)`s as
-//! it can, straight to fd 2: not through std's stderr lock, which the
-//! logger's own lines take, so a blocked log blocks only this thread.
+//! thread takes whatever is queued and writes it straight to fd 2 (not
+//! through std's stderr lock, which the logger's own lines take), in
+//! batches of whole lines of at most PIPE_BUF bytes: the kernel writes
+//! those to a pipe whole, so lines from several workers never splice.
+//!
+//! The log's stream is shared: every process of echod writes its own
+//! lines (a master's warning, a worker's) to the same pipe or socket, and
+//! those writes block when it is full. So the writer never fills it: it
+//! writes only while the stream keeps `RESERVE` free ([`sys::stream_fill`]:
+//! a pipe's or socket's unread bytes against its size), and otherwise waits,
+//! while its queue fills and then drops. A reader that stalls for good
+//! stops the connection log at once and the daemon's own lines only when
+//! they alone have filled the reserve, as any daemon's would.
 //!
 //! The master's refusals at accept (`max_connections`,
 //! `max_connections_per_ip` on plain listeners) are not here: the master
@@ -31,8 +41,16 @@ use crate::worker::counters::{Ending, Refusal};
 /// 1 MiB per worker, and a few seconds of a very busy worker's churn.
 const QUEUE_LINES: usize = 4096;
 
-/// At most this many bytes per write(2): one batch of lines.
-const BATCH_BYTES: usize = 64 * 1024;
+/// At most this many bytes per write(2): PIPE_BUF, so a batch of lines is
+/// written to a pipe whole, never spliced with another writer's.
+const BATCH_BYTES: usize = 4096;
+
+/// What the writer leaves free in the log's pipe or socket for the
+/// daemon's own lines (a quarter of a smaller one).
+const RESERVE: usize = 16 * 1024;
+
+/// How often the writer looks again while the stream has no room.
+const ROOM_POLL: Duration = Duration::from_millis(10);
 
 /// The writer is woken when this many lines wait, and otherwise looks
 /// every `FLUSH_EVERY`: waking it for each line cost a context switch per
@@ -125,6 +143,9 @@ struct Inner {
     changed: Condvar,
     /// Lines that found the queue full.
     dropped: AtomicU64,
+    /// Lines the writer took off the queue and has not written yet: lost,
+    /// and counted, if the worker exits first.
+    in_flight: AtomicU64,
 }
 
 #[derive(Default)]
@@ -142,6 +163,7 @@ impl AccessLog {
             queue: Mutex::new(Queue::default()),
             changed: Condvar::new(),
             dropped: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
         });
         let theirs = inner.clone();
         std::thread::Builder::new().name("access-log".into()).spawn(move || theirs.write_until_closed())?;
@@ -181,7 +203,7 @@ impl AccessLog {
         while !q.done {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
-                let lost = q.lines.len() as u64;
+                let lost = q.lines.len() as u64 + self.inner.in_flight.load(Ordering::Relaxed);
                 self.inner.dropped.fetch_add(lost, Ordering::Relaxed);
                 return;
             }
@@ -219,20 +241,39 @@ impl Inner {
                 self.changed.notify_all();
                 return;
             }
+            let mut lines = 0;
             while let Some(line) = q.lines.front() {
                 if !batch.is_empty() && batch.len() + line.len() > BATCH_BYTES {
                     break;
                 }
                 batch.extend_from_slice(line.as_bytes());
                 q.lines.pop_front();
+                lines += 1;
             }
+            self.in_flight.store(lines, Ordering::Relaxed);
             drop(q);
+            wait_for_room(batch.len());
             if write_stderr(&batch).is_err() {
                 // stderr is gone (closed, EPIPE): what it lacks is dropped.
-                self.dropped.fetch_add(batch.iter().filter(|b| **b == b'\n').count() as u64, Ordering::Relaxed);
+                self.dropped.fetch_add(lines, Ordering::Relaxed);
             }
+            self.in_flight.store(0, Ordering::Relaxed);
             batch.clear();
         }
+    }
+}
+
+/// Waits until stderr's pipe or socket can take `len` more bytes and still
+/// keep the reserve free for the daemon's own lines (at once for a file).
+fn wait_for_room(len: usize) {
+    use std::os::fd::AsFd;
+    let stderr = std::io::stderr();
+    while let Some((queued, size)) = crate::sys::stream_fill(stderr.as_fd()) {
+        let reserve = RESERVE.min(size / 4);
+        if size.saturating_sub(queued) >= len + reserve {
+            return;
+        }
+        std::thread::sleep(ROOM_POLL);
     }
 }
 

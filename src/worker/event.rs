@@ -329,6 +329,7 @@ impl EventLoop {
             Err(e) => {
                 log::warn!("cannot poll a connection: {e}");
                 self.free.push(i);
+                self.w.log_connection(ends.as_deref(), started, (0, 0), Reason::Ended(Ending::Other));
                 self.finish(charge, started, Ending::Other);
             }
         }

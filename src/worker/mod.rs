@@ -425,7 +425,11 @@ fn drain(w: &Arc<Shared>, timeout: Duration) -> i32 {
 fn quit(w: &Shared) -> i32 {
     let unserved = w.queue.close_and_take();
     w.counters.abandon(unserved.len() as u64);
-    for (_, origin) in unserved {
+    let now = Instant::now();
+    for (stream, origin) in unserved {
+        // Never served: a line all the same (closed by the stop, no bytes).
+        let cut = access::Reason::Ended(crate::worker::counters::Ending::Cut);
+        w.log_connection(w.ends_of(&stream).as_deref(), now, (0, 0), cut);
         w.release(origin);
     }
     w.cut_all(); // also wakes the event loops, which then see the queue closed
