@@ -297,6 +297,12 @@ enum Event {
     /// event mode), one worker, then hold as many connections as echod says
     /// a worker holds (up to 120); or, if so started, restart normally.
     TightRestart,
+    /// The log's reader stops reading for `ms` (the connection log is on):
+    /// the stderr pipe fills, and meanwhile a reload must apply and every
+    /// listener and probe answer.
+    StallLog {
+        ms: u64,
+    },
 }
 
 const SIG_NAMES: [(i32, &str); 9] = [
@@ -355,6 +361,7 @@ impl Event {
             Event::MetricsHogs { .. } => "metrics_hogs",
             Event::QueueBurst { .. } => "queue_burst",
             Event::TightRestart => "tight_fds",
+            Event::StallLog { .. } => "stall_log",
         }
     }
 
@@ -375,6 +382,7 @@ impl Event {
                 | Event::MetricsHogs { .. }
                 | Event::QueueBurst { .. }
                 | Event::FailedUpgrade { .. }
+                | Event::StallLog { .. }
         )
     }
 
@@ -413,6 +421,7 @@ impl Event {
             Event::MetricsHogs { conns: 64, reconnect_ms: [0, 250][rng.below(2) as usize] },
             Event::QueueBurst { conns: 64 },
             Event::TightRestart,
+            Event::StallLog { ms: 1500 },
         ];
         for phase in [Phase::BeforeReady, Phase::Unready, Phase::AfterGo, Phase::InDrain] {
             v.push(Event::KillNewMaster { phase });
@@ -500,6 +509,7 @@ impl Event {
                 reconnect_ms: [0, 100, 250, 800][rng.below(4) as usize],
             },
             87..=90 => Event::QueueBurst { conns: [32, 64][rng.below(2) as usize] },
+            91 => Event::StallLog { ms: [500, 1500, 3000][rng.below(3) as usize] },
             _ => Event::TightRestart,
         }
     }
@@ -686,7 +696,7 @@ impl Chaos {
         let mut text = format!(
             "listen = [{}]\nworkers = {}\nbuffer_size = {}\nshutdown_timeout = {SHUTDOWN_TIMEOUT}\n\
              metrics_listen = \"{}\"\nmax_connections_per_ip = {}\nproxy_protocol = [\"{}\"]\n\
-             proxy_trusted = [\"127.0.0.1\"]\npid_file = \"{}\"\n",
+             proxy_trusted = [\"127.0.0.1\"]\npid_file = \"{}\"\naccess_log = true\n",
             listen.join(", "),
             shape.workers,
             shape.buffer,
@@ -1013,7 +1023,41 @@ impl Chaos {
             Event::MetricsHogs { conns, reconnect_ms } => self.ev_metrics_hogs(conns, reconnect_ms),
             Event::QueueBurst { conns } => self.ev_queue_burst(conns),
             Event::TightRestart => self.ev_tight_restart(),
+            Event::StallLog { ms } => self.ev_stall_log(ms),
         }
+    }
+
+    /// #28 review: with the connection log on, a log reader that stalls
+    /// must not stall the service. While stderr is not read: a reload
+    /// (seen through /metrics, the log being unread), listeners and probes.
+    fn ev_stall_log(&mut self, ms: u64) {
+        let generation = scrape(self.metrics).get("echod_config_generation").copied().unwrap_or(0.0);
+        let skip = self.e().log_len();
+        self.e().stall_log(true);
+        let until = Instant::now() + Duration::from_millis(ms);
+        // Enough connection lines to fill the pipe many times over (the
+        // clients' own churn may be too slow to), then the reload.
+        for _ in 0..1500 {
+            if let Err(e) = echo_once(self.main) {
+                self.e().stall_log(false);
+                self.fail(self.now_step(), &format!("an echo with the log stalled: {e}"));
+            }
+        }
+        kill(self.master, libc_sig::HUP);
+        let step = self.now_step();
+        let mut reloaded = false;
+        while Instant::now() < until || !reloaded {
+            reloaded |= scrape(self.metrics).get("echod_config_generation").copied() == Some(generation + 1.0);
+            let probe = health_probe(self.metrics, "/livez");
+            let echo = echo_once(self.main);
+            if probe != Ok(200) || echo.is_err() || Instant::now() > until + SETTLE {
+                self.e().stall_log(false);
+                self.fail(step, &format!("with the log stalled: /livez {probe:?}, echo {echo:?}, reloaded {reloaded}"));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        self.e().stall_log(false);
+        self.wait_log(skip, &format!("[master {}] reloaded", self.master));
     }
 
     fn ev_reload(&mut self, workers: Option<usize>, mut shape: Shape) {

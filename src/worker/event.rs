@@ -417,22 +417,30 @@ impl EventLoop {
         let _ = self.poll.registry().deregister(&mut conn.stream);
         drop(conn.stream);
         self.free.push(i);
-        // Logged while still busy (`finish` ends that): a drain that ends
-        // when nothing is busy closes the log after this line.
+        // Counted and discharged first, at once as without the log (the
+        // client's next connection must find its per-address room), then
+        // logged while still busy (`forget` ends that), so a drain that
+        // ends when nothing is busy closes the log after this line.
+        self.count(conn.charge, conn.started, ending);
         let bytes = (conn.bytes_in, conn.bytes_out);
         self.w.log_connection(conn.ends.as_deref(), conn.started, bytes, Reason::Ended(ending));
-        self.finish(conn.charge, conn.started, ending);
+        self.forget();
         log::trace!("connection closed: {ending:?}");
     }
 
     /// Records a connection that ended. Its bytes are in the loop's tally,
     /// flushed with it so totals are exact the moment it counts as finished.
     fn finish(&mut self, charge: Option<Charge>, started: Instant, ending: Ending) {
+        self.count(charge, started, ending);
+        self.forget();
+    }
+
+    /// `finish` less the `forget`: counted, its client's charge given back.
+    fn count(&mut self, charge: Option<Charge>, started: Instant, ending: Ending) {
         self.w.counters.finish(&mut self.tally, ending, started.elapsed());
         if let Some(charge) = charge {
             self.w.scoreboard.discharge(self.w.id, charge);
         }
-        self.forget();
     }
 
     /// Closes a connection refused before its echo began (already counted

@@ -175,6 +175,8 @@ pub struct Echod {
     log: Arc<(Mutex<Vec<LogLine>>, Condvar)>,
     /// Every worker pid ever seen, so Drop can kill stragglers by PID.
     seen_workers: Mutex<Vec<i32>>,
+    /// The stderr reader pauses while this is set (`stall_log`).
+    stalled: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Writes `extra` (TOML lines) plus a loopback listener on a free port, and
@@ -270,8 +272,16 @@ fn spawn_cmd(extra: &str, args: &[&str], env: &[(&str, &str)], nofile: Option<u6
     let log = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
     let stderr = child.stderr.take().unwrap();
     let sink = log.clone();
+    let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stall = stalled.clone();
     std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
+        loop {
+            // A stalled reader (`Echod::stall_log`): the pipe fills.
+            while stall.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let Some(line) = lines.next() else { break };
             if std::env::var_os("ECHOD_TEST_LOG").is_some() {
                 eprintln!("echod: {line}");
             }
@@ -286,10 +296,17 @@ fn spawn_cmd(extra: &str, args: &[&str], env: &[(&str, &str)], nofile: Option<u6
         dir,
         log,
         seen_workers: Mutex::new(Vec::new()),
+        stalled,
     }
 }
 
 impl Echod {
+    /// Stops (true) or resumes reading echod's stderr, as a log reader
+    /// that falls behind: the pipe fills while stalled.
+    pub fn stall_log(&self, stalled: bool) {
+        self.stalled.store(stalled, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Waits for the listening and ready lines; sets `addr`.
     pub fn wait_ready(&mut self) {
         let line = self
