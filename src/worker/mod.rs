@@ -86,7 +86,10 @@ pub struct Args {
 /// state it inherited.
 pub fn run(args: Args) -> ! {
     let Args { id, master_pid, config, channel, scoreboard, capacity, generation } = args;
-    let code = match setup(id, generation, master_pid, channel) {
+    // First: a line logged from here on (a setup error) names this worker,
+    // not the master whose pid the logger cached before the fork.
+    logging::set_worker(id, generation);
+    let code = match setup(id, master_pid, channel) {
         Ok(channel) => serve(id, config, channel, scoreboard, capacity),
         Err(e) => {
             log::error!("worker {id} setup failed: {e}");
@@ -100,7 +103,7 @@ pub fn run(args: Args) -> ! {
 /// Consumes our end of the channel and returns it at fd 3, every other
 /// inherited fd (listeners, epoll, signal pipe, other workers' channels)
 /// closed.
-fn setup(id: usize, generation: u64, master_pid: Pid, channel: Channel) -> std::io::Result<Channel> {
+fn setup(id: usize, master_pid: Pid, channel: Channel) -> std::io::Result<Channel> {
     use Signal::*;
     sys::ignore_signals(&[SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2, SIGTTIN, SIGTTOU])?;
     sys::default_signal(SIGCHLD)?;
@@ -109,7 +112,6 @@ fn setup(id: usize, generation: u64, master_pid: Pid, channel: Channel) -> std::
         // The master died between fork and prctl: nobody will kill us.
         process::exit(1);
     }
-    logging::set_worker(id, generation);
     // Workers only echo on sockets they are handed: no capability at all.
     crate::privileges::drop_all_capabilities();
     sys::set_process_title(&format!("echod: worker {id}"));
