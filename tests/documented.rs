@@ -309,7 +309,7 @@ fn a_start_at_debug_level_does_not_call_its_workers_full() {
 }
 
 /// #28.8: `echo-load -i` against nothing is a connection error (3), not a
-/// wrong echo (1), and an echo that comes back intact exits 0.
+/// wrong echo (1), and a session that ends exits 0.
 #[test]
 fn echo_load_interactive_exits_as_documented() {
     let refused = format!("127.0.0.1:{}", free_port());

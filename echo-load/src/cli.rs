@@ -29,7 +29,7 @@ Exit status:
   130  interrupted (Ctrl-C, TERM) during the ramp-up or warm-up: nothing was measured
 When several apply, the first of these wins: 1 (a wrong byte), then 4 (a run whose client could
 not keep its schedule: its errors describe the client), then 3 (errors). With --interactive: 0
-every line came back as sent, 1 one did not, 3 a connection error. Ctrl-C
+the session ended, 3 a connection error (the echoes are printed, not judged). Ctrl-C
 during the measurement prints the partial result, and the exit status is that result's.";
 
 /// Load-test an echo server: throughput, latency percentiles, every byte
