@@ -335,25 +335,41 @@ pub fn count_deliveries(sig: i32, counter: std::sync::Arc<std::sync::atomic::Ato
 /// anything else (a file or a terminal, whose writes wait on no reader).
 /// The connection log writes only while this leaves room for the daemon's
 /// own log lines (`worker::access`).
-pub fn stream_fill(fd: std::os::fd::BorrowedFd) -> Option<(usize, usize)> {
+/// `kind` is [`stream_kind`]'s answer for `fd`, asked once.
+pub fn stream_fill(fd: std::os::fd::BorrowedFd, kind: StreamKind) -> Option<(usize, usize)> {
     use std::os::fd::AsRawFd;
-    let st = nix::sys::stat::fstat(fd).ok()?;
-    let kind = st.st_mode & libc::S_IFMT;
     let raw = fd.as_raw_fd();
     let mut queued: libc::c_int = 0;
-    if kind == libc::S_IFIFO {
+    if kind == StreamKind::Pipe {
         // SAFETY: FIONREAD writes one c_int through the pointer, which
         // points at a live c_int of ours; `raw` is borrowed, so open.
         let rc = unsafe { libc::ioctl(raw, libc::FIONREAD, &mut queued) };
         // SAFETY: F_GETPIPE_SZ takes no argument and only reads the fd.
         let size = unsafe { libc::fcntl(raw, libc::F_GETPIPE_SZ) };
         (rc == 0 && size > 0).then(|| (queued.max(0) as usize, size as usize))
-    } else if kind == libc::S_IFSOCK {
+    } else if kind == StreamKind::Socket {
         // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one c_int, as above.
         let rc = unsafe { libc::ioctl(raw, libc::TIOCOUTQ, &mut queued) };
         let size = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SndBuf).ok()?;
         (rc == 0).then(|| (queued.max(0) as usize, size))
     } else {
         None
+    }
+}
+
+/// What an fd writes to, as far as [`stream_fill`] cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    Pipe,
+    Socket,
+    /// A file, a terminal: its writes wait on no reader.
+    Other,
+}
+
+pub fn stream_kind(fd: std::os::fd::BorrowedFd) -> StreamKind {
+    match nix::sys::stat::fstat(fd).map(|st| st.st_mode & libc::S_IFMT) {
+        Ok(libc::S_IFIFO) => StreamKind::Pipe,
+        Ok(libc::S_IFSOCK) => StreamKind::Socket,
+        _ => StreamKind::Other,
     }
 }

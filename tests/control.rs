@@ -205,14 +205,11 @@ fn reload_through_the_control_command_checks_the_file_before_it_signals() {
 fn pid_file_is_fixed_at_start_and_a_stale_oldbin_refuses_nothing() {
     let (_dir, path) = pid_dir();
     let (_other_dir, other) = pid_dir();
-    let mut e = start(&format!("workers = 1\nshutdown_timeout = 30\npid_file = \"{}\"\n", path.display()));
+    let with_pid_file = |p: &Path| format!("workers = 1\nshutdown_timeout = 30\npid_file = \"{}\"\n", p.display());
+    let mut e = start(&with_pid_file(&path));
     let old = e.pid();
     let skip = e.log_len();
-    e.write_config(&format!(
-        "listen = [\"{}\"]\nworkers = 1\nshutdown_timeout = 30\npid_file = \"{}\"\n",
-        e.addr,
-        other.display()
-    ));
+    e.write_config(&format!("listen = [\"{}\"]\n{}", e.addr, with_pid_file(&other)));
     e.signal(libc_sig::HUP);
     e.wait_log_after(skip, "`pid_file` changed", Duration::from_secs(5))
         .unwrap_or_else(|| panic!("no restart-only warning:\n{}", e.log_text()));
@@ -221,11 +218,7 @@ fn pid_file_is_fixed_at_start_and_a_stale_oldbin_refuses_nothing() {
 
     // Back to the first path, then an upgrade with a held connection, and
     // the old master dies mid-drain.
-    e.write_config(&format!(
-        "listen = [\"{}\"]\nworkers = 1\nshutdown_timeout = 30\npid_file = \"{}\"\n",
-        e.addr,
-        path.display()
-    ));
+    e.write_config(&format!("listen = [\"{}\"]\n{}", e.addr, with_pid_file(&path)));
     let mut held = connect(e.addr);
     assert_eq!(round_trip(&mut held, b"held").unwrap(), b"held");
     let (code, out, err) = control(&e.config, "upgrade");

@@ -116,8 +116,8 @@ pub fn running_echod(path: &Path) -> Option<u32> {
 /// process). A zombie ('Z') has exited, reaped or not.
 pub fn proc_state(pid: u32) -> Option<(String, char)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (name, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
-    Some((name.to_string(), rest.chars().next()?))
+    let (name, fields) = crate::metrics::process::split_stat(&stat)?;
+    Some((name.to_string(), fields.first()?.chars().next()?))
 }
 
 /// `path` with `.oldbin` appended.

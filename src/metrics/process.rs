@@ -73,15 +73,19 @@ pub fn count_open_fds() -> u64 {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count().saturating_sub(1) as u64)
 }
 
-/// (utime + stime, starttime) in clock ticks from `/proc/PID/stat`. The
-/// command name (field 2) is in parentheses and may hold spaces and
-/// parentheses itself (`echod: worker 0`), so the fields are counted from
-/// the last `)`.
+/// `/proc/PID/stat` split into the command name (field 2) and the fields
+/// after it (field 3, the state, first). The name is in parentheses and
+/// may hold spaces and parentheses itself (`echod: worker 0`), so it ends
+/// at the last `)`.
+pub fn split_stat(text: &str) -> Option<(&str, Vec<&str>)> {
+    let (open, close) = (text.find(" (")?, text.rfind(')')?);
+    Some((text.get(open + 2..close)?, text.get(close + 1..)?.split_whitespace().collect()))
+}
+
+/// (utime + stime, starttime) in clock ticks from `/proc/PID/stat`.
 fn parse_stat(text: &str) -> Option<(u64, u64)> {
-    let after = &text[text.rfind(')')? + 1..];
-    // After the name: field 3 (state) is index 0; utime is field 14,
-    // stime 15, starttime 22.
-    let fields: Vec<&str> = after.split_whitespace().collect();
+    let (_, fields) = split_stat(text)?;
+    // utime is field 14, stime 15, starttime 22; `fields` starts at 3.
     let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
     Some((field(14)? + field(15)?, field(22)?))
 }
@@ -120,6 +124,10 @@ mod tests {
                     150 25 0 0 20 0 3 0 98765 12345678 500 18446744073709551615";
         assert_eq!(parse_stat(line), Some((175, 98765)));
         assert_eq!(parse_stat("12 (x) S 1 2"), None, "a short line is not a sample");
+        assert_eq!(
+            split_stat("4242 (echod: worker (0)) S 1").map(|(n, f)| (n, f[0])),
+            Some(("echod: worker (0)", "S"))
+        );
     }
 
     #[test]

@@ -222,6 +222,10 @@ impl Inner {
 
     /// The writer thread: waits for lines, writes them in batches.
     fn write_until_closed(&self) {
+        let stream = {
+            use std::os::fd::AsFd;
+            crate::sys::stream_kind(std::io::stderr().as_fd())
+        };
         let mut batch = Vec::with_capacity(BATCH_BYTES);
         loop {
             let mut q = self.lock();
@@ -252,7 +256,7 @@ impl Inner {
             }
             self.in_flight.store(lines, Ordering::Relaxed);
             drop(q);
-            wait_for_room(batch.len());
+            wait_for_room(stream, batch.len());
             if write_stderr(&batch).is_err() {
                 // stderr is gone (closed, EPIPE): what it lacks is dropped.
                 self.dropped.fetch_add(lines, Ordering::Relaxed);
@@ -265,10 +269,10 @@ impl Inner {
 
 /// Waits until stderr's pipe or socket can take `len` more bytes and still
 /// keep the reserve free for the daemon's own lines (at once for a file).
-fn wait_for_room(len: usize) {
+fn wait_for_room(stream: crate::sys::StreamKind, len: usize) {
     use std::os::fd::AsFd;
     let stderr = std::io::stderr();
-    while let Some((queued, size)) = crate::sys::stream_fill(stderr.as_fd()) {
+    while let Some((queued, size)) = crate::sys::stream_fill(stderr.as_fd(), stream) {
         let reserve = RESERVE.min(size / 4);
         if size.saturating_sub(queued) >= len + reserve {
             return;
